@@ -1,0 +1,365 @@
+"""Deliver or store: who is online here, and what happens to every message.
+
+This is the one place that knows which users have sockets in this process
+and decides, per message, between sending it and storing it. It does no I/O
+of its own: sockets and the Redis queues are handed in behind the two small
+interfaces below, so scale-out (several processes sharing one Redis) changes
+this module and nothing around it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from .envelope import Envelope, MessageIds
+from .frames import Close
+from .keys import Namespace
+
+
+class Socket(Protocol):
+    """What the dispatcher needs of one identified WebSocket."""
+
+    uid: str
+    ack_mode: bool
+    peer: str
+
+    def start(self, queued: int) -> None:
+        """Tell the client it is live and how many stored messages follow."""
+
+    def send(self, frame: bytes) -> bool:
+        """Hand a frame to the connection; ``False`` if it is no longer open."""
+
+    def close(self, code: int, error: str, reason: str) -> None:
+        """Send an error frame, then close."""
+
+
+class MessageStore(Protocol):
+    """The per-user queues in Redis. Every call is retried across Redis
+    outages until it is done; only a Redis error reply fails it."""
+
+    def store(self, uids: Sequence[str], envelope: Envelope) -> defer.Deferred:
+        """Append to the tail of each user's queue."""
+
+    def requeue(self, uid: str, envelopes: Sequence[Envelope]) -> defer.Deferred:
+        """Put back at the head of the queue, keeping their order."""
+
+    def take(self, uid: str, count: int) -> defer.Deferred:
+        """Atomically remove up to ``count`` from the head: fires with
+        ``(raw entries, number left)``. Safe to repeat if its reply is lost."""
+
+    def release(self, uid: str) -> defer.Deferred:
+        """Forget what the last ``take`` kept in case its reply was lost."""
+
+    def flushed(self) -> defer.Deferred:
+        """Fires when every write handed over so far is in Redis."""
+
+
+class _Outstanding:
+    """One message sent to one user's ack-mode sockets, until one acks it."""
+
+    __slots__ = ("envelope", "holders", "done")
+
+    def __init__(self, envelope: Envelope) -> None:
+        self.envelope = envelope
+        self.holders = 0
+        self.done = False
+
+
+class _Seat:
+    """A socket as the dispatcher sees it: its ack bookkeeping."""
+
+    __slots__ = ("socket", "next_tag", "unacked", "started")
+
+    def __init__(self, socket: Socket) -> None:
+        self.socket = socket
+        self.next_tag = 1
+        self.unacked: OrderedDict[int, _Outstanding] = OrderedDict()
+        self.started = False
+
+
+class _Session:
+    """One user's presence here: sockets oldest first, and whether stored
+    messages are being drained (live ones wait behind them meanwhile)."""
+
+    __slots__ = ("uid", "seats", "draining", "waiting", "returned", "remaining")
+
+    def __init__(self, uid: str) -> None:
+        self.uid = uid
+        self.seats: list[_Seat] = []
+        self.draining = False
+        #: Live messages that arrived during the drain, in order.
+        self.waiting: deque[Envelope] = deque()
+        #: Messages a departed socket left undelivered while a drain's take
+        #: was in flight; they go before whatever that take brings.
+        self.returned: list[Envelope] = []
+        #: Stored messages still to come in this drain (for late welcomes);
+        #: unknown until the drain's first take has answered.
+        self.remaining: int | None = None
+
+
+class Dispatcher:
+    """Who is online here, and deliver-or-store for every message."""
+
+    log = Logger()
+
+    def __init__(self, store: MessageStore, namespace: Namespace, *,
+                 max_sockets_per_user: int = 8, drain_chunk: int = 500,
+                 trace: bool = False, now_ms: Callable[[], int] | None = None,
+                 ids: MessageIds | None = None) -> None:
+        self._store = store
+        self._ns = namespace
+        self._max_sockets = max_sockets_per_user
+        self._chunk = drain_chunk
+        self._trace = trace
+        self._now_ms = now_ms or (lambda: int(time.time() * 1000))
+        self.ids = ids or MessageIds()
+        self._sessions: dict[str, _Session] = {}
+        self._seats: dict[Socket, _Seat] = {}
+        self._drains: set[defer.Deferred] = set()
+        self.stopping = False
+
+    # -- who is online ---------------------------------------------------
+
+    def online(self, uid: str) -> bool:
+        session = self._sessions.get(uid)
+        return bool(session and session.seats)
+
+    @property
+    def sockets(self) -> int:
+        return len(self._seats)
+
+    @property
+    def users(self) -> int:
+        return sum(1 for s in self._sessions.values() if s.seats)
+
+    def attach(self, socket: Socket) -> None:
+        """An authenticated socket joins its user: it is live from now on,
+        and what was stored for the user is drained to it first."""
+        if self.stopping:
+            socket.close(Close.GOING_AWAY, "shutting_down", "the server is shutting down")
+            return
+        session = self._sessions.get(socket.uid)
+        if session is None:
+            session = self._sessions[socket.uid] = _Session(socket.uid)
+        if len(session.seats) >= self._max_sockets:
+            oldest = session.seats[0].socket
+            self.log.info("{uid} has more than {max} sockets, closing the oldest ({peer})",
+                          uid=socket.uid, max=self._max_sockets, peer=oldest.peer)
+            self.detach(oldest)
+            oldest.close(Close.TOO_MANY_SOCKETS, "too_many_sockets",
+                         f"more than {self._max_sockets} sockets for this user; "
+                         "this one was the oldest")
+        seat = self._seats[socket] = _Seat(socket)
+        session.seats.append(seat)
+        self.log.info("Assigning id {uid} to socket {peer}.", uid=socket.uid, peer=socket.peer)
+        if session.draining:
+            if session.remaining is not None:
+                self._start(seat, session.remaining)
+        else:
+            self._begin_drain(session)
+
+    def detach(self, socket: Socket) -> None:
+        """A socket is gone: what it held undelivered goes to the user's other
+        sockets, else back to the head of the queue. Safe to call twice."""
+        seat = self._seats.pop(socket, None)
+        if seat is None:
+            return
+        session = self._sessions[socket.uid]
+        session.seats.remove(seat)
+        orphans = []
+        for outstanding in seat.unacked.values():
+            outstanding.holders -= 1
+            if not outstanding.done and outstanding.holders == 0:
+                orphans.append(outstanding.envelope)
+        seat.unacked.clear()
+        if orphans:
+            if session.draining:
+                session.returned.extend(orphans)
+            else:
+                if session.seats:
+                    self.log.info("{uid}: socket {peer} left {count} unacknowledged messages, "
+                                  "sending them to the user's other sockets",
+                                  uid=session.uid, peer=socket.peer, count=len(orphans))
+                self._hand_over(session, orphans)
+        if not session.seats:
+            self._store_waiting(session)
+            if not session.draining:
+                del self._sessions[session.uid]
+
+    def ack(self, socket: Socket, tag: int) -> None:
+        """The client has every message up to ``tag``."""
+        seat = self._seats.get(socket)
+        if seat is None:
+            return
+        unacked = seat.unacked
+        while unacked:
+            first = next(iter(unacked))
+            if first > tag:
+                break
+            outstanding = unacked.pop(first)
+            outstanding.holders -= 1
+            outstanding.done = True
+
+    # -- deliver or store ------------------------------------------------
+
+    def deliver(self, uids: Iterable[str], envelope: Envelope) -> None:
+        """Send to every recipient online here; store for the others, in one
+        Redis call for all of them."""
+        offline = []
+        for uid in uids:
+            session = self._sessions.get(uid)
+            if session is None or not session.seats:
+                offline.append(uid)
+            elif session.draining:
+                session.waiting.append(envelope)
+            elif not self._send(session, envelope):
+                offline.append(uid)
+            elif self._trace:
+                self.log.debug("{uid}: Sending message {id} from {source}", uid=uid,
+                               id=envelope.id, source=envelope.source)
+        if offline:
+            if self._trace:
+                for uid in offline:
+                    self.log.debug("Client is not online, queueing message in Redis ({key})",
+                                   key=self._ns.queue(uid))
+            self._keep(self._store.store(offline, envelope), offline, envelope)
+
+    def _send(self, session: _Session, envelope: Envelope) -> bool:
+        """Send to all of the user's sockets, the newest one bubbling; true
+        if at least one connection took it."""
+        taken_plain = False
+        outstanding = None
+        newest = session.seats[-1]
+        for seat in session.seats:
+            bubble = seat is newest
+            if not seat.socket.ack_mode:
+                taken_plain = seat.socket.send(envelope.frame(bubble)) or taken_plain
+                continue
+            tag = seat.next_tag
+            if seat.socket.send(envelope.frame(bubble, tag)):
+                if outstanding is None:
+                    outstanding = _Outstanding(envelope)
+                seat.next_tag += 1
+                seat.unacked[tag] = outstanding
+                outstanding.holders += 1
+        if outstanding is not None and taken_plain:
+            outstanding.done = True
+        return taken_plain or outstanding is not None
+
+    def _keep(self, stored: defer.Deferred, uids: Sequence[str], envelope: Envelope) -> None:
+        """A store Redis refused (wrong key type, out of memory...) cannot be
+        retried into success; say loudly what it was, so it can be replayed."""
+        stored.addErrback(
+            lambda f: self.log.failure(
+                "Could not store message {id} for {uids}; its envelope: {envelope}",
+                f, id=envelope.id, uids=list(uids), envelope=envelope.stored().decode()))
+
+    def _recommit(self, uid: str, envelopes: list[Envelope]) -> None:
+        self.log.info("{uid}: Client is no longer online, recommitting {count} messages to "
+                      "the head of {key}", uid=uid, count=len(envelopes), key=self._ns.queue(uid))
+        d = self._store.requeue(uid, envelopes)
+        d.addErrback(lambda f: self.log.failure(
+            "Could not recommit {count} messages for {uid}; their envelopes: {envelopes}",
+            f, count=len(envelopes), uid=uid,
+            envelopes=[e.stored().decode() for e in envelopes]))
+
+    # -- drain -------------------------------------------------------------
+
+    def _start(self, seat: _Seat, queued: int) -> None:
+        seat.started = True
+        seat.socket.start(queued)
+
+    def _begin_drain(self, session: _Session) -> None:
+        session.draining = True
+        session.remaining = None
+        d = defer.ensureDeferred(self._drain(session))
+        self._drains.add(d)
+        d.addBoth(self._drain_done, session, d)
+
+    async def _drain(self, session: _Session) -> None:
+        uid = session.uid
+        while True:
+            items, left = await self._store.take(uid, self._chunk)
+            if session.remaining is None and items:
+                self.log.info("{channel} has {count} messages enqueued, purging!",
+                              channel=self._ns.user_channel(uid), count=len(items) + left)
+            session.remaining = len(items) + left
+            for seat in session.seats:
+                if not seat.started:
+                    self._start(seat, session.remaining)
+            envelopes = session.returned + [
+                Envelope.from_stored(raw, self._ns.user_channel(uid), self.ids, self._now_ms())
+                for raw in items]
+            session.returned = []
+            handed_over = self._hand_over(session, envelopes)
+            session.remaining = left
+            if items:
+                self._store.release(uid).addErrback(
+                    lambda f: self.log.failure("Could not release the drain claim of {uid}",
+                                               f, uid=uid))
+            if not handed_over or not left:
+                return
+
+    def _hand_over(self, session: _Session, envelopes: list[Envelope]) -> bool:
+        """Send drained messages in order; if the user is gone, put the rest
+        back at the head of the queue and say so."""
+        for index, envelope in enumerate(envelopes):
+            if not session.seats or not self._send(session, envelope):
+                self._recommit(session.uid, envelopes[index:])
+                return False
+            if self._trace:
+                self.log.debug("{uid}: Purging message {id} from {source}", uid=session.uid,
+                               id=envelope.id, source=envelope.source)
+        return True
+
+    def _drain_done(self, result, session: _Session, d: defer.Deferred) -> None:
+        self._drains.discard(d)
+        session.draining = False
+        if isinstance(result, defer.Failure):
+            self.log.failure("Could not drain the stored messages of {uid}", result,
+                             uid=session.uid)
+            for seat in session.seats:
+                if not seat.started:
+                    self._start(seat, 0)
+        if session.returned:
+            returned, session.returned = session.returned, []
+            self._hand_over(session, returned)
+        waiting = session.waiting
+        while waiting and session.seats and self._send(session, waiting[0]):
+            waiting.popleft()
+        self._store_waiting(session)
+        if not session.seats:
+            del self._sessions[session.uid]
+
+    def _store_waiting(self, session: _Session) -> None:
+        """Live messages held behind a drain that no socket can take now go to
+        the tail of the queue, after everything stored before them."""
+        if not session.waiting:
+            return
+        waiting = list(session.waiting)
+        session.waiting.clear()
+        self.log.info("{uid}: Client is not online, queueing {count} messages in Redis ({key})",
+                      uid=session.uid, count=len(waiting), key=self._ns.queue(session.uid))
+        for envelope in waiting:
+            self._keep(self._store.store([session.uid], envelope), [session.uid], envelope)
+
+    # -- stopping --------------------------------------------------------
+
+    def stop(self) -> defer.Deferred:
+        """Give everything undelivered back to Redis; fires when it is there."""
+        self.stopping = True
+        for socket in list(self._seats):
+            self.detach(socket)
+        drains = list(self._drains)
+        return defer.DeferredList(drains).addCallback(lambda _: self._store.flushed())
+
+    def sockets_of(self, uid: str) -> list[Socket]:
+        session = self._sessions.get(uid)
+        return [seat.socket for seat in session.seats] if session else []
+

@@ -1,0 +1,108 @@
+"""The WebSocket protocol's frames and close codes (see docs/protocol.rst):
+parsing what clients send, building what the server answers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+
+class Close:
+    """Close codes, each sent after an ``error`` frame saying why."""
+
+    BAD_HELLO = 4000
+    UNAUTHORIZED = 4001
+    BAD_FRAME = 4002
+    HELLO_TIMEOUT = 4008
+    TOO_MANY_SOCKETS = 4009
+    BINARY_FRAME = 1003
+    FRAME_TOO_BIG = 1009
+    GOING_AWAY = 1001
+    TRY_AGAIN_LATER = 1013
+
+
+class ProtocolError(Exception):
+    """A client frame we refuse; ``code``/``error`` go in the error frame."""
+
+    def __init__(self, close_code: int, error: str, reason: str) -> None:
+        super().__init__(reason)
+        self.close_code = close_code
+        self.error = error
+        self.reason = reason
+
+
+#: A user id is what follows ``rm.users.`` in a channel name: no whitespace
+#: or control characters, and short enough to be a sane Redis key.
+MAX_ID_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class Hello:
+    id: str
+    key: str | None = None
+    ack: bool = False
+
+
+def parse_hello(data: bytes) -> Hello:
+    """The first frame: ``{"id": ..., "key": ..., "ack": ...}``, or the original
+    project's plain ``user1`` / ``user1:token``."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad_hello("hello is not valid UTF-8") from None
+    if text.lstrip().startswith("{"):
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            raise _bad_hello("hello is not valid JSON") from None
+        if not isinstance(doc, dict):
+            raise _bad_hello("hello must be a JSON object")
+        uid, key, ack = doc.get("id"), doc.get("key"), doc.get("ack", False)
+        if key is not None and not isinstance(key, str):
+            raise _bad_hello('"key" must be a string')
+        if not isinstance(ack, bool):
+            raise _bad_hello('"ack" must be true or false')
+    else:
+        uid, _, key = text.partition(":")
+        key, ack = (key if _ else None), False
+    if not isinstance(uid, str) or not uid:
+        raise _bad_hello('hello needs a non-empty string "id"')
+    if len(uid) > MAX_ID_LENGTH or any(c.isspace() or not c.isprintable() for c in uid):
+        raise _bad_hello(f'"id" must be at most {MAX_ID_LENGTH} printable characters '
+                         "without spaces")
+    return Hello(uid, key, ack)
+
+
+def parse_ack(data: bytes) -> int:
+    """``{"type": "ack", "tag": N}``: everything up to tag N was received."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise _bad_frame("frame is not valid JSON") from None
+    if not isinstance(doc, dict) or doc.get("type") != "ack":
+        raise _bad_frame('after the hello only {"type": "ack", "tag": N} frames are accepted')
+    tag = doc.get("tag")
+    if not isinstance(tag, int) or isinstance(tag, bool) or tag < 0:
+        raise _bad_frame('"tag" must be a non-negative integer')
+    return tag
+
+
+def _bad_hello(reason: str) -> ProtocolError:
+    return ProtocolError(Close.BAD_HELLO, "bad_hello", reason)
+
+
+def _bad_frame(reason: str) -> ProtocolError:
+    return ProtocolError(Close.BAD_FRAME, "bad_frame", reason)
+
+
+def welcome(uid: str, channel: str, queued: int, ack: bool) -> bytes:
+    return _dump({"type": "welcome", "id": uid, "channel": channel,
+                  "queued": queued, "ack": ack})
+
+
+def error(code: str, reason: str) -> bytes:
+    return _dump({"type": "error", "code": code, "reason": reason})
+
+
+def _dump(doc: dict) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -1,0 +1,53 @@
+"""The Redis names RedMessenger reads and writes, in one place, so that the
+prefix (``rm`` by default) is applied the same way everywhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Namespace:
+    prefix: str = "rm"
+
+    # Channels (dots), as in the original project.
+    def user_channel(self, uid: str) -> str:
+        return f"{self.prefix}.users.{uid}"
+
+    def group_channel(self, gid: str) -> str:
+        return f"{self.prefix}.groups.{gid}"
+
+    @property
+    def patterns(self) -> tuple[bytes, bytes]:
+        """What the subscriber ``PSUBSCRIBE``s to."""
+        return (self._escape(self.prefix).encode() + b".users.*",
+                self._escape(self.prefix).encode() + b".groups.*")
+
+    def parse_channel(self, channel: str) -> tuple[str, str] | None:
+        """``("users", uid)`` or ``("groups", gid)``; ``None`` for a channel
+        that is not ours. Everything after the kind is the id, dots included."""
+        for kind in ("users", "groups"):
+            head = f"{self.prefix}.{kind}."
+            if channel.startswith(head) and len(channel) > len(head):
+                return kind, channel[len(head):]
+        return None
+
+    # Keys (colons).
+    def queue(self, uid: str) -> str:
+        return f"{self.prefix}:users:{uid}:messages"
+
+    def token(self, uid: str) -> str:
+        return f"{self.prefix}:users:{uid}:key"
+
+    def members(self, gid: str) -> str:
+        return f"{self.prefix}:groups:{gid}:members"
+
+    def claim(self, uid: str, owner: str) -> str:
+        """Where a drain keeps what it took until its reply has arrived, so a
+        reply lost with the connection can be asked for again."""
+        return f"{self.prefix}:users:{uid}:taking:{owner}"
+
+    @staticmethod
+    def _escape(text: str) -> str:
+        """Glob-escape the prefix so ``PSUBSCRIBE`` matches it literally."""
+        return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -1,0 +1,121 @@
+"""``twistd redmessenger``: its command line, and the service it makes."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from pathlib import Path
+
+from twisted.python import usage
+
+from .redisserver import RedisServerNotFound, find_redis_server
+from .service import RedMessengerService
+from .settings import AuthMode, RedisAddress, Settings
+from .store import MAX_TAKE
+
+_DEFAULTS = Settings()
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = ("Deliver every Redis PUBLISH on <prefix>.users.<uid> and <prefix>.groups.<gid> "
+                "to the users' WebSockets, storing it in Redis while a user is offline. With "
+                "no --redis, an embedded redis-server is started (and stopped) with it.")
+
+    optFlags = [
+        ["verbose", "v", "Log every message's way (new, sent, queued, purged)."],
+    ]
+    optParameters = [
+        ["port", "p", "8080",
+         "Where WebSocket clients connect: a port number or an endpoint description "
+         "(tcp:8080:interface=127.0.0.1, ssl:8443:privateKey=key.pem, unix:/path)."],
+        ["redis", "r", None,
+         "An existing Redis: redis://[:password@]host[:port][/db] or "
+         "unix:///path/to/socket[?db=N]. Default: start an embedded redis-server."],
+        ["embedded-port", None, str(_DEFAULTS.embedded_port),
+         "TCP port (on 127.0.0.1) of the embedded redis-server."],
+        ["data-dir", None, str(_DEFAULTS.data_dir),
+         "Where the embedded redis-server keeps its append-only file."],
+        ["prefix", None, _DEFAULTS.prefix, "Prefix of every channel and key."],
+        ["auth", None, _DEFAULTS.auth.value,
+         "required: the hello's key must match <prefix>:users:<uid>:key; optional: only "
+         "users with a stored key need one; off: no check (development only)."],
+        ["queue-ttl", None, str(_DEFAULTS.queue_ttl),
+         "Seconds a user's stored queue lives after its last store (0: forever)."],
+        ["queue-max", None, str(_DEFAULTS.queue_max),
+         "Keep only the newest N stored messages per user (0: unbounded)."],
+        ["hello-timeout", None, f"{_DEFAULTS.hello_timeout:g}",
+         "Seconds a new socket has to send its hello."],
+        ["max-sockets-per-user", None, str(_DEFAULTS.max_sockets_per_user),
+         "Open sockets per user; one more closes the oldest (4009)."],
+        ["max-frame", None, str(_DEFAULTS.max_frame),
+         "Largest frame a client may send, in bytes (1009 past it)."],
+        ["drain-chunk", None, str(_DEFAULTS.drain_chunk),
+         f"Stored messages taken per Redis round trip while draining (1..{MAX_TAKE})."],
+        ["shutdown-timeout", None, f"{_DEFAULTS.shutdown_timeout:g}",
+         "Seconds a stop waits for Redis to take every pending write."],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            auth = AuthMode(self["auth"])
+        except ValueError:
+            raise usage.UsageError("--auth must be required, optional or off") from None
+        redis = None
+        if self["redis"]:
+            try:
+                redis = RedisAddress.from_url(self["redis"])
+            except ValueError as e:
+                raise usage.UsageError(f"--redis: {e}") from None
+        self.settings = Settings(
+            port=self["port"], redis=redis,
+            embedded_port=_number(self, "embedded-port", int, 1, 65535),
+            data_dir=Path(self["data-dir"]), prefix=self["prefix"], auth=auth,
+            queue_ttl=_number(self, "queue-ttl", int, 0),
+            queue_max=_number(self, "queue-max", int, 0),
+            hello_timeout=_number(self, "hello-timeout", float, 0.001),
+            max_sockets_per_user=_number(self, "max-sockets-per-user", int, 1),
+            max_frame=_number(self, "max-frame", int, 64),
+            drain_chunk=_number(self, "drain-chunk", int, 1, MAX_TAKE),
+            shutdown_timeout=_number(self, "shutdown-timeout", float, 0),
+            verbose=bool(self["verbose"]))
+        if not self.settings.prefix or any(c.isspace() for c in self.settings.prefix):
+            raise usage.UsageError("--prefix must be non-empty, without spaces")
+        if redis is None:
+            _check_embedded(self.settings.embedded_port)
+
+
+def _number(options: Options, name: str, kind: type, low: float, high: float | None = None):
+    try:
+        value = kind(options[name])
+    except ValueError:
+        raise usage.UsageError(f"--{name} must be a number, not {options[name]!r}") from None
+    if value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise usage.UsageError(f"--{name} must be {bounds}")
+    return value
+
+
+def _check_embedded(port: int) -> None:
+    """Say what to do now, rather than failing after start."""
+    try:
+        find_redis_server()
+    except RedisServerNotFound as e:
+        raise usage.UsageError(f"no --redis given and {e}") from None
+    probe = socket.socket()
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind(("127.0.0.1", port))
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+        raise usage.UsageError(
+            f"no --redis given, and the embedded redis-server's port {port} is taken "
+            "(is a Redis already running there?): pass --redis redis://127.0.0.1:"
+            f"{port} to use that Redis, or --embedded-port to pick another port") from None
+    finally:
+        probe.close()
+
+
+def makeService(options: Options) -> RedMessengerService:
+    return RedMessengerService(options.settings, fatal_start=True)

@@ -1,0 +1,247 @@
+"""Connections to Redis that survive Redis going away.
+
+txredisapi speaks the protocol; Twisted's ``ClientService`` reconnects with
+backoff. On top of that, ``RedisConnection`` keeps every command until Redis
+has answered it: commands a lost connection left unanswered are sent again,
+in their original order, as soon as Redis is back. So a store is never
+dropped and never overtaken by a later one.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .settings import RedisAddress
+
+
+class RedisUnavailable(Exception):
+    """Redis cannot be reached right now."""
+
+
+@functools.cache
+def txredisapi():
+    """txredisapi imports (and so installs) the global reactor: import it
+    only once a service starts, so an application can pick its reactor."""
+    import txredisapi
+
+    return txredisapi
+
+
+#: Reconnect quickly at first, then every few seconds at most.
+RETRY_POLICY = backoffPolicy(initialDelay=0.05, maxDelay=3.0, factor=2.0)
+
+
+class ProtocolFactory(Factory):
+    """Builds txredisapi protocols speaking bytes (payloads need not be text)."""
+
+    log = Logger()
+    isLazy = True
+    noisy = False
+
+    def __init__(self, address: RedisAddress, protocol: Callable[..., object] | None = None,
+                 **attributes) -> None:
+        self.address = address
+        self.protocol = protocol or txredisapi().RedisProtocol
+        self._attributes = attributes
+
+    def buildProtocol(self, addr):
+        proto = self.protocol(charset=None, password=self.address.password,
+                              username=self.address.username, dbid=self.address.db or None,
+                              convertNumbers=False)
+        proto.factory = self
+        proto.__dict__.update(self._attributes)
+        return proto
+
+    # txredisapi calls these when Redis refuses the password or the db.
+    def stopTrying(self) -> None:
+        pass
+
+    def connectionError(self, why: str) -> None:
+        self.log.error("Redis at {address} refused us: {why}", address=str(self.address), why=why)
+
+
+def connect_service(reactor, address: RedisAddress, factory: ProtocolFactory,
+                    on_ready: Callable[[object], object]) -> ClientService:
+    """A ClientService that calls ``on_ready`` with each new connection once
+    it is authenticated and on the right database."""
+
+    def prepare(proto):
+        ready = defer.Deferred()
+
+        def fire(_):
+            if not ready.called:
+                ready.callback(None)
+
+        def lost(_):
+            if not ready.called:
+                ready.errback(ConnectionLost("Redis closed the connection during setup"))
+
+        proto.whenConnected().addCallback(fire)
+        proto.whenDisconnected().addCallback(lost)
+        return ready.addCallback(lambda _: on_ready(proto))
+
+    endpoint = clientFromString(reactor, address.client_endpoint())
+    return ClientService(endpoint, factory, retryPolicy=RETRY_POLICY,
+                         prepareConnection=prepare, clock=reactor)
+
+
+class Script:
+    """A Lua script, sent by its SHA1 once Redis knows it."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source.encode()
+        self.sha = hashlib.sha1(self.source).hexdigest().encode()
+
+
+class _Command:
+    __slots__ = ("args", "result", "retry", "script", "sent_on")
+
+    def __init__(self, args: tuple, retry: bool, script: Script | None = None) -> None:
+        self.args = args
+        self.result: defer.Deferred = defer.Deferred()
+        self.retry = retry
+        self.script = script
+        self.sent_on = None
+
+
+class RedisConnection(Service):
+    """One ordered command connection that loses no command."""
+
+    log = Logger()
+
+    def __init__(self, address: RedisAddress, reactor, scripts: Sequence[Script] = ()) -> None:
+        self.address = address
+        self._reactor = reactor
+        self._scripts = list(scripts)
+        self._pending: deque[_Command] = deque()
+        self._protocol = None
+        self._client: ClientService | None = None
+        self._was_connected = False
+        #: How many times the connection came back after being lost.
+        self.reconnects = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._protocol is not None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def startService(self) -> None:
+        super().startService()
+        self._client = connect_service(self._reactor, self.address,
+                                       ProtocolFactory(self.address), self._ready)
+        self._client.startService()
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        unanswered = [c.args for c in self._pending]
+        if unanswered:
+            self.log.critical("Stopping with {count} Redis commands unanswered: {commands}",
+                              count=len(unanswered), commands=unanswered)
+        return self._client.stopService()
+
+    def whenConnected(self) -> defer.Deferred:
+        return self._client.whenConnected().addCallback(lambda _: None)
+
+    def execute(self, *args) -> defer.Deferred:
+        """Run a command; if Redis is away, wait for it and try again."""
+        return self._submit(_Command(args, retry=True))
+
+    def execute_now(self, *args) -> defer.Deferred:
+        """Run a command that is pointless later: fails with ``RedisUnavailable``
+        at once if Redis is away, or if the connection is lost meanwhile."""
+        if self._protocol is None:
+            return defer.fail(RedisUnavailable(f"no connection to Redis at {self.address}"))
+        return self._submit(_Command(args, retry=False))
+
+    def eval(self, script: Script, keys: Sequence, args: Sequence = ()) -> defer.Deferred:
+        return self._submit(_Command((b"EVALSHA", script.sha, len(keys), *keys, *args),
+                                     retry=True, script=script))
+
+    def flushed(self) -> defer.Deferred:
+        """Fires once every command handed over before it has been answered."""
+        return self.execute(b"PING").addCallback(lambda _: None)
+
+    # -- the ordered, retried pipeline -----------------------------------
+
+    def _submit(self, command: _Command) -> defer.Deferred:
+        self._pending.append(command)
+        if self._protocol is not None:
+            self._write(command)
+        return command.result
+
+    def _write(self, command: _Command) -> None:
+        proto = command.sent_on = self._protocol
+        try:
+            d = proto.execute_command(*command.args)
+        except txredisapi().ConnectionError:
+            return  # connectionLost is on its way and will resend it
+        d.addCallbacks(self._answered, self._failed,
+                       callbackArgs=(command, proto), errbackArgs=(command, proto))
+
+    def _forget(self, command: _Command) -> None:
+        if self._pending and self._pending[0] is command:
+            self._pending.popleft()
+        else:
+            self._pending.remove(command)
+
+    def _answered(self, reply, command: _Command, proto) -> None:
+        if command.sent_on is not proto:
+            return
+        self._forget(command)
+        command.result.callback(reply)
+
+    def _failed(self, failure: Failure, command: _Command, proto) -> None:
+        if command.sent_on is not proto:
+            return
+        if failure.check(txredisapi().ConnectionError):
+            if not command.retry:
+                self._forget(command)
+                command.result.errback(RedisUnavailable(f"lost the connection to {self.address}"))
+            # else: stays pending; _ready sends it again on the next connection
+            return
+        self._forget(command)
+        if command.script is not None and failure.check(txredisapi().ResponseError) \
+                and str(failure.value).startswith("NOSCRIPT"):
+            self.log.warn("Redis forgot a script (SCRIPT FLUSH?); sending its source instead")
+            retry = _Command((b"EVAL", command.script.source, *command.args[2:]), retry=True)
+            self._submit(retry).chainDeferred(command.result)
+            return
+        command.result.errback(failure)
+
+    def _ready(self, proto) -> None:
+        self._protocol = proto
+        proto.whenDisconnected().addCallback(lambda _: self._lost(proto))
+        if self._was_connected:
+            self.reconnects += 1
+        self._was_connected = True
+        self.log.info("Connected to Redis at {address}; {count} commands to (re)send",
+                      address=str(self.address), count=len(self._pending))
+        for script in self._scripts:
+            proto.execute_command(b"SCRIPT", b"LOAD", script.source).addErrback(
+                lambda f: self.log.failure("Could not load a Lua script", f))
+        for command in list(self._pending):
+            self._write(command)
+
+    def _lost(self, proto) -> None:
+        if self._protocol is not proto:
+            return
+        self._protocol = None
+        if self.running:
+            self.log.warn("Lost the connection to Redis at {address}; {count} commands will "
+                          "be sent again once it is back", address=str(self.address),
+                          count=len(self._pending))

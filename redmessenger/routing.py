@@ -1,0 +1,106 @@
+"""Which users a PUBLISH is for, decided in publish order.
+
+A group message needs a Redis round trip to learn its members; the messages
+behind it wait for that answer, so no user ever sees a later message before
+an earlier one, and no store overtakes another.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from .delivery import Dispatcher
+from .envelope import Envelope
+from .keys import Namespace
+
+
+class Groups(Protocol):
+    def members(self, gid: str) -> defer.Deferred:
+        """Fires with the group's member ids, each once, in order."""
+
+
+class _Pending:
+    __slots__ = ("envelope", "uids")
+
+    def __init__(self, envelope: Envelope, uids: list[str] | None) -> None:
+        self.envelope = envelope
+        self.uids = uids
+
+
+class Router:
+    """Turns each message from the subscriber into an envelope and its
+    recipients, and hands them to the dispatcher in arrival order."""
+
+    log = Logger()
+
+    def __init__(self, dispatcher: Dispatcher, groups: Groups, namespace: Namespace, *,
+                 trace: bool = False, now_ms: Callable[[], int] | None = None) -> None:
+        self._dispatcher = dispatcher
+        self._groups = groups
+        self._ns = namespace
+        self._trace = trace
+        self._now_ms = now_ms or (lambda: int(time.time() * 1000))
+        self._waiting: deque[_Pending] = deque()
+        #: Messages received from Redis, for /health and the logs.
+        self.received = 0
+
+    def received_message(self, channel: bytes, payload: bytes) -> None:
+        self.received += 1
+        try:
+            name = channel.decode("utf-8")
+        except UnicodeDecodeError:
+            self.log.error("Ignoring a message on channel {channel!r}: a channel name that is "
+                           "not UTF-8 names no user who could ever connect", channel=channel)
+            return
+        target = self._ns.parse_channel(name)
+        if target is None:
+            self.log.warn("Ignoring a message on channel {channel}: not ours", channel=name)
+            return
+        if self._trace:
+            self.log.debug("New message from channel {channel}", channel=name)
+        envelope = Envelope(self._dispatcher.ids(), name, self._now_ms(), payload)
+        kind, ident = target
+        if kind == "users":
+            if not self._waiting:
+                self._dispatcher.deliver((ident,), envelope)
+                return
+            pending = _Pending(envelope, [ident])
+            self._waiting.append(pending)
+        else:
+            pending = _Pending(envelope, None)
+            self._waiting.append(pending)
+            d = self._groups.members(ident)
+            d.addCallback(self._resolved, pending)
+            d.addErrback(self._unresolved, pending, ident)
+
+    def _resolved(self, uids: list[str], pending: _Pending) -> None:
+        if not uids:
+            self.log.warn("Group {channel} has no members: message {id} reaches nobody",
+                          channel=pending.envelope.source, id=pending.envelope.id)
+        pending.uids = uids
+        self._pump()
+
+    def _unresolved(self, failure, pending: _Pending, gid: str) -> None:
+        self.log.failure("Could not read the members of group {gid} ({key}): message {id} "
+                         "reaches nobody; its envelope: {envelope}", failure, gid=gid,
+                         key=self._ns.members(gid), id=pending.envelope.id,
+                         envelope=pending.envelope.stored().decode())
+        pending.uids = []
+        self._pump()
+
+    def _pump(self) -> None:
+        waiting = self._waiting
+        while waiting and waiting[0].uids is not None:
+            pending = waiting.popleft()
+            if pending.uids:
+                self._dispatcher.deliver(pending.uids, pending.envelope)
+
+    def idle(self) -> bool:
+        """True when no message is waiting for its recipients."""
+        return not self._waiting

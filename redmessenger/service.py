@@ -1,0 +1,143 @@
+"""``RedMessengerService``: every part wired together, started and stopped in
+the order that loses nothing. Embed it in any Twisted application with
+``setServiceParent``; ``twistd redmessenger`` only wraps it."""
+
+from __future__ import annotations
+
+import uuid
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from . import __version__
+from .delivery import Dispatcher
+from .embedded import EmbeddedRedis
+from .frames import Close
+from .keys import Namespace
+from .redisconnection import RedisConnection
+from .routing import Router
+from .settings import AuthMode, RedisAddress, Settings
+from .store import SCRIPTS, RedisStore
+from .subscriber import Subscriber
+from .websocket import RedMessengerFactory
+
+
+class RedMessengerService(Service):
+    """The WebSocket server, the Redis subscriber and command connection,
+    and (with no Redis given) the embedded ``redis-server``."""
+
+    log = Logger()
+
+    def __init__(self, settings: Settings, reactor=None, *, fatal_start: bool = False) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.settings = settings
+        self.reactor = reactor
+        self._fatal_start = fatal_start
+        namespace = Namespace(settings.prefix)
+        if settings.redis is None:
+            self.embedded: EmbeddedRedis | None = EmbeddedRedis(
+                settings.embedded_port, settings.data_dir, reactor)
+            address = RedisAddress(port=settings.embedded_port)
+        else:
+            self.embedded = None
+            address = settings.redis
+        self.redis = RedisConnection(address, reactor, SCRIPTS)
+        self.store = RedisStore(self.redis, namespace, uuid.uuid4().hex[:12],
+                                queue_ttl=settings.queue_ttl, queue_max=settings.queue_max)
+        self.dispatcher = Dispatcher(self.store, namespace,
+                                     max_sockets_per_user=settings.max_sockets_per_user,
+                                     drain_chunk=settings.drain_chunk, trace=settings.verbose)
+        self.router = Router(self.dispatcher, self.store, namespace, trace=settings.verbose)
+        self.subscriber = Subscriber(address, namespace, self.router.received_message, reactor)
+        self.factory = RedMessengerFactory(
+            self.dispatcher, self.store, namespace, auth=settings.auth,
+            hello_timeout=settings.hello_timeout, max_frame=settings.max_frame,
+            reactor=reactor, server=f"RedMessenger/{__version__}")
+        self.port = None
+        self._starting: defer.Deferred | None = None
+        self._start_outcome = None
+        self._start_waiters: list[defer.Deferred] = []
+
+    def whenListening(self) -> defer.Deferred:
+        """Fires with the listening port once clients can connect, or fails
+        with the reason the service could not start."""
+        if self._start_outcome is not None:
+            return defer.succeed(self._start_outcome) if self.port is not None \
+                else defer.fail(self._start_outcome)
+        d = defer.Deferred()
+        self._start_waiters.append(d)
+        return d
+
+    def _start_settled(self, outcome) -> None:
+        self._start_outcome = outcome
+        waiters, self._start_waiters = self._start_waiters, []
+        for d in waiters:
+            if self.port is not None:
+                d.callback(outcome)
+            else:
+                d.errback(outcome)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.settings.auth is AuthMode.OFF:
+            self.log.warn("--auth off: any client may claim any user id. Development only!")
+        if self.embedded is not None:
+            self.embedded.startService()
+            started = self.embedded.whenReady()
+        else:
+            started = defer.succeed(None)
+        started.addCallback(self._connect_and_listen)
+        started.addErrback(self._could_not_start)
+        started.addCallback(self._start_settled)
+        self._starting = started
+
+    def _connect_and_listen(self, _):
+        self.redis.startService()
+        self.subscriber.startService()
+        endpoint = serverFromString(self.reactor, self.settings.listen_description)
+        return endpoint.listen(self.factory).addCallback(self._listening)
+
+    def _listening(self, port):
+        self.port = port
+        self.log.info("RedMessenger {version} listening on {where} for WebSocket clients; "
+                      "Redis at {redis}", version=__version__, where=str(port.getHost()),
+                      redis=str(self.redis.address))
+        return port
+
+    def _could_not_start(self, failure):
+        if not failure.check(defer.CancelledError):
+            self.log.critical("RedMessenger could not start: {why}",
+                              why=failure.getErrorMessage())
+            if self._fatal_start and self.reactor.running:
+                self.reactor.stop()
+        return failure
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        """Stop accepting, give every undelivered message back to Redis, wait
+        until Redis has it all, say goodbye (1001), then stop Redis."""
+        super().stopService()
+        if self._starting is not None and not self._starting.called:
+            self._starting.cancel()
+        if self.port is not None:
+            yield self.port.stopListening()
+        if self.redis.running:
+            recommitted = self.dispatcher.stop()
+            yield self.subscriber.stopService()
+            try:
+                yield recommitted.addTimeout(self.settings.shutdown_timeout, self.reactor)
+            except defer.TimeoutError:
+                self.log.critical("Redis did not take every pending write within {timeout} s",
+                                  timeout=self.settings.shutdown_timeout)
+            closing = [c.is_closed for c in self.factory.connections]
+            self.factory.close_all(Close.GOING_AWAY, "shutting_down",
+                                   "the server is shutting down")
+            yield defer.DeferredList(closing).addTimeout(2, self.reactor, lambda *a: None)
+            yield self.redis.stopService()
+        if self.embedded is not None and self.embedded.running:
+            yield self.embedded.stopService()
+        self.log.info("RedMessenger stopped")
+

@@ -1,0 +1,112 @@
+"""What a RedMessenger is told at start: one value object shared by the
+twistd options, the embeddable service and the tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+
+class AuthMode(str, enum.Enum):
+    """How a hello's key is checked against ``rm:users:<uid>:key``."""
+
+    REQUIRED = "required"
+    OPTIONAL = "optional"
+    OFF = "off"
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """Where a Redis server is: TCP host and port, or a Unix socket path."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    path: str | None = None
+    db: int = 0
+    password: str | None = None
+    username: str | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisAddress:
+        """Parse ``redis://[[user]:password@]host[:port][/db]`` or
+        ``unix:///path/to/sock[?db=N]``; raise ``ValueError`` with a message
+        fit for the command line otherwise."""
+        parts = urlsplit(url)
+        password = unquote(parts.password) if parts.password else None
+        username = unquote(parts.username) if parts.username else None
+        if parts.scheme == "unix":
+            if not parts.path:
+                raise ValueError(f"{url!r}: a unix:// Redis URL needs a socket path")
+            db = parse_qs(parts.query).get("db", ["0"])[0]
+            return cls(path=parts.path, db=_db_number(url, db),
+                       password=password, username=username)
+        if parts.scheme != "redis":
+            raise ValueError(
+                f"{url!r}: expected redis://[:password@]host[:port][/db] "
+                "or unix:///path/to/socket[?db=N]")
+        try:
+            port = parts.port or 6379
+        except ValueError:
+            raise ValueError(f"{url!r}: the port is not a number") from None
+        return cls(host=parts.hostname or "127.0.0.1", port=port,
+                   db=_db_number(url, parts.path.lstrip("/") or "0"),
+                   password=password, username=username)
+
+    def client_endpoint(self) -> str:
+        """A Twisted client endpoint description for this address."""
+        if self.path is not None:
+            return "unix:path=" + _escape(self.path)
+        return f"tcp:host={_escape(self.host)}:port={self.port}"
+
+    def __str__(self) -> str:
+        where = f"unix://{self.path}" if self.path else f"redis://{self.host}:{self.port}"
+        return f"{where}/{self.db}"
+
+
+def _db_number(url: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{url!r}: the database {text!r} is not a number") from None
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace(":", "\\:")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of a RedMessenger; the defaults are the documented ones."""
+
+    #: Where WebSocket clients connect: a port number or an endpoint description.
+    port: str = "tcp:8080"
+    #: An existing Redis; ``None`` starts the embedded one.
+    redis: RedisAddress | None = None
+    embedded_port: int = 6379
+    data_dir: Path = field(default_factory=lambda: Path("redmessenger-data"))
+    prefix: str = "rm"
+    auth: AuthMode = AuthMode.REQUIRED
+    #: Seconds a stored queue lives after its last store; 0 is forever.
+    queue_ttl: int = 0
+    #: Keep only the newest N stored messages per user; 0 is unbounded.
+    queue_max: int = 0
+    hello_timeout: float = 10.0
+    max_sockets_per_user: int = 8
+    max_frame: int = 64 * 1024
+    #: How many stored messages one Redis round trip takes while draining.
+    drain_chunk: int = 500
+    #: How long a stop waits for Redis to take pending writes.
+    shutdown_timeout: float = 10.0
+    #: Log every message's way (debug level), as the original project did.
+    verbose: bool = False
+
+    def replace(self, **changes) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def listen_description(self) -> str:
+        """``--port 8080`` is short for ``tcp:8080``."""
+        return f"tcp:{self.port}" if self.port.isdigit() else self.port

@@ -1,0 +1,187 @@
+"""The WebSocket side: one Autobahn protocol per client, from hello to close.
+
+A socket waits for a hello, has its key checked, and is then handed to the
+dispatcher; every refusal is an ``error`` frame followed by a close code that
+says why (docs/protocol.rst).
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from . import frames
+from .delivery import Dispatcher
+from .frames import Close, Hello, ProtocolError
+from .keys import Namespace
+from .redisconnection import RedisUnavailable
+from .settings import AuthMode
+
+
+class RedMessengerProtocol(WebSocketServerProtocol):
+    # Autobahn has its own ``log``; ours reads like the seed's narrative.
+    _log = Logger()
+    factory: RedMessengerFactory
+
+    uid: str | None = None
+    ack_mode = False
+    _hello: Hello | None = None
+    _hello_timer = None
+
+    # -- Socket, as the dispatcher sees it ----------------------------------
+
+    def start(self, queued: int) -> None:
+        self._log.info("You're subscribed to {channel}! ({peer}, {queued} stored messages "
+                      "follow)", channel=self.factory.namespace.user_channel(self.uid),
+                      peer=self.peer, queued=queued)
+        self.sendMessage(frames.welcome(self.uid, self.factory.namespace.user_channel(self.uid),
+                                        queued, self.ack_mode))
+
+    def send(self, frame: bytes) -> bool:
+        if self.state != self.STATE_OPEN:
+            return False
+        self.sendMessage(frame)
+        return True
+
+    def close(self, code: int, error: str, reason: str) -> None:
+        if self.state != self.STATE_OPEN:
+            return
+        self._log.info("Closing {peer} ({uid}) with {code}: {reason}", peer=self.peer,
+                      uid=self.uid or self._claimed_id(), code=code, reason=reason)
+        self.sendMessage(frames.error(error, reason))
+        self.sendClose(code, reason[:120])
+
+    # -- Autobahn's callbacks ------------------------------------------------
+
+    def onOpen(self) -> None:
+        self.factory.connections.add(self)
+        self._log.info("New connection {peer}! Waiting for ID...", peer=self.peer)
+        self._hello_timer = self.factory.reactor.callLater(
+            self.factory.hello_timeout, self._no_hello)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            if isBinary:
+                raise ProtocolError(Close.BINARY_FRAME, "binary_frame",
+                                    "binary frames are not accepted; send JSON text")
+            if self.uid is not None and self.ack_mode:
+                self.factory.dispatcher.ack(self, frames.parse_ack(payload))
+            elif self.uid is not None:
+                raise ProtocolError(Close.BAD_FRAME, "bad_frame",
+                                    "only ack-mode clients send frames after the hello")
+            elif self._hello is not None:
+                raise ProtocolError(Close.BAD_FRAME, "bad_frame",
+                                    "wait for the welcome before sending more frames")
+            else:
+                self._received_hello(frames.parse_hello(payload))
+        except ProtocolError as refusal:
+            self._refuse(refusal)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.connections.discard(self)
+        if self._hello_timer is not None and self._hello_timer.active():
+            self._hello_timer.cancel()
+        if self.uid is not None:
+            self.factory.dispatcher.detach(self)
+        self._log.info("Connection {peer} ({uid}) closed (code {code})", peer=self.peer,
+                      uid=self.uid or self._claimed_id(), code=code)
+
+    def _max_message_size_exceeded(self, msg_size, max_msg_size, reason) -> None:
+        # Autobahn's hook for oversized frames: say why before it closes with 1009.
+        self._log.warn("{peer}: {reason}", peer=self.peer, reason=reason)
+        self.sendMessage(frames.error("frame_too_big",
+                                      f"frames are limited to {max_msg_size} bytes"))
+        super()._max_message_size_exceeded(msg_size, max_msg_size, reason)
+
+    # -- hello -------------------------------------------------------------
+
+    def _claimed_id(self) -> str | None:
+        return self._hello.id if self._hello else None
+
+    def _no_hello(self) -> None:
+        self._hello_timer = None
+        self._refuse(ProtocolError(Close.HELLO_TIMEOUT, "hello_timeout",
+                                   f"no hello within {self.factory.hello_timeout:g} s"))
+
+    def _received_hello(self, hello: Hello) -> None:
+        self._hello = hello
+        if self._hello_timer is not None and self._hello_timer.active():
+            self._hello_timer.cancel()
+        self._hello_timer = None
+        d = self.factory.authenticate(hello)
+        d.addCallback(self._authenticated)
+        d.addErrback(self._not_authenticated)
+
+    def _authenticated(self, _) -> None:
+        if self.state != self.STATE_OPEN:
+            return
+        self.uid, self.ack_mode = self._hello.id, self._hello.ack
+        self.factory.dispatcher.attach(self)
+
+    def _not_authenticated(self, failure) -> None:
+        if failure.check(RedisUnavailable):
+            self._log.warn("Cannot check the hello of {peer} ({uid}): {why}", peer=self.peer,
+                          uid=self._hello.id, why=failure.getErrorMessage())
+            self._refuse(ProtocolError(Close.TRY_AGAIN_LATER, "redis_unavailable",
+                                       "Redis is unavailable; try again later"))
+        elif failure.check(ProtocolError):
+            self._refuse(failure.value)
+        else:
+            self._log.failure("Checking the hello of {peer} ({uid}) failed", failure,
+                             peer=self.peer, uid=self._hello.id)
+            self._refuse(ProtocolError(Close.TRY_AGAIN_LATER, "server_error",
+                                       "could not check the key; try again later"))
+
+    def _refuse(self, refusal: ProtocolError) -> None:
+        self._log.warn("Refusing {peer} ({uid}): {error}: {reason}", peer=self.peer,
+                      uid=self.uid or self._claimed_id(), error=refusal.error,
+                      reason=refusal.reason)
+        self.close(refusal.close_code, refusal.error, refusal.reason)
+
+
+class RedMessengerFactory(WebSocketServerFactory):
+    protocol = RedMessengerProtocol
+    noisy = False
+
+    def __init__(self, dispatcher: Dispatcher, store, namespace: Namespace, *,
+                 auth: AuthMode, hello_timeout: float, max_frame: int, reactor,
+                 server: str) -> None:
+        super().__init__(server=server)
+        self.dispatcher = dispatcher
+        self.store = store
+        self.namespace = namespace
+        self.auth = auth
+        self.hello_timeout = hello_timeout
+        self.reactor = reactor
+        self.connections: set[RedMessengerProtocol] = set()
+        self.setProtocolOptions(maxFramePayloadSize=max_frame,
+                                maxMessagePayloadSize=max_frame)
+
+    def authenticate(self, hello: Hello) -> defer.Deferred:
+        """Fires when the hello's key is good; fails with a 4001 refusal, or
+        with ``RedisUnavailable`` when the key cannot be checked now."""
+        if self.auth is AuthMode.OFF:
+            return defer.succeed(None)
+        return self.store.token(hello.id).addCallback(self._check, hello)
+
+    def _check(self, stored: bytes | None, hello: Hello) -> None:
+        presented = None if hello.key is None else hello.key.encode("utf-8", "surrogatepass")
+        if stored is None:
+            if self.auth is AuthMode.OPTIONAL:
+                return
+            raise _unauthorized("unknown user: no key is stored for this id")
+        if presented is None:
+            raise _unauthorized("this user needs a key")
+        if not hmac.compare_digest(stored, presented):
+            raise _unauthorized("wrong key")
+
+    def close_all(self, code: int, error: str, reason: str) -> None:
+        for connection in list(self.connections):
+            connection.close(code, error, reason)
+
+
+def _unauthorized(reason: str) -> ProtocolError:
+    return ProtocolError(Close.UNAUTHORIZED, "unauthorized", reason)

@@ -1,0 +1,8 @@
+from twisted.application.service import ServiceMaker
+
+RedMessenger = ServiceMaker(
+    "RedMessenger",
+    "redmessenger.options",
+    "Deliver Redis PUBLISHes to WebSocket users, storing them while users are offline.",
+    "redmessenger",
+)
