@@ -107,8 +107,9 @@ class EmbeddedRedis(Service):
 
     def whenExited(self) -> Deferred[Any]:
         """A Deferred that fires, with the ``ProcessDone`` or
-        ``ProcessTerminated`` that ended it, when the running child exits,
-        so that an owner can notice a redis-server that died under it."""
+        ``ProcessTerminated`` that ended it, when the running child exits
+        (at once, with ``None``, if none is running), so that an owner can
+        notice a redis-server that died under it."""
         d: Deferred[Any] = Deferred()
         if self._process is None:
             d.callback(None)

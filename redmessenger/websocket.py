@@ -52,7 +52,8 @@ class RedMessengerProtocol(WebSocketServerProtocol):
         self._log.info("Closing {peer} ({uid}) with {code}: {reason}", peer=self.peer,
                       uid=self.uid or self._claimed_id(), code=code, reason=reason)
         self.sendMessage(frames.error(error, reason))
-        self.sendClose(code, reason[:120])
+        # sendClose() only allows 1000 and 3000-4999; we need 1001/1003/1013 too.
+        self.sendCloseFrame(code, reason.encode("utf-8")[:123])
 
     # -- Autobahn's callbacks ------------------------------------------------
 
@@ -157,8 +158,10 @@ class RedMessengerFactory(WebSocketServerFactory):
         self.hello_timeout = hello_timeout
         self.reactor = reactor
         self.connections: set[RedMessengerProtocol] = set()
+        # failByDrop=False: even Autobahn's own refusals (1009) close with a
+        # closing handshake, so the client learns the code.
         self.setProtocolOptions(maxFramePayloadSize=max_frame,
-                                maxMessagePayloadSize=max_frame)
+                                maxMessagePayloadSize=max_frame, failByDrop=False)
 
     def authenticate(self, hello: Hello) -> defer.Deferred:
         """Fires when the hello's key is good; fails with a 4001 refusal, or

@@ -14,6 +14,12 @@ its files in a temporary directory.
 
 Fixtures run outside the reactor, so they use plain blocking sockets and
 subprocesses, each wait bounded by a deadline.
+
+Keep this module free of module-level imports of redmessenger (and of
+anything that imports ``twisted.internet.reactor``, such as txredisapi):
+pytest imports it *before* pytest-twisted installs the reactor named by
+``--reactor`` (setup.cfg: asyncio), so such an import would install the
+default reactor first and pytest would stop with an INTERNALERROR.
 """
 
 from __future__ import annotations
@@ -24,12 +30,12 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import pytest
 
-from redmessenger.redisserver import find_redis_server, server_arguments
-from redmessenger.settings import RedisAddress
+if TYPE_CHECKING:
+    from redmessenger.settings import RedisAddress
 
 HOST = "127.0.0.1"
 #: Seconds a redis-server gets to answer PING after it is spawned.
@@ -125,6 +131,14 @@ class RespClient:
             raise reply
         return _decoded(reply) if decode else reply
 
+    def pipeline(self, commands: list[tuple]) -> list[Any]:
+        """Send many commands at once and read all their replies (errors
+        are returned in place, not raised)."""
+        with socket.create_connection((self.host, self.port), timeout=self.timeout) as sock:
+            sock.sendall(b"".join(encode_command(*args) for args in commands))
+            with sock.makefile("rb") as stream:
+                return [read_reply(stream) for _ in commands]
+
 
 # --------------------------------------------------------------------------
 # redis-server processes
@@ -153,6 +167,8 @@ class RedisServerProcess:
     def __init__(self, data_dir: Path, *, appendonly: bool = False) -> None:
         self.data_dir = Path(data_dir)
         self.appendonly = appendonly
+        from redmessenger.redisserver import find_redis_server
+
         self.executable = find_redis_server()
         self.log_path = self.data_dir / "redis-server.log"
         self._port: int | None = None
@@ -173,6 +189,8 @@ class RedisServerProcess:
 
     @property
     def address(self) -> RedisAddress:
+        from redmessenger.settings import RedisAddress
+
         return RedisAddress(host=HOST, port=self.port, db=0)
 
     @property
@@ -188,6 +206,9 @@ class RedisServerProcess:
     def command(self, *args: bytes | str | int | float, decode: bool = False) -> Any:
         """One command, blocking; see :meth:`RespClient.command`."""
         return RespClient(self.port).command(*args, decode=decode)
+
+    def client(self) -> RespClient:
+        return RespClient(self.port)
 
     def flushall(self) -> None:
         self.command("FLUSHALL")
@@ -245,6 +266,8 @@ class RedisServerProcess:
         return "\n".join(text.splitlines()[-lines:])
 
     def _spawn(self, port: int) -> None:
+        from redmessenger.redisserver import server_arguments
+
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # closed by stop()
         args = server_arguments(port, self.data_dir, bind=HOST, appendonly=self.appendonly)
@@ -342,6 +365,27 @@ def private_redis(tmp_path: Path,
 def resp_client() -> Callable[[int], RespClient]:
     """Makes a :class:`RespClient` for a Redis on a given port."""
     return RespClient
+
+
+@pytest.fixture
+def messenger(redis: RedisServerProcess) -> Iterator[Callable[..., Any]]:
+    """Starts RedMessengerServices in the test's reactor against ``redis``:
+    ``rm = await messenger(**settings)`` (see tests/harness.py); all are
+    stopped after the test."""
+    from harness import run, start_service
+
+    started = []
+
+    async def start(**settings):
+        service = await start_service(redis, **settings)
+        started.append(service)
+        return service
+
+    try:
+        yield start
+    finally:
+        for service in started:
+            run(service.stop())
 
 
 @pytest.fixture
