@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import random
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -39,8 +40,10 @@ def txredisapi():
     return txredisapi
 
 
-#: Reconnect quickly at first, then every few seconds at most.
-RETRY_POLICY = backoffPolicy(initialDelay=0.05, maxDelay=3.0, factor=2.0)
+#: Reconnect quickly at first, then every few seconds at most; a little
+#: jitter so that many processes do not all come back at once.
+RETRY_POLICY = backoffPolicy(initialDelay=0.05, maxDelay=3.0, factor=2.0,
+                             jitter=lambda: random.uniform(0, 0.1))
 
 
 class ProtocolFactory(Factory):
@@ -95,6 +98,13 @@ def connect_service(reactor, address: RedisAddress, factory: ProtocolFactory,
     endpoint = clientFromString(reactor, address.client_endpoint())
     return ClientService(endpoint, factory, retryPolicy=RETRY_POLICY,
                          prepareConnection=prepare, clock=reactor)
+
+
+def name_connection(proto, role: str) -> None:
+    """``CLIENT SETNAME``, so an operator's ``CLIENT LIST`` shows who is who."""
+    proto.execute_command(b"CLIENT", b"SETNAME", f"redmessenger:{role}".encode()).addErrback(
+        lambda f: Logger().warn("Could not name the Redis connection: {why}",
+                                why=f.getErrorMessage()))
 
 
 class Script:
@@ -231,6 +241,7 @@ class RedisConnection(Service):
         self._was_connected = True
         self.log.info("Connected to Redis at {address}; {count} commands to (re)send",
                       address=str(self.address), count=len(self._pending))
+        name_connection(proto, "commands")
         for script in self._scripts:
             proto.execute_command(b"SCRIPT", b"LOAD", script.source).addErrback(
                 lambda f: self.log.failure("Could not load a Lua script", f))

@@ -21,7 +21,7 @@ from .routing import Router
 from .settings import AuthMode, RedisAddress, Settings
 from .store import SCRIPTS, RedisStore
 from .subscriber import Subscriber
-from .websocket import RedMessengerFactory
+from .websocket import CLOSE_TIMEOUT, RedMessengerFactory
 
 
 class RedMessengerService(Service):
@@ -135,7 +135,8 @@ class RedMessengerService(Service):
             closing = [c.is_closed for c in self.factory.connections]
             self.factory.close_all(Close.GOING_AWAY, "shutting_down",
                                    "the server is shutting down")
-            yield defer.DeferredList(closing).addTimeout(2, self.reactor, lambda *a: None)
+            yield defer.DeferredList(closing).addTimeout(CLOSE_TIMEOUT + 1, self.reactor,
+                                                         lambda *a: None)
             yield self.redis.stopService()
         if self.embedded is not None and self.embedded.running:
             yield self.embedded.stopService()

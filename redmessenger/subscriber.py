@@ -11,7 +11,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from .keys import Namespace
-from .redisconnection import ProtocolFactory, connect_service, txredisapi
+from .redisconnection import ProtocolFactory, connect_service, name_connection, txredisapi
 from .settings import RedisAddress
 
 
@@ -73,6 +73,7 @@ class Subscriber(Service):
         if self._connections:
             self.reconnects += 1
         self._connections += 1
+        name_connection(proto, "subscriber")
         yield proto.psubscribe(list(self._patterns))
         self.subscribed = True
         self.log.info("Subscribed to {patterns} on Redis at {address}",

@@ -21,6 +21,10 @@ from .redisconnection import RedisUnavailable
 from .settings import AuthMode
 
 
+#: Seconds a client has to answer our close frame.
+CLOSE_TIMEOUT = 5.0
+
+
 class RedMessengerProtocol(WebSocketServerProtocol):
     # Autobahn has its own ``log``; ours reads like the seed's narrative.
     _log = Logger()
@@ -159,9 +163,12 @@ class RedMessengerFactory(WebSocketServerFactory):
         self.reactor = reactor
         self.connections: set[RedMessengerProtocol] = set()
         # failByDrop=False: even Autobahn's own refusals (1009) close with a
-        # closing handshake, so the client learns the code.
+        # closing handshake, so the client learns the code. A client gets
+        # CLOSE_TIMEOUT seconds to answer a close before its TCP connection
+        # is reset (Autobahn's 1 s can cut off a busy client's error frame).
         self.setProtocolOptions(maxFramePayloadSize=max_frame,
-                                maxMessagePayloadSize=max_frame, failByDrop=False)
+                                maxMessagePayloadSize=max_frame, failByDrop=False,
+                                closeHandshakeTimeout=CLOSE_TIMEOUT)
 
     def authenticate(self, hello: Hello) -> defer.Deferred:
         """Fires when the hello's key is good; fails with a 4001 refusal, or

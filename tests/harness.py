@@ -176,8 +176,8 @@ class Client:
 
     async def refused(self, timeout: float = RECV_TIMEOUT) -> tuple[dict, int]:
         """The error frame and close code of a refusal."""
-        frames, code, _ = await self.closed(timeout)
-        assert frames and frames[-1]["type"] == "error", frames
+        frames, code, reason = await self.closed(timeout)
+        assert frames and frames[-1]["type"] == "error", (frames, code, reason)
         return frames[-1], code
 
     async def close(self) -> None:

@@ -1,0 +1,144 @@
+"""RedMessengerService inside someone else's Twisted application: the
+docs/example.tac run by twistd, the service under a parent in this process,
+and an import that leaves the choice of reactor to the application."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest_twisted
+from harness import Client, loop
+from test_twistd import (
+    FAIL_TIMEOUT,
+    TwistdProcess,
+    accepting,
+    client,
+    deployed_env,
+    hello,
+    numpat,
+    recv_json,
+    wait_for,
+)
+from twisted.application.service import IService, MultiService
+from twisted.internet import defer
+
+from redmessenger import AuthMode, RedMessengerService, Settings
+
+from conftest import HOST, RespClient, pick_free_port
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "example.tac"
+
+
+def aio(coroutine) -> defer.Deferred:
+    """A coroutine on the reactor's asyncio loop, as a Deferred to yield."""
+    return defer.Deferred.fromFuture(asyncio.ensure_future(coroutine, loop=loop()))
+
+
+def test_example_tac_runs_under_twistd(tmp_path: Path, redis) -> None:
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    port = pick_free_port()
+    fixture = RespClient(redis.port)
+    baseline = numpat(fixture)
+    env = deployed_env(REDMESSENGER_EXAMPLE_PORT=f"tcp:{port}:interface={HOST}",
+                       REDMESSENGER_EXAMPLE_REDIS=redis.url)
+    fixture.command("SET", "rm:users:user1:key", "s3cret")
+    with TwistdProcess(["-ny", str(EXAMPLE)], workdir, tmp_path / "twistd.log",
+                       env=env) as twistd:
+        twistd.wait_accepting(port)
+        twistd.wait_subscribed(fixture, baseline)
+        with client(port) as ws:
+            assert hello(ws, {"id": "user1", "key": "s3cret"})["queued"] == 0
+            assert fixture.command("PUBLISH", "rm.users.user1", "from my-app") == 1
+            frame = recv_json(ws)
+            assert frame["type"] == "message"
+            assert frame["payload"] == "from my-app"
+        twistd.stop()
+        twistd.assert_stopped_cleanly()
+    assert not accepting(port)
+    assert not (workdir / "redmessenger-data").exists()
+
+
+def test_example_tac_defaults(tmp_path: Path) -> None:
+    """Without the environment variables: port 8080 and the local Redis,
+    the key required. Read from the built application; nothing is started."""
+    code = f"""if True:
+        import json
+        from twisted.application.service import IServiceCollection
+        namespace = {{"__file__": {str(EXAMPLE)!r}}}
+        exec(compile(open({str(EXAMPLE)!r}).read(), {str(EXAMPLE)!r}, "exec"), namespace)
+        services = list(IServiceCollection(namespace["application"]))
+        settings = services[0].settings
+        print(json.dumps({{"count": len(services), "port": settings.listen_description,
+                          "redis": str(settings.redis), "auth": settings.auth.value}}))
+    """
+    env = deployed_env()
+    for name in ("REDMESSENGER_EXAMPLE_PORT", "REDMESSENGER_EXAMPLE_REDIS"):
+        env.pop(name, None)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=FAIL_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"count": 1, "port": "tcp:8080",
+                                         "redis": "redis://127.0.0.1:6379/0",
+                                         "auth": "required"}
+
+
+@pytest_twisted.inlineCallbacks
+def test_service_starts_and_stops_through_its_parent(redis):
+    fixture = RespClient(redis.port)
+    baseline = numpat(fixture)
+    settings = Settings(port="tcp:0:interface=127.0.0.1", redis=redis.address,
+                        auth=AuthMode.OFF)
+    service = RedMessengerService(settings)
+    assert IService.providedBy(service)
+    parent = MultiService()
+    service.setServiceParent(parent)
+    assert service.parent is parent
+    assert list(parent) == [service]
+    assert not service.running
+
+    parent.startService()
+    try:
+        assert service.running
+        port = yield service.whenListening()
+        assert port is service.port
+        number = port.getHost().port
+        yield service.subscriber.whenSubscribed()
+        url = f"ws://{HOST}:{number}/"
+        user = yield aio(Client.connect(url))
+        try:
+            welcome = yield aio(user.hello("user1"))
+            assert welcome["queued"] == 0
+            assert redis.command("PUBLISH", "rm.users.user1", "through the parent") == 1
+            [message] = yield aio(user.messages(1))
+            assert message["payload"] == "through the parent"
+        finally:
+            yield aio(user.close())
+    finally:
+        yield parent.stopService()
+    assert not service.running
+    assert not accepting(number)
+    # Stopped, it has let go of its subscription: nothing more is heard.
+    wait_for(lambda: numpat(fixture) == baseline, "the subscriber to go")
+    assert redis.command("PUBLISH", "rm.users.user1", "after the stop") == 0
+    assert redis.command("EXISTS", "rm:users:user1:messages") == 0
+
+
+def test_importing_redmessenger_leaves_the_reactor_alone(tmp_path: Path) -> None:
+    """An application picks its reactor after its imports (twistd --reactor,
+    asyncioreactor.install()): no module of the package may install one."""
+    code = """if True:
+        import importlib, pkgutil, sys
+        import redmessenger, redmessenger.options
+        assert "twisted.internet.reactor" not in sys.modules, "redmessenger.options"
+        for module in pkgutil.iter_modules(redmessenger.__path__):
+            importlib.import_module("redmessenger." + module.name)
+            assert "twisted.internet.reactor" not in sys.modules, module.name
+    """
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=deployed_env(),
+                            capture_output=True, text=True, timeout=FAIL_TIMEOUT)
+    assert result.returncode == 0, result.stderr

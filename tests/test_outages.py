@@ -1,0 +1,154 @@
+"""Redis going away, and RedMessenger stopping: nothing that reached
+RedMessenger is lost. Each test counts what went in and what came out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from harness import aiotest, eventually, start_service, tw
+
+from redmessenger.envelope import Envelope
+
+
+def payloads(frames):
+    return [f["payload"] for f in frames]
+
+
+def kill_connection(redis, name: str) -> int:
+    """Cut RedMessenger's connection called ``name`` (CLIENT SETNAME)."""
+    listing = redis.command("CLIENT", "LIST", decode=True)
+    ids = [dict(field.split("=", 1) for field in line.split())["id"]
+           for line in listing.splitlines() if f"name=redmessenger:{name} " in line]
+    assert ids, listing
+    for ident in ids:
+        redis.command("CLIENT", "KILL", "ID", ident)
+    return len(ids)
+
+
+@aiotest
+async def test_the_subscriber_resubscribes_and_sockets_stay_up_across_a_redis_restart(
+        private_redis):
+    rm = await start_service(private_redis)
+    try:
+        user1 = await rm.user("user1")
+        private_redis.stop()
+        await eventually(lambda: not rm.service.subscriber.subscribed, what="the loss")
+        private_redis.start()
+        await tw(rm.service.subscriber.whenSubscribed())
+        assert rm.service.subscriber.reconnects == 1
+        assert rm.publish("rm.users.user1", "after the restart") == 1
+        assert payloads(await user1.messages(1)) == ["after the restart"]
+    finally:
+        await rm.stop()
+
+
+@aiotest
+async def test_a_store_made_while_redis_is_down_lands_once_it_is_back(private_redis):
+    rm = await start_service(private_redis)
+    try:
+        private_redis.stop()
+        await eventually(lambda: not rm.service.redis.connected, what="the loss")
+        envelope = Envelope("id-1", "rm.users.user1", 1, b"kept")
+        stored = rm.service.store.store(["user1"], envelope)
+        assert not stored.called and rm.service.redis.pending == 1
+        private_redis.start()
+        await tw(stored)
+        assert [e["payload"] for e in rm.queue("user1")] == ["kept"]
+    finally:
+        await rm.stop()
+
+
+@aiotest
+async def test_stores_cut_off_mid_flight_are_sent_again_in_order(redis, messenger):
+    """The command connection is killed again and again while 2,000 messages
+    for an offline user are being stored: each lands (a store whose reply
+    was lost may land twice, with the same id), in publish order."""
+    rm = await messenger()
+    client = redis.client()
+    for batch in range(10):
+        client.pipeline([("PUBLISH", "rm.users.offline", str(i))
+                         for i in range(batch * 200, batch * 200 + 200)])
+        # The moment the last of the batch has been routed, its stores are
+        # on the wire: cut the connection under them.
+        await eventually(lambda: rm.service.router.received == batch * 200 + 200)
+        kill_connection(redis, "commands")
+        await eventually(lambda: rm.service.redis.reconnects == batch + 1, what="reconnect")
+    await tw(rm.service.store.flushed())
+
+    stored = rm.queue("offline")
+    first_seen = list(dict.fromkeys(e["id"] for e in stored))
+    by_id = {e["id"]: e["payload"] for e in stored}
+    assert [by_id[i] for i in first_seen] == [str(i) for i in range(2000)]
+
+
+@aiotest
+async def test_a_drain_whose_reply_is_lost_gives_the_same_messages_again(redis, messenger):
+    """The take of a drain is kept in a claim until its reply is in: a
+    connection cut between the take and its reply loses nothing."""
+    rm = await messenger(drain_chunk=50)
+    for i in range(500):
+        rm.publish("rm.users.user1", str(i))
+    await eventually(lambda: len(rm.queue("user1")) == 500)
+
+    user1 = await rm.connect()
+    await user1.send_json({"id": "user1"})
+    kill_connection(redis, "commands")  # somewhere in the drain's round trips
+    frames = [await user1.recv()]
+    while len(frames) < 501:
+        frames.append(await user1.recv())
+    assert frames[0]["type"] == "welcome"
+    received = payloads(frames[1:])
+    assert received == [str(i) for i in range(500)]
+    await eventually(lambda: rm.service.redis.connected and not rm.dispatcher._drains)
+    assert redis.command("KEYS", "rm:users:user1:taking:*") == []
+    assert rm.queue("user1") == []
+
+
+@aiotest
+async def test_stop_gives_unacked_and_undrained_messages_back_in_order(messenger):
+    rm = await messenger(drain_chunk=10)
+    for i in range(100):
+        rm.publish("rm.users.user1", str(i))
+    originals = await eventually(lambda: len(rm.queue("user1")) == 100 and rm.queue("user1"))
+    acking = await rm.user("user1", ack=True)
+    got = await acking.messages(40)
+    await acking.ack(got[9]["tag"])
+    await eventually(lambda: any(s.unacked and next(iter(s.unacked)) == 11
+                                 for s in rm.dispatcher._seats.values()))
+    bystander = await rm.user("someone-else")
+
+    await rm.stop()
+
+    frames, code, _ = await acking.closed()
+    assert code == 1001 and frames[-1] == {"type": "error", "code": "shutting_down",
+                                           "reason": "the server is shutting down"}
+    error, code = await bystander.refused()
+    assert code == 1001
+    assert rm.queue("user1") == originals[10:]
+
+
+@aiotest
+async def test_stop_flushes_stores_of_messages_that_just_arrived(messenger):
+    rm = await messenger()
+    for i in range(300):
+        rm.publish("rm.users.offline", str(i))
+    await eventually(lambda: rm.service.router.received == 300)
+    await rm.stop()
+    assert [e["payload"] for e in rm.queue("offline")] == [str(i) for i in range(300)]
+
+
+@aiotest
+async def test_stop_waits_for_redis_to_come_back_within_the_timeout(private_redis):
+    rm = await start_service(private_redis, shutdown_timeout=30)
+    private_redis.stop()
+    await eventually(lambda: not rm.service.redis.connected)
+    envelope = Envelope("id-1", "rm.users.user1", 1, b"kept")
+    rm.service.store.store(["user1"], envelope)
+    stopping = asyncio.ensure_future(rm.stop())
+    await asyncio.sleep(0.2)
+    assert not stopping.done()
+    private_redis.start()
+    await stopping
+    assert [json.loads(raw)["payload"] for raw in private_redis.command(
+        "LRANGE", "rm:users:user1:messages", 0, -1)] == ["kept"]
