@@ -1,0 +1,250 @@
+"""The dispatcher's rules as pure logic: an in-memory queue whose take
+replies the test releases by hand, so every interleaving of a drain with
+live messages, departures and arrivals can be placed exactly.
+
+(The real Redis store is exercised by the end-to-end tests; this fake only
+stands in where timing has to be controlled to the message.)
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import defer
+
+from redmessenger.delivery import Dispatcher
+from redmessenger.envelope import Envelope
+from redmessenger.keys import Namespace
+
+
+class Queues:
+    """Per-user lists, changed at call time like Redis executes in order;
+    only take's *reply* is held back until ``answer_take()``."""
+
+    def __init__(self) -> None:
+        self.lists: dict[str, list[bytes]] = {}
+        self.takes: list[tuple[defer.Deferred, tuple]] = []
+        self.released = 0
+
+    def payloads(self, uid: str) -> list[str]:
+        return [json.loads(raw)["payload"] for raw in self.lists.get(uid, [])]
+
+    def store(self, uids, envelope):
+        for uid in uids:
+            self.lists.setdefault(uid, []).append(envelope.stored())
+        return defer.succeed(None)
+
+    def requeue(self, uid, envelopes):
+        self.lists[uid] = [e.stored() for e in envelopes] + self.lists.get(uid, [])
+        return defer.succeed(None)
+
+    def take(self, uid, count):
+        items = self.lists.get(uid, [])
+        taken, self.lists[uid] = items[:count], items[count:]
+        d = defer.Deferred()
+        self.takes.append((d, (taken, len(self.lists[uid]))))
+        return d
+
+    def answer_take(self) -> None:
+        d, reply = self.takes.pop(0)
+        d.callback(reply)
+
+    def release(self, uid):
+        self.released += 1
+        return defer.succeed(None)
+
+    def flushed(self):
+        return defer.succeed(None)
+
+
+class Sock:
+    def __init__(self, uid: str, ack_mode: bool = False, name: str = "s") -> None:
+        self.uid, self.ack_mode, self.peer = uid, ack_mode, name
+        self.open = True
+        self.welcome: int | None = None
+        self.frames: list[dict] = []
+        self.closed_with: int | None = None
+
+    def start(self, queued: int) -> None:
+        assert self.welcome is None
+        self.welcome = queued
+        self.frames.append({"type": "welcome", "queued": queued})
+
+    def send(self, frame: bytes) -> bool:
+        if self.open:
+            self.frames.append(json.loads(frame))
+        return self.open
+
+    def close(self, code, error, reason) -> None:
+        self.closed_with = code
+        self.open = False
+
+    def payloads(self) -> list[str]:
+        return [f["payload"] for f in self.frames if f["type"] == "message"]
+
+
+def make(chunk: int = 2):
+    queues = Queues()
+    dispatcher = Dispatcher(queues, Namespace(), drain_chunk=chunk, max_sockets_per_user=2,
+                            now_ms=lambda: 1)
+    count = iter(range(1, 10_000))
+
+    def publish(payload: str, *uids: str) -> None:
+        dispatcher.deliver(uids or ("u",), Envelope(f"m{next(count)}", "rm.users.u", 1,
+                                                    payload.encode()))
+
+    return queues, dispatcher, publish
+
+
+def test_live_messages_during_a_drain_wait_behind_the_stored_ones():
+    queues, dispatcher, publish = make(chunk=2)
+    for p in "abc":
+        publish(p)
+    sock = Sock("u")
+    dispatcher.attach(sock)
+    publish("live1")  # arrives while the first take is in flight
+    queues.answer_take()
+    assert sock.welcome == 3
+    publish("live2")  # the second take is in flight now
+    queues.answer_take()
+    assert sock.payloads() == ["a", "b", "c", "live1", "live2"]
+    assert queues.lists["u"] == [] and queues.released == 2
+    publish("live3")
+    assert sock.payloads()[-1] == "live3"
+
+
+def test_leaving_while_a_take_is_in_flight_puts_everything_back_in_order():
+    queues, dispatcher, publish = make(chunk=2)
+    for p in "abcd":
+        publish(p)
+    sock = Sock("u")
+    dispatcher.attach(sock)
+    queues.answer_take()  # a, b sent; take of c, d in flight
+    publish("live")  # waits behind the drain
+    sock.open = False
+    dispatcher.detach(sock)
+    publish("after")  # the user is offline now: stored
+    assert queues.payloads("u") == ["live", "after"]
+    queues.answer_take()  # c, d arrive with nobody to take them
+    assert sock.payloads() == ["a", "b"]
+    assert queues.payloads("u") == ["c", "d", "live", "after"]
+    assert not dispatcher.online("u") and dispatcher._sessions == {}
+
+
+def test_a_socket_joining_a_drain_in_flight_is_welcomed_with_what_follows():
+    queues, dispatcher, publish = make(chunk=2)
+    for p in "abc":
+        publish(p)
+    first = Sock("u", name="first")
+    dispatcher.attach(first)
+    second = Sock("u", name="second")
+    dispatcher.attach(second)  # before the first take answered: no count yet
+    assert second.welcome is None
+    queues.answer_take()
+    assert first.welcome == second.welcome == 3
+    third = Sock("u", name="third")
+    dispatcher.attach(third)  # closes the oldest (max 2); one message left to drain
+    assert first.closed_with == 4009 and third.welcome == 1
+    queues.answer_take()
+    assert second.payloads() == ["a", "b", "c"] and third.payloads() == ["c"]
+
+
+def test_unacked_messages_of_a_departed_socket_go_back_to_the_head():
+    queues, dispatcher, publish = make(chunk=10)
+    sock = Sock("u", ack_mode=True)
+    dispatcher.attach(sock)
+    queues.answer_take()
+    for p in "abcd":
+        publish(p)
+    assert [f["tag"] for f in sock.frames[1:]] == [1, 2, 3, 4]
+    dispatcher.ack(sock, 2)
+    publish("e", "other")  # someone else's queue is not touched
+    dispatcher.detach(sock)
+    assert queues.payloads("u") == ["c", "d"]
+    assert queues.payloads("other") == ["e"]
+
+
+def test_unacked_messages_go_to_another_socket_of_the_user_first():
+    queues, dispatcher, publish = make()
+    acking = Sock("u", ack_mode=True, name="acking")
+    dispatcher.attach(acking)
+    queues.answer_take()
+    publish("a")
+    late = Sock("u", name="late")
+    dispatcher.attach(late)
+    queues.answer_take()
+    dispatcher.detach(acking)
+    assert late.payloads() == ["a"] and queues.payloads("u") == []
+
+
+def test_a_message_acked_on_one_socket_is_not_redelivered_when_another_leaves():
+    queues, dispatcher, publish = make()
+    one, two = Sock("u", True, "one"), Sock("u", True, "two")
+    dispatcher.attach(one)
+    dispatcher.attach(two)
+    queues.answer_take()
+    publish("a")
+    dispatcher.ack(one, 1)
+    dispatcher.detach(two)
+    dispatcher.detach(one)
+    assert queues.payloads("u") == []
+
+
+def test_a_message_no_socket_would_take_is_stored():
+    queues, dispatcher, publish = make()
+    sock = Sock("u")
+    dispatcher.attach(sock)
+    queues.answer_take()
+    sock.open = False  # closing, not yet detached
+    publish("a")
+    assert queues.payloads("u") == ["a"]
+
+
+def test_drained_messages_no_socket_would_take_go_back_to_the_head():
+    queues, dispatcher, publish = make(chunk=5)
+    for p in "abc":
+        publish(p)
+    sock = Sock("u")
+    dispatcher.attach(sock)
+    sock.open = False
+    queues.answer_take()
+    assert sock.welcome == 3 and sock.payloads() == []
+    assert queues.payloads("u") == ["a", "b", "c"]
+
+
+def test_stop_detaches_everyone_and_waits_for_drains():
+    queues, dispatcher, publish = make(chunk=2)
+    for p in "abc":
+        publish(p)
+    sock = Sock("u", ack_mode=True)
+    dispatcher.attach(sock)
+    queues.answer_take()  # a, b sent, unacked; take of c in flight
+    stopped = dispatcher.stop()
+    assert not stopped.called
+    queues.answer_take()
+    assert stopped.called
+    assert queues.payloads("u") == ["a", "b", "c"]
+    late = Sock("u")
+    dispatcher.attach(late)
+    assert late.closed_with == 1001
+
+
+def test_bubble_is_on_the_newest_socket_only():
+    queues, dispatcher, publish = make()
+    old, new = Sock("u", name="old"), Sock("u", name="new")
+    dispatcher.attach(old)
+    dispatcher.attach(new)
+    queues.answer_take()
+    publish("a")
+    assert [f["bubble"] for f in old.frames[1:]] == [False]
+    assert [f["bubble"] for f in new.frames[1:]] == [True]
+
+
+def test_a_failed_drain_still_welcomes_and_keeps_live_messages_flowing():
+    queues, dispatcher, publish = make()
+    sock = Sock("u")
+    dispatcher.attach(sock)
+    publish("live")
+    d, _ = queues.takes.pop(0)
+    d.errback(RuntimeError("WRONGTYPE"))
+    assert sock.welcome == 0 and sock.payloads() == ["live"]

@@ -1,0 +1,127 @@
+"""Pure formats: envelopes, client frames, Redis names, settings and the
+command line."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+from twisted.python import usage
+
+from redmessenger.envelope import Envelope, MessageIds
+from redmessenger.frames import Hello, ProtocolError, parse_ack, parse_hello
+from redmessenger.keys import Namespace
+from redmessenger.options import Options
+from redmessenger.settings import AuthMode, RedisAddress
+
+
+def test_envelopes_survive_being_stored_including_binary_payloads():
+    ids = MessageIds()
+    for payload in (b"Hello, world!", "é ✓".encode(), bytes(range(256)), b""):
+        envelope = Envelope(ids(), "rm.groups.cats", 1438480701712, payload)
+        back = Envelope.from_stored(envelope.stored(), "rm.users.x", ids, 0)
+        assert (back.id, back.source, back.timestamp, back.payload, back.queued) == \
+            (envelope.id, "rm.groups.cats", 1438480701712, payload, True)
+
+
+def test_message_frames_carry_every_field():
+    envelope = Envelope("i", "rm.users.u", 5, b"\xff")
+    frame = json.loads(envelope.frame(bubble=True, tag=7))
+    assert frame == {"type": "message", "id": "i", "source": "rm.users.u", "timestamp": 5,
+                     "payload_base64": base64.b64encode(b"\xff").decode(), "bubble": True,
+                     "queued": False, "tag": 7}
+    assert envelope.frame(False) is envelope.frame(False)  # built once for all sockets
+
+
+@pytest.mark.parametrize("raw", [b"plain", b'{"id": 1}', b"\xff\xfe", b'{"id":"a","source":"s",'
+                                 b'"timestamp":1,"payload_base64":"!!"}', b"[]"])
+def test_queue_entries_that_are_not_envelopes_are_their_own_payload(raw):
+    envelope = Envelope.from_stored(raw, "rm.users.u", MessageIds(), 42)
+    assert envelope.payload == raw and envelope.source == "rm.users.u"
+    assert envelope.timestamp == 42 and envelope.queued
+
+
+def test_ids_are_unique_across_generators():
+    a, b = MessageIds(), MessageIds()
+    assert len({a(), a(), b(), b()}) == 4
+
+
+@pytest.mark.parametrize("text, hello", [
+    ('{"id": "user1"}', Hello("user1")),
+    ('{"id": "user1", "key": "k", "ack": true}', Hello("user1", "k", True)),
+    ("user1", Hello("user1")),
+    ("user1:token:with:colons", Hello("user1", "token:with:colons")),
+    ('{"id": "a.b.c"}', Hello("a.b.c")),
+])
+def test_hellos(text, hello):
+    assert parse_hello(text.encode()) == hello
+
+
+@pytest.mark.parametrize("data", [b"{oops", b'{"id": 5}', b'{"id": ""}', b'{"id": "a b"}',
+                                  b'{"id": "u", "key": 1}', b'{"id": "u", "ack": "yes"}',
+                                  b"", b"\xff", b'{"key": "k"}', b"a" * 300, b"a\x00b"])
+def test_bad_hellos(data):
+    with pytest.raises(ProtocolError) as refusal:
+        parse_hello(data)
+    assert refusal.value.close_code == 4000 and refusal.value.error == "bad_hello"
+
+
+def test_acks():
+    assert parse_ack(b'{"type": "ack", "tag": 3}') == 3
+    for bad in (b"x", b'{"type": "ack"}', b'{"type": "ack", "tag": -1}',
+                b'{"type": "ack", "tag": true}', b'{"type": "nak", "tag": 1}'):
+        with pytest.raises(ProtocolError) as refusal:
+            parse_ack(bad)
+        assert refusal.value.close_code == 4002
+
+
+def test_namespace():
+    ns = Namespace("rm")
+    assert ns.parse_channel("rm.users.a.b") == ("users", "a.b")
+    assert ns.parse_channel("rm.groups.cats") == ("groups", "cats")
+    assert ns.parse_channel("rm.users.") is None and ns.parse_channel("other.users.a") is None
+    assert ns.queue("u") == "rm:users:u:messages" and ns.token("u") == "rm:users:u:key"
+    assert ns.members("g") == "rm:groups:g:members"
+    assert Namespace("a*b").patterns == (b"a\\*b.users.*", b"a\\*b.groups.*")
+
+
+@pytest.mark.parametrize("url, address", [
+    ("redis://localhost", RedisAddress(host="localhost")),
+    ("redis://:s3cret@10.0.0.1:6380/2", RedisAddress("10.0.0.1", 6380, db=2, password="s3cret")),
+    ("redis://user:pw@h/0", RedisAddress("h", password="pw", username="user")),
+    ("unix:///run/redis.sock?db=3", RedisAddress(path="/run/redis.sock", db=3)),
+])
+def test_redis_urls(url, address):
+    assert RedisAddress.from_url(url) == address
+
+
+@pytest.mark.parametrize("url", ["http://x", "redis://h:port", "redis://h/db", "unix://"])
+def test_bad_redis_urls(url):
+    with pytest.raises(ValueError):
+        RedisAddress.from_url(url)
+
+
+def test_endpoint_descriptions():
+    assert RedisAddress("h", 1).client_endpoint() == "tcp:host=h:port=1"
+    assert RedisAddress(path="/a:b").client_endpoint() == "unix:path=/a\\:b"
+
+
+def test_options_make_settings(redis):
+    options = Options()
+    options.parseOptions(["--port", "9000", "--redis", redis.url, "--auth", "optional",
+                          "--queue-max", "5", "--prefix", "app", "-v"])
+    settings = options.settings
+    assert settings.listen_description == "tcp:9000"
+    assert settings.redis == redis.address and settings.auth is AuthMode.OPTIONAL
+    assert settings.queue_max == 5 and settings.prefix == "app" and settings.verbose
+    assert settings.data_dir == Path("redmessenger-data")
+
+
+@pytest.mark.parametrize("argv", [["--auth", "maybe"], ["--redis", "http://x"],
+                                  ["--queue-max", "-1"], ["--drain-chunk", "0"],
+                                  ["--hello-timeout", "soon"], ["--prefix", ""]])
+def test_bad_options(argv, redis):
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(["--redis", redis.url, *argv])
