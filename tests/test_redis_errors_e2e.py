@@ -1,0 +1,94 @@
+"""Redis saying no (a key of the wrong type, a flushed script cache): each
+refusal is logged with what it concerned, and nobody else is affected."""
+
+from __future__ import annotations
+
+import pytest
+from harness import aiotest, eventually
+from twisted.logger import formatEvent, globalLogPublisher
+
+
+@pytest.fixture
+def logged():
+    """Every twisted.logger event emitted during the test, as text."""
+    lines: list[str] = []
+
+    def observe(event):
+        text = formatEvent(event)
+        if event.get("log_failure") is not None:
+            text += " | " + event["log_failure"].getErrorMessage()
+        lines.append(text)
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+def payloads(frames):
+    return [f["payload"] for f in frames]
+
+
+@aiotest
+async def test_a_store_redis_refuses_is_logged_with_its_envelope(messenger, logged):
+    rm = await messenger()
+    rm.redis.command("SET", "rm:users:broken:messages", "not a list")
+    rm.publish("rm.users.broken", "cannot be stored")
+    line = await eventually(lambda: [x for x in logged if "Could not store message" in x])
+    assert "cannot be stored" in line[0] and "WRONGTYPE" in line[0]
+    rm.publish("rm.users.fine", "stored")
+    await eventually(lambda: rm.queue("fine"))
+
+
+@aiotest
+async def test_a_group_whose_members_cannot_be_read_does_not_hold_up_others(messenger, logged):
+    rm = await messenger()
+    rm.redis.command("SET", "rm:groups:bad:members", "a string")
+    user1 = await rm.user("user1")
+    rm.publish("rm.groups.bad", "lost to a broken group")
+    rm.publish("rm.users.user1", "after")
+    assert payloads(await user1.messages(1)) == ["after"]
+    line = await eventually(lambda: [x for x in logged if "members of group bad" in x])
+    assert "lost to a broken group" in line[0] and "WRONGTYPE" in line[0]
+
+
+@aiotest
+async def test_a_group_with_no_members_is_logged(messenger, logged):
+    rm = await messenger()
+    rm.publish("rm.groups.empty", "nobody")
+    await eventually(lambda: [x for x in logged if "has no members" in x])
+
+
+@aiotest
+async def test_a_queue_that_cannot_be_drained_still_lets_the_user_in(messenger, logged):
+    rm = await messenger()
+    rm.redis.command("SET", "rm:users:user1:messages", "not a list")
+    user1 = await rm.user("user1")
+    assert user1.welcome["queued"] == 0
+    await eventually(lambda: [x for x in logged if "Could not drain" in x])
+    rm.publish("rm.users.user1", "live")
+    assert payloads(await user1.messages(1)) == ["live"]
+
+
+@aiotest
+async def test_a_key_that_cannot_be_read_refuses_the_hello_with_1013(messenger, logged):
+    from redmessenger.settings import AuthMode
+
+    rm = await messenger(auth=AuthMode.REQUIRED)
+    rm.redis.command("RPUSH", "rm:users:user1:key", "a list, not a string")
+    client = await rm.connect()
+    await client.send_json({"id": "user1", "key": "k"})
+    error, code = await client.refused()
+    assert code == 1013 and error["code"] == "server_error"
+    assert [x for x in logged if "Checking the hello" in x]
+
+
+@aiotest
+async def test_stores_go_on_after_the_script_cache_is_flushed(messenger, logged):
+    rm = await messenger()
+    rm.publish("rm.users.u", "before")
+    await eventually(lambda: rm.queue("u"))
+    rm.redis.command("SCRIPT", "FLUSH")
+    rm.publish("rm.users.u", "after")
+    await eventually(lambda: len(rm.queue("u")) == 2)
+    assert [e["payload"] for e in rm.queue("u")] == ["before", "after"]
+    assert [x for x in logged if "forgot a script" in x]
