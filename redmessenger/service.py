@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -24,13 +24,20 @@ from .subscriber import Subscriber
 from .websocket import CLOSE_TIMEOUT, RedMessengerFactory
 
 
-class RedMessengerService(Service):
+class RedMessengerService(MultiService):
     """The WebSocket server, the Redis subscriber and command connection,
-    and (with no Redis given) the embedded ``redis-server``."""
+    and (with no Redis given) the embedded ``redis-server``.
+
+    Its parts are its named child services (``embedded-redis``, ``redis``,
+    ``subscriber``), but it starts and stops them itself: each step waits
+    for the one before (Redis ready before clients, writes flushed before
+    Redis stops), which ``MultiService``'s all-at-once order cannot do.
+    """
 
     log = Logger()
 
     def __init__(self, settings: Settings, reactor=None, *, fatal_start: bool = False) -> None:
+        super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.settings = settings
@@ -56,6 +63,11 @@ class RedMessengerService(Service):
             self.dispatcher, self.store, namespace, auth=settings.auth,
             hello_timeout=settings.hello_timeout, max_frame=settings.max_frame,
             reactor=reactor, server=f"RedMessenger/{__version__}")
+        for name, child in (("embedded-redis", self.embedded), ("redis", self.redis),
+                            ("subscriber", self.subscriber)):
+            if child is not None:
+                child.setName(name)
+                self.addService(child)
         self.port = None
         self._starting: defer.Deferred | None = None
         self._start_outcome = None
@@ -81,7 +93,7 @@ class RedMessengerService(Service):
                 d.errback(outcome)
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         if self.settings.auth is AuthMode.OFF:
             self.log.warn("--auth off: any client may claim any user id. Development only!")
         if self.embedded is not None:
@@ -119,7 +131,7 @@ class RedMessengerService(Service):
     def stopService(self):
         """Stop accepting, give every undelivered message back to Redis, wait
         until Redis has it all, say goodbye (1001), then stop Redis."""
-        super().stopService()
+        Service.stopService(self)
         if self._starting is not None and not self._starting.called:
             self._starting.cancel()
         if self.port is not None:
