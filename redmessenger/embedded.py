@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -143,8 +144,13 @@ class EmbeddedRedis(Service):
                                               bind=HOST, appendonly=self.appendonly)]
         process = _RedisServerProcessProtocol(self)
         try:
-            # redis-server changes to data_dir itself (--dir).
-            self._reactor.spawnProcess(process, executable, args, env=dict(os.environ))
+            # redis-server changes to data_dir itself (--dir). It runs in a
+            # session of its own: a Ctrl-C at the terminal must reach only
+            # RedMessenger, which puts messages back into Redis before it
+            # stops Redis itself.
+            self._reactor.spawnProcess(process, sys.executable,
+                                       [sys.executable, "-c", _SETSID_EXEC, *args],
+                                       env=dict(os.environ))
         except OSError as e:
             self._decide(Failure(EmbeddedRedisError(f"cannot run {executable}: {e}")))
             return
@@ -295,6 +301,11 @@ class EmbeddedRedis(Service):
         how = f"with code {exitCode}" if signal is None else f"on signal {signal}"
         said = " | ".join(list(process.lastLines)[-5:]) or "(no output)"
         return f"redis-server exited {how} before it answered PING on {HOST}:{self.port}: {said}"
+
+
+#: Starts a new session, then becomes the program named by its arguments
+#: (the pid stays the same, so signals reach redis-server itself).
+_SETSID_EXEC = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
 
 
 class _RedisServerProcessProtocol(ProcessProtocol):

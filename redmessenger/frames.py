@@ -55,8 +55,6 @@ def parse_hello(data: bytes) -> Hello:
             doc = json.loads(text)
         except ValueError:
             raise _bad_hello("hello is not valid JSON") from None
-        if not isinstance(doc, dict):
-            raise _bad_hello("hello must be a JSON object")
         uid, key, ack = doc.get("id"), doc.get("key"), doc.get("ack", False)
         if key is not None and not isinstance(key, str):
             raise _bad_hello('"key" must be a string')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import socket
 from pathlib import Path
 
@@ -83,6 +84,7 @@ class Options(usage.Options):
             raise usage.UsageError("--prefix must be non-empty, without spaces")
         if redis is None:
             _check_embedded(self.settings.embedded_port)
+        _check_listen(self.settings.listen_description)
 
 
 def _number(options: Options, name: str, kind: type, low: float, high: float | None = None):
@@ -102,19 +104,36 @@ def _check_embedded(port: int) -> None:
         find_redis_server()
     except RedisServerNotFound as e:
         raise usage.UsageError(f"no --redis given and {e}") from None
-    probe = socket.socket()
-    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        probe.bind(("127.0.0.1", port))
-    except OSError as e:
-        if e.errno != errno.EADDRINUSE:
-            raise
+    if _taken("127.0.0.1", port):
         raise usage.UsageError(
             f"no --redis given, and the embedded redis-server's port {port} is taken "
             "(is a Redis already running there?): pass --redis redis://127.0.0.1:"
-            f"{port} to use that Redis, or --embedded-port to pick another port") from None
+            f"{port} to use that Redis, or --embedded-port to pick another port")
+
+
+_TCP = re.compile(r"tcp:(?:port=)?(\d+)(?::interface=([^:]+))?$")
+
+
+def _check_listen(description: str) -> None:
+    """A plain TCP port that is taken is worth saying before start; other
+    endpoint kinds are left to fail when they listen."""
+    match = _TCP.match(description)
+    if match and int(match.group(1)) and _taken(match.group(2) or "", int(match.group(1))):
+        raise usage.UsageError(f"--port {description}: the port is taken; pick another one")
+
+
+def _taken(host: str, port: int) -> bool:
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind((host, port))
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise usage.UsageError(f"cannot listen on {host or '*'}:{port}: {e}") from None
+        return True
     finally:
         probe.close()
+    return False
 
 
 def makeService(options: Options) -> RedMessengerService:

@@ -47,7 +47,7 @@ class Router:
         self._trace = trace
         self._now_ms = now_ms or (lambda: int(time.time() * 1000))
         self._waiting: deque[_Pending] = deque()
-        #: Messages received from Redis, for /health and the logs.
+        #: Messages received from Redis.
         self.received = 0
 
     def received_message(self, channel: bytes, payload: bytes) -> None:

@@ -4,6 +4,8 @@ the order that loses nothing. Embed it in any Twisted application with
 
 from __future__ import annotations
 
+import os
+import sys
 import uuid
 
 from twisted.application.service import MultiService, Service
@@ -84,6 +86,8 @@ class RedMessengerService(MultiService):
         return d
 
     def _start_settled(self, outcome) -> None:
+        """Hand the outcome to whoever waits in ``whenListening``; a failure
+        was logged by ``_could_not_start`` and ends here."""
         self._start_outcome = outcome
         waiters, self._start_waiters = self._start_waiters, []
         for d in waiters:
@@ -103,7 +107,7 @@ class RedMessengerService(MultiService):
             started = defer.succeed(None)
         started.addCallback(self._connect_and_listen)
         started.addErrback(self._could_not_start)
-        started.addCallback(self._start_settled)
+        started.addBoth(self._start_settled)
         self._starting = started
 
     def _connect_and_listen(self, _):
@@ -123,8 +127,8 @@ class RedMessengerService(MultiService):
         if not failure.check(defer.CancelledError):
             self.log.critical("RedMessenger could not start: {why}",
                               why=failure.getErrorMessage())
-            if self._fatal_start and self.reactor.running:
-                self.reactor.stop()
+            if self._fatal_start:
+                _exit_after_shutdown(self.reactor, 1)
         return failure
 
     @defer.inlineCallbacks
@@ -154,3 +158,19 @@ class RedMessengerService(MultiService):
             yield self.embedded.stopService()
         self.log.info("RedMessenger stopped")
 
+
+def _exit_after_shutdown(reactor, code: int) -> None:
+    """Stop the reactor and make the process exit with ``code``: twistd has
+    no way to return a status, and a service that could not start must not
+    look like a clean stop to whoever supervises it."""
+
+    def exit_now():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    reactor.addSystemEventTrigger("after", "shutdown", exit_now)
+    if reactor.running:
+        reactor.stop()
+    else:
+        reactor.callWhenRunning(reactor.stop)

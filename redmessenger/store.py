@@ -88,7 +88,7 @@ class RedisStore:
         return d
 
     def _trimmed(self, counts: list[int], uids: Sequence[str]) -> None:
-        for uid, count in zip(uids, counts):
+        for uid, count in zip(uids, counts, strict=True):
             if count:
                 self.log.warn("Queue {key} is over --queue-max {max}: discarded its {count} "
                               "oldest messages", key=self._ns.queue(uid), max=self._max,

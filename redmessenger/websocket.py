@@ -20,7 +20,6 @@ from .keys import Namespace
 from .redisconnection import RedisUnavailable
 from .settings import AuthMode
 
-
 #: Seconds a client has to answer our close frame.
 CLOSE_TIMEOUT = 5.0
 
@@ -94,6 +93,17 @@ class RedMessengerProtocol(WebSocketServerProtocol):
         self._log.info("Connection {peer} ({uid}) closed (code {code})", peer=self.peer,
                       uid=self.uid or self._claimed_id(), code=code)
 
+    def onMessageFrameBegin(self, length: int) -> None:
+        super().onMessageFrameBegin(length)
+        # Autobahn's message limit would cap what we send too, so it is off;
+        # a message made of many frames is held to --max-frame here instead.
+        limit = self.factory.max_frame
+        if not self.failedByMe and self.message_data_total_length > limit:
+            self._max_message_size_exceeded(
+                self.message_data_total_length, limit,
+                f"received WebSocket message of {self.message_data_total_length} bytes "
+                f"exceeds the limit of {limit}")
+
     def _max_message_size_exceeded(self, msg_size, max_msg_size, reason) -> None:
         # Autobahn's hook for oversized frames: say why before it closes with 1009.
         self._log.warn("{peer}: {reason}", peer=self.peer, reason=reason)
@@ -166,9 +176,9 @@ class RedMessengerFactory(WebSocketServerFactory):
         # closing handshake, so the client learns the code. A client gets
         # CLOSE_TIMEOUT seconds to answer a close before its TCP connection
         # is reset (Autobahn's 1 s can cut off a busy client's error frame).
-        self.setProtocolOptions(maxFramePayloadSize=max_frame,
-                                maxMessagePayloadSize=max_frame, failByDrop=False,
-                                closeHandshakeTimeout=CLOSE_TIMEOUT)
+        self.max_frame = max_frame
+        self.setProtocolOptions(maxFramePayloadSize=max_frame, maxMessagePayloadSize=0,
+                                failByDrop=False, closeHandshakeTimeout=CLOSE_TIMEOUT)
 
     def authenticate(self, hello: Hello) -> defer.Deferred:
         """Fires when the hello's key is good; fails with a 4001 refusal, or

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 import time
 
-from harness import aiotest, eventually
+from harness import TEST_TIMEOUT, aiotest, eventually
 
 
 def payloads(frames):
@@ -147,23 +148,30 @@ async def test_publish_order_holds_across_the_stored_to_live_boundary(messenger)
     """0..4999 published while the user connects: seen exactly once each, in
     order, whether they were stored and drained or sent live."""
     rm = await messenger(drain_chunk=100)
-    published = [0]
+    half_published, hello_sent = threading.Event(), threading.Event()
 
     def publish_all():
-        client = rm.redis.client()
-        for start in range(0, 5000, 50):
-            client.pipeline([("PUBLISH", "rm.users.user1", str(i))
-                             for i in range(start, start + 50)])
-            published[0] = start + 50
+        client, i = rm.redis.client(), 0
+        while i < 5000:
+            if i == 2500:
+                half_published.set()
+                hello_sent.wait(TEST_TIMEOUT)
+            step = 50 if i >= 2500 and not rm.dispatcher.online("user1") else 500
+            step = min(step, 5000 - i, 2500 - i if i < 2500 else 5000)
+            client.pipeline([("PUBLISH", "rm.users.user1", str(n)) for n in range(i, i + step)])
+            i += step
 
     publishing = asyncio.get_running_loop().run_in_executor(None, publish_all)
-    await eventually(lambda: published[0] >= 1000, what="1000 publishes")
-    user1 = await rm.user("user1")
+    await eventually(lambda: half_published.is_set(), what="2500 publishes")
+    user1 = await rm.connect()
+    await user1.send_json({"id": "user1"})
+    hello_sent.set()  # publishing goes on while the hello is handled
+    user1.welcome = await user1.recv()
     received = await user1.messages(5000, timeout=30)
     await publishing
     assert payloads(received) == [str(i) for i in range(5000)]
     assert len({m["id"] for m in received}) == 5000
-    assert 0 < user1.welcome["queued"] < 5000
+    assert 2500 <= user1.welcome["queued"] < 5000
     assert any(m["queued"] for m in received) and not received[-1]["queued"]
     assert rm.queue("user1") == []
 
@@ -267,3 +275,16 @@ async def test_queue_max_keeps_the_newest_and_queue_ttl_expires(messenger):
     await eventually(lambda: rm.redis.command("TTL", "rm:users:user1:messages") > 0)
     await eventually(lambda: [e["payload"] for e in rm.queue("user1")] == ["2", "3", "4"])
     assert 0 < rm.redis.command("TTL", "rm:users:user1:messages") <= 100
+
+
+@aiotest
+async def test_messages_larger_than_the_client_frame_limit_are_delivered(messenger):
+    """--max-frame limits what clients send, never what they receive."""
+    rm = await messenger(max_frame=1024)
+    big = "x" * 200_000
+    rm.publish("rm.users.user1", big)
+    await eventually(lambda: rm.queue("user1"))
+    user1 = await rm.user("user1")
+    rm.publish("rm.users.user1", big + "live")
+    stored, live = await user1.messages(2)
+    assert stored["payload"] == big and live["payload"] == big + "live"

@@ -74,12 +74,15 @@ async def still_served(rm, client, uid: str = BYSTANDER) -> None:
     assert message["payload"] == payload
 
 
-async def assert_refused(client, close_code: int, expected_error: dict) -> None:
+async def assert_refused(client, close_code: int, expected_error: dict, *,
+                         same_reason: bool = True) -> None:
     """The server's last words to ``client``: nothing but this error frame,
-    then this close code."""
-    frames, code, _ = await client.closed()
+    then this close code, which carries the error's reason (documented)."""
+    frames, code, reason = await client.closed()
     assert frames == [expected_error]
     assert code == close_code
+    if same_reason:
+        assert reason == expected_error["reason"]
 
 
 def assert_refusal_logged(events, client, code: str) -> None:
@@ -173,27 +176,17 @@ async def test_a_good_hello_is_welcomed(messenger, hello, uid, ack):
 
 
 @aiotest
-async def test_a_text_frame_that_is_not_utf8_closes_with_1007(messenger):
-    """Autobahn checks UTF-8 before the hello is parsed (RFC 6455: 1007)."""
+async def test_a_text_frame_that_is_not_utf8_is_closed_by_autobahn_with_1007(messenger):
+    """Documented: a frame that breaks the WebSocket protocol itself is left
+    to Autobahn, with no error frame; RFC 6455 says 1007 for bad UTF-8."""
     rm = await messenger()
     other = await bystander(rm)
     client = await rm.connect()
     await client.connection.send(b'{"id": "\xff"}', text=True)
-    _, code, _ = await client.closed()
-    assert code == 1007
+    frames, code, _ = await client.closed()
+    assert (frames, code) == ([], 1007)
     await still_served(rm, other)
-
-
-@pytest.mark.xfail(strict=True, reason="Autobahn fails the connection with 1007 before "
-                   "onMessage, so no error frame is sent, unlike every other refusal "
-                   "(frames.parse_hello's 'not valid UTF-8' branch is unreachable)")
-@aiotest
-async def test_a_text_frame_that_is_not_utf8_gets_an_error_frame(messenger):
-    rm = await messenger()
-    client = await rm.connect()
-    await client.connection.send(b'{"id": "\xff"}', text=True)
-    frames, _, _ = await client.closed()
-    assert frames and frames[-1]["type"] == "error"
+    await eventually(lambda: rm.dispatcher.sockets == 1)
 
 
 # -- 4001 unauthorized ----------------------------------------------------------
@@ -411,8 +404,19 @@ async def test_a_hello_over_max_frame_is_refused_with_1009(messenger, frame):
     other = await bystander(rm)
     client = await rm.connect()
     await client.send(frame)
-    await assert_refused(client, 1009, TOO_BIG)
+    await assert_refused(client, 1009, TOO_BIG, same_reason=False)
     await still_served(rm, other)
+
+
+@pytest.mark.xfail(strict=True, reason="the 1009 close frame carries Autobahn's reason "
+                   "('received WebSocket message size 2000 exceeds payload limit of 1024 "
+                   "octets'), not the error frame's, unlike the documented rule")
+@aiotest
+async def test_the_1009_close_carries_the_error_frames_reason(messenger):
+    rm = await messenger(max_frame=1024)
+    client = await rm.connect()
+    await client.send("x" * 2000)
+    await assert_refused(client, 1009, TOO_BIG)
 
 
 @aiotest
@@ -430,7 +434,7 @@ async def test_a_frame_over_max_frame_after_the_hello_is_refused_with_1009(messe
     other = await bystander(rm)
     client = await rm.user("user1", ack=ack)
     await client.send(json.dumps({"type": "ack", "tag": 0, "padding": "x" * 2000}))
-    await assert_refused(client, 1009, TOO_BIG)
+    await assert_refused(client, 1009, TOO_BIG, same_reason=False)
     await still_served(rm, other)
     await eventually(lambda: rm.dispatcher.sockets == 1)
 
@@ -440,14 +444,38 @@ async def test_a_frame_over_max_frame_after_the_hello_is_refused_with_1009(messe
 
 @aiotest
 async def test_one_socket_too_many_closes_the_oldest_with_4009(messenger):
-    rm = await messenger(max_sockets_per_user=1)
+    rm = await messenger(max_sockets_per_user=2)
     other = await bystander(rm)
+    oldest = await rm.user("user1")
+    middle = await rm.user("user1")
+    newest = await rm.user("user1")
+    await assert_refused(oldest, 4009, error(
+        "too_many_sockets", "more than 2 sockets for this user; this one was the oldest"))
+    rm.publish("rm.users.user1", "to both")
+    for client in (middle, newest):
+        assert [m["payload"] for m in await client.messages(1)] == ["to both"]
+    await still_served(rm, other)
+
+
+@pytest.mark.xfail(strict=True, reason="Dispatcher.attach: detaching the oldest (only) "
+                   "socket deletes the user's session, and the new socket is seated in "
+                   "that orphaned session: the user counts as offline, live messages are "
+                   "stored instead of sent, and detaching the socket raises KeyError")
+@aiotest
+async def test_with_one_socket_per_user_the_newest_socket_is_served(messenger):
+    rm = await messenger(max_sockets_per_user=1)
     oldest = await rm.user("user1")
     newest = await rm.user("user1")
     await assert_refused(oldest, 4009, error(
         "too_many_sockets", "more than 1 sockets for this user; this one was the oldest"))
-    await still_served(rm, newest, "user1")
-    await still_served(rm, other)
+    try:
+        assert rm.dispatcher.online("user1")
+        await still_served(rm, newest, "user1")
+    finally:
+        # Let the socket go before the fixture stops the service, which
+        # would otherwise trip over the same KeyError.
+        await newest.close()
+        await eventually(lambda: rm.dispatcher.sockets == 0)
 
 
 # -- 1013 redis_unavailable ----------------------------------------------------------
@@ -539,9 +567,10 @@ async def test_stopping_says_shutting_down_then_1001_to_every_client(messenger):
 
 @aiotest
 async def test_a_hello_during_the_stop_gets_no_welcome(private_redis):
-    # With Redis away the stop waits (shutdown_timeout) for pending writes:
-    # a window in which the service is stopping but connections are open.
-    rm = await start_service(private_redis, shutdown_timeout=0.5)
+    # With Redis away, the stop waits for Redis to take the pending writes:
+    # a window in which the service is stopping but its connections are open.
+    rm = await start_service(private_redis)
+    stopping = None
     try:
         client = await rm.connect()
         private_redis.stop()
@@ -550,6 +579,29 @@ async def test_a_hello_during_the_stop_gets_no_welcome(private_redis):
         await eventually(lambda: rm.dispatcher.stopping, what="the stop to begin")
         await client.send_json({"id": "late"})
         await assert_refused(client, 1001, SHUTTING_DOWN)
-        await stopping
     finally:
-        await rm.stop()
+        if not private_redis.running:
+            private_redis.start()
+        await (stopping or rm.stop())
+
+
+@pytest.mark.xfail(strict=True, reason="Dispatcher.stop returns a DeferredList that has "
+                   "fired and waits on the flush: cancelling it (addTimeout) does nothing, "
+                   "so shutdown_timeout never expires and the stop waits for Redis forever")
+@aiotest
+async def test_a_stop_gives_up_on_redis_after_the_shutdown_timeout(private_redis, log_events):
+    rm = await start_service(private_redis, shutdown_timeout=0.2)
+    client = await rm.user("user1")
+    private_redis.stop()
+    await eventually(lambda: not rm.service.redis.connected, what="Redis to be gone")
+    stopping = asyncio.ensure_future(rm.stop())
+    try:
+        # Documented: wait up to shutdown_timeout, log, then say goodbye.
+        await asyncio.wait([stopping], timeout=1.5)
+        assert stopping.done()
+        assert logged(log_events, "Redis did not take every pending write within 0.2 s")
+        await assert_refused(client, 1001, SHUTTING_DOWN)
+    finally:
+        if not private_redis.running:
+            private_redis.start()
+        await stopping

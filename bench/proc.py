@@ -1,0 +1,204 @@
+"""Processes the coordinator starts: spawned, watched through /proc, spoken
+to in JSON lines, and always stopped (SIGTERM, then SIGKILL after a
+deadline) and reaped."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+HOST = "127.0.0.1"
+POLL = 0.005
+#: Clock ticks per second, the unit of utime and stime in /proc/<pid>/stat.
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class BenchError(Exception):
+    """A scenario could not be run or measured (a deadline passed, a process
+    died, an answer was wrong)."""
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 the kernel just said was free."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def accepting(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rpartition(b")")[2].split()
+    # After the command name: state is field 3, utime 14 and stime 15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS), in bytes."""
+    found = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                name, value = line.split(":", 1)
+                found[name] = int(value.split()[0]) * 1024
+    return found
+
+
+def wait_until(check: Callable[[], object], what: str, timeout: float,
+               alive: Callable[[], None] | None = None, interval: float = POLL):
+    """Poll ``check`` until it returns something true, or fail after
+    ``timeout`` (or as soon as ``alive`` raises)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if alive is not None:
+            alive()
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Process:
+    """A child process with its output in a log file. With ``control``, its
+    stdin and stdout carry JSON lines: commands in, events out."""
+
+    def __init__(self, name: str, argv: Sequence[str], *, log_path: Path,
+                 env: dict[str, str] | None = None, cwd: Path | None = None,
+                 control: bool = False, cpus: set[int] | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self._buffer = b""
+        preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        with open(log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                self.argv, env=env, cwd=cwd,
+                stdin=subprocess.PIPE if control else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if control else log,
+                stderr=log, preexec_fn=preexec)
+        self.pid = self.popen.pid
+
+    # -- watching -----------------------------------------------------------
+
+    def alive(self) -> None:
+        """Raise if the process has exited."""
+        code = self.popen.poll()
+        if code is not None:
+            raise BenchError(f"{self.name} exited with status {code}; see {self.log_path}")
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def memory(self) -> dict[str, int]:
+        return memory(self.pid)
+
+    # -- JSON lines -------------------------------------------------------
+
+    def send(self, message: dict) -> None:
+        try:
+            self.popen.stdin.write(json.dumps(message).encode() + b"\n")
+            self.popen.stdin.flush()
+        except BrokenPipeError:
+            raise BenchError(f"{self.name} is gone; see {self.log_path}") from None
+
+    def receive(self, event: str, timeout: float) -> dict:
+        """The next message from the process, which must be ``event`` (an
+        ``error`` event raises with the process's own words)."""
+        deadline = time.monotonic() + timeout
+        stdout = self.popen.stdout
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"timed out after {timeout:g} s waiting for {self.name} "
+                                 f"to say {event!r}")
+            ready, _, _ = select.select([stdout], [], [], min(left, 0.5))
+            if ready:
+                chunk = os.read(stdout.fileno(), 1 << 20)
+                if not chunk:
+                    self.popen.wait(timeout=5)
+                    raise BenchError(f"{self.name} exited (status {self.popen.returncode}) "
+                                     f"before saying {event!r}; see {self.log_path}")
+                self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        message = json.loads(line)
+        if message.get("event") == "error":
+            raise BenchError(f"{self.name}: {message.get('error')}")
+        if message.get("event") != event:
+            raise BenchError(f"{self.name} said {message.get('event')!r}, expected {event!r}")
+        return message
+
+    def ready(self) -> bool:
+        """Whether a whole line is waiting to be received (no blocking)."""
+        if b"\n" in self._buffer:
+            return True
+        stdout = self.popen.stdout
+        while select.select([stdout], [], [], 0)[0]:
+            chunk = os.read(stdout.fileno(), 1 << 20)
+            if not chunk:
+                return True  # receive() will say that it exited
+            self._buffer += chunk
+            if b"\n" in self._buffer:
+                return True
+        return False
+
+    def call(self, message: dict, event: str, timeout: float) -> dict:
+        self.send(message)
+        return self.receive(event, timeout)
+
+    # -- stopping -----------------------------------------------------------
+
+    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM,
+             grace: float = 3.0) -> int | None:
+        """Stop it and reap it: a controlled process is first asked by the end
+        of its stdin (``grace`` seconds), then it gets ``sig``, and after
+        ``timeout`` more seconds SIGKILL. Returns its exit status."""
+        popen = self.popen
+        if popen.stdin is not None and not popen.stdin.closed:
+            try:
+                popen.stdin.close()
+            except OSError:
+                pass
+            try:
+                popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        if popen.poll() is None:
+            try:
+                popen.send_signal(sig)
+            except ProcessLookupError:
+                pass
+            try:
+                popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                print(f"  ! {self.name} (pid {self.pid}) did not stop within {timeout:g} s "
+                      "of a signal; killing it", file=sys.stderr)
+                popen.kill()
+                popen.wait(timeout=10)
+        if popen.stdout is not None:
+            popen.stdout.close()
+        return popen.returncode
+
+
+def sleep_until(deadline: float) -> None:
+    left = deadline - time.monotonic()
+    if left > 0:
+        time.sleep(left)

@@ -1,0 +1,410 @@
+"""What a run leaves behind: the table (results.txt), everything measured
+(results.json), the picture (results.png), and the targets judged."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from array import array
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+
+KiB, MiB = 1024, 1024 * 1024
+
+#: The bench's reading of "memory bounded for a 1,000,000-message queue":
+#: draining it must not raise RedMessenger's peak RSS by more than this.
+DRAIN_MEMORY_BOUND = 64 * MiB
+
+
+# --------------------------------------------------------------------------
+# The machine
+# --------------------------------------------------------------------------
+
+
+def machine_info(bench) -> dict:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for name in ("twisted", "autobahn", "txredisapi", "hiredis", "txaio", "matplotlib"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    import redmessenger
+    from redmessenger.redisserver import find_redis_server
+
+    try:
+        redis_version = subprocess.run([find_redis_server(), "--version"], capture_output=True,
+                                       text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        redis_version = f"unknown ({e})"
+    return {
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "pinning": ({"measured_process": sorted(bench.subject_cpus),
+                     "everything_else": sorted(bench.load_cpus)}
+                    if bench.subject_cpus else None),
+        "memory_total": _meminfo("MemTotal"),
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "python_executable": sys.executable,
+        "twistd": str(bench.twistd),
+        "redis_server": redis_version,
+        "packages": versions,
+        "redmessenger": {"version": redmessenger.__version__,
+                         "path": str(Path(redmessenger.__file__).resolve().parent),
+                         **_git(Path(redmessenger.__file__).resolve().parent)},
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def _meminfo(name: str) -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(name + ":"):
+                return int(line.split()[1]) * KiB
+    except OSError:
+        pass
+    return None
+
+
+def _git(where: Path) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode:
+            return {}
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=where,
+                               capture_output=True, text=True, timeout=10)
+        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+# --------------------------------------------------------------------------
+# Targets
+# --------------------------------------------------------------------------
+
+
+def _good(results: dict, name: str) -> dict | None:
+    found = results.get(name)
+    return found if found and not found.get("error") else None
+
+
+def _rate(results: dict, name: str) -> float | None:
+    found = _good(results, name)
+    return found["rate"] if found else None
+
+
+def limits(results: dict) -> dict:
+    """The one-process limit for live delivery: 1 / (1/receive + 1/send)."""
+    receive = _rate(results, "raw-recv")
+    found = {}
+    for users in (1, 100):
+        send = _rate(results, f"raw-send-{users}")
+        found[f"live-{users}"] = 1 / (1 / receive + 1 / send) if receive and send else None
+    return found
+
+
+def evaluate(results: dict) -> list[dict]:
+    """Each target of the issue that this run can judge."""
+    targets = []
+    limit = limits(results)
+
+    def add(scenario: str, what: str, measured: str, value: float | None, goal: str,
+            passed: bool | None, shown: str = "") -> None:
+        targets.append({"scenario": scenario, "target": what, "measured": measured,
+                        "value": value, "shown": shown, "goal": goal, "pass": passed})
+
+    for users in (1, 100):
+        name = f"live-{users}"
+        rate, top = _rate(results, name), limit[name]
+        if rate and top:
+            add(name, "rate / one-process limit", f"{rate:,.0f} / {top:,.0f} msg/s",
+                rate / top, ">= 60 %", rate / top >= 0.60, f"{rate / top * 100:.0f} %")
+    rate, send = _rate(results, "drain"), _rate(results, "raw-send-1")
+    if rate and send:
+        add("drain", "rate / raw Autobahn send rate", f"{rate:,.0f} / {send:,.0f} msg/s",
+            rate / send, ">= 60 %", rate / send >= 0.60, f"{rate / send * 100:.0f} %")
+    big = _good(results, "drain-1m")
+    if big:
+        add("drain-1m", f"peak RSS growth draining {big['sent']:,} messages",
+            f"{big['rss_growth'] / MiB:.1f} MiB", big["rss_growth"],
+            f"<= {DRAIN_MEMORY_BOUND / MiB:.0f} MiB", big["rss_growth"] <= DRAIN_MEMORY_BOUND)
+    rate = _rate(results, "store")
+    if rate:
+        add("store", "stores per second", f"{rate:,.0f} stores/s", rate, ">= 100,000",
+            rate >= 100_000)
+    found = _good(results, "latency")
+    if found:
+        add("latency", f"p99 at {found['requested_rate']:,} msg/s", f"{found['p99_ms']:.2f} ms",
+            found["p99_ms"], "<= 5 ms", found["p99_ms"] <= 5)
+        add("latency", f"p99.9 at {found['requested_rate']:,} msg/s",
+            f"{found['p99.9_ms']:.2f} ms", found["p99.9_ms"], "<= 20 ms",
+            found["p99.9_ms"] <= 20)
+    found = _good(results, "connections")
+    if found and found.get("rss_per_connection") is not None:
+        per = found["rss_per_connection"]
+        add("connections", "RSS per idle identified connection", f"{per / KiB:.1f} KiB", per,
+            "<= 20 KiB", per <= 20 * KiB)
+        add("connections", "connects+hellos per second", f"{found['rate']:,.0f} /s",
+            found["rate"], ">= 2,000", found["rate"] >= 2000)
+    rate, plain = _rate(results, "live-1-ack"), _rate(results, "live-1")
+    if rate and plain:
+        add("live-1-ack", "ack-mode time / plain time (live-1)",
+            f"{rate:,.0f} vs {plain:,.0f} msg/s", plain / rate, "<= 2x", plain / rate <= 2,
+            f"{plain / rate:.2f}x")
+    rate, plain = _rate(results, "drain-ack"), _rate(results, "drain")
+    if rate and plain:
+        add("drain-ack", "ack-mode time / plain time (drain)",
+            f"{rate:,.0f} vs {plain:,.0f} msg/s", plain / rate, "(no target)", None,
+            f"{plain / rate:.2f}x")
+    return targets
+
+
+# --------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------
+
+
+def _n(value, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _busiest_other(found: dict) -> str:
+    util = {name: value for name, value in (found.get("util") or {}).items()
+            if name != found.get("subject") and value is not None}
+    if not util:
+        return "-"
+    name = max(util, key=util.get)
+    return f"{name} {util[name] * 100:.0f} %"
+
+
+def table(document: dict) -> str:
+    results, machine = document["results"], document["machine"]
+    lines = [f"RedMessenger bench, {document['started']} ({document['mode']} sizes)",
+             f"{machine['cpu_model']}, {machine['cpus']} CPUs, Python {machine['python']}, "
+             f"Twisted {machine['packages']['twisted']}, Autobahn "
+             f"{machine['packages']['autobahn']}, txredisapi {machine['packages']['txredisapi']}"
+             f", hiredis {machine['packages']['hiredis']}; {machine['redis_server']}",
+             "RedMessenger {version} at {path}".format(**machine["redmessenger"])
+             + (f" (commit {machine['redmessenger']['commit'][:12]}"
+                + (", with changes" if machine["redmessenger"].get("dirty") else "") + ")"
+                if machine["redmessenger"].get("commit") else ""),
+             ("measured process pinned to CPU {measured_process}, everything else to "
+              "{everything_else}".format(**machine["pinning"]) if machine["pinning"]
+              else "no CPU pinning") + f"; load average at start {machine['loadavg']}",
+             ""]
+    head = ("scenario", "sent", "received", "ok", "seconds", "rate", "unit", "CPU s",
+            "CPU %", "µs/item", "busiest other")
+    rows = [head]
+    for found in results.values():
+        if found.get("error"):
+            rows.append((found["name"], "-", "-", "FAIL", "-", "-", "-", "-", "-", "-",
+                         found["error"][:60]))
+            continue
+        rows.append((found["name"], _n(found["sent"]), _n(found["received"]),
+                     "yes" if found["ok"] else "NO", _n(found["seconds"], 2),
+                     _n(found["rate"]), found["unit"], _n(found["subject_cpu"], 2),
+                     _n((found["subject_util"] or 0) * 100),
+                     _n(found["subject_us_per_item"], 1), _busiest_other(found)))
+    lines += _columns(rows)
+    lines.append("")
+    lines.append("CPU s, CPU % and µs/item are the measured process's (RedMessenger, or the "
+                 "baseline's server or subscriber);")
+    lines.append("CPU % near 100 means it was the bottleneck, as it should be.")
+    details = []
+    limit = document["limits"]
+    for name, value in limit.items():
+        if value:
+            details.append(f"one-process limit for {name}: {value:,.0f} msg/s "
+                           "(1 / (1/raw-recv + 1/raw-send))")
+    found = results.get("group")
+    if found and not found.get("error"):
+        details.append(f"group: {_n(found['deliveries_per_s'])} deliveries/s, "
+                       f"{_n(found['stores_per_s'])} stores/s ({found['messages']:,} messages "
+                       f"x {found['members']:,} members, {found['online']:,} online)")
+    found = results.get("latency")
+    if found and not found.get("error"):
+        details.append("latency: " + ", ".join(
+            f"p{label} {found[f'p{label}_ms']:.2f} ms" for label in ("50", "90", "99", "99.9"))
+            + f", max {found['max_ms']:.2f} ms over {found['samples']:,} messages at "
+            f"{found['requested_rate']:,}/s requested, {found['rate']:,.0f}/s achieved")
+    for name in ("drain", "drain-ack", "drain-1m"):
+        found = results.get(name)
+        if found and not found.get("error"):
+            details.append(f"{name}: RSS {found['rss_before'] / MiB:.1f} MiB before, peak "
+                           f"{found['rss_peak'] / MiB:.1f} MiB (+{found['rss_growth'] / MiB:.1f})")
+    found = results.get("connections")
+    if found and not found.get("error") and found.get("rss_per_connection") is not None:
+        details.append(f"connections: RSS {found['rss_before'] / MiB:.1f} -> "
+                       f"{found['rss_after'] / MiB:.1f} MiB for {found['received']:,} "
+                       f"connections, {found['rss_per_connection'] / KiB:.1f} KiB each")
+    if details:
+        lines += details + [""]
+    targets = document["targets"]
+    if targets:
+        rows = [("target", "scenario", "measured", "ratio", "goal", "result")]
+        for target in targets:
+            rows.append((target["target"], target["scenario"], target["measured"],
+                         target["shown"],
+                         target["goal"], {True: "met", False: "MISSED", None: "-"}[
+                             target["pass"]]))
+        lines += _columns(rows) + [""]
+    problems = [f"{found['name']}: {check}" for found in results.values()
+                for check in found.get("checks", [])]
+    if problems:
+        lines.append("Problems:")
+        lines += ["  " + problem for problem in problems]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _columns(rows: list[tuple]) -> list[str]:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    out = []
+    for index, row in enumerate(rows):
+        pairs = enumerate(zip(row, widths, strict=True))
+        cells = [str(cell).ljust(width) if i == 0 or not _numeric(str(cell))
+                 else str(cell).rjust(width) for i, (cell, width) in pairs]
+        out.append("  ".join(cells).rstrip())
+        if index == 0:
+            out.append("  ".join("-" * width for width in widths))
+    return out
+
+
+def _numeric(text: str) -> bool:
+    return bool(text) and (text[0].isdigit() or text == "-")
+
+
+# --------------------------------------------------------------------------
+# The picture
+# --------------------------------------------------------------------------
+
+
+def picture(document: dict, out: Path) -> str | None:
+    """results.png: the latency CDF and the throughput of each scenario.
+    Returns why not, if it could not be drawn."""
+    try:
+        import matplotlib
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no results.png"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = document["results"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(15, 6.5),
+                                         gridspec_kw={"width_ratios": [1, 1.3]})
+    found = results.get("latency")
+    samples_file = out / found["samples_file"] if found and found.get("samples_file") else None
+    if samples_file is not None and samples_file.exists():
+        samples = array("q")
+        samples.frombytes(samples_file.read_bytes())
+        ordered = sorted(value / 1e6 for value in samples)
+        count = len(ordered)
+        left.plot(ordered, [(i + 1) / count for i in range(count)], color="tab:blue")
+        left.set_xscale("log")
+        for label, colour in (("50", "tab:green"), ("99", "tab:orange"), ("99.9", "tab:red")):
+            value = found[f"p{label}_ms"]
+            left.axvline(value, color=colour, linestyle=":",
+                         label=f"p{label} {value:.2f} ms")
+        for goal in (5, 20):
+            left.axvline(goal, color="grey", linestyle="--", linewidth=0.8)
+        left.set_title(f"latency, PUBLISH to receipt: {found['requested_rate']:,} msg/s to "
+                       f"{found['users']} users (targets p99 5 ms, p99.9 20 ms, dashed)")
+        left.set_xlabel("milliseconds (log)")
+        left.set_ylabel("fraction of messages")
+        left.grid(True, which="both", alpha=0.3)
+        left.legend(loc="lower right")
+        left.title.set_fontsize(9)
+    else:
+        left.text(0.5, 0.5, "no latency scenario in this run", ha="center", va="center")
+        left.set_axis_off()
+    names, rates, colours = [], [], []
+    for found in results.values():
+        if found.get("error") or not found.get("rate"):
+            continue
+        names.append(f"{found['name']} ({found['unit']})")
+        rates.append(found["rate"])
+        colours.append("tab:grey" if found.get("kind") == "baseline"
+                       else "tab:blue" if found["ok"] else "tab:red")
+    if rates:
+        positions = range(len(rates))
+        right.barh(positions, rates, color=colours)
+        right.set_yticks(list(positions), names)
+        right.invert_yaxis()
+        right.set_xscale("log")
+        for position, rate in zip(positions, rates, strict=True):
+            right.text(rate, position, f" {rate:,.0f}", va="center", fontsize=8)
+        for name, value in document["limits"].items():
+            if value:
+                right.axvline(value, color="tab:orange", linestyle="--", linewidth=0.8)
+                right.text(value, len(rates) - 0.5, f" limit {name}", rotation=90,
+                           fontsize=7, color="tab:orange", va="bottom")
+        right.set_title("throughput per scenario (grey: baselines; log scale)")
+        right.title.set_fontsize(9)
+        right.set_xlabel("per second")
+        right.grid(True, axis="x", which="both", alpha=0.3)
+    figure.suptitle(f"RedMessenger bench, {document['started']} ({document['mode']}), "
+                    f"{document['machine']['cpu_model']}, {document['machine']['cpus']} CPUs",
+                    fontsize=10)
+    figure.tight_layout()
+    figure.savefig(out / "results.png", dpi=110)
+    plt.close(figure)
+    return None
+
+
+# --------------------------------------------------------------------------
+# Profiles
+# --------------------------------------------------------------------------
+
+
+def summarize_profile(raw: Path, top: int = 25) -> str:
+    """py-spy's collapsed stacks as the functions with the most samples:
+    self (on top of the stack) and total (anywhere in it)."""
+    own: Counter = Counter()
+    total: Counter = Counter()
+    samples = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        count = int(count)
+        samples += count
+        frames = [frame.strip() for frame in stack.split(";")]
+        own[frames[-1]] += count
+        for frame in set(frames):
+            total[frame] += count
+    if not samples:
+        return "no samples\n"
+    lines = [f"{samples} samples of the RedMessenger process", "", "self %  function"]
+    lines += [f"{count * 100 / samples:6.1f}  {frame}" for frame, count in own.most_common(top)]
+    lines += ["", "total %  function"]
+    lines += [f"{count * 100 / samples:7.1f}  {frame}" for frame, count in total.most_common(top)]
+    return "\n".join(lines) + "\n"
+
+
+def write(document: dict, out: Path) -> list[str]:
+    """results.json, results.txt and results.png; notes for the console."""
+    notes = []
+    (out / "results.json").write_text(json.dumps(document, indent=2, default=str) + "\n")
+    text = table(document)
+    (out / "results.txt").write_text(text + "\n")
+    why = picture(document, out)
+    if why:
+        notes.append(why)
+    return notes

@@ -1,0 +1,63 @@
+"""What the bench publishes and expects back, shared by every process.
+
+A payload is ``<seq>:<stamp>:`` padded with ``x`` to a fixed size: ``seq``
+numbers the message (clients check order and checksums with it) and
+``stamp`` is ``time.monotonic_ns()`` when it was published (CLOCK_MONOTONIC
+is one clock for every process of the machine), or 0 when unused.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+PREFIX = "rm"
+#: Bytes of every payload, unless the command line says otherwise.
+PAYLOAD_SIZE = 64
+
+
+def payload(seq: int, stamp: int, size: int) -> bytes:
+    head = b"%d:%d:" % (seq, stamp)
+    return head + b"x" * (size - len(head)) if size > len(head) else head
+
+
+def seq_of(data: bytes) -> int:
+    return int(data[:data.index(b":")])
+
+
+def user_channel(uid: str) -> str:
+    return f"{PREFIX}.users.{uid}"
+
+
+def group_channel(gid: str) -> str:
+    return f"{PREFIX}.groups.{gid}"
+
+
+def queue_key(uid: str) -> str:
+    return f"{PREFIX}:users:{uid}:messages"
+
+
+def members_key(gid: str) -> str:
+    return f"{PREFIX}:groups:{gid}:members"
+
+
+def envelope(message_id: str, source: str, timestamp: int, data: bytes) -> bytes:
+    """A stored message exactly as RedMessenger writes one (docs/protocol.rst)."""
+    return json.dumps({"id": message_id, "source": source, "timestamp": timestamp,
+                       "payload": data.decode()},
+                      separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def emit(message: dict) -> None:
+    """One event for the coordinator, as a JSON line on stdout."""
+    sys.stdout.write(json.dumps(message, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+#: A stored envelope, as ``envelope()`` makes it, for ASCII payloads: the
+#: fast way to fill a queue with a million of them.
+ENVELOPE = b'{"id":"%s-%x","source":"%s","timestamp":%d,"payload":"%s"}'
+
+#: RedMessenger's live message frame (redmessenger/envelope.py), field for field.
+FRAME = (b'{"type":"message","id":"%s-%x","source":"%s","timestamp":%d,'
+         b'"payload":"%s","bubble":true,"queued":false}')
