@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import report
+from . import report, wire
 from .runner import BENCH_DIR, FULL, SCENARIOS, SMOKE, Bench, sizes_dict, with_needs
 
 
@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     document = {"started": started, "mode": "smoke" if args.smoke else "full",
                 "scale": args.scale, "argv": sys.argv, "sizes": sizes_dict(sizes),
                 "rm_args": args.rm_arg, "machine": report.machine_info(bench)}
+    document["notes"] = wire.product_mismatches()
+    for note in document["notes"]:
+        print("warning: " + note, file=sys.stderr)
     print(f"RedMessenger bench: {', '.join(args.names)}; results in {out}")
     began = time.monotonic()
     try:

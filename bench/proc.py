@@ -50,6 +50,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def runqueue_seconds(pid: int) -> float:
+    """How long the process's threads have waited for a CPU while runnable
+    (/proc/<pid>/task/*/schedstat): time other processes took from it."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / 1e9
+
+
 def memory(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak RSS), in bytes."""
     found = {}
@@ -107,6 +120,9 @@ class Process:
 
     def cpu(self) -> float:
         return cpu_seconds(self.pid)
+
+    def waited(self) -> float:
+        return runqueue_seconds(self.pid)
 
     def memory(self) -> dict[str, int]:
         return memory(self.pid)

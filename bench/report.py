@@ -210,23 +210,27 @@ def table(document: dict) -> str:
               else "no CPU pinning") + f"; load average at start {machine['loadavg']}",
              ""]
     head = ("scenario", "sent", "received", "ok", "seconds", "rate", "unit", "CPU s",
-            "CPU %", "µs/item", "busiest other")
+            "CPU %", "stolen %", "µs/item", "busiest other")
     rows = [head]
     for found in results.values():
         if found.get("error"):
-            rows.append((found["name"], "-", "-", "FAIL", "-", "-", "-", "-", "-", "-",
+            rows.append((found["name"], "-", "-", "FAIL", "-", "-", "-", "-", "-", "-", "-",
                          found["error"][:60]))
             continue
         rows.append((found["name"], _n(found["sent"]), _n(found["received"]),
                      "yes" if found["ok"] else "NO", _n(found["seconds"], 2),
                      _n(found["rate"]), found["unit"], _n(found["subject_cpu"], 2),
                      _n((found["subject_util"] or 0) * 100),
+                     _n((found["subject_stolen"] or 0) * 100),
                      _n(found["subject_us_per_item"], 1), _busiest_other(found)))
     lines += _columns(rows)
     lines.append("")
     lines.append("CPU s, CPU % and µs/item are the measured process's (RedMessenger, or the "
                  "baseline's server or subscriber);")
-    lines.append("CPU % near 100 means it was the bottleneck, as it should be.")
+    lines.append("CPU % near 100 means it was the bottleneck, as it should be; stolen % is the "
+                 "share of the time it")
+    lines.append("was ready to run but another process (of this run or not) had its CPU: "
+                 "high means a busy machine.")
     details = []
     limit = document["limits"]
     for name, value in limit.items():
@@ -267,6 +271,7 @@ def table(document: dict) -> str:
         lines += _columns(rows) + [""]
     problems = [f"{found['name']}: {check}" for found in results.values()
                 for check in found.get("checks", [])]
+    problems += document.get("notes", [])
     if problems:
         lines.append("Problems:")
         lines += ["  " + problem for problem in problems]
@@ -296,6 +301,22 @@ def _numeric(text: str) -> bool:
 # --------------------------------------------------------------------------
 
 
+def bar_goals(document: dict) -> dict[str, float]:
+    """The rate each throughput target asks of a scenario, in this run."""
+    results, limit = document["results"], document["limits"]
+    goals = {"store": 100_000.0, "connections": 2_000.0}
+    for name in ("live-1", "live-100"):
+        if limit.get(name):
+            goals[name] = 0.6 * limit[name]
+    send = _rate(results, "raw-send-1")
+    if send:
+        goals["drain"] = 0.6 * send
+    plain = _rate(results, "live-1")
+    if plain:
+        goals["live-1-ack"] = plain / 2
+    return goals
+
+
 def picture(document: dict, out: Path) -> str | None:
     """results.png: the latency CDF and the throughput of each scenario.
     Returns why not, if it could not be drawn."""
@@ -305,6 +326,7 @@ def picture(document: dict, out: Path) -> str | None:
         return "matplotlib is not installed (pip install matplotlib): no results.png"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     results = document["results"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(15, 6.5),
@@ -316,30 +338,39 @@ def picture(document: dict, out: Path) -> str | None:
         samples.frombytes(samples_file.read_bytes())
         ordered = sorted(value / 1e6 for value in samples)
         count = len(ordered)
-        left.plot(ordered, [(i + 1) / count for i in range(count)], color="tab:blue")
+        # A logit y axis spreads out the tail: 0.5, 0.9, 0.99, 0.999 are
+        # equally far apart.
+        left.plot(ordered, [(i + 0.5) / count for i in range(count)], color="tab:blue")
         left.set_xscale("log")
+        left.set_yscale("logit")
+        levels = [level for level in (0.01, 0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
+                  if 1 / count <= level <= 1 - 1 / count]
+        left.set_yticks(levels, [f"{level * 100:g} %" for level in levels])
+        left.yaxis.set_minor_locator(NullLocator())
         for label, colour in (("50", "tab:green"), ("99", "tab:orange"), ("99.9", "tab:red")):
             value = found[f"p{label}_ms"]
             left.axvline(value, color=colour, linestyle=":",
                          label=f"p{label} {value:.2f} ms")
-        for goal in (5, 20):
-            left.axvline(goal, color="grey", linestyle="--", linewidth=0.8)
+        for goal, level in ((5, 0.99), (20, 0.999)):
+            left.plot([goal], [level], marker="x", color="black", markersize=9)
         left.set_title(f"latency, PUBLISH to receipt: {found['requested_rate']:,} msg/s to "
-                       f"{found['users']} users (targets p99 5 ms, p99.9 20 ms, dashed)")
+                       f"{found['users']} users (x: targets p99 5 ms, p99.9 20 ms)")
         left.set_xlabel("milliseconds (log)")
-        left.set_ylabel("fraction of messages")
+        left.set_ylabel("fraction of messages received within (logit)")
         left.grid(True, which="both", alpha=0.3)
         left.legend(loc="lower right")
         left.title.set_fontsize(9)
     else:
         left.text(0.5, 0.5, "no latency scenario in this run", ha="center", va="center")
         left.set_axis_off()
-    names, rates, colours = [], [], []
+    goals = bar_goals(document)
+    names, rates, colours, marks = [], [], [], []
     for found in results.values():
         if found.get("error") or not found.get("rate"):
             continue
         names.append(f"{found['name']} ({found['unit']})")
         rates.append(found["rate"])
+        marks.append(goals.get(found["name"]))
         colours.append("tab:grey" if found.get("kind") == "baseline"
                        else "tab:blue" if found["ok"] else "tab:red")
     if rates:
@@ -348,14 +379,13 @@ def picture(document: dict, out: Path) -> str | None:
         right.set_yticks(list(positions), names)
         right.invert_yaxis()
         right.set_xscale("log")
-        for position, rate in zip(positions, rates, strict=True):
+        for position, rate, mark in zip(positions, rates, marks, strict=True):
             right.text(rate, position, f" {rate:,.0f}", va="center", fontsize=8)
-        for name, value in document["limits"].items():
-            if value:
-                right.axvline(value, color="tab:orange", linestyle="--", linewidth=0.8)
-                right.text(value, len(rates) - 0.5, f" limit {name}", rotation=90,
-                           fontsize=7, color="tab:orange", va="bottom")
-        right.set_title("throughput per scenario (grey: baselines; log scale)")
+            if mark:
+                right.plot([mark, mark], [position - 0.42, position + 0.42], color="black",
+                           linewidth=2)
+        right.set_title("throughput per scenario (grey: baselines; black bar: the target's "
+                        "rate; log scale)")
         right.title.set_fontsize(9)
         right.set_xlabel("per second")
         right.grid(True, axis="x", which="both", alpha=0.3)

@@ -88,7 +88,9 @@ class Stage:
         self.bench = bench
         self.name = name
         self.processes: list[Process] = []
-        self.work = Path(tempfile.mkdtemp(prefix=f"rm-bench-{name}-"))
+        # Every process of the stage runs here (redis-server keeps its files
+        # here too), so a leftover would be easy to find; removed at the end.
+        self.work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=bench.work))
         self.redis_port = 0
         self.redis: Redis | None = None
         self.rm: Process | None = None
@@ -111,7 +113,7 @@ class Stage:
     def _spawn(self, name: str, argv: list[str], *, control: bool = False,
                subject: bool = False, cwd: Path | None = None) -> Process:
         process = Process(name, argv, log_path=self.bench.logs / f"{self.name}.{name}.log",
-                          env=self.bench.env, cwd=cwd, control=control,
+                          env=self.bench.env, cwd=cwd or self.work, control=control,
                           cpus=self.bench.subject_cpus if subject else None)
         self.processes.append(process)
         return process
@@ -147,7 +149,7 @@ class Stage:
                 "--port", f"tcp:{self.rm_port}:interface={HOST}",
                 "--redis", f"redis://{HOST}:{self.redis_port}", "--auth", "off",
                 *self.bench.rm_args, *extra]
-        self.rm = self._spawn("redmessenger", argv, subject=True, cwd=self.work)
+        self.rm = self._spawn("redmessenger", argv, subject=True)
         wait_until(lambda: accepting(self.rm_port), "RedMessenger to listen",
                    START_TIMEOUT, self.rm.alive)
         wait_until(lambda: self.redis.command("PUBSUB", "NUMPAT") >= 2,
@@ -170,14 +172,16 @@ class Stage:
         return publisher
 
     def snapshot(self) -> dict:
-        """Now, and the CPU seconds of every live process so far."""
-        cpu = {}
+        """Now, and the CPU seconds of every live process so far (and how
+        long each waited for a CPU while it could have run)."""
+        cpu, waited = {}, {}
         for process in self.processes:
             try:
                 cpu[process.name] = process.cpu()
+                waited[process.name] = process.waited()
             except OSError:
                 pass
-        return {"t": time.monotonic(), "cpu": cpu}
+        return {"t": time.monotonic(), "cpu": cpu, "waited": waited}
 
     # -- profiling ----------------------------------------------------------
 
@@ -290,8 +294,15 @@ def measure(snap0: dict, snap1: dict, seconds: float, subject: str) -> dict:
            for name, value in snap0["cpu"].items() if name in snap1["cpu"]}
     busy = {name: round(value / seconds, 3) if seconds > 0 else None
             for name, value in cpu.items()}
-    return {"cpu": cpu, "util": busy, "subject": subject,
-            "subject_cpu": cpu.get(subject), "subject_util": busy.get(subject)}
+    waited = {name: round(snap1["waited"][name] - value, 3)
+              for name, value in snap0["waited"].items() if name in snap1["waited"]}
+    wall = snap1["t"] - snap0["t"]
+    return {"cpu": cpu, "util": busy, "runqueue_wait": waited, "subject": subject,
+            "subject_cpu": cpu.get(subject), "subject_util": busy.get(subject),
+            # Of the measured process's time, the share it was runnable but
+            # another process had its CPU: a busy machine, not a slow program.
+            "subject_stolen": (round(waited[subject] / wall, 3)
+                               if subject in waited and wall > 0 else None)}
 
 
 def result(name: str, *, sent: int, received: int, checks: list[str], seconds: float,
@@ -736,6 +747,8 @@ class Bench:
         self.out = out
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.work = out / "work"
+        self.work.mkdir(exist_ok=True)
         self.sizes = sizes
         self.smoke = smoke
         self.settle = 0.05 if smoke else 0.2
@@ -766,6 +779,10 @@ class Bench:
                          wall=round(time.monotonic() - started, 2))
             self.results[name] = found
             say("               " + one_line(found))
+        try:
+            self.work.rmdir()
+        except OSError:
+            pass
         return self.results
 
 

@@ -61,3 +61,27 @@ ENVELOPE = b'{"id":"%s-%x","source":"%s","timestamp":%d,"payload":"%s"}'
 #: RedMessenger's live message frame (redmessenger/envelope.py), field for field.
 FRAME = (b'{"type":"message","id":"%s-%x","source":"%s","timestamp":%d,'
          b'"payload":"%s","bubble":true,"queued":false}')
+
+
+def product_mismatches() -> list[str]:
+    """Where RedMessenger's own envelope and frame have drifted from the
+    bench's templates (the raw baseline would then send other frames than
+    RedMessenger does, and filled queues would not be its envelopes)."""
+    from redmessenger.envelope import Envelope, MessageIds
+
+    boot, counter, timestamp = b"0123456789abcdef", 0x2A, 1795707550496
+    source = user_channel("bench-u-0").encode()
+    data = payload(7, 0, PAYLOAD_SIZE)
+    envelope = Envelope(f"{boot.decode()}-{counter:x}", source.decode(), timestamp, data)
+    found = []
+    if envelope.frame(True) != FRAME % (boot, counter, source, timestamp, data):
+        found.append("RedMessenger's live message frame differs from bench.wire.FRAME: "
+                     "update FRAME so that raw-send-* sends the same frames")
+    stored = ENVELOPE % (boot, counter, source, timestamp, data)
+    if envelope.stored() != stored:
+        found.append("RedMessenger's stored envelope differs from bench.wire.ENVELOPE: "
+                     "update ENVELOPE so that drain fills queues with real envelopes")
+    back = Envelope.from_stored(stored, source.decode(), MessageIds(), 0)
+    if back.id != envelope.id or back.payload != data:
+        found.append("RedMessenger does not read bench.wire.ENVELOPE as an envelope")
+    return found

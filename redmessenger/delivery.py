@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from .envelope import Envelope, MessageIds
 from .frames import Close
 from .keys import Namespace
+from .stats import Stats
 
 
 class Socket(Protocol):
@@ -110,14 +111,15 @@ class Dispatcher:
 
     def __init__(self, store: MessageStore, namespace: Namespace, *,
                  max_sockets_per_user: int = 8, drain_chunk: int = 500,
-                 trace: bool = False, now_ms: Callable[[], int] | None = None,
-                 ids: MessageIds | None = None) -> None:
+                 trace: bool = False, clock: Callable[[], float] = time.time,
+                 ids: MessageIds | None = None, stats: Stats | None = None) -> None:
         self._store = store
         self._ns = namespace
         self._max_sockets = max_sockets_per_user
         self._chunk = drain_chunk
         self._trace = trace
-        self._now_ms = now_ms or (lambda: int(time.time() * 1000))
+        self._clock = clock
+        self.stats = stats or Stats()
         self.ids = ids or MessageIds()
         self._sessions: dict[str, _Session] = {}
         self._seats: dict[Socket, _Seat] = {}
@@ -186,7 +188,7 @@ class Dispatcher:
                     self.log.info("{uid}: socket {peer} left {count} unacknowledged messages, "
                                   "sending them to the user's other sockets",
                                   uid=session.uid, peer=socket.peer, count=len(orphans))
-                self._hand_over(session, orphans)
+                self.stats.redelivered += self._hand_over(session, orphans)
         if not session.seats:
             self._store_waiting(session)
             if not session.draining:
@@ -205,6 +207,7 @@ class Dispatcher:
             outstanding = unacked.pop(first)
             outstanding.holders -= 1
             outstanding.done = True
+            self.stats.acked += 1
 
     # -- deliver or store ------------------------------------------------
 
@@ -212,6 +215,7 @@ class Dispatcher:
         """Send to every recipient online here; store for the others, in one
         Redis call for all of them."""
         offline = []
+        stats = self.stats
         for uid in uids:
             session = self._sessions.get(uid)
             if session is None or not session.seats:
@@ -220,10 +224,14 @@ class Dispatcher:
                 session.waiting.append(envelope)
             elif not self._send(session, envelope):
                 offline.append(uid)
-            elif self._trace:
-                self.log.debug("{uid}: Sending message {id} from {source}", uid=uid,
-                               id=envelope.id, source=envelope.source)
+            else:
+                stats.delivered_live += 1
+                stats.observe_latency(self._clock() - envelope.received)
+                if self._trace:
+                    self.log.debug("{uid}: Sending message {id} from {source}", uid=uid,
+                                   id=envelope.id, source=envelope.source)
         if offline:
+            stats.stored += len(offline)
             if self._trace:
                 for uid in offline:
                     self.log.debug("Client is not online, queueing message in Redis ({key})",
@@ -261,6 +269,7 @@ class Dispatcher:
                 f, id=envelope.id, uids=list(uids), envelope=envelope.stored().decode()))
 
     def _recommit(self, uid: str, envelopes: list[Envelope]) -> None:
+        self.stats.recommitted += len(envelopes)
         self.log.info("{uid}: Client is no longer online, recommitting {count} messages to "
                       "the head of {key}", uid=uid, count=len(envelopes), key=self._ns.queue(uid))
         d = self._store.requeue(uid, envelopes)
@@ -293,30 +302,34 @@ class Dispatcher:
             for seat in session.seats:
                 if not seat.started:
                     self._start(seat, session.remaining)
-            envelopes = session.returned + [
-                Envelope.from_stored(raw, self._ns.user_channel(uid), self.ids, self._now_ms())
+            returned = session.returned
+            envelopes = returned + [
+                Envelope.from_stored(raw, self._ns.user_channel(uid), self.ids,
+                                     int(self._clock() * 1000))
                 for raw in items]
             session.returned = []
-            handed_over = self._hand_over(session, envelopes)
+            sent = self._hand_over(session, envelopes)
+            self.stats.redelivered += min(sent, len(returned))
+            self.stats.drained += max(0, sent - len(returned))
             session.remaining = left
             if items:
                 self._store.release(uid).addErrback(
                     lambda f: self.log.failure("Could not release the drain claim of {uid}",
                                                f, uid=uid))
-            if not handed_over or not left:
+            if sent < len(envelopes) or not left:
                 return
 
-    def _hand_over(self, session: _Session, envelopes: list[Envelope]) -> bool:
-        """Send drained messages in order; if the user is gone, put the rest
-        back at the head of the queue and say so."""
+    def _hand_over(self, session: _Session, envelopes: list[Envelope]) -> int:
+        """Send stored or returned messages in order; if the user is gone, put
+        the rest back at the head of the queue. How many were sent."""
         for index, envelope in enumerate(envelopes):
             if not session.seats or not self._send(session, envelope):
                 self._recommit(session.uid, envelopes[index:])
-                return False
+                return index
             if self._trace:
                 self.log.debug("{uid}: Purging message {id} from {source}", uid=session.uid,
                                id=envelope.id, source=envelope.source)
-        return True
+        return len(envelopes)
 
     def _drain_done(self, result, session: _Session, d: defer.Deferred) -> None:
         self._drains.discard(d)
@@ -329,9 +342,10 @@ class Dispatcher:
                     self._start(seat, 0)
         if session.returned:
             returned, session.returned = session.returned, []
-            self._hand_over(session, returned)
+            self.stats.redelivered += self._hand_over(session, returned)
         waiting = session.waiting
         while waiting and session.seats and self._send(session, waiting[0]):
+            self.stats.delivered_live += 1
             waiting.popleft()
         self._store_waiting(session)
         if not session.seats:
@@ -344,6 +358,7 @@ class Dispatcher:
             return
         waiting = list(session.waiting)
         session.waiting.clear()
+        self.stats.stored += len(waiting)
         self.log.info("{uid}: Client is not online, queueing {count} messages in Redis ({key})",
                       uid=session.uid, count=len(waiting), key=self._ns.queue(session.uid))
         for envelope in waiting:

@@ -31,6 +31,9 @@ class Envelope:
     payload: bytes
     #: Whether this one came out of the stored queue.
     queued: bool = False
+    #: When this process received it (``time.time()``), for the latency
+    #: metric; 0 for one read back from a queue.
+    received: float = 0.0
     _frames: dict = field(default_factory=dict, repr=False)
 
     def _payload_fields(self) -> dict:

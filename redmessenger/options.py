@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import re
 import socket
 from pathlib import Path
@@ -17,7 +18,14 @@ from .store import MAX_TAKE
 _DEFAULTS = Settings()
 
 
+def _env_name(option: str) -> str:
+    return "REDMESSENGER_" + option.upper().replace("-", "_")
+
+
 class Options(usage.Options):
+    """Each option also reads ``REDMESSENGER_<NAME>`` (``--queue-max``:
+    ``REDMESSENGER_QUEUE_MAX``); the command line wins."""
+
     synopsis = "[options]"
     longdesc = ("Deliver every Redis PUBLISH on <prefix>.users.<uid> and <prefix>.groups.<gid> "
                 "to the users' WebSockets, storing it in Redis while a user is offline. With "
@@ -55,7 +63,27 @@ class Options(usage.Options):
          f"Stored messages taken per Redis round trip while draining (1..{MAX_TAKE})."],
         ["shutdown-timeout", None, f"{_DEFAULTS.shutdown_timeout:g}",
          "Seconds a stop waits for Redis to take every pending write."],
+        ["allowed-origins", None, ",".join(_DEFAULTS.allowed_origins),
+         "Comma-separated web origins allowed to open a WebSocket (* wildcards), "
+         "e.g. https://app.example.com; others get 403."],
+        ["log-format", None, "text", "text (human-readable) or json (one object per line)."],
     ]
+
+    optFlags = [[long, short, f"{doc} [env: {_env_name(long)}]"]
+                for long, short, doc in optFlags]
+    optParameters = [[long, short, default, f"{doc} [env: {_env_name(long)}]"]
+                     for long, short, default, doc in optParameters]
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Every option can come from the environment; the command line wins.
+        for long, *_ in self.optParameters:
+            value = os.environ.get(_env_name(long))
+            if value is not None:
+                self[long] = value
+        for long, *_ in self.optFlags:
+            if os.environ.get(_env_name(long), "").lower() in ("1", "true", "yes", "on"):
+                self[long] = 1
 
     def postOptions(self) -> None:
         try:
@@ -79,9 +107,16 @@ class Options(usage.Options):
             max_frame=_number(self, "max-frame", int, 64),
             drain_chunk=_number(self, "drain-chunk", int, 1, MAX_TAKE),
             shutdown_timeout=_number(self, "shutdown-timeout", float, 0),
-            verbose=bool(self["verbose"]))
+            verbose=bool(self["verbose"]),
+            allowed_origins=tuple(o.strip() for o in self["allowed-origins"].split(",")
+                                  if o.strip()) or ("*",))
         if not self.settings.prefix or any(c.isspace() for c in self.settings.prefix):
             raise usage.UsageError("--prefix must be non-empty, without spaces")
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError("--log-format must be text or json")
+        if self["log-format"] == "json" and self.parent is not None:
+            # twistd builds its log observer after parsing: hand it ours.
+            self.parent["logger"] = "redmessenger.logs.json_observer"
         if redis is None:
             _check_embedded(self.settings.embedded_port)
         _check_listen(self.settings.listen_description)

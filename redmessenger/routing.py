@@ -40,18 +40,22 @@ class Router:
     log = Logger()
 
     def __init__(self, dispatcher: Dispatcher, groups: Groups, namespace: Namespace, *,
-                 trace: bool = False, now_ms: Callable[[], int] | None = None) -> None:
+                 trace: bool = False, clock: Callable[[], float] = time.time) -> None:
         self._dispatcher = dispatcher
         self._groups = groups
         self._ns = namespace
         self._trace = trace
-        self._now_ms = now_ms or (lambda: int(time.time() * 1000))
+        self._clock = clock
         self._waiting: deque[_Pending] = deque()
-        #: Messages received from Redis.
-        self.received = 0
+        self._stats = dispatcher.stats
+
+    @property
+    def received(self) -> int:
+        """Messages received from Redis."""
+        return self._stats.received
 
     def received_message(self, channel: bytes, payload: bytes) -> None:
-        self.received += 1
+        self._stats.received += 1
         try:
             name = channel.decode("utf-8")
         except UnicodeDecodeError:
@@ -64,7 +68,8 @@ class Router:
             return
         if self._trace:
             self.log.debug("New message from channel {channel}", channel=name)
-        envelope = Envelope(self._dispatcher.ids(), name, self._now_ms(), payload)
+        now = self._clock()
+        envelope = Envelope(self._dispatcher.ids(), name, int(now * 1000), payload, received=now)
         kind, ident = target
         if kind == "users":
             if not self._waiting:

@@ -23,6 +23,7 @@ from .routing import Router
 from .settings import AuthMode, RedisAddress, Settings
 from .store import SCRIPTS, RedisStore
 from .subscriber import Subscriber
+from .web import make_site
 from .websocket import CLOSE_TIMEOUT, RedMessengerFactory
 
 
@@ -64,7 +65,8 @@ class RedMessengerService(MultiService):
         self.factory = RedMessengerFactory(
             self.dispatcher, self.store, namespace, auth=settings.auth,
             hello_timeout=settings.hello_timeout, max_frame=settings.max_frame,
-            reactor=reactor, server=f"RedMessenger/{__version__}")
+            allowed_origins=settings.allowed_origins, reactor=reactor,
+            server=f"RedMessenger/{__version__}")
         for name, child in (("embedded-redis", self.embedded), ("redis", self.redis),
                             ("subscriber", self.subscriber)):
             if child is not None:
@@ -100,6 +102,9 @@ class RedMessengerService(MultiService):
         Service.startService(self)
         if self.settings.auth is AuthMode.OFF:
             self.log.warn("--auth off: any client may claim any user id. Development only!")
+            if self.settings.allowed_origins == ("*",):
+                self.log.warn("--auth off and any origin allowed: any web page a user visits "
+                              "can open a socket as any user. Set --allowed-origins.")
         if self.embedded is not None:
             self.embedded.startService()
             started = self.embedded.whenReady()
@@ -114,7 +119,7 @@ class RedMessengerService(MultiService):
         self.redis.startService()
         self.subscriber.startService()
         endpoint = serverFromString(self.reactor, self.settings.listen_description)
-        return endpoint.listen(self.factory).addCallback(self._listening)
+        return endpoint.listen(make_site(self)).addCallback(self._listening)
 
     def _listening(self, port):
         self.port = port

@@ -102,6 +102,8 @@ class Settings:
     shutdown_timeout: float = 10.0
     #: Log every message's way (debug level), as the original project did.
     verbose: bool = False
+    #: Web origins allowed to open a WebSocket (patterns, ``*`` wildcards).
+    allowed_origins: tuple[str, ...] = ("*",)
 
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)

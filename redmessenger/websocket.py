@@ -7,9 +7,14 @@ says why (docs/protocol.rst).
 
 from __future__ import annotations
 
+import fnmatch
 import hmac
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import (
+    ConnectionDeny,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -52,6 +57,7 @@ class RedMessengerProtocol(WebSocketServerProtocol):
     def close(self, code: int, error: str, reason: str) -> None:
         if self.state != self.STATE_OPEN:
             return
+        self.factory.dispatcher.stats.closed_by_code[code] += 1
         self._log.info("Closing {peer} ({uid}) with {code}: {reason}", peer=self.peer,
                       uid=self.uid or self._claimed_id(), code=code, reason=reason)
         self.sendMessage(frames.error(error, reason))
@@ -59,6 +65,16 @@ class RedMessengerProtocol(WebSocketServerProtocol):
         self.sendCloseFrame(code, reason.encode("utf-8")[:123])
 
     # -- Autobahn's callbacks ------------------------------------------------
+
+    def onConnect(self, request) -> None:
+        # A page from elsewhere must not open a socket with the user's
+        # cookies. Clients that send no Origin (not browsers) are not pages.
+        origin = request.headers.get("origin")
+        if origin is not None and not self.factory.origin_allowed(origin):
+            self._log.warn("Refusing {peer}: origin {origin} is not allowed", peer=self.peer,
+                           origin=origin)
+            self.factory.dispatcher.stats.closed_by_code[403] += 1
+            raise ConnectionDeny(403, f"origin {origin} is not allowed")
 
     def onOpen(self) -> None:
         self.factory.connections.add(self)
@@ -162,8 +178,8 @@ class RedMessengerFactory(WebSocketServerFactory):
     noisy = False
 
     def __init__(self, dispatcher: Dispatcher, store, namespace: Namespace, *,
-                 auth: AuthMode, hello_timeout: float, max_frame: int, reactor,
-                 server: str) -> None:
+                 auth: AuthMode, hello_timeout: float, max_frame: int,
+                 allowed_origins: tuple[str, ...] = ("*",), reactor, server: str) -> None:
         super().__init__(server=server)
         self.dispatcher = dispatcher
         self.store = store
@@ -178,7 +194,12 @@ class RedMessengerFactory(WebSocketServerFactory):
         # is reset (Autobahn's 1 s can cut off a busy client's error frame).
         self.max_frame = max_frame
         self.setProtocolOptions(maxFramePayloadSize=max_frame, maxMessagePayloadSize=0,
-                                failByDrop=False, closeHandshakeTimeout=CLOSE_TIMEOUT)
+                                failByDrop=False, closeHandshakeTimeout=CLOSE_TIMEOUT,
+                                allowNullOrigin=True)  # origins are checked in onConnect
+        self.allowed_origins = allowed_origins
+
+    def origin_allowed(self, origin: str) -> bool:
+        return any(fnmatch.fnmatchcase(origin, pattern) for pattern in self.allowed_origins)
 
     def authenticate(self, hello: Hello) -> defer.Deferred:
         """Fires when the hello's key is good; fails with a 4001 refusal, or

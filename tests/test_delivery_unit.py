@@ -86,7 +86,7 @@ class Sock:
 def make(chunk: int = 2):
     queues = Queues()
     dispatcher = Dispatcher(queues, Namespace(), drain_chunk=chunk, max_sockets_per_user=2,
-                            now_ms=lambda: 1)
+                            clock=lambda: 0.001)
     count = iter(range(1, 10_000))
 
     def publish(payload: str, *uids: str) -> None:

@@ -11,15 +11,16 @@ last example is checked by the fixture's teardown.
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from harness import Client, RunningService, aiotest, eventually, run, start_service, tw
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from harness import Client, RunningService, aiotest, eventually, run, start_service
 from redmessenger.settings import AuthMode
 
 MAX_FRAME = 512
@@ -27,7 +28,7 @@ KEYED, KEY = "keyed", "secret"
 CONTROL = "control-7f3a"
 #: Every example of every fuzz test together stays well under half a minute.
 #: (No example database: nothing is written to the work tree.)
-FUZZ = settings(max_examples=80, deadline=None, database=None,
+FUZZ = settings(max_examples=100, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 #: How often (in examples) the control user is checked along the way.
 CHECK_EVERY = 10
@@ -41,11 +42,14 @@ DOCUMENTED = {4000: "bad_hello", 4001: "unauthorized", 4002: "bad_frame",
 class Fuzzed:
     rm: RunningService
     control: Client
-    examples: int = 0
-    outcomes: dict = field(default_factory=dict)
+    #: Examples begun and examples that passed: equal unless one failed.
+    started: int = 0
+    passed: int = 0
+    outcomes: set = field(default_factory=set)
     marks: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     async def control_still_served(self) -> None:
+        """A message published now is the very next frame the control user gets."""
         payload = f"control #{next(self.marks)}"
         self.rm.publish(f"rm.users.{CONTROL}", payload)
         [message] = await self.control.messages(1)
@@ -57,11 +61,36 @@ class Fuzzed:
                          and len(rm.service.factory.connections) == 1,
                          what="the server to let go of the fuzz clients")
 
-    async def example_done(self) -> None:
-        self.examples += 1
+    @contextlib.asynccontextmanager
+    async def example(self):
+        """One example: starts from a clean server, even after a failed one
+        (so that shrinking stays fast and honest), and leaves it clean."""
+        clean = self.started == self.passed
+        self.started += 1
         await self.only_control_left()
-        if self.examples % CHECK_EVERY == 1:
+        if not clean:
+            await self.resync()
+        clients: list[Client] = []
+        try:
+            yield clients
+        finally:
+            for client in clients:
+                client.abort()
+        await self.only_control_left()
+        if self.passed % CHECK_EVERY == 0:
             await self.control_still_served()
+        self.passed += 1
+
+    async def resync(self) -> None:
+        """After a failed example: skip whatever the control user was left,
+        and forget what the failed example's clients left stored."""
+        payload = f"resync #{next(self.marks)}"
+        self.rm.publish(f"rm.users.{CONTROL}", payload)
+        while (await self.control.recv()).get("payload") != payload:
+            pass
+        await tw(self.rm.service.store.flushed())
+        for key in self.rm.redis.command("KEYS", "rm:users:*:messages"):
+            self.rm.redis.command("DEL", key)
 
 
 @pytest.fixture
@@ -73,11 +102,12 @@ def fuzzed(redis):
     try:
         state = Fuzzed(rm, run(rm.user(CONTROL)))
         yield state
-        assert state.examples >= FUZZ.max_examples, state.examples
-        if state.outcomes:  # the hello test: it did try each way
-            assert {"welcome", ("refused", 4000), ("refused", 1003)} <= set(state.outcomes)
-        run(state.only_control_left())
-        run(state.control_still_served())
+        if state.started == state.passed:  # else the failure says it all
+            assert state.passed >= FUZZ.max_examples, state.passed
+            run(state.only_control_left())
+            run(state.control_still_served())
+            if state.outcomes:  # the hello test: it did try each way
+                assert {"welcome", ("refused", 4000), ("refused", 1003)} <= state.outcomes
     finally:
         run(rm.stop())
 
@@ -90,14 +120,16 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                   max_size=4),
     max_leaves=8)
-ids = st.one_of(st.text(max_size=20), st.sampled_from([KEYED, "user1", ""]),
+#: Ids as the docs allow them (printable, no whitespace), and others.
+good_ids = st.text(st.characters(exclude_categories=("C", "Z")), min_size=1, max_size=20)
+ids = st.one_of(good_ids, st.text(max_size=20), st.sampled_from([KEYED, "user1", ""]),
                 st.text(min_size=250, max_size=260), json_values)
 hello_docs = st.one_of(
     st.dictionaries(st.sampled_from(["id", "key", "ack"]) | st.text(max_size=8), json_values,
                     max_size=5),
     st.fixed_dictionaries({"id": ids}, optional={
         "key": st.none() | st.sampled_from([KEY, "wrong"]) | json_values,
-        "ack": st.booleans() | json_values}),
+        "ack": st.booleans() | st.booleans() | json_values}),
 )
 #: (kind, data): "text" and "json" go in text frames, "binary" in binary
 #: frames, and "raw" is bytes in a text frame (so possibly not UTF-8).
@@ -105,15 +137,20 @@ hellos = st.one_of(
     st.tuples(st.just("text"), st.text(max_size=600)),
     st.tuples(st.just("text"), st.builds(
         lambda uid, key: uid if key is None else f"{uid}:{key}",
-        st.text(max_size=20) | st.just(KEYED), st.none() | st.text(max_size=10) | st.just(KEY))),
+        good_ids | st.text(max_size=20) | st.just(KEYED),
+        st.none() | st.text(max_size=10) | st.just(KEY))),
     st.tuples(st.just("json"), hello_docs.map(json.dumps)),
+    st.tuples(st.just("json"), st.fixed_dictionaries(
+        {"id": good_ids, "ack": st.booleans()},
+        optional={"key": st.none() | st.text(max_size=10)}).map(json.dumps)),
     st.tuples(st.just("binary"), st.binary(max_size=600)),
     st.tuples(st.just("raw"), st.binary(max_size=40)),
 )
 ack_docs = st.fixed_dictionaries({"type": st.just("ack"),
                                   "tag": st.integers(-3, 50) | json_values})
 follow_ups = st.none() | st.one_of(
-    st.tuples(st.just("json"), (ack_docs | hello_docs).map(json.dumps)),
+    st.tuples(st.just("json"), ack_docs.map(json.dumps)),
+    st.tuples(st.just("json"), (ack_docs | hello_docs | json_values).map(json.dumps)),
     st.tuples(st.just("text"), st.text(max_size=600)),
     st.tuples(st.just("binary"), st.binary(max_size=40)),
 )
@@ -156,7 +193,7 @@ def expected_hello(kind: str, data) -> tuple:
         return ("refused", 4000)
     if uid == KEYED and key != KEY:
         return ("refused", 4001)
-    return ("welcome", uid, False)
+    return ("welcome", uid, ack)
 
 
 def expected_follow_up(kind: str, data, ack_mode: bool) -> int | None:
@@ -200,36 +237,45 @@ async def assert_documented_refusal(client: Client, code: int) -> None:
 async def test_any_hello_is_welcomed_or_refused_as_documented(fuzzed, hello, follow_up):
     rm = fuzzed.rm
     expected = expected_hello(*hello)
-    fuzzed.outcomes[expected[:2] if expected[0] != "welcome" else "welcome"] = True
-    client = await rm.connect()
-    await send(client, *hello)
-    if expected[0] == "refused":
-        await assert_documented_refusal(client, expected[1])
-    elif expected[0] == "autobahn":
-        # Documented: broken WebSocket framing is Autobahn's, with no error frame.
-        frames, code, _ = await client.closed()
-        assert (frames, code) == ([], 1007)
-    else:
-        _, uid, ack = expected
-        welcome = await client.recv()
-        assert welcome == {"type": "welcome", "id": uid, "channel": f"rm.users.{uid}",
-                           "queued": 0, "ack": ack}
-        refusal = None if follow_up is None else expected_follow_up(*follow_up, ack)
-        if follow_up is not None:
-            await send(client, *follow_up)
-        if refusal is not None:
-            await assert_documented_refusal(client, refusal)
+    outcome = expected[:2] if expected[0] != "welcome" else "welcome"
+    fuzzed.outcomes.add(outcome)
+    event(str(outcome))
+    async with fuzzed.example() as clients:
+        client = await rm.connect()
+        clients.append(client)
+        await send(client, *hello)
+        if expected[0] == "refused":
+            await assert_documented_refusal(client, expected[1])
+        elif expected[0] == "autobahn":
+            # Documented: broken WebSocket framing is Autobahn's, with no error frame.
+            frames, code, _ = await client.closed()
+            assert (frames, code) == ([], 1007)
         else:
-            # Still open, and nothing came before this message.
-            marker = f"marker #{next(fuzzed.marks)}"
-            assert rm.publish(f"rm.users.{uid}", marker) == 1
-            [message] = await client.messages(1)
-            assert message["payload"] == marker
-            if ack:
-                assert message["tag"] == 1
-                await client.ack(1)  # or it would go back to the user's queue
-            await client.close()
-    await fuzzed.example_done()
+            await welcomed_then(fuzzed, client, *expected[1:], follow_up)
+
+
+async def welcomed_then(fuzzed: Fuzzed, client: Client, uid: str, ack: bool,
+                        follow_up: tuple | None) -> None:
+    rm = fuzzed.rm
+    welcome = await client.recv()
+    assert welcome == {"type": "welcome", "id": uid, "channel": f"rm.users.{uid}",
+                       "queued": 0, "ack": ack}
+    refusal = None if follow_up is None else expected_follow_up(*follow_up, ack)
+    event(f"then {'nothing' if follow_up is None else refusal or 'a good ack'}")
+    if follow_up is not None:
+        await send(client, *follow_up)
+    if refusal is not None:
+        await assert_documented_refusal(client, refusal)
+        return
+    # Still open, and nothing came before this message.
+    marker = f"marker #{next(fuzzed.marks)}"
+    assert rm.publish(f"rm.users.{uid}", marker) == 1
+    [message] = await client.messages(1)
+    assert message["payload"] == marker
+    if ack:
+        assert message["tag"] == 1
+        await client.ack(1)  # or it would go back to the user's queue
+    await client.close()
 
 
 # -- what may be published -----------------------------------------------------
@@ -256,18 +302,18 @@ def payload_of(message: dict) -> bytes:
 @aiotest
 async def test_any_payload_reaches_an_online_user_once_intact_in_order(fuzzed, items):
     rm = fuzzed.rm
-    before = rm.service.router.received
-    for item in items:
-        assert rm.publish(f"rm.users.{CONTROL}", item) == 1
-    received = await fuzzed.control.messages(len(items))
-    assert [payload_of(m) for m in received] == items
-    assert all(m["source"] == f"rm.users.{CONTROL}" and not m["queued"] for m in received)
-    assert len({m["id"] for m in received}) == len(items)
-    # Exactly once: the next frame is the next message published.
-    await fuzzed.control_still_served()
-    assert rm.service.router.received - before == len(items) + 1
-    fuzzed.examples += 1
-    assert rm.queue(CONTROL) == []
+    async with fuzzed.example():
+        before = rm.service.router.received
+        for item in items:
+            assert rm.publish(f"rm.users.{CONTROL}", item) == 1
+        received = await fuzzed.control.messages(len(items))
+        assert [payload_of(m) for m in received] == items
+        assert all(m["source"] == f"rm.users.{CONTROL}" and not m["queued"] for m in received)
+        assert len({m["id"] for m in received}) == len(items)
+        # Exactly once: the next frame is the next message published.
+        await fuzzed.control_still_served()
+        assert rm.service.router.received - before == len(items) + 1
+        assert rm.queue(CONTROL) == []
 
 
 _offline_users = itertools.count(1)
@@ -280,20 +326,23 @@ async def test_any_payload_stored_for_an_offline_user_is_drained_once_intact_in_
         fuzzed, items):
     rm = fuzzed.rm
     uid = f"offline-{next(_offline_users)}"
-    for item in items:
-        assert rm.publish(f"rm.users.{uid}", item) == 1
-    await eventually(lambda: len(rm.queue(uid)) == len(items), what="every store")
-    client = await rm.user(uid)
-    assert client.welcome["queued"] == len(items)
-    drained = await client.messages(len(items))
-    assert [payload_of(m) for m in drained] == items
-    assert all(m["queued"] for m in drained)
-    assert len({m["id"] for m in drained}) == len(items)
-    # Exactly once: the next frame is the next message published.
-    marker = f"marker #{next(fuzzed.marks)}"
-    rm.publish(f"rm.users.{uid}", marker)
-    [live] = await client.messages(1)
-    assert live["payload"] == marker and not live["queued"]
-    assert rm.queue(uid) == []
-    await client.close()
-    await fuzzed.example_done()
+    async with fuzzed.example() as clients:
+        before = rm.service.router.received
+        for item in items:
+            assert rm.publish(f"rm.users.{uid}", item) == 1
+        await eventually(lambda: len(rm.queue(uid)) == len(items), what="every store")
+        client = await rm.user(uid)
+        clients.append(client)
+        assert client.welcome["queued"] == len(items)
+        drained = await client.messages(len(items))
+        assert [payload_of(m) for m in drained] == items
+        assert all(m["queued"] for m in drained)
+        assert len({m["id"] for m in drained}) == len(items)
+        # Exactly once: the next frame is the next message published.
+        marker = f"marker #{next(fuzzed.marks)}"
+        rm.publish(f"rm.users.{uid}", marker)
+        [live] = await client.messages(1)
+        assert live["payload"] == marker and not live["queued"]
+        assert rm.service.router.received - before == len(items) + 1
+        assert rm.queue(uid) == []
+        await client.close()

@@ -13,10 +13,10 @@ import itertools
 import json
 
 import pytest
+from harness import aiotest, eventually, start_service
 from twisted.logger import formatEvent, globalLogPublisher
 from websockets.frames import Frame, Opcode
 
-from harness import aiotest, eventually, start_service
 from redmessenger.settings import AuthMode
 
 ID_RULE = '"id" must be at most 256 printable characters without spaces'

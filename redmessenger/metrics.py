@@ -1,0 +1,73 @@
+"""``/metrics`` in Prometheus' text format, read from ``Stats`` at scrape
+time (one registry per service, so several can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.twisted import MetricsResource
+
+from .stats import LATENCY_BUCKETS
+
+_COUNTERS = (
+    ("messages_received", "received", "Messages received from Redis pub/sub"),
+    ("messages_delivered_live", "delivered_live", "Message deliveries to online users"),
+    ("messages_stored", "stored", "Messages stored for offline users (one per user)"),
+    ("messages_drained", "drained", "Stored messages sent to users who connected"),
+    ("messages_recommitted", "recommitted", "Undelivered messages put back into a queue"),
+    ("messages_acked", "acked", "Messages acknowledged by ack-mode clients"),
+    ("messages_redelivered", "redelivered",
+     "Unacknowledged messages sent again to another socket of the user"),
+)
+
+
+class _Collector:
+    def __init__(self, service) -> None:
+        self._service = service
+
+    def collect(self):
+        service = self._service
+        stats = service.dispatcher.stats
+        yield _gauge("connections", "Open WebSocket connections",
+                     len(service.factory.connections))
+        yield _gauge("users_online", "Users with at least one identified socket",
+                     service.dispatcher.users)
+        for name, attribute, doc in _COUNTERS:
+            yield CounterMetricFamily(f"redmessenger_{name}", doc, value=getattr(stats, attribute))
+        closed = CounterMetricFamily("redmessenger_sockets_closed",
+                                     "Sockets closed by RedMessenger, by close code",
+                                     labels=["code"])
+        for code, count in sorted(stats.closed_by_code.items()):
+            closed.add_metric([str(code)], count)
+        yield closed
+        reconnects = CounterMetricFamily("redmessenger_redis_reconnects",
+                                         "Redis connections re-established",
+                                         labels=["connection"])
+        reconnects.add_metric(["commands"], service.redis.reconnects)
+        reconnects.add_metric(["subscriber"], service.subscriber.reconnects)
+        yield reconnects
+        yield _gauge("redis_connected", "1 while the command connection is up",
+                     int(service.redis.connected))
+        yield _gauge("redis_subscribed", "1 while the pub/sub subscription is up",
+                     int(service.subscriber.subscribed))
+        yield _gauge("redis_pending_commands", "Redis commands not answered yet",
+                     service.redis.pending)
+        cumulative, buckets = 0, []
+        for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), stats.latency_counts,
+                                strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily(
+            "redmessenger_delivery_latency_seconds",
+            "From a PUBLISH reaching RedMessenger to its frame being written to a socket",
+            buckets=buckets, sum_value=stats.latency_sum)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"redmessenger_{name}", doc, value=value)
+
+
+def metrics_resource(service) -> MetricsResource:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(service))
+    return MetricsResource(registry=registry)

@@ -1,0 +1,1 @@
+// RedMessenger browser client: being written.

@@ -1,0 +1,92 @@
+"""HTTP beside the WebSocket, on the same port: ``/`` upgrades to the
+WebSocket (and otherwise shows a small demo page), ``/health`` says whether
+this process can deliver, ``/metrics`` speaks Prometheus, and
+``/client.js`` serves the browser client."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.web import pages
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from . import __version__
+
+
+class Health(Resource):
+    """200 when Redis is connected and subscribed, 503 otherwise, so a load
+    balancer sends users only where messages can reach them."""
+
+    isLeaf = True
+
+    def __init__(self, service) -> None:
+        super().__init__()
+        self._service = service
+
+    def render_GET(self, request) -> bytes:
+        service = self._service
+        connected = service.redis.connected
+        subscribed = service.subscriber.subscribed
+        ok = connected and subscribed
+        request.setResponseCode(200 if ok else 503)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps({
+            "status": "ok" if ok else "unavailable",
+            "redis": {"connected": connected, "subscribed": subscribed},
+            "connections": len(service.factory.connections),
+            "users_online": service.dispatcher.users,
+            "version": __version__,
+        }).encode()
+
+
+class Root(Resource):
+    """``/``: a WebSocket upgrade goes to RedMessenger, anything else gets
+    the demo page."""
+
+    def __init__(self, websocket: WebSocketResource, page: Resource) -> None:
+        super().__init__()
+        self._websocket = websocket
+        self._page = page
+
+    def getChild(self, path: bytes, request):
+        return self if path == b"" else pages.notFound()
+
+    def render(self, request):
+        if (request.getHeader(b"upgrade") or b"").lower() == b"websocket":
+            # The connection is the WebSocket's from now on: the HTTP idle
+            # timeout must not close it later.
+            request.channel.setTimeout(None)
+            return self._websocket.render(request)
+        return self._page.render(request)
+
+
+class Static(Resource):
+    """One file shipped in the package, read once."""
+
+    isLeaf = True
+
+    def __init__(self, name: str, content_type: str) -> None:
+        super().__init__()
+        self._data = resources.files(__package__).joinpath("static", name).read_bytes()
+        self._type = content_type.encode()
+
+    def render_GET(self, request) -> bytes:
+        request.setHeader(b"content-type", self._type)
+        return self._data
+
+
+def make_site(service) -> Site:
+    from .metrics import metrics_resource
+
+    root = Root(WebSocketResource(service.factory),
+                Static("index.html", "text/html; charset=utf-8"))
+    root.putChild(b"health", Health(service))
+    root.putChild(b"metrics", metrics_resource(service))
+    root.putChild(b"client.js", Static("redmessenger.js", "text/javascript; charset=utf-8"))
+    site = Site(root)
+    site.noisy = False
+    return site

