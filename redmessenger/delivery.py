@@ -147,16 +147,17 @@ class Dispatcher:
             socket.close(Close.GOING_AWAY, "shutting_down", "the server is shutting down")
             return
         session = self._sessions.get(socket.uid)
-        if session is None:
-            session = self._sessions[socket.uid] = _Session(socket.uid)
-        if len(session.seats) >= self._max_sockets:
+        if session is not None and len(session.seats) >= self._max_sockets:
             oldest = session.seats[0].socket
             self.log.info("{uid} has more than {max} sockets, closing the oldest ({peer})",
                           uid=socket.uid, max=self._max_sockets, peer=oldest.peer)
-            self.detach(oldest)
+            self.detach(oldest)  # which may end the session
             oldest.close(Close.TOO_MANY_SOCKETS, "too_many_sockets",
                          f"more than {self._max_sockets} sockets for this user; "
                          "this one was the oldest")
+            session = self._sessions.get(socket.uid)
+        if session is None:
+            session = self._sessions[socket.uid] = _Session(socket.uid)
         seat = self._seats[socket] = _Seat(socket)
         session.seats.append(seat)
         self.log.info("Assigning id {uid} to socket {peer}.", uid=socket.uid, peer=socket.peer)
@@ -371,8 +372,12 @@ class Dispatcher:
         self.stopping = True
         for socket in list(self._seats):
             self.detach(socket)
-        drains = list(self._drains)
-        return defer.DeferredList(drains).addCallback(lambda _: self._store.flushed())
+        # A plain Deferred, so a caller that stops waiting can cancel it
+        # (a DeferredList that has fired ignores cancel()).
+        done: defer.Deferred = defer.Deferred()
+        defer.DeferredList(list(self._drains)).addCallback(
+            lambda _: self._store.flushed()).chainDeferred(done)
+        return done
 
     def sockets_of(self, uid: str) -> list[Socket]:
         session = self._sessions.get(uid)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.twisted import MetricsResource
 
 from .stats import LATENCY_BUCKETS
 
@@ -67,7 +66,10 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"redmessenger_{name}", doc, value=value)
 
 
-def metrics_resource(service) -> MetricsResource:
+def metrics_resource(service):
+    # prometheus_client.twisted imports the global reactor: only once serving.
+    from prometheus_client.twisted import MetricsResource
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(service))
     return MetricsResource(registry=registry)

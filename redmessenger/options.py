@@ -48,7 +48,15 @@ class Options(usage.Options):
         ["prefix", None, _DEFAULTS.prefix, "Prefix of every channel and key."],
         ["auth", None, _DEFAULTS.auth.value,
          "required: the hello's key must match <prefix>:users:<uid>:key; optional: only "
-         "users with a stored key need one; off: no check (development only)."],
+         "users with a stored key need one; jwt: the key is a JWT (HS256/384/512, with "
+         "exp) whose sub is the id, signed with --jwt-secret; off: no check "
+         "(development only)."],
+        ["jwt-secret", None, None, "The HMAC secret of --auth jwt."],
+        ["max-connections", None, "0", "Open WebSockets in total (0: no limit; 4029 past it)."],
+        ["max-connections-per-address", None, "0",
+         "Open WebSockets per remote address (0: no limit; 4029 past it)."],
+        ["hello-rate", None, "0",
+         "Hellos per second per remote address, in bursts of as many (0: no limit; 4029)."],
         ["queue-ttl", None, str(_DEFAULTS.queue_ttl),
          "Seconds a user's stored queue lives after its last store (0: forever)."],
         ["queue-max", None, str(_DEFAULTS.queue_max),
@@ -89,7 +97,9 @@ class Options(usage.Options):
         try:
             auth = AuthMode(self["auth"])
         except ValueError:
-            raise usage.UsageError("--auth must be required, optional or off") from None
+            raise usage.UsageError("--auth must be required, optional, jwt or off") from None
+        if auth is AuthMode.JWT and not self["jwt-secret"]:
+            raise usage.UsageError("--auth jwt needs --jwt-secret")
         redis = None
         if self["redis"]:
             try:
@@ -107,7 +117,10 @@ class Options(usage.Options):
             max_frame=_number(self, "max-frame", int, 64),
             drain_chunk=_number(self, "drain-chunk", int, 1, MAX_TAKE),
             shutdown_timeout=_number(self, "shutdown-timeout", float, 0),
-            verbose=bool(self["verbose"]),
+            verbose=bool(self["verbose"]), jwt_secret=self["jwt-secret"],
+            max_connections=_number(self, "max-connections", int, 0),
+            max_connections_per_address=_number(self, "max-connections-per-address", int, 0),
+            hello_rate=_number(self, "hello-rate", float, 0),
             allowed_origins=tuple(o.strip() for o in self["allowed-origins"].split(",")
                                   if o.strip()) or ("*",))
         if not self.settings.prefix or any(c.isspace() for c in self.settings.prefix):

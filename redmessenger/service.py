@@ -14,6 +14,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from . import __version__
+from .auth import Authenticator
 from .delivery import Dispatcher
 from .embedded import EmbeddedRedis
 from .frames import Close
@@ -63,10 +64,8 @@ class RedMessengerService(MultiService):
         self.router = Router(self.dispatcher, self.store, namespace, trace=settings.verbose)
         self.subscriber = Subscriber(address, namespace, self.router.received_message, reactor)
         self.factory = RedMessengerFactory(
-            self.dispatcher, self.store, namespace, auth=settings.auth,
-            hello_timeout=settings.hello_timeout, max_frame=settings.max_frame,
-            allowed_origins=settings.allowed_origins, reactor=reactor,
-            server=f"RedMessenger/{__version__}")
+            self.dispatcher, Authenticator(settings.auth, self.store, settings.jwt_secret),
+            settings, reactor, server=f"RedMessenger/{__version__}")
         for name, child in (("embedded-redis", self.embedded), ("redis", self.redis),
                             ("subscriber", self.subscriber)):
             if child is not None:

@@ -16,6 +16,7 @@ class AuthMode(str, enum.Enum):
     REQUIRED = "required"
     OPTIONAL = "optional"
     OFF = "off"
+    JWT = "jwt"
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,13 @@ class Settings:
     verbose: bool = False
     #: Web origins allowed to open a WebSocket (patterns, ``*`` wildcards).
     allowed_origins: tuple[str, ...] = ("*",)
+    #: The HMAC secret of ``--auth jwt``.
+    jwt_secret: str | None = None
+    #: Limits against abuse; 0 is none.
+    max_connections: int = 0
+    max_connections_per_address: int = 0
+    #: Hellos per second per remote address (a burst of as many is allowed).
+    hello_rate: float = 0
 
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -8,22 +8,22 @@ says why (docs/protocol.rst).
 from __future__ import annotations
 
 import fnmatch
-import hmac
 
 from autobahn.twisted.websocket import (
     ConnectionDeny,
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
-from twisted.internet import defer
 from twisted.logger import Logger
 
 from . import frames
+from .auth import Authenticator
 from .delivery import Dispatcher
 from .frames import Close, Hello, ProtocolError
 from .keys import Namespace
+from .limits import Limits
 from .redisconnection import RedisUnavailable
-from .settings import AuthMode
+from .settings import Settings
 
 #: Seconds a client has to answer our close frame.
 CLOSE_TIMEOUT = 5.0
@@ -38,6 +38,8 @@ class RedMessengerProtocol(WebSocketServerProtocol):
     ack_mode = False
     _hello: Hello | None = None
     _hello_timer = None
+    #: The remote address counted against the limits while this is open.
+    _address: str | None = None
 
     # -- Socket, as the dispatcher sees it ----------------------------------
 
@@ -79,6 +81,12 @@ class RedMessengerProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         self.factory.connections.add(self)
         self._log.info("New connection {peer}! Waiting for ID...", peer=self.peer)
+        self._address = _address(self.transport.getPeer())
+        refusal = self.factory.limits.admit(self._address)
+        if refusal is not None:
+            self._address = None
+            self._refuse(ProtocolError(Close.RATE_LIMITED, "too_many_connections", refusal))
+            return
         self._hello_timer = self.factory.reactor.callLater(
             self.factory.hello_timeout, self._no_hello)
 
@@ -102,6 +110,9 @@ class RedMessengerProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.connections.discard(self)
+        if self._address is not None:
+            self.factory.limits.release(self._address)
+            self._address = None
         if self._hello_timer is not None and self._hello_timer.active():
             self._hello_timer.cancel()
         if self.uid is not None:
@@ -123,9 +134,10 @@ class RedMessengerProtocol(WebSocketServerProtocol):
     def _max_message_size_exceeded(self, msg_size, max_msg_size, reason) -> None:
         # Autobahn's hook for oversized frames: say why before it closes with 1009.
         self._log.warn("{peer}: {reason}", peer=self.peer, reason=reason)
-        self.sendMessage(frames.error("frame_too_big",
-                                      f"frames are limited to {max_msg_size} bytes"))
-        super()._max_message_size_exceeded(msg_size, max_msg_size, reason)
+        ours = f"frames are limited to {max_msg_size} bytes"
+        self.factory.dispatcher.stats.closed_by_code[Close.FRAME_TOO_BIG] += 1
+        self.sendMessage(frames.error("frame_too_big", ours))
+        super()._max_message_size_exceeded(msg_size, max_msg_size, ours)
 
     # -- hello -------------------------------------------------------------
 
@@ -142,7 +154,11 @@ class RedMessengerProtocol(WebSocketServerProtocol):
         if self._hello_timer is not None and self._hello_timer.active():
             self._hello_timer.cancel()
         self._hello_timer = None
-        d = self.factory.authenticate(hello)
+        if not self.factory.limits.hello_allowed(self._address):
+            self._refuse(ProtocolError(Close.RATE_LIMITED, "hello_rate",
+                                       "too many hellos from this address; slow down"))
+            return
+        d = self.factory.authenticator.check(hello)
         d.addCallback(self._authenticated)
         d.addErrback(self._not_authenticated)
 
@@ -177,52 +193,35 @@ class RedMessengerFactory(WebSocketServerFactory):
     protocol = RedMessengerProtocol
     noisy = False
 
-    def __init__(self, dispatcher: Dispatcher, store, namespace: Namespace, *,
-                 auth: AuthMode, hello_timeout: float, max_frame: int,
-                 allowed_origins: tuple[str, ...] = ("*",), reactor, server: str) -> None:
+    def __init__(self, dispatcher: Dispatcher, authenticator: Authenticator,
+                 settings: Settings, reactor, server: str) -> None:
         super().__init__(server=server)
         self.dispatcher = dispatcher
-        self.store = store
-        self.namespace = namespace
-        self.auth = auth
-        self.hello_timeout = hello_timeout
+        self.authenticator = authenticator
+        self.namespace = Namespace(settings.prefix)
+        self.hello_timeout = settings.hello_timeout
+        self.max_frame = settings.max_frame
+        self.allowed_origins = settings.allowed_origins
+        self.limits = Limits(settings.max_connections, settings.max_connections_per_address,
+                             settings.hello_rate, reactor.seconds)
         self.reactor = reactor
         self.connections: set[RedMessengerProtocol] = set()
         # failByDrop=False: even Autobahn's own refusals (1009) close with a
         # closing handshake, so the client learns the code. A client gets
         # CLOSE_TIMEOUT seconds to answer a close before its TCP connection
         # is reset (Autobahn's 1 s can cut off a busy client's error frame).
-        self.max_frame = max_frame
-        self.setProtocolOptions(maxFramePayloadSize=max_frame, maxMessagePayloadSize=0,
-                                failByDrop=False, closeHandshakeTimeout=CLOSE_TIMEOUT,
-                                allowNullOrigin=True)  # origins are checked in onConnect
-        self.allowed_origins = allowed_origins
+        # Origins are checked in onConnect (Autobahn's check answers 400).
+        self.setProtocolOptions(maxFramePayloadSize=settings.max_frame,
+                                maxMessagePayloadSize=0, failByDrop=False,
+                                closeHandshakeTimeout=CLOSE_TIMEOUT, allowNullOrigin=True)
 
     def origin_allowed(self, origin: str) -> bool:
         return any(fnmatch.fnmatchcase(origin, pattern) for pattern in self.allowed_origins)
-
-    def authenticate(self, hello: Hello) -> defer.Deferred:
-        """Fires when the hello's key is good; fails with a 4001 refusal, or
-        with ``RedisUnavailable`` when the key cannot be checked now."""
-        if self.auth is AuthMode.OFF:
-            return defer.succeed(None)
-        return self.store.token(hello.id).addCallback(self._check, hello)
-
-    def _check(self, stored: bytes | None, hello: Hello) -> None:
-        presented = None if hello.key is None else hello.key.encode("utf-8", "surrogatepass")
-        if stored is None:
-            if self.auth is AuthMode.OPTIONAL:
-                return
-            raise _unauthorized("unknown user: no key is stored for this id")
-        if presented is None:
-            raise _unauthorized("this user needs a key")
-        if not hmac.compare_digest(stored, presented):
-            raise _unauthorized("wrong key")
 
     def close_all(self, code: int, error: str, reason: str) -> None:
         for connection in list(self.connections):
             connection.close(code, error, reason)
 
 
-def _unauthorized(reason: str) -> ProtocolError:
-    return ProtocolError(Close.UNAUTHORIZED, "unauthorized", reason)
+def _address(peer) -> str:
+    return getattr(peer, "host", None) or "local"

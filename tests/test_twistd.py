@@ -555,7 +555,7 @@ def test_taken_embedded_port_is_refused_at_once(tmp_path: Path) -> None:
     (["--redis", "http://127.0.0.1/0"], ["--redis", "redis://"]),
     (["--redis", "redis://127.0.0.1:port/0"], ["--redis", "port is not a number"]),
     (["--redis", "redis://127.0.0.1:1/zero"], ["--redis", "database"]),
-    (["--auth", "maybe"], ["--auth must be required, optional or off"]),
+    (["--auth", "maybe"], ["--auth must be required, optional, jwt or off"]),
     (["--queue-max", "-1"], ["--queue-max must be at least 0"]),
     (["--drain-chunk", "lots"], ["--drain-chunk must be a number"]),
 ], ids=["redis-scheme", "redis-port", "redis-db", "auth", "queue-max", "drain-chunk"])

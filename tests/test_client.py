@@ -1,0 +1,336 @@
+"""``RedMessengerClient`` against a real RedMessengerService on a real port,
+with a real redis-server: delivery, ack mode, redelivery, reconnects and
+refusals."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from harness import RunningService, aiotest, eventually, run, start_service, tw
+from twisted.internet import defer
+
+from redmessenger.client import (
+    Message,
+    RecentIds,
+    RedMessengerClient,
+    Refused,
+    ServerError,
+    State,
+    StateChange,
+    Welcome,
+    backoff,
+)
+from redmessenger.settings import AuthMode
+
+
+def fast(attempt: int) -> float:
+    """Tests reconnect at once (no need to wait out a real backoff)."""
+    return 0.05
+
+
+class Recorder:
+    """Everything a client reports, in order."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.welcomes: list[Welcome] = []
+        self.errors: list[ServerError] = []
+        self.states: list[StateChange] = []
+
+    def callbacks(self) -> dict[str, Callable[[Any], object]]:
+        return {"on_message": self.messages.append, "on_welcome": self.welcomes.append,
+                "on_error": self.errors.append, "on_state": self.states.append}
+
+    @property
+    def payloads(self) -> list[bytes]:
+        return [m.payload for m in self.messages]
+
+    def count(self, state: State) -> int:
+        return sum(1 for change in self.states if change.state is state)
+
+    def close_codes(self) -> list[int | None]:
+        return [c.close_code for c in self.states if c.state is State.DISCONNECTED]
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[..., tuple[RedMessengerClient, Recorder]]]:
+    """Starts clients: ``client, seen = clients(url, uid, **options)``; all
+    are stopped after the test."""
+    started: list[RedMessengerClient] = []
+
+    def start(url: str, uid: str, **options: Any) -> tuple[RedMessengerClient, Recorder]:
+        seen = Recorder()
+        options = {"retry_policy": fast, **seen.callbacks(), **options}
+        client = RedMessengerClient(url, uid, **options)
+        started.append(client)
+        client.startService()
+        return client, seen
+
+    try:
+        yield start
+    finally:
+        for client in started:
+            pytest_twisted.blockon(client.stopService())
+
+
+@pytest.fixture
+def same_port(redis) -> Iterator[Callable[..., Any]]:
+    """``await same_port(rm, **settings)``: a new service where the stopped
+    service ``rm`` listened, as after a server restart; stopped after the test."""
+    from redmessenger import RedMessengerService, Settings
+
+    started: list[RunningService] = []
+
+    async def start(rm: RunningService, **changes: Any) -> RunningService:
+        assert not rm.service.running, "stop the old service first"
+        changes.setdefault("auth", AuthMode.OFF)
+        port = rm.service.port.getHost().port
+        service = RedMessengerService(Settings(
+            port=f"tcp:{port}:interface=127.0.0.1", redis=redis.address, **changes))
+        service.startService()
+        again = RunningService(service, redis)
+        started.append(again)
+        await tw(service.whenListening())
+        await tw(service.subscriber.whenSubscribed())
+        await tw(service.redis.whenConnected())
+        return again
+
+    try:
+        yield start
+    finally:
+        for service in started:
+            run(service.stop())
+
+
+# -- delivery ------------------------------------------------------------------
+
+
+@aiotest
+async def test_drained_and_live_messages_arrive_with_their_bytes_intact(messenger, clients):
+    rm = await messenger()
+    blob = bytes(range(256))  # not UTF-8: travels as payload_base64
+    rm.publish("rm.users.user1", blob)
+    rm.publish("rm.users.user1", "héllo ✓".encode())
+    stored = await eventually(lambda: len(rm.queue("user1")) == 2 and rm.queue("user1"))
+
+    client, seen = clients(rm.url, "user1")
+    welcome = await tw(client.whenWelcomed())
+    assert welcome == Welcome("user1", "rm.users.user1", queued=2, ack=False)
+    await eventually(lambda: len(seen.messages) == 2, what="the drain")
+    rm.publish("rm.users.user1", b"\xff\x00 live")
+    await eventually(lambda: len(seen.messages) == 3, what="the live message")
+
+    assert seen.payloads == [blob, "héllo ✓".encode(), b"\xff\x00 live"]
+    assert [m.queued for m in seen.messages] == [True, True, False]
+    assert [m.id for m in seen.messages[:2]] == [e["id"] for e in stored]
+    assert [m.timestamp for m in seen.messages[:2]] == [e["timestamp"] for e in stored]
+    assert all(m.source == "rm.users.user1" and m.bubble and m.tag is None
+               for m in seen.messages)
+    assert seen.welcomes == [welcome]
+    assert [c.state for c in seen.states] == [State.CONNECTING, State.CONNECTED,
+                                              State.WELCOMED]
+
+    await tw(client.stopService())
+    assert seen.states[-2:] == [StateChange(State.DISCONNECTED, 1000),
+                                StateChange(State.STOPPED)]
+    assert not client.running and client.state is State.STOPPED
+
+
+@aiotest
+async def test_a_group_message_arrives_with_the_group_as_its_source(messenger, clients):
+    rm = await messenger()
+    rm.redis.command("SADD", "rm:groups:cats:members", "user1", "user2")
+    client, seen = clients(rm.url, "user1")
+    await tw(client.whenWelcomed())
+    rm.publish("rm.groups.cats", "Meow!")
+    [meow] = await eventually(lambda: seen.messages)
+    assert (meow.source, meow.payload, meow.queued) == ("rm.groups.cats", b"Meow!", False)
+
+
+# -- ack mode ------------------------------------------------------------------
+
+
+@aiotest
+async def test_ack_mode_acks_in_batches_and_nothing_acked_comes_back(
+        messenger, clients, same_port):
+    """Acks go out every 4 handled messages; a server restart then gives back
+    only the 2 not yet acked, which the client recognizes by their ids and
+    acknowledges without handing them over again."""
+    rm = await messenger()
+    for i in range(10):
+        rm.publish("rm.users.user1", str(i))
+    originals = await eventually(lambda: len(rm.queue("user1")) == 10 and rm.queue("user1"))
+
+    client, seen = clients(rm.url, "user1", ack=True, ack_every=4, ack_delay=None)
+    assert (await tw(client.whenWelcomed())).ack is True
+    await eventually(lambda: len(seen.messages) == 10, what="the drain")
+    assert [m.tag for m in seen.messages] == list(range(1, 11))
+    await eventually(lambda: client.acked == 8, what="the acks of 4 and 8")
+
+    await rm.stop()  # the server goes away: what was not acked goes back to Redis
+    assert rm.queue("user1") == originals[8:]
+    again = await same_port(rm)
+    second = await eventually(lambda: len(seen.welcomes) == 2 and seen.welcomes[1])
+    assert second.queued == 2
+    await eventually(lambda: client.duplicates == 2, what="the redelivery")
+    assert seen.payloads == [str(i).encode() for i in range(10)]  # each handed over once
+    assert client.delivered == 10
+    assert 1001 in seen.close_codes()
+
+    await tw(client.stopService())  # acknowledges the redelivered two on its way out
+    await eventually(lambda: again.dispatcher.sockets == 0)
+    assert again.queue("user1") == []
+
+
+@aiotest
+async def test_ack_mode_acks_after_a_short_delay(messenger, clients):
+    rm = await messenger()
+    client, seen = clients(rm.url, "user1", ack=True, ack_every=100, ack_delay=0.05)
+    await tw(client.whenWelcomed())
+    for i in range(3):
+        rm.publish("rm.users.user1", str(i))
+    await eventually(lambda: len(seen.messages) == 3)
+    await eventually(lambda: client.acked == 3, what="the delayed ack")
+    await rm.stop()  # would give back whatever was not acknowledged
+    assert rm.queue("user1") == []
+
+
+@aiotest
+async def test_a_handler_deferred_holds_back_the_next_message_and_the_ack(messenger, clients):
+    rm = await messenger()
+    pending: list[defer.Deferred] = []
+    handed: list[bytes] = []
+
+    def slow(message: Message) -> defer.Deferred:
+        handed.append(message.payload)
+        pending.append(defer.Deferred())
+        return pending[-1]
+
+    client, _ = clients(rm.url, "user1", ack=True, ack_every=1, on_message=slow)
+    await tw(client.whenWelcomed())
+    rm.publish("rm.users.user1", "first")
+    rm.publish("rm.users.user1", "second")
+    await eventually(lambda: handed == [b"first"])
+    # "second" has surely arrived once the server has sent it (tag 2).
+    await eventually(lambda: next(iter(rm.dispatcher._seats.values())).next_tag == 3)
+    assert handed == [b"first"] and client.acked == 0
+
+    pending[0].callback(None)
+    await eventually(lambda: handed == [b"first", b"second"])
+    await eventually(lambda: client.acked == 1)
+    pending[1].callback(None)
+    await eventually(lambda: client.acked == 2)
+
+
+def test_the_dedup_memory_is_bounded():
+    seen = RecentIds(3)
+    for message_id in "abcd":
+        seen.add(message_id)
+    assert len(seen) == 3 and "a" not in seen and all(i in seen for i in "bcd")
+    seen.add("b")  # seen again: now the newest, so "c" is the next to go
+    seen.add("e")
+    assert "c" not in seen and all(i in seen for i in "bde")
+
+
+def test_the_backoff_grows_to_its_ceiling_with_jitter():
+    policy = backoff(initial=0.1, maximum=2.0, factor=2.0)
+    for attempt, ceiling in ((1, 0.1), (2, 0.2), (3, 0.4), (10, 2.0), (1000, 2.0)):
+        delays = {policy(attempt) for _ in range(20)}
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert len(delays) > 1
+
+
+# -- reconnecting ----------------------------------------------------------------
+
+
+@aiotest
+async def test_it_reconnects_to_a_server_restarted_on_the_same_port(
+        messenger, clients, same_port):
+    rm = await messenger()
+    client, seen = clients(rm.url, "user1")
+    await tw(client.whenWelcomed())
+
+    await rm.stop()
+    await eventually(lambda: client.state is not State.WELCOMED, what="the disconnect")
+    assert seen.close_codes() == [1001]
+    assert seen.errors == [ServerError("shutting_down", "the server is shutting down")]
+    # Connections are refused until the new server listens: the client keeps trying.
+    await eventually(lambda: seen.count(State.CONNECTING) >= 3, what="refused attempts")
+
+    again = await same_port(rm)
+    await tw(client.whenWelcomed())
+    assert again.publish("rm.users.user1", "after the restart") == 1
+    await eventually(lambda: seen.payloads == [b"after the restart"])
+    assert len(seen.welcomes) == 2 and client.running
+
+
+@aiotest
+async def test_it_retries_a_hello_refused_while_redis_is_away(private_redis, clients):
+    rm = await start_service(private_redis, auth=AuthMode.REQUIRED)
+    try:
+        private_redis.command("SET", "rm:users:user1:key", "s3cret")
+        private_redis.stop()
+        await eventually(lambda: not rm.service.redis.connected, what="the loss")
+        client, seen = clients(rm.url, "user1", key="s3cret")
+        await eventually(lambda: seen.close_codes().count(1013) >= 2, what="two refusals")
+        assert seen.errors[0].code == "redis_unavailable" and client.running
+
+        private_redis.start()
+        welcome = await tw(client.whenWelcomed())
+        assert welcome.id == "user1"
+    finally:
+        await rm.stop()
+
+
+# -- refusals that are final -----------------------------------------------------
+
+
+@aiotest
+async def test_a_wrong_key_stops_the_client_for_good(messenger, clients):
+    rm = await messenger(auth=AuthMode.REQUIRED)
+    rm.redis.command("SET", "rm:users:user1:key", "right")
+    client, seen = clients(rm.url, "user1", key="wrong")
+
+    with pytest.raises(Refused) as refused:
+        await tw(client.whenStopped())
+    assert refused.value.close_code == 4001
+    assert refused.value.error == ServerError("unauthorized", "wrong key")
+    assert seen.errors == [ServerError("unauthorized", "wrong key")]
+    assert seen.count(State.CONNECTING) == 1
+    assert seen.states[-2:] == [StateChange(State.DISCONNECTED, 4001, "wrong key"),
+                                StateChange(State.STOPPED)]
+    assert not client.running and client.refused is refused.value
+    with pytest.raises(Refused):
+        await tw(client.whenWelcomed())
+    await eventually(lambda: not rm.service.factory.connections)
+
+    right, _ = clients(rm.url, "user1", key="right")
+    assert (await tw(right.whenWelcomed())).id == "user1"
+    assert seen.count(State.CONNECTING) == 1  # the refused one never came back
+
+
+@aiotest
+async def test_a_bad_hello_stops_the_client(messenger, clients):
+    rm = await messenger()
+    client, seen = clients(rm.url, "no spaces allowed")
+    with pytest.raises(Refused) as refused:
+        await tw(client.whenWelcomed())
+    assert refused.value.close_code == 4000 and refused.value.error.code == "bad_hello"
+    assert seen.count(State.CONNECTING) == 1 and not client.running
+
+
+@aiotest
+async def test_a_socket_replaced_by_a_newer_one_does_not_fight_back(messenger, clients):
+    """4009 is final: reconnecting would close the newer socket in turn."""
+    rm = await messenger(max_sockets_per_user=1)
+    old, old_seen = clients(rm.url, "user1")
+    await tw(old.whenWelcomed())
+    new, _ = clients(rm.url, "user1")
+    await tw(new.whenWelcomed())
+    with pytest.raises(Refused) as refused:
+        await tw(old.whenStopped())
+    assert refused.value.close_code == 4009
+    assert new.state is State.WELCOMED and rm.dispatcher.sockets == 1
