@@ -8,7 +8,8 @@ browser is the system's Chromium, not one Playwright downloads::
     apt-get install -y chromium          # Debian/Ubuntu: /usr/bin/chromium
     pip install playwright               # do not run "playwright install"
 
-Without either the tests are skipped, saying which is missing.
+Without either the tests are skipped, saying which is missing, unless
+``REDMESSENGER_REQUIRE_BROWSER=1`` (for CI), which makes that a failure.
 ``REDMESSENGER_CHROMIUM`` names another Chromium or Chrome executable.
 """
 
@@ -38,6 +39,13 @@ CHROMIUM_ARGS = [
 FAST = {"minDelay": 50, "maxDelay": 500}
 
 
+def missing(what: str) -> None:
+    """Skip (or, with REDMESSENGER_REQUIRE_BROWSER=1, fail) for want of ``what``."""
+    if os.environ.get("REDMESSENGER_REQUIRE_BROWSER", "") not in ("", "0"):
+        pytest.fail(f"REDMESSENGER_REQUIRE_BROWSER is set but {what}", pytrace=False)
+    pytest.skip(what)
+
+
 def find_chromium() -> str | None:
     named = os.environ.get("REDMESSENGER_CHROMIUM")
     if named:
@@ -60,12 +68,12 @@ def browser() -> Iterator[Any]:
     try:
         from playwright.async_api import async_playwright
     except ImportError:
-        pytest.skip("Python Playwright is not installed: pip install playwright "
-                    "(then no 'playwright install': the system's Chromium is used)")
+        missing("Python Playwright is not installed: pip install playwright "
+                "(and no 'playwright install': the system's Chromium is used)")
     executable = find_chromium()
     if executable is None:
-        pytest.skip("Chromium is not installed: apt-get install -y chromium "
-                    "(or set REDMESSENGER_CHROMIUM to a Chromium/Chrome executable)")
+        missing("Chromium is not installed: apt-get install -y chromium "
+                "(or set REDMESSENGER_CHROMIUM to a Chromium/Chrome executable)")
 
     async def launch():
         playwright = await async_playwright().start()

@@ -25,7 +25,7 @@
  * back would close the next oldest, and so on, around and around).
  * @type {ReadonlySet<number>}
  */
-export const FINAL_CLOSE_CODES = Object.freeze(new Set([4000, 4001, 4002, 4009]));
+export const FINAL_CLOSE_CODES = new Set([4000, 4001, 4002, 4009]);
 
 /**
  * The WebSocket URL of the RedMessenger that served the current page:
@@ -154,6 +154,7 @@ export class RedMessengerClient extends EventTarget {
     this._wanted = true;
     if (this._socket) return;
     this._clearRetry();
+    this._attempt = 0;
     this._open();
   }
 
@@ -165,12 +166,12 @@ export class RedMessengerClient extends EventTarget {
    */
   close(code = 1000, reason = "") {
     this._wanted = false;
+    const retrying = this._retryTimer !== null;
     this._clearRetry();
     const socket = this._socket;
     if (!socket) {
-      if (this.state !== "closed" && this.state !== "idle") {
-        this._setState("closed", { code, reason, final: true });
-      }
+      // Between attempts: say that none will follow.
+      if (retrying) this._setState("closed", { code, reason, final: true });
       return;
     }
     this._flushAck();
