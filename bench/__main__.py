@@ -29,6 +29,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                              "its numbers mean nothing")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the message and connection counts (e.g. 0.1)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run each scenario N times and report the median run "
+                             "(by rate; by p99 for latency), all runs kept in results.json")
     parser.add_argument("--out", type=Path,
                         help="results folder (default bench/results/<timestamp>/)")
     parser.add_argument("--no-pin", dest="pin", action="store_false",
@@ -52,6 +55,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.names = with_needs(args.names)
     if args.scale <= 0:
         parser.error("--scale must be positive")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     return args
 
 
@@ -74,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.scale != 1.0:
         sizes = sizes.scaled(args.scale)
     bench = Bench(out, sizes, pin=args.pin, profile=args.profile, rm_args=args.rm_arg,
-                  smoke=args.smoke)
+                  smoke=args.smoke, repeat=args.repeat)
     document = {"started": started, "mode": "smoke" if args.smoke else "full",
-                "scale": args.scale, "argv": sys.argv, "sizes": sizes_dict(sizes),
-                "rm_args": args.rm_arg, "machine": report.machine_info(bench)}
+                "scale": args.scale, "repeat": args.repeat, "argv": sys.argv,
+                "sizes": sizes_dict(sizes), "rm_args": args.rm_arg,
+                "machine": report.machine_info(bench)}
     document["notes"] = wire.product_mismatches()
     for note in document["notes"]:
         print("warning: " + note, file=sys.stderr)

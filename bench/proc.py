@@ -4,6 +4,7 @@ deadline) and reaped."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import select
@@ -20,6 +21,22 @@ POLL = 0.005
 #: Clock ticks per second, the unit of utime and stime in /proc/<pid>/stat.
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_setup(cpus: set[int] | None) -> Callable[[], None]:
+    """What a child does before it runs: die with the coordinator (should
+    that be killed outright), and keep to its CPUs."""
+    def setup() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+    return setup
 
 
 class BenchError(Exception):
@@ -101,13 +118,14 @@ class Process:
         self.argv = list(argv)
         self.log_path = log_path
         self._buffer = b""
-        preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         with open(log_path, "ab") as log:
+            # A session of its own: Ctrl-C reaches the coordinator only,
+            # which then stops everything in order.
             self.popen = subprocess.Popen(
                 self.argv, env=env, cwd=cwd,
                 stdin=subprocess.PIPE if control else subprocess.DEVNULL,
                 stdout=subprocess.PIPE if control else log,
-                stderr=log, preexec_fn=preexec)
+                stderr=log, preexec_fn=_child_setup(cpus), start_new_session=True)
         self.pid = self.popen.pid
 
     # -- watching -----------------------------------------------------------

@@ -217,7 +217,7 @@ class _Protocol(WebSocketClientProtocol):
             self.closed.callback(None)
 
     @property
-    def is_open(self) -> bool:
+    def open_now(self) -> bool:
         return self.state == self.STATE_OPEN
 
     def handled(self, tag: int | None) -> None:
@@ -236,7 +236,7 @@ class _Protocol(WebSocketClientProtocol):
         if self._ack_timer is not None and self._ack_timer.active():
             self._ack_timer.cancel()
         self._ack_timer = None
-        if self.handled_tag > self.acked_tag and self.is_open:
+        if self.handled_tag > self.acked_tag and self.open_now:
             self.sendMessage(json.dumps({"type": "ack", "tag": self.handled_tag}).encode())
             self.acked_tag = self.handled_tag
 
@@ -370,7 +370,7 @@ class RedMessengerClient(Service):
         if proto is None:
             self._finish(None)
             return defer.succeed(None)
-        if proto.is_open:
+        if proto.open_now:
             proto.flush_acks()
             proto.sendClose(1000)
         else:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.endpoints import clientFromString
+from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -96,6 +96,8 @@ def connect_service(reactor, address: RedisAddress, factory: ProtocolFactory,
         return ready.addCallback(lambda _: on_ready(proto))
 
     endpoint = clientFromString(reactor, address.client_endpoint())
+    if address.tls:
+        endpoint = wrapClientTLS(_tls_options(address), endpoint)
     return ClientService(endpoint, factory, retryPolicy=RETRY_POLICY,
                          prepareConnection=prepare, clock=reactor)
 
@@ -105,6 +107,17 @@ def name_connection(proto, role: str) -> None:
     proto.execute_command(b"CLIENT", b"SETNAME", f"redmessenger:{role}".encode()).addErrback(
         lambda f: Logger().warn("Could not name the Redis connection: {why}",
                                 why=f.getErrorMessage()))
+
+
+def _tls_options(address: RedisAddress):
+    from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+
+    if address.ca_file:
+        with open(address.ca_file, "rb") as pem:
+            trust = Certificate.loadPEM(pem.read())
+    else:
+        trust = platformTrust()
+    return optionsForClientTLS(address.host, trustRoot=trust)
 
 
 class Script:

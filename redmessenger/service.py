@@ -65,7 +65,8 @@ class RedMessengerService(MultiService):
         self.subscriber = Subscriber(address, namespace, self.router.received_message, reactor)
         self.factory = RedMessengerFactory(
             self.dispatcher, Authenticator(settings.auth, self.store, settings.jwt_secret),
-            settings, reactor, server=f"RedMessenger/{__version__}")
+            settings, reactor, server=f"RedMessenger/{__version__}",
+            redis_connected=lambda: self.redis.connected)
         for name, child in (("embedded-redis", self.embedded), ("redis", self.redis),
                             ("subscriber", self.subscriber)):
             if child is not None:

@@ -29,12 +29,15 @@ class RedisAddress:
     db: int = 0
     password: str | None = None
     username: str | None = None
+    #: rediss://: TLS, checked against ``ca_file`` (else the system's roots).
+    tls: bool = False
+    ca_file: str | None = None
 
     @classmethod
     def from_url(cls, url: str) -> RedisAddress:
-        """Parse ``redis://[[user]:password@]host[:port][/db]`` or
-        ``unix:///path/to/sock[?db=N]``; raise ``ValueError`` with a message
-        fit for the command line otherwise."""
+        """Parse ``redis[s]://[[user]:password@]host[:port][/db][?ca=PEM]``
+        or ``unix:///path/to/sock[?db=N]``; raise ``ValueError`` with a
+        message fit for the command line otherwise."""
         parts = urlsplit(url)
         password = unquote(parts.password) if parts.password else None
         username = unquote(parts.username) if parts.username else None
@@ -44,9 +47,9 @@ class RedisAddress:
             db = parse_qs(parts.query).get("db", ["0"])[0]
             return cls(path=parts.path, db=_db_number(url, db),
                        password=password, username=username)
-        if parts.scheme != "redis":
+        if parts.scheme not in ("redis", "rediss"):
             raise ValueError(
-                f"{url!r}: expected redis://[:password@]host[:port][/db] "
+                f"{url!r}: expected redis[s]://[:password@]host[:port][/db] "
                 "or unix:///path/to/socket[?db=N]")
         try:
             port = parts.port or 6379
@@ -54,7 +57,8 @@ class RedisAddress:
             raise ValueError(f"{url!r}: the port is not a number") from None
         return cls(host=parts.hostname or "127.0.0.1", port=port,
                    db=_db_number(url, parts.path.lstrip("/") or "0"),
-                   password=password, username=username)
+                   password=password, username=username, tls=parts.scheme == "rediss",
+                   ca_file=parse_qs(parts.query).get("ca", [None])[0])
 
     def client_endpoint(self) -> str:
         """A Twisted client endpoint description for this address."""
@@ -63,7 +67,8 @@ class RedisAddress:
         return f"tcp:host={_escape(self.host)}:port={self.port}"
 
     def __str__(self) -> str:
-        where = f"unix://{self.path}" if self.path else f"redis://{self.host}:{self.port}"
+        scheme = "rediss" if self.tls else "redis"
+        where = f"unix://{self.path}" if self.path else f"{scheme}://{self.host}:{self.port}"
         return f"{where}/{self.db}"
 
 

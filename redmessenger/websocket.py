@@ -8,6 +8,7 @@ says why (docs/protocol.rst).
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 
 from autobahn.twisted.websocket import (
     ConnectionDeny,
@@ -154,6 +155,17 @@ class RedMessengerProtocol(WebSocketServerProtocol):
         if self._hello_timer is not None and self._hello_timer.active():
             self._hello_timer.cancel()
         self._hello_timer = None
+        if self.factory.dispatcher.stopping:
+            self._refuse(ProtocolError(Close.GOING_AWAY, "shutting_down",
+                                       "the server is shutting down"))
+            return
+        if not self.factory.redis_connected():
+            # Even with nothing to check, the welcome needs the stored queue.
+            self._log.warn("Cannot take the hello of {peer} ({uid}): Redis is away",
+                           peer=self.peer, uid=hello.id)
+            self._refuse(ProtocolError(Close.TRY_AGAIN_LATER, "redis_unavailable",
+                                       "Redis is unavailable; try again later"))
+            return
         if not self.factory.limits.hello_allowed(self._address):
             self._refuse(ProtocolError(Close.RATE_LIMITED, "hello_rate",
                                        "too many hellos from this address; slow down"))
@@ -194,9 +206,11 @@ class RedMessengerFactory(WebSocketServerFactory):
     noisy = False
 
     def __init__(self, dispatcher: Dispatcher, authenticator: Authenticator,
-                 settings: Settings, reactor, server: str) -> None:
+                 settings: Settings, reactor, server: str,
+                 redis_connected: Callable[[], bool]) -> None:
         super().__init__(server=server)
         self.dispatcher = dispatcher
+        self.redis_connected = redis_connected
         self.authenticator = authenticator
         self.namespace = Namespace(settings.prefix)
         self.hello_timeout = settings.hello_timeout

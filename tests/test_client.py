@@ -78,16 +78,14 @@ def clients() -> Iterator[Callable[..., tuple[RedMessengerClient, Recorder]]]:
 
 @pytest.fixture
 def same_port(redis) -> Iterator[Callable[..., Any]]:
-    """``await same_port(rm, **settings)``: a new service where the stopped
-    service ``rm`` listened, as after a server restart; stopped after the test."""
+    """``await same_port(port, **settings)``: a new service on the port where
+    a stopped one listened, as after a server restart; stopped after the test."""
     from redmessenger import RedMessengerService, Settings
 
     started: list[RunningService] = []
 
-    async def start(rm: RunningService, **changes: Any) -> RunningService:
-        assert not rm.service.running, "stop the old service first"
+    async def start(port: int, **changes: Any) -> RunningService:
         changes.setdefault("auth", AuthMode.OFF)
-        port = rm.service.port.getHost().port
         service = RedMessengerService(Settings(
             port=f"tcp:{port}:interface=127.0.0.1", redis=redis.address, **changes))
         service.startService()
@@ -103,6 +101,10 @@ def same_port(redis) -> Iterator[Callable[..., Any]]:
     finally:
         for service in started:
             run(service.stop())
+
+
+def port_of(rm: RunningService) -> int:
+    return rm.service.port.getHost().port
 
 
 # -- delivery ------------------------------------------------------------------
@@ -170,9 +172,10 @@ async def test_ack_mode_acks_in_batches_and_nothing_acked_comes_back(
     assert [m.tag for m in seen.messages] == list(range(1, 11))
     await eventually(lambda: client.acked == 8, what="the acks of 4 and 8")
 
+    port = port_of(rm)
     await rm.stop()  # the server goes away: what was not acked goes back to Redis
     assert rm.queue("user1") == originals[8:]
-    again = await same_port(rm)
+    again = await same_port(port)
     second = await eventually(lambda: len(seen.welcomes) == 2 and seen.welcomes[1])
     assert second.queued == 2
     await eventually(lambda: client.duplicates == 2, what="the redelivery")
@@ -253,6 +256,7 @@ async def test_it_reconnects_to_a_server_restarted_on_the_same_port(
     client, seen = clients(rm.url, "user1")
     await tw(client.whenWelcomed())
 
+    port = port_of(rm)
     await rm.stop()
     await eventually(lambda: client.state is not State.WELCOMED, what="the disconnect")
     assert seen.close_codes() == [1001]
@@ -260,7 +264,7 @@ async def test_it_reconnects_to_a_server_restarted_on_the_same_port(
     # Connections are refused until the new server listens: the client keeps trying.
     await eventually(lambda: seen.count(State.CONNECTING) >= 3, what="refused attempts")
 
-    again = await same_port(rm)
+    again = await same_port(port)
     await tw(client.whenWelcomed())
     assert again.publish("rm.users.user1", "after the restart") == 1
     await eventually(lambda: seen.payloads == [b"after the restart"])
