@@ -61,7 +61,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def _terminate(signum, frame) -> None:
-    # SIGTERM unwinds like Ctrl-C, so every process started is stopped.
+    # SIGTERM unwinds like Ctrl-C, so every process started is stopped; a
+    # second one must not cut that short (each stop has its own deadline).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{scenario.name:>13}  {scenario.kind:8}  {scenario.description}")
         return 0
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     out = args.out or BENCH_DIR / "results" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -89,11 +93,15 @@ def main(argv: list[str] | None = None) -> int:
         print("warning: " + note, file=sys.stderr)
     print(f"RedMessenger bench: {', '.join(args.names)}; results in {out}")
     began = time.monotonic()
+    interrupted = False
     try:
         results = bench.run(args.names)
     except KeyboardInterrupt:
-        print("interrupted: every process started has been stopped", file=sys.stderr)
-        return 130
+        interrupted = True
+        results = bench.results
+        document["interrupted"] = True
+        print("interrupted: every process started has been stopped; writing what was "
+              "measured", file=sys.stderr)
     document["results"] = results
     document["limits"] = report.limits(results)
     document["targets"] = report.evaluate(results)
@@ -106,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         print("note: " + note)
     print(f"{document['seconds']:.0f} s; results in {out}/ (results.txt, results.json"
           + (", results.png" if (out / "results.png").exists() else "") + ", logs/)")
+    if interrupted:
+        return 130
     failed = [found["name"] for found in results.values() if not found.get("ok")]
     if failed:
         print(f"FAILED (errors or received != sent): {', '.join(failed)}", file=sys.stderr)

@@ -209,6 +209,11 @@ def table(document: dict) -> str:
               "{everything_else}".format(**machine["pinning"]) if machine["pinning"]
               else "no CPU pinning") + f"; load average at start {machine['loadavg']}",
              ""]
+    if document.get("repeat", 1) > 1:
+        lines[-1:-1] = [f"each scenario ran {document['repeat']} times: the median run is shown "
+                        "(all runs in results.json)"]
+    if document.get("interrupted"):
+        lines[-1:-1] = ["INTERRUPTED: only the scenarios that finished are here"]
     head = ("scenario", "sent", "received", "ok", "seconds", "rate", "unit", "CPU s",
             "CPU %", "stolen %", "µs/item", "busiest other")
     rows = [head]

@@ -52,8 +52,8 @@ class Sizes:
     concurrency: int = 50
 
     def scaled(self, factor: float) -> Sizes:
-        def s(value: int, least: int = 1) -> int:
-            return max(least, int(value * factor))
+        def s(value: int) -> int:
+            return max(1, int(value * factor))
         return replace(self, raw=s(self.raw), live=s(self.live), store=s(self.store),
                        group_messages=s(self.group_messages), drain=s(self.drain),
                        drain_big=s(self.drain_big), connections=s(self.connections),
@@ -105,7 +105,11 @@ class Stage:
         try:
             self.profile_stop()
             for process in reversed(self.processes):
-                self.stop(process)
+                try:
+                    self.stop(process)
+                except Exception as e:  # stop the others all the same
+                    print(f"  ! could not stop {process.name} (pid {process.pid}): {e}",
+                          file=sys.stderr)
         finally:
             if self.redis is not None:
                 self.redis.close()
@@ -246,7 +250,7 @@ def check_clients(checks: list[str], waited: dict, expected: dict[str, tuple[int
     return sum(count for count, _ in per_user.values())
 
 
-def check_published(checks: list[str], published: dict, receivers: int = 1) -> None:
+def check_published(checks: list[str], published: dict) -> None:
     if published["zero"]:
         checks.append(f"{published['zero']} PUBLISHes reached no subscriber")
     if published["errors"]:
@@ -297,13 +301,13 @@ def measure(snap0: dict, snap1: dict, seconds: float, subject: str) -> dict:
             for name, value in cpu.items()}
     waited = {name: round(snap1["waited"][name] - value, 3)
               for name, value in snap0["waited"].items() if name in snap1["waited"]}
-    wall = snap1["t"] - snap0["t"]
     return {"cpu": cpu, "util": busy, "runqueue_wait": waited, "subject": subject,
             "subject_cpu": cpu.get(subject), "subject_util": busy.get(subject),
-            # Of the measured process's time, the share it was runnable but
-            # another process had its CPU: a busy machine, not a slow program.
-            "subject_stolen": (round(waited[subject] / wall, 3)
-                               if subject in waited and wall > 0 else None)}
+            # The share of the interval the measured process was runnable
+            # but another process had its CPU: a busy machine, not a slow
+            # program.
+            "subject_stolen": (round(waited[subject] / seconds, 3)
+                               if subject in waited and seconds > 0 else None)}
 
 
 def result(name: str, *, sent: int, received: int, checks: list[str], seconds: float,
@@ -771,6 +775,16 @@ class Bench:
         if self.load_cpus:
             os.sched_setaffinity(0, self.load_cpus)
         raise_fd_limit(self.sizes.connections + 1000)
+        try:
+            self._run(names, say)
+        finally:
+            try:
+                self.work.rmdir()
+            except OSError:
+                pass
+        return self.results
+
+    def _run(self, names: list[str], say: Callable[[str], None]) -> None:
         for name in names:
             scenario = BY_NAME[name]
             say(f"{name:>13}  {scenario.description} ...")
@@ -789,16 +803,6 @@ class Bench:
                 say("               " + one_line(found))
             self.suffix = ""
             self.results[name] = representative(runs)
-        try:
-            self.work.rmdir()
-        except OSError:
-            pass
-        return self.results
-        try:
-            self.work.rmdir()
-        except OSError:
-            pass
-        return self.results
 
 
 def representative(runs: list[dict]) -> dict:

@@ -31,6 +31,9 @@ class RedisUnavailable(Exception):
     """Redis cannot be reached right now."""
 
 
+_log = Logger()
+
+
 @functools.cache
 def txredisapi():
     """txredisapi imports (and so installs) the global reactor: import it
@@ -65,6 +68,14 @@ class ProtocolFactory(Factory):
                               convertNumbers=False)
         proto.factory = self
         proto.__dict__.update(self._attributes)
+        lost = proto.connectionLost
+
+        def connectionLost(reason):
+            # Kept so a connection that dies during setup (TLS, AUTH) can say why.
+            proto.lost_reason = reason
+            return lost(reason)
+
+        proto.connectionLost = connectionLost
         return proto
 
     # txredisapi calls these when Redis refuses the password or the db.
@@ -89,7 +100,10 @@ def connect_service(reactor, address: RedisAddress, factory: ProtocolFactory,
 
         def lost(_):
             if not ready.called:
-                ready.errback(ConnectionLost("Redis closed the connection during setup"))
+                why = lost_reason(proto)
+                _log.warn("Could not set up a connection to Redis at {address}: {why}",
+                          address=str(address), why=why)
+                ready.errback(ConnectionLost(f"Redis connection lost during setup: {why}"))
 
         proto.whenConnected().addCallback(fire)
         proto.whenDisconnected().addCallback(lost)
@@ -105,8 +119,19 @@ def connect_service(reactor, address: RedisAddress, factory: ProtocolFactory,
 def name_connection(proto, role: str) -> None:
     """``CLIENT SETNAME``, so an operator's ``CLIENT LIST`` shows who is who."""
     proto.execute_command(b"CLIENT", b"SETNAME", f"redmessenger:{role}".encode()).addErrback(
-        lambda f: Logger().warn("Could not name the Redis connection: {why}",
-                                why=f.getErrorMessage()))
+        _unless_lost, "Could not name the Redis connection: {why}")
+
+
+def _unless_lost(failure: Failure, message: str) -> None:
+    """Log a setup command's failure, unless the connection went (which is
+    logged once, with its reason)."""
+    if not failure.check(txredisapi().ConnectionError):
+        _log.warn(message, why=failure.getErrorMessage())
+
+
+def lost_reason(proto) -> str:
+    why = getattr(proto, "lost_reason", None)
+    return why.getErrorMessage() if why is not None else "closed"
 
 
 def _tls_options(address: RedisAddress):
@@ -197,6 +222,8 @@ class RedisConnection(Service):
 
     def flushed(self) -> defer.Deferred:
         """Fires once every command handed over before it has been answered."""
+        if not self._pending:
+            return defer.succeed(None)
         return self.execute(b"PING").addCallback(lambda _: None)
 
     # -- the ordered, retried pipeline -----------------------------------
@@ -257,7 +284,7 @@ class RedisConnection(Service):
         name_connection(proto, "commands")
         for script in self._scripts:
             proto.execute_command(b"SCRIPT", b"LOAD", script.source).addErrback(
-                lambda f: self.log.failure("Could not load a Lua script", f))
+                _unless_lost, "Could not load a Lua script: {why}")
         for command in list(self._pending):
             self._write(command)
 
@@ -266,6 +293,7 @@ class RedisConnection(Service):
             return
         self._protocol = None
         if self.running:
-            self.log.warn("Lost the connection to Redis at {address}; {count} commands will "
-                          "be sent again once it is back", address=str(self.address),
+            self.log.warn("Lost the connection to Redis at {address} ({why}); {count} "
+                          "commands will be sent again once it is back",
+                          address=str(self.address), why=lost_reason(proto),
                           count=len(self._pending))

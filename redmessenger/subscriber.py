@@ -11,7 +11,13 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from .keys import Namespace
-from .redisconnection import ProtocolFactory, connect_service, name_connection, txredisapi
+from .redisconnection import (
+    ProtocolFactory,
+    connect_service,
+    lost_reason,
+    name_connection,
+    txredisapi,
+)
 from .settings import RedisAddress
 
 
@@ -69,12 +75,21 @@ class Subscriber(Service):
 
     @defer.inlineCallbacks
     def _ready(self, proto):
-        proto.whenDisconnected().addCallback(lambda _: self._lost())
+        proto.whenDisconnected().addCallback(lambda _: self._lost(proto))
         if self._connections:
             self.reconnects += 1
         self._connections += 1
         name_connection(proto, "subscriber")
-        yield proto.psubscribe(list(self._patterns))
+        try:
+            yield proto.psubscribe(list(self._patterns))
+        except txredisapi().ConnectionError:
+            raise  # logged by _lost, with its reason
+        except Exception as e:
+            self.log.error("Redis at {address} refused PSUBSCRIBE {patterns}: {why} (an ACL "
+                           "user needs these channel patterns granted literally)",
+                           address=str(self.address),
+                           patterns=[p.decode() for p in self._patterns], why=str(e))
+            raise
         self.subscribed = True
         self.log.info("Subscribed to {patterns} on Redis at {address}",
                       patterns=[p.decode() for p in self._patterns], address=str(self.address))
@@ -82,9 +97,9 @@ class Subscriber(Service):
         for d in waiters:
             d.callback(None)
 
-    def _lost(self) -> None:
+    def _lost(self, proto) -> None:
         self.subscribed = False
         if self.running:
-            self.log.warn("Lost the subscriber connection to Redis at {address}; "
+            self.log.warn("Lost the subscriber connection to Redis at {address} ({why}); "
                           "resubscribing once it is back (messages published meanwhile "
-                          "are not seen)", address=str(self.address))
+                          "are not seen)", address=str(self.address), why=lost_reason(proto))

@@ -164,6 +164,16 @@ START_CLIENT = """async ({url, options}) => {
     if (copy.payloadBytes) copy.payloadBytes = Array.from(copy.payloadBytes);
     return copy;
   };
+  if (options.keys) {  // a key function: a promise of each in turn, null rejects
+    const keys = options.keys;
+    delete options.keys;
+    rm.keyCalls = 0;
+    options.key = async () => {
+      const key = keys[Math.min(rm.keyCalls++, keys.length - 1)];
+      if (key === null) throw new Error("no key yet");
+      return key;
+    };
+  }
   const client = new RedMessengerClient(url ?? undefined, options);
   rm.client = client;
   rm.url = client.url;
@@ -393,6 +403,24 @@ async def test_a_refusal_is_final(messenger, tabs, redis):
     assert await tab.evaluate("() => window.rm.client._retryTimer === null")
     assert [s["state"] for s in await tab.recorded("states")] == [
         "connecting", "open", "closed"]
+
+
+@aiotest
+async def test_a_key_function_is_asked_before_every_attempt(messenger, tabs, redis):
+    rm = await messenger(auth=AuthMode.REQUIRED)
+    redis.command("SET", "rm:users:heidi:key", "right")
+    tab = await tabs()
+    await tab.open(rm)
+    await tab.start(id="heidi", keys=[None, "right"], **FAST)
+    await tab.welcomed()
+    states = await tab.recorded("states")
+    assert [s["state"] for s in states] == [
+        "connecting", "closed", "connecting", "open", "welcomed"]
+    assert states[1]["code"] == 1006 and states[1]["final"] is False
+    assert "no key yet" in states[1]["reason"]
+    assert await tab.recorded("keyCalls") == 2
+    rm.publish("rm.users.heidi", "authenticated")
+    assert (await tab.messages(1))[0]["payload"] == "authenticated"
 
 
 @aiotest

@@ -71,9 +71,10 @@ async def test_stores_cut_off_mid_flight_are_sent_again_in_order(redis, messenge
                          for i in range(batch * 200, batch * 200 + 200)])
         # The moment the last of the batch has been routed, its stores are
         # on the wire: cut the connection under them.
-        await eventually(lambda: rm.service.router.received == batch * 200 + 200)
+        await eventually(lambda n=batch * 200 + 200: rm.service.router.received == n)
         kill_connection(redis, "commands")
-        await eventually(lambda: rm.service.redis.reconnects == batch + 1, what="reconnect")
+        await eventually(lambda n=batch + 1: rm.service.redis.reconnects == n,
+                         what="reconnect")
     await tw(rm.service.store.flushed())
 
     stored = rm.queue("offline")

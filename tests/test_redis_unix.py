@@ -7,8 +7,9 @@ import subprocess
 import time
 
 import pytest
-from conftest import encode_command, read_reply
 from harness import aiotest, eventually, start_service
+
+from conftest import encode_command, read_reply
 
 
 class UnixRedis:

@@ -42,7 +42,11 @@ export function defaultUrl() {
 /**
  * @typedef {object} ClientOptions
  * @property {string} id The user id to say hello as.
- * @property {string} [key] The user's key (leave it out with `--auth off`).
+ * @property {string | (() => string | Promise<string>)} [key] The user's key
+ *   (leave it out with `--auth off`), or a function that returns it, or a
+ *   promise of it, called before every connection attempt (for a JWT that
+ *   expires, say). A function that throws or rejects counts as a failed
+ *   attempt (close code 1006), tried again with backoff.
  * @property {boolean} [ack=false] Ask for ack mode: acknowledge every message
  *   and drop redeliveries of messages already dispatched.
  * @property {boolean} [reconnect=true] Reconnect after the socket closes
@@ -119,7 +123,12 @@ export class RedMessengerClient extends EventTarget {
     if (typeof id !== "string" || !id) throw new TypeError("RedMessengerClient needs an id");
     /** @type {string} */ this.url = String(url);
     /** @type {string} */ this.id = id;
-    /** @type {string | undefined} */ this.key = key ?? undefined;
+    /**
+     * The key, or a function returning it (or a promise of it), called
+     * before every connection attempt: a way to present a fresh JWT.
+     * @type {string | (() => string | Promise<string>) | undefined}
+     */
+    this.key = key ?? undefined;
     /** @type {boolean} */ this.ack = Boolean(ack);
     /** @type {boolean} */ this.reconnect = Boolean(reconnect);
     /** @type {number} */ this.minDelay = minDelay;
@@ -138,6 +147,8 @@ export class RedMessengerClient extends EventTarget {
     /** @type {WebSocket | null} */ this._socket = null;
     /** @type {ReturnType<typeof setTimeout> | null} */ this._retryTimer = null;
     /** @type {ReturnType<typeof setTimeout> | null} */ this._ackTimer = null;
+    this._generation = 0; // connection attempts so far; close() counts as one
+    this._dialing = false; // an attempt is getting its key
     this._attempt = 0; // failed attempts since the last welcome
     this._wanted = false; // connect() called and close() not since
     this._lastTag = 0; // highest tag received on the current socket
@@ -152,7 +163,7 @@ export class RedMessengerClient extends EventTarget {
    */
   connect() {
     this._wanted = true;
-    if (this._socket) return;
+    if (this._socket || this._dialing) return;
     this._clearRetry();
     this._attempt = 0;
     this._open();
@@ -165,30 +176,59 @@ export class RedMessengerClient extends EventTarget {
    * @param {string} [reason=""]
    */
   close(code = 1000, reason = "") {
+    const active = this._socket !== null || this._dialing || this._retryTimer !== null;
     this._wanted = false;
-    const retrying = this._retryTimer !== null;
+    this._generation += 1; // a key still being fetched is for nothing now
+    this._dialing = false;
     this._clearRetry();
     const socket = this._socket;
-    if (!socket) {
-      // Between attempts: say that none will follow.
-      if (retrying) this._setState("closed", { code, reason, final: true });
-      return;
+    if (socket) {
+      this._flushAck();
+      this._detach(socket);
+      try {
+        socket.close(code, reason);
+      } catch {
+        socket.close(); // a code the browser does not let scripts send
+      }
     }
-    this._flushAck();
-    this._detach(socket);
-    try {
-      socket.close(code, reason);
-    } catch {
-      socket.close();
-    }
-    this._setState("closed", { code, reason, final: true });
+    if (active) this._setState("closed", { code, reason, final: true });
   }
 
   // -- the socket ---------------------------------------------------------
 
-  /** @private */
+  /**
+   * One connection attempt: get the key (a function's, fresh each time),
+   * then open the socket.
+   * @private
+   */
   _open() {
+    const generation = ++this._generation;
+    this._dialing = true;
     this._setState("connecting", {});
+    let key;
+    try {
+      key = typeof this.key === "function" ? this.key() : this.key;
+    } catch (error) {
+      key = Promise.reject(error);
+    }
+    if (key !== null && typeof key === "object" && typeof key.then === "function") {
+      key.then(
+        (value) => this._dial(generation, value),
+        (error) => {
+          if (generation !== this._generation) return;
+          this._dialing = false;
+          this._afterClose(1006, `could not get the key: ${error?.message ?? error}`);
+        },
+      );
+    } else {
+      this._dial(generation, key);
+    }
+  }
+
+  /** @private */
+  _dial(generation, key) {
+    if (generation !== this._generation) return; // closed meanwhile
+    this._dialing = false;
     const socket = new WebSocket(this.url);
     this._socket = socket;
     this._lastTag = 0;
@@ -196,13 +236,16 @@ export class RedMessengerClient extends EventTarget {
     socket.onopen = () => {
       /** @type {{id: string, key?: string, ack?: boolean}} */
       const hello = { id: this.id };
-      if (this.key !== undefined) hello.key = this.key;
+      if (key !== undefined && key !== null) hello.key = String(key);
       if (this.ack) hello.ack = true;
       socket.send(JSON.stringify(hello));
       this._setState("open", {});
     };
     socket.onmessage = (event) => this._frame(event.data);
-    socket.onclose = (event) => this._closed(socket, event.code, event.reason);
+    socket.onclose = (event) => {
+      this._detach(socket);
+      this._afterClose(event.code, event.reason);
+    };
     // A failed connection fires "error" and then "close": "close" handles it.
     socket.onerror = null;
   }
@@ -214,9 +257,11 @@ export class RedMessengerClient extends EventTarget {
     this._clearAckTimer();
   }
 
-  /** @private */
-  _closed(socket, code, reason) {
-    this._detach(socket);
+  /**
+   * The attempt or connection is over: stop, or try again after a while.
+   * @private
+   */
+  _afterClose(code, reason) {
     const final = !this._wanted || !this.reconnect || FINAL_CLOSE_CODES.has(code);
     if (final) {
       this._wanted = false;
@@ -230,7 +275,7 @@ export class RedMessengerClient extends EventTarget {
     this._setState("closed", { code, reason, final: false, retryIn });
     this._retryTimer = setTimeout(() => {
       this._retryTimer = null;
-      if (this._wanted && !this._socket) this._open();
+      if (this._wanted && !this._socket && !this._dialing) this._open();
     }, retryIn);
   }
 

@@ -1,0 +1,526 @@
+"""The ``redmessenger`` command: publish, look at queues, manage groups and
+keys in the Redis a RedMessenger uses, and ask a running one how it is.
+
+``send`` never loses a message: if nobody (so no RedMessenger) is subscribed
+to the channel, it stores the message in the recipients' queues itself, in
+the envelope RedMessenger uses, so that a RedMessenger started later drains
+it to them. Everything else is a thin, careful wrapper around a few Redis
+commands on the keys of docs/protocol.rst.
+
+Exit status: 0 done, 1 failed (Redis or RedMessenger unreachable, or an
+error answer), 2 usage error. Each run uses the global reactor once, so
+``main()`` is for ``python -m redmessenger.cli`` and the console script,
+not for calling twice in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import secrets
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any, TextIO
+from urllib.parse import urlsplit, urlunsplit
+
+from twisted.internet import defer
+
+from . import __version__
+from .envelope import Envelope, MessageIds
+from .frames import MAX_ID_LENGTH
+from .keys import Namespace
+from .settings import RedisAddress
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+#: Shown for a queue entry that is not one of RedMessenger's envelopes.
+RAW = "(raw entry)"
+
+
+class CommandFailed(Exception):
+    """Something went wrong that is not the user's typing: exit 1."""
+
+
+# -- Redis, one command at a time ------------------------------------------------
+
+
+class Redis:
+    """One Redis connection for one command line; errors become messages
+    that name the server."""
+
+    def __init__(self, proto: Any, address: RedisAddress, reactor: Any,
+                 timeout: float) -> None:
+        self._proto = proto
+        self.address = address
+        self._reactor = reactor
+        self._timeout = timeout
+
+    async def __call__(self, *args: bytes | str | int) -> Any:
+        from .redisconnection import txredisapi
+
+        d = self._proto.execute_command(*args).addTimeout(self._timeout, self._reactor)
+        try:
+            return await d
+        except defer.TimeoutError:
+            raise CommandFailed(f"Redis at {self.address} did not answer "
+                                f"{_text(args[0])} within {self._timeout:g} s") from None
+        except txredisapi().ResponseError as e:
+            raise CommandFailed(f"Redis at {self.address} refused {_text(args[0])}: "
+                                f"{e}") from None
+        except txredisapi().ConnectionError as e:
+            raise CommandFailed(f"lost the connection to Redis at {self.address}: "
+                                f"{e}") from None
+
+    def close(self) -> None:
+        self._proto.transport.loseConnection()
+
+    async def kind(self, key: str) -> str:
+        """``TYPE``: "none", "list", "set", ..."""
+        return _text(await self(b"TYPE", key))
+
+
+async def connect_redis(reactor: Any, address: RedisAddress, timeout: float) -> Redis:
+    """Connect, authenticate and select the database, or fail with a message
+    that names the URL."""
+    from twisted.internet.endpoints import clientFromString, wrapClientTLS
+    from twisted.internet.error import ConnectError
+
+    from .redisconnection import ProtocolFactory, _tls_options
+
+    class Factory(ProtocolFactory):
+        refusal: str | None = None
+
+        def connectionError(self, why: str) -> None:  # AUTH or SELECT refused
+            self.refusal = why
+
+    factory = Factory(address)
+    endpoint = clientFromString(reactor, f"{address.client_endpoint()}:timeout={timeout:g}")
+    if address.tls:
+        endpoint = wrapClientTLS(_tls_options(address), endpoint)
+    try:
+        proto = await endpoint.connect(factory).addTimeout(timeout, reactor)
+    except (ConnectError, OSError, defer.TimeoutError) as e:
+        raise CommandFailed(f"cannot reach Redis at {address}: {_why(e)}") from None
+    ready = defer.DeferredList([proto.whenConnected(), proto.whenDisconnected()],
+                               fireOnOneCallback=True, consumeErrors=True)
+    try:
+        _, which = await ready.addTimeout(timeout, reactor)
+    except defer.TimeoutError:
+        proto.transport.abortConnection()
+        raise CommandFailed(f"Redis at {address} did not let us in within "
+                            f"{timeout:g} s") from None
+    if which == 1:
+        raise CommandFailed(f"Redis at {address} refused the connection: "
+                            f"{factory.refusal or 'it closed it'}")
+    return Redis(proto, address, reactor, timeout)
+
+
+async def group_members(redis: Redis, ns: Namespace, gid: str) -> tuple[str, list[str]]:
+    """The key's type and the members, each once, in the list's order (as
+    RedMessenger reads them)."""
+    key = ns.members(gid)
+    kind = await redis.kind(key)
+    if kind == "list":
+        members = await redis(b"LRANGE", key, 0, -1)
+    elif kind == "set":
+        members = sorted(await redis(b"SMEMBERS", key))
+    elif kind == "none":
+        members = []
+    else:
+        raise CommandFailed(f"{key} is a {kind}, not a list or a set: "
+                            "RedMessenger cannot read it either")
+    return kind, list(dict.fromkeys(_text(m) for m in members))
+
+
+# -- the commands ----------------------------------------------------------------
+
+
+async def cmd_send(redis: Redis, ns: Namespace, args: argparse.Namespace,
+                   out: TextIO) -> int:
+    payload = sys.stdin.buffer.read() if args.payload == "-" else os.fsencode(args.payload)
+    if args.user is not None:
+        channel = ns.user_channel(args.user)
+    else:
+        channel = ns.group_channel(args.group)
+    received = await redis(b"PUBLISH", channel, payload)
+    print(f"Published {_count(len(payload), 'byte')} to {channel}: "
+          f"{_count(received, 'subscriber')} received it.", file=out)
+    if received:
+        return 0
+
+    # Nobody heard it: store it as RedMessenger would have.
+    if args.user is not None:
+        recipients = [args.user]
+    else:
+        _, recipients = await group_members(redis, ns, args.group)
+        if not recipients:
+            print(f"No RedMessenger is listening, and group {args.group} has no members "
+                  f"({ns.members(args.group)}): the message reached nobody.", file=out)
+            return 0
+    from .store import STORE
+
+    envelope = Envelope(MessageIds()(), channel, int(time.time() * 1000), payload)
+    keys = [ns.queue(uid) for uid in recipients]
+    trimmed = await redis(b"EVAL", STORE.source, len(keys), *keys, envelope.stored(),
+                          args.queue_ttl, args.queue_max)
+    print(f"No RedMessenger is listening: stored message {envelope.id} for "
+          f"{_count(len(keys), 'user')}, to be delivered when they "
+          f"connect: {', '.join(keys)}", file=out)
+    for key, cut in zip(keys, trimmed, strict=True):
+        if cut:
+            print(f"{key} was over --queue-max {args.queue_max}: dropped its {cut} oldest "
+                  "messages", file=out)
+    return 0
+
+
+async def cmd_queue(redis: Redis, ns: Namespace, args: argparse.Namespace,
+                    out: TextIO) -> int:
+    key = ns.queue(args.user)
+    length = await redis(b"LLEN", key)
+    entries = await redis(b"LRANGE", key, 0, args.count - 1) if args.count else []
+    source = ns.user_channel(args.user)
+    decoded = [Envelope.from_stored(bytes(raw), source, lambda: RAW, 0) for raw in entries]
+    if args.json:
+        for envelope in decoded:
+            doc = json.loads(envelope.stored())
+            doc["raw"] = envelope.id == RAW
+            if doc["raw"]:
+                del doc["id"], doc["timestamp"]
+            print(json.dumps(doc, ensure_ascii=False), file=out)
+        return 0
+    shown = f"; the oldest {len(decoded)}:" if decoded and len(decoded) < length else ":"
+    print(f"{key}: {_count(length, 'message')}"
+          f"{shown if decoded else ''}", file=out)
+    for number, envelope in enumerate(decoded, 1):
+        if envelope.id == RAW:
+            when, ident = "-", RAW
+        else:
+            when = datetime.fromtimestamp(envelope.timestamp / 1000, timezone.utc)
+            when, ident = when.isoformat(timespec="milliseconds"), envelope.id
+        print(f"{number:>4}  {ident}  {when}  {envelope.source}  "
+              f"{_show_payload(envelope.payload)}", file=out)
+    return 0
+
+
+async def cmd_group(redis: Redis, ns: Namespace, args: argparse.Namespace,
+                    out: TextIO) -> int:
+    key = ns.members(args.group)
+    kind, members = await group_members(redis, ns, args.group)
+    if args.action == "list":
+        for member in members:
+            print(member, file=out)
+        if not members:
+            print(f"Group {args.group} has no members ({key}).", file=sys.stderr)
+        return 0
+    users = list(dict.fromkeys(args.users))
+    if args.action == "add":
+        new = [u for u in users if u not in members]
+        if kind == "list":  # keep it a list, in its order, without repeats
+            if new:
+                await redis(b"RPUSH", key, *new)
+        else:  # a set, created if the group did not exist
+            await redis(b"SADD", key, *users)
+            kind = "set"
+        print(f"Added {_count(len(new), 'member')} to group "
+              f"{args.group} ({key}, a {kind}); it has {len(members) + len(new)}.", file=out)
+        return 0
+    gone = [u for u in users if u in members]
+    for user in gone:
+        await redis(b"LREM" if kind == "list" else b"SREM", key,
+                    *((0, user) if kind == "list" else (user,)))
+    print(f"Removed {_count(len(gone), 'member')} from group "
+          f"{args.group} ({key}); it has {len(members) - len(gone)}.", file=out)
+    return 0
+
+
+async def cmd_token(redis: Redis, ns: Namespace, args: argparse.Namespace,
+                    out: TextIO) -> int:
+    key = ns.token(args.user)
+    if args.action == "show":
+        token = await redis(b"GET", key)
+        if token is None:
+            raise CommandFailed(f"user {args.user} has no key ({key} does not exist)")
+        out.flush()
+        sys.stdout.buffer.write(bytes(token) + b"\n")
+        sys.stdout.buffer.flush()
+        return 0
+    generated = args.token is None
+    if generated:
+        token = secrets.token_urlsafe(32)
+    elif args.token == "-":
+        token = sys.stdin.readline().rstrip("\r\n")
+    else:
+        token = args.token
+    if not token:
+        raise CommandFailed("the key is empty")
+    await redis(b"SET", key, token)
+    print(f"Stored the key of user {args.user} in {key}.", file=sys.stderr)
+    if generated:
+        print(token, file=out)
+    return 0
+
+
+async def cmd_status(reactor: Any, args: argparse.Namespace, out: TextIO) -> int:
+    from twisted.internet.error import ConnectError
+    from twisted.web.client import Agent, readBody
+
+    url = args.url
+    agent = Agent(reactor, connectTimeout=args.timeout)
+    try:
+        response = await agent.request(b"GET", url.encode("ascii")).addTimeout(
+            args.timeout, reactor)
+        body = await readBody(response).addTimeout(args.timeout, reactor)
+    except defer.TimeoutError:
+        raise CommandFailed(f"{url} did not answer within {args.timeout:g} s") from None
+    except (ConnectError, OSError) as e:
+        raise CommandFailed(f"cannot reach RedMessenger at {url}: {_why(e)}") from None
+    except Exception as e:  # ResponseFailed and friends: the HTTP exchange broke
+        raise CommandFailed(f"{url}: {_why(e)}") from None
+    healthy = response.code == 200
+    if args.json:
+        out.write(body.decode("utf-8", "replace").rstrip("\n") + "\n")
+        return 0 if healthy else 1
+    print(f"{url}: HTTP {response.code} {response.phrase.decode('ascii', 'replace')}",
+          file=out)
+    try:
+        doc = json.loads(body)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+    except ValueError:
+        print(f"not a health report: {body[:500].decode('utf-8', 'replace')!r}", file=out)
+        return 0 if healthy else 1
+    redis_state = doc.get("redis") if isinstance(doc.get("redis"), dict) else {}
+    links = [("connected" if redis_state.get("connected") else "not connected")
+             if "connected" in redis_state else "connection unknown",
+             ("subscribed" if redis_state.get("subscribed") else "not subscribed")
+             if "subscribed" in redis_state else "subscription unknown"]
+    print(f"status:       {doc.get('status', '?')}", file=out)
+    print(f"version:      {doc.get('version', '?')}", file=out)
+    print(f"redis:        {', '.join(links)}", file=out)
+    print(f"connections:  {doc.get('connections', '?')}", file=out)
+    print(f"users online: {doc.get('users_online', '?')}", file=out)
+    return 0 if healthy else 1
+
+
+# -- command line ----------------------------------------------------------------
+
+
+def user_id(text: str) -> str:
+    """A user id RedMessenger accepts in a hello (docs/protocol.rst), so that
+    nothing is stored for a user who could never connect."""
+    if not text or len(text) > MAX_ID_LENGTH or any(
+            c.isspace() or not c.isprintable() for c in text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a user id is 1 to {MAX_ID_LENGTH} printable characters, no spaces")
+    return text
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def health_url(text: str) -> str:
+    """``http://host:port`` (or a full ``.../health`` URL) to the health URL."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected http://host:port")
+    path = parts.path if parts.path.endswith("/health") else parts.path.rstrip("/") + "/health"
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="redmessenger",
+        description="Talk to the Redis behind RedMessenger, and to RedMessenger itself.",
+        epilog="Exit status: 0 done, 1 failed (unreachable, or an error answer), "
+               "2 usage error.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--redis", metavar="URL",
+        default=os.environ.get("REDMESSENGER_REDIS", DEFAULT_REDIS),
+        help="redis://[[user]:password@]host[:port][/db] or unix:///path[?db=N] "
+             f"(default: $REDMESSENGER_REDIS, else {DEFAULT_REDIS})")
+    parser.add_argument(
+        "--prefix", default=os.environ.get("REDMESSENGER_PREFIX", "rm"),
+        help="the prefix of every channel and key, as RedMessenger's --prefix "
+             "(default: $REDMESSENGER_PREFIX, else rm)")
+    parser.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                        help="give up on Redis or RedMessenger after this long "
+                             "(default: %(default)g)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    send = commands.add_parser(
+        "send", help="publish a message to a user or a group",
+        description="PUBLISH to rm.users.<uid> or rm.groups.<gid>. If no RedMessenger "
+                    "is subscribed (PUBLISH reached nobody), store the message in the "
+                    "queue of the user (or of each group member) in RedMessenger's "
+                    "envelope, so it is delivered when they connect.")
+    whom = send.add_mutually_exclusive_group(required=True)
+    whom.add_argument("--user", "-u", type=user_id, metavar="UID")
+    whom.add_argument("--group", "-g", metavar="GID")
+    send.add_argument("payload", metavar="PAYLOAD",
+                      help="what to send; - reads it (any bytes) from standard input")
+    send.add_argument("--queue-ttl", type=_non_negative, default=0, metavar="SECONDS",
+                      help="when storing: expire the queue this long after the store, as "
+                           "RedMessenger's --queue-ttl (default: 0, never)")
+    send.add_argument("--queue-max", type=_non_negative, default=0, metavar="N",
+                      help="when storing: keep only the newest N messages, as "
+                           "RedMessenger's --queue-max (default: 0, unbounded)")
+    send.set_defaults(run=cmd_send)
+
+    queue = commands.add_parser(
+        "queue", help="show a user's stored messages",
+        description="The length of rm:users:<uid>:messages and its oldest messages, "
+                    "decoded. Nothing is removed.")
+    queue.add_argument("user", type=user_id, metavar="UID")
+    queue.add_argument("--count", "-n", type=_non_negative, default=10, metavar="N",
+                       help="how many of the oldest to show (default: %(default)s)")
+    queue.add_argument("--json", action="store_true",
+                       help="one JSON envelope per line (raw entries: \"raw\": true)")
+    queue.set_defaults(run=cmd_queue)
+
+    group = commands.add_parser(
+        "group", help="manage a group's members",
+        description="Edit rm:groups:<gid>:members. An existing list stays a list (new "
+                    "members are appended, none twice) and an existing set a set; a new "
+                    "group is created as a set.")
+    actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, text in (("add", "add members"), ("remove", "remove members")):
+        action = actions.add_parser(name, help=text, description=text.capitalize() + ".")
+        action.add_argument("group", metavar="GID")
+        action.add_argument("users", nargs="+", type=user_id, metavar="UID")
+    listing = actions.add_parser("list", help="list the members, one per line",
+                                 description="List the members, one per line.")
+    listing.add_argument("group", metavar="GID")
+    group.set_defaults(run=cmd_group)
+
+    token = commands.add_parser(
+        "token", help="set or show a user's key",
+        description="rm:users:<uid>:key, the key a hello must present "
+                    "(--auth required or optional).")
+    actions = token.add_subparsers(dest="action", required=True, metavar="ACTION")
+    setting = actions.add_parser(
+        "set", help="set the key (a new random one if none is given)",
+        description="Set the user's key. Without TOKEN a strong random one is made "
+                    "and printed; - reads it from standard input (keeps it out of ps).")
+    setting.add_argument("user", type=user_id, metavar="UID")
+    setting.add_argument("token", nargs="?", metavar="TOKEN")
+    showing = actions.add_parser("show", help="print the key",
+                                 description="Print the user's key.")
+    showing.add_argument("user", type=user_id, metavar="UID")
+    token.set_defaults(run=cmd_token)
+
+    status = commands.add_parser(
+        "status", help="ask a running RedMessenger how it is",
+        description="GET /health from RedMessenger and print it. Exit status 0 if it "
+                    "answered 200 (healthy), 1 otherwise.")
+    status.add_argument("--url", required=True, type=health_url, metavar="URL",
+                        help="RedMessenger's HTTP address, http://host:port")
+    status.add_argument("--json", action="store_true", help="print the report as it came")
+    status.set_defaults(run=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command line; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        address = None
+        if args.run is not None:
+            if not args.prefix:
+                parser.error("--prefix must not be empty")
+            try:
+                address = RedisAddress.from_url(args.redis)
+            except ValueError as e:
+                parser.error(f"--redis: {e}")
+    except SystemExit as e:
+        return _exit_code(e.code)
+
+    from twisted.internet import task
+
+    async def run(reactor: Any) -> None:
+        code = await _run(reactor, args, address)
+        if code:
+            raise SystemExit(code)
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+    except SystemExit as e:
+        return _exit_code(e.code)
+    return 0
+
+
+async def _run(reactor: Any, args: argparse.Namespace, address: RedisAddress | None) -> int:
+    out = sys.stdout
+    try:
+        if address is None:
+            return await cmd_status(reactor, args, out)
+        redis = await connect_redis(reactor, address, args.timeout)
+        command: Callable[..., Awaitable[int]] = args.run
+        try:
+            return await command(redis, Namespace(args.prefix), args, out)
+        finally:
+            redis.close()
+    except CommandFailed as e:
+        out.flush()
+        print(f"redmessenger: {e}", file=sys.stderr)
+        return 1
+    except Exception:
+        out.flush()
+        print("redmessenger: unexpected error:", file=sys.stderr)
+        traceback.print_exc()
+        return 1
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _why(error: BaseException) -> str:
+    return str(error).strip() or type(error).__name__
+
+
+def _show_payload(payload: bytes) -> str:
+    """Text as a JSON string (quotes and escapes make its end visible);
+    other bytes as base64."""
+    try:
+        return json.dumps(payload.decode("utf-8"), ensure_ascii=False)
+    except UnicodeDecodeError:
+        return "base64:" + base64.b64encode(payload).decode("ascii")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

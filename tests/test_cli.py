@@ -1,0 +1,368 @@
+"""The ``redmessenger`` command. It runs the global reactor, which the test
+run already runs, so it is run as a subprocess (``python -m
+redmessenger.cli``) against the ``redis`` fixture; only what stops before
+the reactor (``--help``, usage errors) is called in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from harness import aiotest
+
+from redmessenger.cli import health_url, main
+
+#: Seconds one command line may take (it starts a Python, Twisted and txredisapi).
+CLI_TIMEOUT = 60.0
+CLI = [sys.executable, "-m", "redmessenger.cli"]
+
+
+def cli(redis_url: str, *args: str, stdin: bytes | None = None, cwd: Path | None = None,
+        **env: str) -> subprocess.CompletedProcess[str]:
+    """Run one command line, away from the repository (so the installed
+    package runs), with REDMESSENGER_REDIS pointing at ``redis_url``."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("REDMESSENGER_")}
+    environment.update(REDMESSENGER_REDIS=redis_url, **env)
+    result = subprocess.run(
+        [*CLI, *args], input=stdin, capture_output=True, env=environment,
+        cwd=cwd or tempfile.gettempdir(), timeout=CLI_TIMEOUT)
+    return subprocess.CompletedProcess(result.args, result.returncode,
+                                       result.stdout.decode(), result.stderr.decode())
+
+
+async def cli_async(redis_url: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+    """``cli`` from a coroutine: in a thread, so the reactor keeps serving."""
+    return await asyncio.get_running_loop().run_in_executor(
+        None, functools.partial(cli, redis_url, *args, **kwargs))
+
+
+def queue(redis, uid: str, prefix: str = "rm") -> list[dict]:
+    return [json.loads(raw) for raw in redis.command(
+        "LRANGE", f"{prefix}:users:{uid}:messages", 0, -1)]
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    return result.stdout
+
+
+# -- in-process: arguments only -------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["send", "--help"], ["queue", "--help"], ["group", "--help"],
+    ["group", "add", "--help"], ["group", "remove", "--help"], ["group", "list", "--help"],
+    ["token", "--help"], ["token", "set", "--help"], ["token", "show", "--help"],
+    ["status", "--help"],
+])
+def test_every_command_has_help(argv, capsys):
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith("usage: redmessenger")
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    ([], "required: COMMAND"),
+    (["send", "hello"], "one of the arguments --user/-u --group/-g is required"),
+    (["send", "--user", "a", "--group", "g", "hello"], "not allowed with"),
+    (["send", "--user", "has space", "hello"], "no spaces"),
+    (["queue", "user1", "--count", "-1"], "negative"),
+    (["group", "add", "cats"], "required: UID"),
+    (["token"], "required: ACTION"),
+    (["--redis", "http://nope", "queue", "user1"], "--redis: 'http://nope': expected"),
+    (["--redis", "redis://host:port", "queue", "user1"], "the port is not a number"),
+    (["--prefix", "", "queue", "user1"], "--prefix must not be empty"),
+    (["status"], "required: --url"),
+    (["status", "--url", "ftp://host"], "expected http://host:port"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_usage_errors_exit_2_and_say_why(argv, says, capsys):
+    assert main(argv) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_the_health_url_is_derived_from_the_base_url():
+    assert health_url("http://127.0.0.1:8080") == "http://127.0.0.1:8080/health"
+    assert health_url("http://127.0.0.1:8080/") == "http://127.0.0.1:8080/health"
+    assert health_url("https://host/rm/") == "https://host/rm/health"
+    assert health_url("http://host:1/health") == "http://host:1/health"
+
+
+def test_the_console_script_is_installed(redis):
+    script = Path(sys.executable).with_name("redmessenger")
+    assert script.exists(), "reinstall the package: setup.cfg declares the console script"
+    result = subprocess.run([script, "--version"], capture_output=True, text=True,
+                            timeout=CLI_TIMEOUT)
+    assert result.returncode == 0 and result.stdout.startswith("redmessenger ")
+
+
+# -- send, with nobody listening --------------------------------------------------
+
+
+def test_send_with_nobody_listening_stores_the_envelope_redmessenger_would(redis, tmp_path):
+    out = ok(cli(redis.url, "send", "--user", "user1", "Hello, world!", cwd=tmp_path))
+    assert "0 subscribers received it" in out
+    [stored] = queue(redis, "user1")
+    assert set(stored) == {"id", "source", "timestamp", "payload"}
+    assert stored["source"] == "rm.users.user1" and stored["payload"] == "Hello, world!"
+    assert stored["id"] in out and "rm:users:user1:messages" in out
+
+    blob = bytes(range(256))
+    ok(cli(redis.url, "send", "-u", "user1", "-", stdin=blob))
+    first, second = queue(redis, "user1")
+    assert first == stored
+    assert base64.b64decode(second["payload_base64"]) == blob
+    assert second["id"] != first["id"] and second["timestamp"] >= first["timestamp"]
+
+
+def test_send_to_a_group_stores_once_for_each_member(redis):
+    redis.command("RPUSH", "rm:groups:cats:members", "user1", "user2", "user1")
+    out = ok(cli(redis.url, "send", "--group", "cats", "Meow!"))
+    assert "for 2 users" in out
+    [one], [two] = queue(redis, "user1"), queue(redis, "user2")
+    assert one == two and one["source"] == "rm.groups.cats" and one["payload"] == "Meow!"
+
+    out = ok(cli(redis.url, "send", "--group", "nobody-here", "Hello?"))
+    assert "reached nobody" in out
+    redis.command("SET", "rm:groups:bad:members", "oops")
+    result = cli(redis.url, "send", "--group", "bad", "x")
+    assert result.returncode == 1
+    assert "rm:groups:bad:members is a string, not a list or a set" in result.stderr
+
+
+def test_send_honours_the_prefix_and_the_queue_limits(redis):
+    for i in range(3):
+        ok(cli(redis.url, "send", "-u", "user1", "--queue-max", "2", "--queue-ttl", "600",
+               str(i), REDMESSENGER_PREFIX="app"))
+    assert [e["payload"] for e in queue(redis, "user1", prefix="app")] == ["1", "2"]
+    assert [e["source"] for e in queue(redis, "user1", prefix="app")] == ["app.users.user1"] * 2
+    assert 0 < redis.command("TTL", "app:users:user1:messages") <= 600
+    assert queue(redis, "user1") == []
+
+
+# -- queue, group, token ------------------------------------------------------------
+
+
+def test_queue_shows_the_length_and_the_oldest_messages_decoded(redis):
+    ok(cli(redis.url, "send", "-u", "user1", "first"))
+    ok(cli(redis.url, "send", "-u", "user1", "-", stdin=b"\xff\xfe"))
+    redis.command("RPUSH", "rm:users:user1:messages", "pushed by hand")
+
+    out = ok(cli(redis.url, "queue", "user1", "--count", "2"))
+    lines = out.splitlines()
+    assert lines[0] == "rm:users:user1:messages: 3 messages; the oldest 2:"
+    assert lines[1].endswith('rm.users.user1  "first"')
+    assert lines[2].endswith("rm.users.user1  base64:" + base64.b64encode(b"\xff\xfe").decode())
+    assert len(lines) == 3
+
+    docs = [json.loads(line) for line in ok(cli(redis.url, "queue", "user1", "--json"))
+            .splitlines()]
+    assert [d["raw"] for d in docs] == [False, False, True]
+    first = json.loads(redis.command("LINDEX", "rm:users:user1:messages", 0))
+    assert docs[0] == {**first, "raw": False}
+    assert docs[2] == {"source": "rm.users.user1", "payload": "pushed by hand", "raw": True}
+
+    assert ok(cli(redis.url, "queue", "nobody")) == "rm:users:nobody:messages: 0 messages\n"
+
+
+def test_group_members_are_added_removed_and_listed_in_either_type(redis):
+    out = ok(cli(redis.url, "group", "add", "cats", "user1", "user2", "user2"))
+    assert "Added 2 members" in out and "a set" in out
+    assert redis.command("TYPE", "rm:groups:cats:members") == "set"
+    assert ok(cli(redis.url, "group", "list", "cats")).split() == ["user1", "user2"]
+    ok(cli(redis.url, "group", "remove", "cats", "user1", "stranger"))
+    assert redis.command("SMEMBERS", "rm:groups:cats:members", decode=True) == ["user2"]
+
+    # A list stays a list, in its order, and gets nobody twice.
+    redis.command("RPUSH", "rm:groups:dogs:members", "b", "a", "b")
+    out = ok(cli(redis.url, "group", "add", "dogs", "a", "c"))
+    assert "Added 1 member" in out and "a list" in out
+    assert redis.command("LRANGE", "rm:groups:dogs:members", 0, -1, decode=True) == [
+        "b", "a", "b", "c"]
+    assert ok(cli(redis.url, "group", "list", "dogs")).split() == ["b", "a", "c"]
+    ok(cli(redis.url, "group", "remove", "dogs", "b"))
+    assert redis.command("LRANGE", "rm:groups:dogs:members", 0, -1, decode=True) == ["a", "c"]
+
+    result = cli(redis.url, "group", "list", "empty")
+    assert result.returncode == 0 and result.stdout == "" and "no members" in result.stderr
+    redis.command("HSET", "rm:groups:odd:members", "a", "1")
+    result = cli(redis.url, "group", "add", "odd", "a")
+    assert result.returncode == 1 and "is a hash, not a list or a set" in result.stderr
+
+
+def test_token_set_makes_a_strong_key_and_show_prints_it(redis):
+    token = ok(cli(redis.url, "token", "set", "user1")).strip()
+    assert len(token) >= 43 and redis.command("GET", "rm:users:user1:key", decode=True) == token
+    assert ok(cli(redis.url, "token", "show", "user1")) == token + "\n"
+
+    result = cli(redis.url, "token", "set", "user1", "-", stdin=b"s3cret\n")
+    assert result.returncode == 0 and result.stdout == ""  # a given key is not echoed
+    assert redis.command("GET", "rm:users:user1:key") == b"s3cret"
+    ok(cli(redis.url, "token", "set", "user2", "chosen"))
+    assert redis.command("GET", "rm:users:user2:key") == b"chosen"
+
+    result = cli(redis.url, "token", "show", "nobody")
+    assert result.returncode == 1 and "user nobody has no key" in result.stderr
+
+
+def test_an_unreachable_redis_exits_1_naming_the_url(redis, free_port):
+    url = f"redis://127.0.0.1:{free_port}/0"
+    result = cli(url, "queue", "user1")
+    assert result.returncode == 1
+    assert f"cannot reach Redis at redis://127.0.0.1:{free_port}/0" in result.stderr
+    result = cli(redis.url.replace("/0", "/999"), "queue", "user1")
+    assert result.returncode == 1 and "refused the connection" in result.stderr
+
+
+# -- with a RedMessenger --------------------------------------------------------------
+
+
+@aiotest
+async def test_send_to_an_online_user_is_delivered_live(messenger):
+    rm = await messenger()
+    user1 = await rm.user("user1")
+    rm.redis.command("SADD", "rm:groups:cats:members", "user1")
+
+    out = ok(await cli_async(rm.redis.url, "send", "--user", "user1", "Hello, live!"))
+    assert "1 subscriber received it" in out and "stored" not in out
+    ok(await cli_async(rm.redis.url, "send", "--group", "cats", "Meow!"))
+    direct, group = await user1.messages(2)
+    assert (direct["payload"], direct["source"], direct["queued"]) == (
+        "Hello, live!", "rm.users.user1", False)
+    assert (group["payload"], group["source"]) == ("Meow!", "rm.groups.cats")
+    assert rm.queue("user1") == []
+
+
+@aiotest
+async def test_what_send_stores_with_no_redmessenger_is_drained_when_one_starts(
+        redis, messenger):
+    redis.command("RPUSH", "rm:groups:cats:members", "user1", "user2")
+    blob = b"\x00\xff not UTF-8"
+    ok(await cli_async(redis.url, "send", "--user", "user1", "-", stdin=blob))
+    ok(await cli_async(redis.url, "send", "--group", "cats", "Meow!"))
+    stored = queue(redis, "user1")
+    assert len(stored) == 2 and len(queue(redis, "user2")) == 1
+
+    rm = await messenger()
+    user1 = await rm.user("user1")
+    assert user1.welcome["queued"] == 2
+    first, second = await user1.messages(2)
+    assert base64.b64decode(first["payload_base64"]) == blob
+    assert (first["source"], first["queued"], first["id"]) == (
+        "rm.users.user1", True, stored[0]["id"])
+    assert (second["source"], second["payload"], second["id"]) == (
+        "rm.groups.cats", "Meow!", stored[1]["id"])
+    assert second["timestamp"] == stored[1]["timestamp"]
+    assert rm.queue("user1") == [] and len(rm.queue("user2")) == 1
+
+
+# -- status ----------------------------------------------------------------------------
+
+
+class HealthServer:
+    """A stand-in for RedMessenger's /health (its contract, not its code):
+    answers what the test sets and remembers the paths it was asked for."""
+
+    def __init__(self) -> None:
+        self.code = 200
+        self.body = b"{}"
+        self.paths: list[bytes] = []
+        self.port: Any = None
+
+    def answer(self, code: int, doc: Any) -> None:
+        self.code = code
+        self.body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port.getHost().port}"
+
+
+@pytest.fixture
+def health_server() -> Iterator[HealthServer]:
+    from twisted.internet import reactor
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    server = HealthServer()
+
+    class Health(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            server.paths.append(request.path)
+            if request.path != b"/health":
+                request.setResponseCode(404)
+                return b"not found"
+            request.setResponseCode(server.code)
+            request.setHeader(b"content-type", b"application/json")
+            return server.body
+
+    site = Site(Health())
+    site.noisy = False
+    server.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    try:
+        yield server
+    finally:
+        pytest_twisted.blockon(server.port.stopListening())
+
+
+HEALTHY = {"status": "ok", "redis": {"connected": True, "subscribed": True},
+           "connections": 3, "users_online": 2, "version": "0.1.0"}
+
+
+@aiotest
+async def test_status_prints_a_healthy_report_and_exits_0(redis, health_server):
+    health_server.answer(200, HEALTHY)
+    out = ok(await cli_async(redis.url, "status", "--url", health_server.url + "/"))
+    assert health_server.paths == [b"/health"]
+    assert out.splitlines() == [
+        f"{health_server.url}/health: HTTP 200 OK",
+        "status:       ok",
+        "version:      0.1.0",
+        "redis:        connected, subscribed",
+        "connections:  3",
+        "users online: 2",
+    ]
+    result = await cli_async(redis.url, "status", "--url", health_server.url, "--json")
+    assert result.returncode == 0 and json.loads(result.stdout) == HEALTHY
+
+
+@aiotest
+async def test_status_exits_1_when_unavailable_or_unreachable(redis, health_server, free_port):
+    health_server.answer(503, {**HEALTHY, "status": "unavailable",
+                               "redis": {"connected": False, "subscribed": False}})
+    result = await cli_async(redis.url, "status", "--url", health_server.url)
+    assert result.returncode == 1
+    assert "HTTP 503" in result.stdout and "status:       unavailable" in result.stdout
+    assert "redis:        not connected, not subscribed" in result.stdout
+
+    health_server.answer(500, b"<html>oops</html>")
+    result = await cli_async(redis.url, "status", "--url", health_server.url)
+    assert result.returncode == 1 and "not a health report" in result.stdout
+
+    # No RedMessenger at all (and no Redis needed for status).
+    result = await cli_async("redis://127.0.0.1:1/0", "status",
+                             "--url", f"http://127.0.0.1:{free_port}")
+    assert result.returncode == 1
+    assert f"cannot reach RedMessenger at http://127.0.0.1:{free_port}/health" in result.stderr
+
+
+@pytest.fixture(autouse=True)
+def _no_reactor_left_running_by_main():
+    """``main`` must never run or stop the test's reactor in-process."""
+    from twisted.internet import reactor
+
+    yield
+    assert reactor.running
+
