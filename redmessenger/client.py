@@ -191,7 +191,6 @@ class _Protocol(WebSocketClientProtocol):
     keeps the connection's own ack bookkeeping (tags are per socket)."""
 
     factory: _Factory
-    welcomed = False
     last_error: ServerError | None = None
     #: The highest tag whose message (and every one before it) was handled.
     handled_tag = 0
@@ -224,8 +223,8 @@ class _Protocol(WebSocketClientProtocol):
         """The handler is done with the message tagged ``tag``: acknowledge
         it now, or soon, together with the ones after it."""
         client = self.factory.client
-        if tag is None or tag <= self.handled_tag:
-            return
+        if tag is None or tag <= self.handled_tag or not self.open_now:
+            return  # a closed socket's tags mean nothing to the next one
         self.handled_tag = tag
         if self.handled_tag - self.acked_tag >= client.ack_every:
             self.flush_acks()
@@ -251,7 +250,7 @@ class _Factory(WebSocketClientFactory):
         self.client = client
 
 
-Callback = Callable[[Any], object]
+_Callback = Callable[[Any], object]
 
 
 class RedMessengerClient(Service):
@@ -400,6 +399,12 @@ class RedMessengerClient(Service):
         return d
 
     @property
+    def pending(self) -> int:
+        """Messages received and waiting for the handler (behind a handler
+        Deferred that has not fired yet)."""
+        return len(self._inbox)
+
+    @property
     def acked(self) -> int:
         """The highest tag acknowledged on the current connection."""
         return self._protocol.acked_tag if self._protocol is not None else 0
@@ -512,7 +517,6 @@ class RedMessengerClient(Service):
     def _welcomed(self, proto: _Protocol, doc: dict[str, Any]) -> None:
         welcome = Welcome(str(doc.get("id")), str(doc.get("channel")),
                           int(doc.get("queued", 0)), bool(doc.get("ack", False)))
-        proto.welcomed = True
         self.welcome = welcome
         self._attempts = 0
         self.log.info("Welcomed by {url} as {uid} on {channel}; {queued} stored messages "
@@ -578,7 +582,7 @@ class RedMessengerClient(Service):
         self.state = change.state
         self._notify(self.on_state, change)
 
-    def _notify(self, callback: Callback | None, value: object) -> None:
+    def _notify(self, callback: _Callback | None, value: object) -> None:
         if callback is None:
             return
         try:

@@ -555,6 +555,13 @@ async def test_stopping_says_shutting_down_then_1001_to_every_client(messenger):
         await rm.connect()
 
 
+async def holding_an_unacked_message(rm):
+    client = await rm.user("holder", ack=True)
+    rm.publish("rm.users.holder", "not acked")
+    await client.messages(1)
+    return client
+
+
 @aiotest
 async def test_a_hello_during_the_stop_gets_no_welcome(private_redis):
     # With Redis away, the stop waits for Redis to take the pending writes:
@@ -562,6 +569,7 @@ async def test_a_hello_during_the_stop_gets_no_welcome(private_redis):
     rm = await start_service(private_redis)
     stopping = None
     try:
+        await holding_an_unacked_message(rm)  # something to write back at the stop
         client = await rm.connect()
         private_redis.stop()
         await eventually(lambda: not rm.service.redis.connected, what="Redis to be gone")
@@ -579,7 +587,7 @@ async def test_a_hello_during_the_stop_gets_no_welcome(private_redis):
 async def test_a_stop_gives_up_on_redis_after_the_shutdown_timeout(private_redis, log_events):
     """Documented: wait up to shutdown_timeout for Redis, log, say goodbye."""
     rm = await start_service(private_redis, shutdown_timeout=0.2)
-    client = await rm.user("user1")
+    client = await holding_an_unacked_message(rm)  # something to write back at the stop
     private_redis.stop()
     await eventually(lambda: not rm.service.redis.connected, what="Redis to be gone")
     stopping = asyncio.ensure_future(rm.stop())

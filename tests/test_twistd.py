@@ -620,3 +620,31 @@ def test_a_port_that_fails_only_when_listening_still_exits_non_zero(tmp_path: Pa
         assert code == 1, twistd.log()
         assert "could not start" in twistd.log()
     assert not accepting(redis_port)
+
+
+def test_options_from_the_environment_and_json_logs(tmp_path: Path, redis) -> None:
+    """Every option can come from REDMESSENGER_*; the command line wins; and
+    --log-format json writes one JSON object per line with the event's
+    structured fields."""
+    port = pick_free_port()
+    env = deployed_env(REDMESSENGER_REDIS=redis.url, REDMESSENGER_PORT="1",
+                       REDMESSENGER_AUTH="off", REDMESSENGER_LOG_FORMAT="json",
+                       REDMESSENGER_PREFIX="envprefix")
+    args = ["-n", "redmessenger", "--port", f"tcp:{port}:interface={HOST}"]
+    with TwistdProcess(args, tmp_path, tmp_path / "twistd.log", env=env) as twistd:
+        twistd.wait_accepting(port)
+        wait_for(lambda: "Subscribed to" in twistd.log(), "the subscription", START_TIMEOUT,
+                 twistd.alive)
+        with connect(f"ws://{HOST}:{port}/") as client:
+            client.send('{"id": "user1"}')
+            welcome = json.loads(client.recv(timeout=RECV_TIMEOUT))
+            assert welcome["channel"] == "envprefix.users.user1"  # the env's prefix
+        wait_for(lambda: "Connection" in twistd.log(), "the close to be logged",
+                 START_TIMEOUT, twistd.alive)
+        twistd.terminate()
+        twistd.process.wait(timeout=GIVE_UP_TIMEOUT)
+    records = [json.loads(line) for line in twistd.log().splitlines() if line.strip()]
+    assigned = [r for r in records if r["message"].startswith("Assigning id user1")]
+    assert assigned and assigned[0]["uid"] == "user1" and assigned[0]["level"] == "info"
+    assert assigned[0]["namespace"] == "redmessenger.delivery.Dispatcher"
+    assert all({"time", "level", "namespace", "message"} <= set(r) for r in records)
