@@ -13,10 +13,11 @@ import subprocess
 import time
 
 import pytest
-from conftest import encode_command, pick_free_port, read_reply
 from harness import aiotest, eventually, start_service
 
 from redmessenger.settings import RedisAddress
+
+from conftest import encode_command, pick_free_port, read_reply
 
 
 def tls_redis_server() -> str | None:
