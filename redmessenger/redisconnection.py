@@ -19,7 +19,6 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
-from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -89,31 +88,37 @@ class ProtocolFactory(Factory):
 def connect_service(reactor, address: RedisAddress, factory: ProtocolFactory,
                     on_ready: Callable[[object], object]) -> ClientService:
     """A ClientService that calls ``on_ready`` with each new connection once
-    it is authenticated and on the right database."""
+    it is authenticated and on the right database.
 
-    def prepare(proto):
-        ready = defer.Deferred()
+    ``prepareConnection`` does not wait for that: a connection lost during
+    its setup would then reach ClientService twice (as a failed setup and as
+    a disconnection), which its state machine does not allow."""
 
-        def fire(_):
-            if not ready.called:
-                ready.callback(None)
+    # ClientService forgets failed attempts once TCP connects; connections
+    # that Redis then refuses (a wrong password) must still back off.
+    refused = [0]
 
+    def prepare(proto) -> None:
         def lost(_):
-            if not ready.called:
-                why = lost_reason(proto)
+            if not proto.connected_once:
+                refused[0] += 1
                 _log.warn("Could not set up a connection to Redis at {address}: {why}",
-                          address=str(address), why=why)
-                ready.errback(ConnectionLost(f"Redis connection lost during setup: {why}"))
+                          address=str(address), why=lost_reason(proto))
 
-        proto.whenConnected().addCallback(fire)
+        def ready(_):
+            proto.connected_once = True
+            refused[0] = 0
+            on_ready(proto)
+
+        proto.connected_once = False
+        proto.whenConnected().addCallback(ready)
         proto.whenDisconnected().addCallback(lost)
-        return ready.addCallback(lambda _: on_ready(proto))
 
     endpoint = clientFromString(reactor, address.client_endpoint())
     if address.tls:
         endpoint = wrapClientTLS(_tls_options(address), endpoint)
-    return ClientService(endpoint, factory, retryPolicy=RETRY_POLICY,
-                         prepareConnection=prepare, clock=reactor)
+    return ClientService(endpoint, factory, prepareConnection=prepare, clock=reactor,
+                         retryPolicy=lambda attempt: RETRY_POLICY(max(attempt, refused[0])))
 
 
 def name_connection(proto, role: str) -> None:
@@ -177,6 +182,7 @@ class RedisConnection(Service):
         self._protocol = None
         self._client: ClientService | None = None
         self._was_connected = False
+        self._waiters: list[defer.Deferred] = []
         #: How many times the connection came back after being lost.
         self.reconnects = 0
 
@@ -203,7 +209,12 @@ class RedisConnection(Service):
         return self._client.stopService()
 
     def whenConnected(self) -> defer.Deferred:
-        return self._client.whenConnected().addCallback(lambda _: None)
+        """Fires once a connection is ready for commands."""
+        if self._protocol is not None:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d
 
     def execute(self, *args) -> defer.Deferred:
         """Run a command; if Redis is away, wait for it and try again."""
@@ -287,6 +298,9 @@ class RedisConnection(Service):
                 _unless_lost, "Could not load a Lua script: {why}")
         for command in list(self._pending):
             self._write(command)
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
 
     def _lost(self, proto) -> None:
         if self._protocol is not proto:

@@ -83,13 +83,14 @@ class Subscriber(Service):
         try:
             yield proto.psubscribe(list(self._patterns))
         except txredisapi().ConnectionError:
-            raise  # logged by _lost, with its reason
+            return  # logged by _lost, with its reason
         except Exception as e:
             self.log.error("Redis at {address} refused PSUBSCRIBE {patterns}: {why} (an ACL "
-                           "user needs these channel patterns granted literally)",
-                           address=str(self.address),
+                           "user needs these channel patterns granted literally); trying "
+                           "again", address=str(self.address),
                            patterns=[p.decode() for p in self._patterns], why=str(e))
-            raise
+            proto.transport.loseConnection()  # and ClientService tries again, backing off
+            return
         self.subscribed = True
         self.log.info("Subscribed to {patterns} on Redis at {address}",
                       patterns=[p.decode() for p in self._patterns], address=str(self.address))

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from harness import aiotest
+from harness import aiotest, eventually, start_service
 
 from redmessenger.cli import health_url, main
 
@@ -356,6 +356,30 @@ async def test_status_exits_1_when_unavailable_or_unreachable(redis, health_serv
                              "--url", f"http://127.0.0.1:{free_port}")
     assert result.returncode == 1
     assert f"cannot reach RedMessenger at http://127.0.0.1:{free_port}/health" in result.stderr
+
+
+@aiotest
+async def test_status_of_a_real_redmessenger(messenger, private_redis):
+    """The real /health (redmessenger/web.py), healthy, then with Redis gone."""
+    rm = await messenger()
+    await rm.user("user1")
+    url = rm.url.replace("ws://", "http://")
+    out = ok(await cli_async(rm.redis.url, "status", "--url", url))
+    assert "HTTP 200" in out and "status:       ok" in out
+    assert "connections:  1" in out and "users online: 1" in out
+
+    other = await start_service(private_redis)
+    try:
+        private_redis.stop()
+        await eventually(lambda: not (other.service.redis.connected
+                                      or other.service.subscriber.subscribed),
+                         what="both connections to notice the loss")
+        result = await cli_async(rm.redis.url, "status", "--url",
+                                 other.url.replace("ws://", "http://"))
+        assert result.returncode == 1 and "HTTP 503" in result.stdout
+        assert "redis:        not connected, not subscribed" in result.stdout
+    finally:
+        await other.stop()
 
 
 @pytest.fixture(autouse=True)

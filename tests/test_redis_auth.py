@@ -65,8 +65,10 @@ async def test_a_wrong_password_is_logged_and_health_fails(private_redis):
         redis=RedisAddress(host="127.0.0.1", port=private_redis.port, password="wrong")))
     service.startService()
     try:
-        await eventually(lambda: [x for x in lines if "refused us" in x and "auth" in x])
+        await eventually(lambda: len([x for x in lines if "refused us" in x]) >= 4,
+                         what="a few refused attempts")
         assert not service.redis.connected and not service.subscriber.subscribed
+        assert not [x for x in lines if "NoTransition" in x or "Traceback" in x]
     finally:
         globalLogPublisher.removeObserver(observer)
         from harness import tw
