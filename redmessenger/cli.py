@@ -161,19 +161,22 @@ async def cmd_send(redis: Redis, ns: Namespace, args: argparse.Namespace,
             print(f"No RedMessenger is listening, and group {args.group} has no members "
                   f"({ns.members(args.group)}): the message reached nobody.", file=out)
             return 0
-    from .store import STORE
+    from .store import STORE, store_arguments
 
     envelope = Envelope(MessageIds()(), channel, int(time.time() * 1000), payload)
-    keys = [ns.queue(uid) for uid in recipients]
-    trimmed = await redis(b"EVAL", STORE.source, len(keys), *keys, envelope.stored(),
-                          args.queue_ttl, args.queue_max)
+    keys, script_args = store_arguments([([ns.queue(uid) for uid in recipients],
+                                          envelope.stored())], args.queue_ttl, args.queue_max)
+    cuts, failed = await redis(b"EVAL", STORE.source, len(keys), *keys, *script_args)
+    if failed:
+        print(f"Redis refused to store message {envelope.id}: "
+              f"{failed[1].decode(errors='replace')}", file=sys.stderr)
+        return 1
     print(f"No RedMessenger is listening: stored message {envelope.id} for "
           f"{_count(len(keys), 'user')}, to be delivered when they "
           f"connect: {', '.join(keys)}", file=out)
-    for key, cut in zip(keys, trimmed, strict=True):
-        if cut:
-            print(f"{key} was over --queue-max {args.queue_max}: dropped its {cut} oldest "
-                  "messages", file=out)
+    for index, cut in zip(cuts[::2], cuts[1::2], strict=True):
+        print(f"{keys[index - 1]} was over --queue-max {args.queue_max}: dropped its {cut} "
+              "oldest messages", file=out)
     return 0
 
 

@@ -44,18 +44,20 @@ class MessageStore(Protocol):
     """The per-user queues in Redis. Every call is retried across Redis
     outages until it is done; only a Redis error reply fails it."""
 
-    def store(self, uids: Sequence[str], envelope: Envelope) -> defer.Deferred:
-        """Append to the tail of each user's queue."""
+    def store(self, uids: Sequence[str], envelope: Envelope) -> None:
+        """Append to the tail of each user's queue, after everything handed
+        over before. What Redis refuses, the store logs with its envelope."""
 
     def requeue(self, uid: str, envelopes: Sequence[Envelope]) -> defer.Deferred:
         """Put back at the head of the queue, keeping their order."""
 
     def take(self, uid: str, count: int) -> defer.Deferred:
-        """Atomically remove up to ``count`` from the head: fires with
-        ``(raw entries, number left)``. Safe to repeat if its reply is lost."""
+        """Atomically remove up to ``count`` from the head: fires with a
+        ``Taken`` (raw entries, number left, claim). Safe to repeat if its
+        reply is lost."""
 
-    def release(self, uid: str) -> defer.Deferred:
-        """Forget what the last ``take`` kept in case its reply was lost."""
+    def release(self, claim: str) -> defer.Deferred:
+        """Forget what a ``take`` kept in case its reply was lost."""
 
     def flushed(self) -> defer.Deferred:
         """Fires when every write handed over so far is in Redis."""
@@ -64,10 +66,12 @@ class MessageStore(Protocol):
 class _Outstanding:
     """One message sent to one user's ack-mode sockets, until one acks it."""
 
-    __slots__ = ("envelope", "holders", "done")
+    __slots__ = ("envelope", "seq", "holders", "done")
 
-    def __init__(self, envelope: Envelope) -> None:
+    def __init__(self, envelope: Envelope, seq: int) -> None:
         self.envelope = envelope
+        #: The order in which the user's messages were sent.
+        self.seq = seq
         self.holders = 0
         self.done = False
 
@@ -88,7 +92,8 @@ class _Session:
     """One user's presence here: sockets oldest first, and whether stored
     messages are being drained (live ones wait behind them meanwhile)."""
 
-    __slots__ = ("uid", "seats", "draining", "waiting", "returned", "remaining")
+    __slots__ = ("uid", "seats", "draining", "waiting", "returned", "unsent", "remaining",
+                 "sent")
 
     def __init__(self, uid: str) -> None:
         self.uid = uid
@@ -96,9 +101,12 @@ class _Session:
         self.draining = False
         #: Live messages that arrived during the drain, in order.
         self.waiting: deque[Envelope] = deque()
-        #: Messages a departed socket left undelivered while a drain's take
-        #: was in flight; they go before whatever that take brings.
-        self.returned: list[Envelope] = []
+        #: While a drain's take is in flight: (seq, message) a departed
+        #: socket left unacknowledged, and then the drained messages no
+        #: socket would take; both go before whatever that take brings.
+        self.returned: list[tuple[int, Envelope]] = []
+        self.unsent: list[Envelope] = []
+        self.sent = 0
         #: Stored messages still to come in this drain (for late welcomes);
         #: unknown until the drain's first take has answered.
         self.remaining: int | None = None
@@ -179,12 +187,13 @@ class Dispatcher:
         for outstanding in seat.unacked.values():
             outstanding.holders -= 1
             if not outstanding.done and outstanding.holders == 0:
-                orphans.append(outstanding.envelope)
+                orphans.append(outstanding)
         seat.unacked.clear()
         if orphans:
             if session.draining:
-                session.returned.extend(orphans)
+                session.returned.extend((o.seq, o.envelope) for o in orphans)
             else:
+                orphans = [o.envelope for o in orphans]
                 if session.seats:
                     self.log.info("{uid}: socket {peer} left {count} unacknowledged messages, "
                                   "sending them to the user's other sockets",
@@ -237,7 +246,7 @@ class Dispatcher:
                 for uid in offline:
                     self.log.debug("Client is not online, queueing message in Redis ({key})",
                                    key=self._ns.queue(uid))
-            self._keep(self._store.store(offline, envelope), offline, envelope)
+            self._store.store(offline, envelope)
 
     def _send(self, session: _Session, envelope: Envelope) -> bool:
         """Send to all of the user's sockets, the newest one bubbling; true
@@ -245,6 +254,7 @@ class Dispatcher:
         taken_plain = False
         outstanding = None
         newest = session.seats[-1]
+        session.sent += 1
         for seat in session.seats:
             bubble = seat is newest
             if not seat.socket.ack_mode:
@@ -253,21 +263,13 @@ class Dispatcher:
             tag = seat.next_tag
             if seat.socket.send(envelope.frame(bubble, tag)):
                 if outstanding is None:
-                    outstanding = _Outstanding(envelope)
+                    outstanding = _Outstanding(envelope, session.sent)
                 seat.next_tag += 1
                 seat.unacked[tag] = outstanding
                 outstanding.holders += 1
         if outstanding is not None and taken_plain:
             outstanding.done = True
         return taken_plain or outstanding is not None
-
-    def _keep(self, stored: defer.Deferred, uids: Sequence[str], envelope: Envelope) -> None:
-        """A store Redis refused (wrong key type, out of memory...) cannot be
-        retried into success; say loudly what it was, so it can be replayed."""
-        stored.addErrback(
-            lambda f: self.log.failure(
-                "Could not store message {id} for {uids}; its envelope: {envelope}",
-                f, id=envelope.id, uids=list(uids), envelope=envelope.stored().decode()))
 
     def _recommit(self, uid: str, envelopes: list[Envelope]) -> None:
         self.stats.recommitted += len(envelopes)
@@ -293,39 +295,54 @@ class Dispatcher:
         d.addBoth(self._drain_done, session, d)
 
     async def _drain(self, session: _Session) -> None:
+        """Take the queue chunk by chunk, asking for the next chunk before
+        sending this one, so Redis and the sockets work at the same time."""
         uid = session.uid
-        while True:
-            items, left = await self._store.take(uid, self._chunk)
-            if session.remaining is None and items:
+        taking = self._store.take(uid, self._chunk)
+        while taking is not None:
+            taken = await taking
+            taking = self._store.take(uid, self._chunk) if taken.left and session.seats else None
+            if session.remaining is None and taken.items:
                 self.log.info("{channel} has {count} messages enqueued, purging!",
-                              channel=self._ns.user_channel(uid), count=len(items) + left)
-            session.remaining = len(items) + left
+                              channel=self._ns.user_channel(uid),
+                              count=len(taken.items) + taken.left)
+            session.remaining = len(taken.items) + taken.left
             for seat in session.seats:
                 if not seat.started:
                     self._start(seat, session.remaining)
-            returned = session.returned
-            envelopes = returned + [
-                Envelope.from_stored(raw, self._ns.user_channel(uid), self.ids,
-                                     int(self._clock() * 1000))
-                for raw in items]
-            session.returned = []
-            sent = self._hand_over(session, envelopes)
-            self.stats.redelivered += min(sent, len(returned))
-            self.stats.drained += max(0, sent - len(returned))
-            session.remaining = left
-            if items:
-                self._store.release(uid).addErrback(
-                    lambda f: self.log.failure("Could not release the drain claim of {uid}",
+            orphans, unsent = self._returned(session)
+            now_ms = int(self._clock() * 1000)
+            envelopes = orphans + unsent + [
+                Envelope.from_stored(raw, self._ns.user_channel(uid), self.ids, now_ms)
+                for raw in taken.items]
+            sent = self._hand_over(session, envelopes, hold=taking is not None)
+            self.stats.redelivered += min(sent, len(orphans))
+            self.stats.drained += max(0, sent - len(orphans))
+            session.remaining = taken.left
+            if taken.items:
+                self._store.release(taken.claim).addErrback(
+                    lambda f: self.log.failure("Could not release a drain claim of {uid}",
                                                f, uid=uid))
-            if sent < len(envelopes) or not left:
-                return
 
-    def _hand_over(self, session: _Session, envelopes: list[Envelope]) -> int:
+    @staticmethod
+    def _returned(session: _Session) -> tuple[list[Envelope], list[Envelope]]:
+        """What waits to go before the next take's messages, in send order."""
+        orphans = [envelope for _, envelope in sorted(session.returned, key=lambda r: r[0])]
+        unsent = session.unsent
+        session.returned, session.unsent = [], []
+        return orphans, unsent
+
+    def _hand_over(self, session: _Session, envelopes: list[Envelope],
+                   hold: bool = False) -> int:
         """Send stored or returned messages in order; if the user is gone, put
-        the rest back at the head of the queue. How many were sent."""
+        the rest back at the head of the queue (or, with ``hold``, keep them
+        to go before the take in flight). How many were sent."""
         for index, envelope in enumerate(envelopes):
             if not session.seats or not self._send(session, envelope):
-                self._recommit(session.uid, envelopes[index:])
+                if hold:
+                    session.unsent = envelopes[index:]
+                else:
+                    self._recommit(session.uid, envelopes[index:])
                 return index
             if self._trace:
                 self.log.debug("{uid}: Purging message {id} from {source}", uid=session.uid,
@@ -341,9 +358,10 @@ class Dispatcher:
             for seat in session.seats:
                 if not seat.started:
                     self._start(seat, 0)
-        if session.returned:
-            returned, session.returned = session.returned, []
-            self.stats.redelivered += self._hand_over(session, returned)
+        orphans, unsent = self._returned(session)
+        if orphans or unsent:
+            sent = self._hand_over(session, orphans + unsent)
+            self.stats.redelivered += min(sent, len(orphans))
         waiting = session.waiting
         while waiting and session.seats and self._send(session, waiting[0]):
             self.stats.delivered_live += 1
@@ -363,7 +381,7 @@ class Dispatcher:
         self.log.info("{uid}: Client is not online, queueing {count} messages in Redis ({key})",
                       uid=session.uid, count=len(waiting), key=self._ns.queue(session.uid))
         for envelope in waiting:
-            self._keep(self._store.store([session.uid], envelope), [session.uid], envelope)
+            self._store.store([session.uid], envelope)
 
     # -- stopping --------------------------------------------------------
 

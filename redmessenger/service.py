@@ -57,7 +57,8 @@ class RedMessengerService(MultiService):
             address = settings.redis
         self.redis = RedisConnection(address, reactor, SCRIPTS)
         self.store = RedisStore(self.redis, namespace, uuid.uuid4().hex[:12],
-                                queue_ttl=settings.queue_ttl, queue_max=settings.queue_max)
+                                queue_ttl=settings.queue_ttl, queue_max=settings.queue_max,
+                                reactor=reactor)
         self.dispatcher = Dispatcher(self.store, namespace,
                                      max_sockets_per_user=settings.max_sockets_per_user,
                                      drain_chunk=settings.drain_chunk, trace=settings.verbose)

@@ -7,7 +7,9 @@ next take, never lost between a read and a delete.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -16,21 +18,44 @@ from .envelope import Envelope
 from .keys import Namespace
 from .redisconnection import RedisConnection, Script
 
+# Many messages in one call. KEYS: every recipient queue, message after
+# message; ARGV: ttl, max, then per message the number of its keys and the
+# envelope. A key Redis refuses (not a list) does not stop the others.
 STORE = Script("""
-local ttl, max = tonumber(ARGV[2]), tonumber(ARGV[3])
-local trimmed = {}
-for i, key in ipairs(KEYS) do
-  local length = redis.call('RPUSH', key, ARGV[1])
-  local cut = 0
-  if max > 0 and length > max then
-    cut = length - max
-    redis.call('LTRIM', key, cut, -1)
+local ttl, max = tonumber(ARGV[1]), tonumber(ARGV[2])
+local cuts, failed, k = {}, {}, 1
+for i = 3, #ARGV, 2 do
+  local envelope = ARGV[i + 1]
+  for j = k, k + tonumber(ARGV[i]) - 1 do
+    local length = redis.pcall('RPUSH', KEYS[j], envelope)
+    if type(length) == 'table' and length.err then
+      failed[#failed + 1] = j
+      failed[#failed + 1] = length.err
+    else
+      if max > 0 and length > max then
+        redis.call('LTRIM', KEYS[j], length - max, -1)
+        cuts[#cuts + 1] = j
+        cuts[#cuts + 1] = length - max
+      end
+      if ttl > 0 then redis.call('EXPIRE', KEYS[j], ttl) end
+    end
   end
-  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
-  trimmed[i] = cut
+  k = k + tonumber(ARGV[i])
 end
-return trimmed
+return {cuts, failed}
 """)
+
+
+def store_arguments(messages: Sequence[tuple[Sequence[str], bytes]], ttl: int,
+                    max_length: int) -> tuple[list[str], list]:
+    """KEYS and ARGV of one ``STORE`` call for ``(queue keys, envelope)`` pairs."""
+    keys: list[str] = []
+    args: list = [ttl, max_length]
+    for queues, envelope in messages:
+        keys.extend(queues)
+        args += [len(queues), envelope]
+    return keys, args
+
 
 REQUEUE = Script("""
 for i = #ARGV, 2, -1 do redis.call('LPUSH', KEYS[1], ARGV[i]) end
@@ -66,47 +91,107 @@ SCRIPTS = (STORE, REQUEUE, TAKE, MEMBERS)
 MAX_TAKE = 5000
 
 
+#: Stores gathered into one Redis call: at most this many queue keys.
+MAX_BATCH_KEYS = 5000
+
+
+class Taken(NamedTuple):
+    """What one take of a drain brought: the raw entries, how many are left
+    in the queue, and the claim to release once the entries are handled."""
+
+    items: list[bytes]
+    left: int
+    claim: str
+
+
 class RedisStore:
     """``MessageStore`` on one ordered Redis connection, plus the lookups
-    (tokens, group members) that decide who gets what."""
+    (tokens, group members) that decide who gets what.
+
+    Stores made in one reactor turn go to Redis as one script call: a burst
+    for offline users costs a round trip per turn, not per message. Every
+    other command sends the gathered stores first, so Redis sees everything
+    in the order it was asked."""
 
     log = Logger()
 
     def __init__(self, connection: RedisConnection, namespace: Namespace, owner: str, *,
-                 queue_ttl: int = 0, queue_max: int = 0) -> None:
+                 queue_ttl: int = 0, queue_max: int = 0, reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
         self._redis = connection
         self._ns = namespace
         self._owner = owner
         self._ttl = queue_ttl
         self._max = queue_max
+        self._reactor = reactor
+        self._batch: list[tuple[Sequence[str], Envelope]] = []
+        self._batch_keys = 0
+        self._timer = None
+        self._claims = itertools.count(1)
 
-    def store(self, uids: Sequence[str], envelope: Envelope) -> defer.Deferred:
-        d = self._redis.eval(STORE, [self._ns.queue(uid) for uid in uids],
-                             [envelope.stored(), self._ttl, self._max])
-        if self._max:
-            d.addCallback(self._trimmed, uids)
-        return d
+    def store(self, uids: Sequence[str], envelope: Envelope) -> None:
+        self._batch.append((uids, envelope))
+        self._batch_keys += len(uids)
+        if self._batch_keys >= MAX_BATCH_KEYS:
+            self._flush()
+        elif self._timer is None:
+            self._timer = self._reactor.callLater(0, self._flush)
 
-    def _trimmed(self, counts: list[int], uids: Sequence[str]) -> None:
-        for uid, count in zip(uids, counts, strict=True):
-            if count:
-                self.log.warn("Queue {key} is over --queue-max {max}: discarded its {count} "
-                              "oldest messages", key=self._ns.queue(uid), max=self._max,
-                              count=count)
+    def _flush(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        if not self._batch:
+            return
+        batch, self._batch, self._batch_keys = self._batch, [], 0
+        queues = [([self._ns.queue(uid) for uid in uids], envelope) for uids, envelope in batch]
+        keys, args = store_arguments([(q, e.stored()) for q, e in queues], self._ttl, self._max)
+        d = self._redis.eval(STORE, keys, args)
+        d.addCallbacks(self._stored, self._not_stored, callbackArgs=(queues,),
+                       errbackArgs=(queues,))
+
+    def _stored(self, reply: list, queues: list[tuple[list[str], Envelope]]) -> None:
+        cuts, failed = reply
+        if not cuts and not failed:
+            return
+        owners = [(key, envelope) for keys, envelope in queues for key in keys]
+        for index, count in zip(cuts[::2], cuts[1::2], strict=True):
+            self.log.warn("Queue {key} is over --queue-max {max}: discarded its {count} "
+                          "oldest messages", key=owners[index - 1][0], max=self._max,
+                          count=count)
+        for index, why in zip(failed[::2], failed[1::2], strict=True):
+            key, envelope = owners[index - 1]
+            self.log.error("Could not store message {id} in {key} ({why}); its envelope: "
+                           "{envelope}", id=envelope.id, key=key, why=_text(why),
+                           envelope=envelope.stored().decode())
+
+    def _not_stored(self, failure, queues: list[tuple[list[str], Envelope]]) -> None:
+        for keys, envelope in queues:
+            self.log.failure("Could not store message {id} in {keys}; its envelope: "
+                             "{envelope}", failure, id=envelope.id, keys=keys,
+                             envelope=envelope.stored().decode())
 
     def requeue(self, uid: str, envelopes: Sequence[Envelope]) -> defer.Deferred:
+        self._flush()
         return self._redis.eval(REQUEUE, [self._ns.queue(uid)],
                                 [self._ttl, *(e.stored() for e in envelopes)])
 
     def take(self, uid: str, count: int) -> defer.Deferred:
-        d = self._redis.eval(TAKE, [self._ns.queue(uid), self._ns.claim(uid, self._owner)],
-                             [min(count, MAX_TAKE)])
-        return d.addCallback(lambda reply: (reply[0], reply[1]))
+        """Each take keeps what it took under a claim of its own, so a drain
+        may ask for the next chunk before it has handled this one."""
+        self._flush()
+        claim = self._ns.claim(uid, f"{self._owner}:{next(self._claims)}")
+        d = self._redis.eval(TAKE, [self._ns.queue(uid), claim], [min(count, MAX_TAKE)])
+        return d.addCallback(lambda reply: Taken(reply[0], reply[1], claim))
 
-    def release(self, uid: str) -> defer.Deferred:
-        return self._redis.execute(b"DEL", self._ns.claim(uid, self._owner))
+    def release(self, claim: str) -> defer.Deferred:
+        self._flush()
+        return self._redis.execute(b"DEL", claim)
 
     def flushed(self) -> defer.Deferred:
+        self._flush()
         return self._redis.flushed()
 
     def token(self, uid: str) -> defer.Deferred:
@@ -117,6 +202,7 @@ class RedisStore:
 
     def members(self, gid: str) -> defer.Deferred:
         """A group's members (a Redis list or set), each once, in order."""
+        self._flush()
         return self._redis.eval(MEMBERS, [self._ns.members(gid)]).addCallback(
             self._unique_members, gid)
 
@@ -129,3 +215,7 @@ class RedisStore:
                 self.log.warn("Group {gid} lists a member that is not UTF-8 ({member!r}); "
                               "skipping it", gid=gid, member=item)
         return list(members)
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -15,6 +15,7 @@ from twisted.internet import defer
 from redmessenger.delivery import Dispatcher
 from redmessenger.envelope import Envelope
 from redmessenger.keys import Namespace
+from redmessenger.store import Taken
 
 
 class Queues:
@@ -42,14 +43,14 @@ class Queues:
         items = self.lists.get(uid, [])
         taken, self.lists[uid] = items[:count], items[count:]
         d = defer.Deferred()
-        self.takes.append((d, (taken, len(self.lists[uid]))))
+        self.takes.append((d, Taken(taken, len(self.lists[uid]), f"claim-{len(self.takes)}")))
         return d
 
     def answer_take(self) -> None:
         d, reply = self.takes.pop(0)
         d.callback(reply)
 
-    def release(self, uid):
+    def release(self, claim):
         self.released += 1
         return defer.succeed(None)
 
