@@ -1,13 +1,18 @@
 """A message as RedMessenger keeps it: the published payload plus the id,
-source and receive time that must survive being stored and drained."""
+source and receive time that must survive being stored and drained.
+
+The stored form is JSON with a fixed layout, and a ``message`` frame is that
+same JSON with a few fields around it: each message is serialized once, and
+a drained one is sent without being parsed and serialized again.
+"""
 
 from __future__ import annotations
 
 import base64
 import itertools
 import json
+import re
 import uuid
-from dataclasses import dataclass, field
 
 
 class MessageIds:
@@ -22,47 +27,81 @@ class MessageIds:
         return f"{self._boot}-{next(self._counter):x}"
 
 
-@dataclass(eq=False)
-class Envelope:
-    id: str
-    source: str
-    #: Milliseconds since the epoch when RedMessenger received the PUBLISH.
-    timestamp: int
-    payload: bytes
-    #: Whether this one came out of the stored queue.
-    queued: bool = False
-    #: When this process received it (``time.time()``), for the latency
-    #: metric; 0 for one read back from a queue.
-    received: float = 0.0
-    _frames: dict = field(default_factory=dict, repr=False)
+# "Unrolled" so that it never backtracks: linear even on hostile input.
+_STRING = r'"([^"\\\x00-\x1f]*(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\\x00-\x1f]*)*)"'
+#: Exactly what ``Envelope.stored()`` writes: valid JSON with our fields in
+#: our order, so it can be spliced into a frame as it is.
+_BASE64 = r'"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"'
+_CANONICAL = re.compile(
+    r'\{"id":' + _STRING + r',"source":' + _STRING + r',"timestamp":(-?\d{1,17}),'
+    r'(?:"payload":' + _STRING.replace("(", "(?:", 1) + r'|"payload_base64":' + _BASE64
+    + r")\}")
 
-    def _payload_fields(self) -> dict:
-        try:
-            return {"payload": self.payload.decode("utf-8")}
-        except UnicodeDecodeError:
-            return {"payload_base64": base64.b64encode(self.payload).decode("ascii")}
+
+def _unescape(text: str) -> str:
+    return json.loads(f'"{text}"') if "\\" in text else text
+
+
+class Envelope:
+    __slots__ = ("id", "source", "timestamp", "_payload", "queued", "received", "_stored",
+                 "_bubbling", "_quiet")
+
+    def __init__(self, id: str, source: str, timestamp: int, payload: bytes, *,
+                 queued: bool = False, received: float = 0.0) -> None:
+        self.id = id
+        self.source = source
+        #: Milliseconds since the epoch when RedMessenger received the PUBLISH.
+        self.timestamp = timestamp
+        self._payload = payload
+        #: Whether this one came out of the stored queue.
+        self.queued = queued
+        #: When this process received it (``time.time()``), for the latency
+        #: metric; 0 for one read back from a queue.
+        self.received = received
+        self._stored: bytes | None = None
+        self._bubbling: bytes | None = None
+        self._quiet: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"<Envelope {self.id} from {self.source}>"
+
+    @property
+    def payload(self) -> bytes:
+        if self._payload is None:
+            doc = json.loads(self._stored)
+            self._payload = (doc["payload"].encode("utf-8") if "payload" in doc
+                             else base64.b64decode(doc["payload_base64"]))
+        return self._payload
 
     def stored(self) -> bytes:
         """The JSON kept in ``rm:users:<uid>:messages``."""
-        return json.dumps({"id": self.id, "source": self.source,
-                           "timestamp": self.timestamp, **self._payload_fields()},
-                          separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if self._stored is None:
+            try:
+                payload = {"payload": self._payload.decode("utf-8")}
+            except UnicodeDecodeError:
+                payload = {"payload_base64": base64.b64encode(self._payload).decode("ascii")}
+            self._stored = json.dumps(
+                {"id": self.id, "source": self.source, "timestamp": self.timestamp, **payload},
+                separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return self._stored
 
     def frame(self, bubble: bool, tag: int | None = None) -> bytes:
         """The ``message`` frame for one socket. Frames without a tag are the
         same for every socket, so they are built once per message."""
-        key = (bubble, tag)
-        if tag is None and key in self._frames:
-            return self._frames[key]
-        body = {"type": "message", "id": self.id, "source": self.source,
-                "timestamp": self.timestamp, **self._payload_fields(),
-                "bubble": bubble, "queued": self.queued}
-        if tag is not None:
-            body["tag"] = tag
-        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         if tag is None:
-            self._frames[key] = data
-        return data
+            cached = self._bubbling if bubble else self._quiet
+            if cached is not None:
+                return cached
+        frame = b"".join((b'{"type":"message",', self.stored()[1:-1],
+                          b',"bubble":true' if bubble else b',"bubble":false',
+                          b',"queued":true' if self.queued else b',"queued":false',
+                          b"}" if tag is None else b',"tag":%d}' % tag))
+        if tag is None:
+            if bubble:
+                self._bubbling = frame
+            else:
+                self._quiet = frame
+        return frame
 
     @classmethod
     def from_stored(cls, raw: bytes, default_source: str, new_id: MessageIds,
@@ -71,7 +110,23 @@ class Envelope:
         string another program ``RPUSH``ed) is delivered as its own payload,
         never dropped."""
         try:
-            doc = json.loads(raw)
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return cls(new_id(), default_source, now_ms, raw, queued=True)
+        match = _CANONICAL.fullmatch(text)
+        if match is not None:
+            envelope = cls(_unescape(match[1]), _unescape(match[2]), int(match[3]), None,
+                           queued=True)
+            envelope._stored = raw
+            return envelope
+        return cls._from_other_json(text, raw, default_source, new_id, now_ms)
+
+    @classmethod
+    def _from_other_json(cls, text: str, raw: bytes, default_source: str, new_id: MessageIds,
+                         now_ms: int) -> Envelope:
+        """An envelope written some other way (spacing, key order), or none."""
+        try:
+            doc = json.loads(text)
             if (isinstance(doc, dict) and isinstance(doc.get("id"), str)
                     and isinstance(doc.get("source"), str)
                     and isinstance(doc.get("timestamp"), int)):

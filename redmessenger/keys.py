@@ -3,6 +3,7 @@ prefix (``rm`` by default) is applied the same way everywhere."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -26,11 +27,14 @@ class Namespace:
     def parse_channel(self, channel: str) -> tuple[str, str] | None:
         """``("users", uid)`` or ``("groups", gid)``; ``None`` for a channel
         that is not ours. Everything after the kind is the id, dots included."""
-        for kind in ("users", "groups"):
-            head = f"{self.prefix}.{kind}."
+        for kind, head in self._heads:
             if channel.startswith(head) and len(channel) > len(head):
                 return kind, channel[len(head):]
         return None
+
+    @functools.cached_property
+    def _heads(self) -> tuple[tuple[str, str], ...]:
+        return tuple((kind, f"{self.prefix}.{kind}.") for kind in ("users", "groups"))
 
     # Keys (colons).
     def queue(self, uid: str) -> str:

@@ -15,6 +15,7 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from autobahn.websocket.protocol import PreparedMessage
 from twisted.logger import Logger
 
 from . import frames
@@ -54,7 +55,12 @@ class RedMessengerProtocol(WebSocketServerProtocol):
     def send(self, frame: bytes) -> bool:
         if self.state != self.STATE_OPEN:
             return False
-        self.sendMessage(frame)
+        if self._perMessageCompress is None and not self.send_queue:
+            # What sendMessage() would write, without the debug-log arguments
+            # Autobahn's sendData() formats on every call (most of its cost).
+            self.transport.write(PreparedMessage(frame, False, False, True).payloadHybi)
+        else:
+            self.sendMessage(frame)
         return True
 
     def close(self, code: int, error: str, reason: str) -> None:

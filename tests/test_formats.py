@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.python import usage
 
 from redmessenger.envelope import Envelope, MessageIds
@@ -125,3 +127,28 @@ def test_options_make_settings(redis):
 def test_bad_options(argv, redis):
     with pytest.raises(usage.UsageError):
         Options().parseOptions(["--redis", redis.url, *argv])
+
+
+@settings(max_examples=300, deadline=None)
+@given(uid=st.text(min_size=1), source=st.text(), timestamp=st.integers(0, 2**53),
+       payload=st.binary() | st.text().map(lambda t: t.encode("utf-8", "surrogatepass")),
+       bubble=st.booleans(), tag=st.none() | st.integers(1, 2**40))
+def test_spliced_frames_are_the_json_they_claim_to_be(uid, source, timestamp, payload, bubble,
+                                                      tag):
+    """Frames are the stored JSON with fields around it, and drained entries
+    are sent without being parsed: both must still be exactly this JSON."""
+    ids = MessageIds()
+    live = Envelope(uid, source, timestamp, payload)
+    drained = Envelope.from_stored(live.stored(), "rm.users.x", ids, 0)
+    assert (drained.id, drained.source, drained.timestamp, drained.payload) == \
+        (uid, source, timestamp, payload)
+    for envelope, queued in ((live, False), (drained, True)):
+        frame = json.loads(envelope.frame(bubble, tag))
+        body = {k: v for k, v in frame.items() if k.startswith("payload")}
+        decoded = (body["payload"].encode("utf-8", "surrogatepass") if "payload" in body
+                   else base64.b64decode(body["payload_base64"]))
+        assert decoded == payload
+        assert frame["id"] == uid and frame["source"] == source
+        assert frame["timestamp"] == timestamp and frame["bubble"] is bubble
+        assert frame["queued"] is queued and frame.get("tag") == tag
+        assert list(frame)[:4] == ["type", "id", "source", "timestamp"]
