@@ -22,6 +22,8 @@ from .frames import Close
 from .keys import Namespace
 from .stats import Stats
 
+#: Module-level: a class attribute Logger builds a new Logger on every access.
+log = Logger()
 
 class Socket(Protocol):
     """What the dispatcher needs of one identified WebSocket."""
@@ -115,7 +117,6 @@ class _Session:
 class Dispatcher:
     """Who is online here, and deliver-or-store for every message."""
 
-    log = Logger()
 
     def __init__(self, store: MessageStore, namespace: Namespace, *,
                  max_sockets_per_user: int = 8, drain_chunk: int = 500,
@@ -157,7 +158,7 @@ class Dispatcher:
         session = self._sessions.get(socket.uid)
         if session is not None and len(session.seats) >= self._max_sockets:
             oldest = session.seats[0].socket
-            self.log.info("{uid} has more than {max} sockets, closing the oldest ({peer})",
+            log.info("{uid} has more than {max} sockets, closing the oldest ({peer})",
                           uid=socket.uid, max=self._max_sockets, peer=oldest.peer)
             self.detach(oldest)  # which may end the session
             oldest.close(Close.TOO_MANY_SOCKETS, "too_many_sockets",
@@ -168,7 +169,7 @@ class Dispatcher:
             session = self._sessions[socket.uid] = _Session(socket.uid)
         seat = self._seats[socket] = _Seat(socket)
         session.seats.append(seat)
-        self.log.info("Assigning id {uid} to socket {peer}.", uid=socket.uid, peer=socket.peer)
+        log.info("Assigning id {uid} to socket {peer}.", uid=socket.uid, peer=socket.peer)
         if session.draining:
             if session.remaining is not None:
                 self._start(seat, session.remaining)
@@ -195,7 +196,7 @@ class Dispatcher:
             else:
                 orphans = [o.envelope for o in orphans]
                 if session.seats:
-                    self.log.info("{uid}: socket {peer} left {count} unacknowledged messages, "
+                    log.info("{uid}: socket {peer} left {count} unacknowledged messages, "
                                   "sending them to the user's other sockets",
                                   uid=session.uid, peer=socket.peer, count=len(orphans))
                 self.stats.redelivered += self._hand_over(session, orphans)
@@ -239,13 +240,13 @@ class Dispatcher:
                 if stats.delivered_live & 15 == 1:  # one in 16 is plenty for a histogram
                     stats.observe_latency(self._clock() - envelope.received)
                 if self._trace:
-                    self.log.debug("{uid}: Sending message {id} from {source}", uid=uid,
+                    log.debug("{uid}: Sending message {id} from {source}", uid=uid,
                                    id=envelope.id, source=envelope.source)
         if offline:
             stats.stored += len(offline)
             if self._trace:
                 for uid in offline:
-                    self.log.debug("Client is not online, queueing message in Redis ({key})",
+                    log.debug("Client is not online, queueing message in Redis ({key})",
                                    key=self._ns.queue(uid))
             self._store.store(offline, envelope)
 
@@ -274,10 +275,10 @@ class Dispatcher:
 
     def _recommit(self, uid: str, envelopes: list[Envelope]) -> None:
         self.stats.recommitted += len(envelopes)
-        self.log.info("{uid}: Client is no longer online, recommitting {count} messages to "
+        log.info("{uid}: Client is no longer online, recommitting {count} messages to "
                       "the head of {key}", uid=uid, count=len(envelopes), key=self._ns.queue(uid))
         d = self._store.requeue(uid, envelopes)
-        d.addErrback(lambda f: self.log.failure(
+        d.addErrback(lambda f: log.failure(
             "Could not recommit {count} messages for {uid}; their envelopes: {envelopes}",
             f, count=len(envelopes), uid=uid,
             envelopes=[e.stored().decode() for e in envelopes]))
@@ -304,7 +305,7 @@ class Dispatcher:
             taken = await taking
             taking = self._store.take(uid, self._chunk) if taken.left and session.seats else None
             if session.remaining is None and taken.items:
-                self.log.info("{channel} has {count} messages enqueued, purging!",
+                log.info("{channel} has {count} messages enqueued, purging!",
                               channel=self._ns.user_channel(uid),
                               count=len(taken.items) + taken.left)
             session.remaining = len(taken.items) + taken.left
@@ -322,7 +323,7 @@ class Dispatcher:
             session.remaining = taken.left
             if taken.items:
                 self._store.release(taken.claim).addErrback(
-                    lambda f: self.log.failure("Could not release a drain claim of {uid}",
+                    lambda f: log.failure("Could not release a drain claim of {uid}",
                                                f, uid=uid))
 
     @staticmethod
@@ -346,7 +347,7 @@ class Dispatcher:
                     self._recommit(session.uid, envelopes[index:])
                 return index
             if self._trace:
-                self.log.debug("{uid}: Purging message {id} from {source}", uid=session.uid,
+                log.debug("{uid}: Purging message {id} from {source}", uid=session.uid,
                                id=envelope.id, source=envelope.source)
         return len(envelopes)
 
@@ -354,7 +355,7 @@ class Dispatcher:
         self._drains.discard(d)
         session.draining = False
         if isinstance(result, defer.Failure):
-            self.log.failure("Could not drain the stored messages of {uid}", result,
+            log.failure("Could not drain the stored messages of {uid}", result,
                              uid=session.uid)
             for seat in session.seats:
                 if not seat.started:
@@ -379,7 +380,7 @@ class Dispatcher:
         waiting = list(session.waiting)
         session.waiting.clear()
         self.stats.stored += len(waiting)
-        self.log.info("{uid}: Client is not online, queueing {count} messages in Redis ({key})",
+        log.info("{uid}: Client is not online, queueing {count} messages in Redis ({key})",
                       uid=session.uid, count=len(waiting), key=self._ns.queue(session.uid))
         for envelope in waiting:
             self._store.store([session.uid], envelope)

@@ -105,10 +105,10 @@ def connect_service(reactor, address: RedisAddress, factory: ProtocolFactory,
                 _log.warn("Could not set up a connection to Redis at {address}: {why}",
                           address=str(address), why=lost_reason(proto))
 
-        def ready(_):
+        def ready(protocol):
             proto.connected_once = True
             refused[0] = 0
-            on_ready(proto)
+            on_ready(protocol)  # the protocol itself, not ClientService's proxy of it
 
         proto.connected_once = False
         proto.whenConnected().addCallback(ready)

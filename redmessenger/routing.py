@@ -19,6 +19,8 @@ from .delivery import Dispatcher
 from .envelope import Envelope
 from .keys import Namespace
 
+#: Module-level: a class attribute Logger builds a new Logger on every access.
+log = Logger()
 
 class Groups(Protocol):
     def members(self, gid: str) -> defer.Deferred:
@@ -37,7 +39,6 @@ class Router:
     """Turns each message from the subscriber into an envelope and its
     recipients, and hands them to the dispatcher in arrival order."""
 
-    log = Logger()
 
     def __init__(self, dispatcher: Dispatcher, groups: Groups, namespace: Namespace, *,
                  trace: bool = False, clock: Callable[[], float] = time.time) -> None:
@@ -59,15 +60,15 @@ class Router:
         try:
             name = channel.decode("utf-8")
         except UnicodeDecodeError:
-            self.log.error("Ignoring a message on channel {channel!r}: a channel name that is "
+            log.error("Ignoring a message on channel {channel!r}: a channel name that is "
                            "not UTF-8 names no user who could ever connect", channel=channel)
             return
         target = self._ns.parse_channel(name)
         if target is None:
-            self.log.warn("Ignoring a message on channel {channel}: not ours", channel=name)
+            log.warn("Ignoring a message on channel {channel}: not ours", channel=name)
             return
         if self._trace:
-            self.log.debug("New message from channel {channel}", channel=name)
+            log.debug("New message from channel {channel}", channel=name)
         now = self._clock()
         envelope = Envelope(self._dispatcher.ids(), name, int(now * 1000), payload, received=now)
         kind, ident = target
@@ -86,13 +87,13 @@ class Router:
 
     def _resolved(self, uids: list[str], pending: _Pending) -> None:
         if not uids:
-            self.log.warn("Group {channel} has no members: message {id} reaches nobody",
+            log.warn("Group {channel} has no members: message {id} reaches nobody",
                           channel=pending.envelope.source, id=pending.envelope.id)
         pending.uids = uids
         self._pump()
 
     def _unresolved(self, failure, pending: _Pending, gid: str) -> None:
-        self.log.failure("Could not read the members of group {gid} ({key}): message {id} "
+        log.failure("Could not read the members of group {gid} ({key}): message {id} "
                          "reaches nobody; its envelope: {envelope}", failure, gid=gid,
                          key=self._ns.members(gid), id=pending.envelope.id,
                          envelope=pending.envelope.stored().decode())

@@ -95,6 +95,9 @@ MAX_TAKE = 5000
 MAX_BATCH_KEYS = 5000
 
 
+#: Module-level: a class attribute Logger builds a new Logger on every access.
+log = Logger()
+
 class Taken(NamedTuple):
     """What one take of a drain brought: the raw entries, how many are left
     in the queue, and the claim to release once the entries are handled."""
@@ -113,7 +116,6 @@ class RedisStore:
     other command sends the gathered stores first, so Redis sees everything
     in the order it was asked."""
 
-    log = Logger()
 
     def __init__(self, connection: RedisConnection, namespace: Namespace, owner: str, *,
                  queue_ttl: int = 0, queue_max: int = 0, reactor=None) -> None:
@@ -158,18 +160,18 @@ class RedisStore:
             return
         owners = [(key, envelope) for keys, envelope in queues for key in keys]
         for index, count in zip(cuts[::2], cuts[1::2], strict=True):
-            self.log.warn("Queue {key} is over --queue-max {max}: discarded its {count} "
+            log.warn("Queue {key} is over --queue-max {max}: discarded its {count} "
                           "oldest messages", key=owners[index - 1][0], max=self._max,
                           count=count)
         for index, why in zip(failed[::2], failed[1::2], strict=True):
             key, envelope = owners[index - 1]
-            self.log.error("Could not store message {id} in {key} ({why}); its envelope: "
+            log.error("Could not store message {id} in {key} ({why}); its envelope: "
                            "{envelope}", id=envelope.id, key=key, why=_text(why),
                            envelope=envelope.stored().decode())
 
     def _not_stored(self, failure, queues: list[tuple[list[str], Envelope]]) -> None:
         for keys, envelope in queues:
-            self.log.failure("Could not store message {id} in {keys}; its envelope: "
+            log.failure("Could not store message {id} in {keys}; its envelope: "
                              "{envelope}", failure, id=envelope.id, keys=keys,
                              envelope=envelope.stored().decode())
 
@@ -212,7 +214,7 @@ class RedisStore:
             try:
                 members[item.decode("utf-8")] = None
             except UnicodeDecodeError:
-                self.log.warn("Group {gid} lists a member that is not UTF-8 ({member!r}); "
+                log.warn("Group {gid} lists a member that is not UTF-8 ({member!r}); "
                               "skipping it", gid=gid, member=item)
         return list(members)
 

@@ -19,14 +19,18 @@ or paths):
   used);
 - ``.venv/bin/`` and ``/opt/redmessenger/.venv/bin/`` are the test venv's
   bin directory; ``redis-cli`` gets ``-p`` and the test Redis' port;
-- files under ``/etc`` are temporary files (certificates from the
-  ``certificate`` fixture), hosts such as ``redis.example.com`` are
-  127.0.0.1;
+- files under ``/etc`` are temporary files (certificates made by the test),
+  hosts such as ``redis.example.com`` are 127.0.0.1;
 - commands whose transcript shows terminal output (redis-cli) run in a
   pseudo-terminal, as a person would have run them.
 
-What cannot be equal from run to run (message ids, timestamps, the
-client's port) is compared by its shape, and kept consistent within a sample.
+The other samples are checked against the real thing: JSON frames against
+what a real server sends and takes, log lines against a real run's log, the
+nginx site in a real nginx in front of a real RedMessenger, the systemd unit
+by running its ``ExecStart`` with its environment and stopping it with its
+``KillSignal`` within its ``TimeoutStopSec``. What cannot be equal from run
+to run (message ids, timestamps, the client's port) is compared by its
+shape, and kept consistent within a sample.
 
 nginx and curl: without them the nginx and curl samples are skipped, unless
 ``REDMESSENGER_REQUIRE_NGINX=1`` (CI, which installs both) makes that a
@@ -177,11 +181,10 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "readme-publish": ("README.rst", "$ .venv/bin/redis-cli PUBLISH rm.users.user1"),
     "readme-websocket": ("README.rst", "$ .venv/bin/pip install -q websockets"),
     "readme-embedding": ("README.rst", "import os\n"),
-    "readme-log": ("README.rst", "[redmessenger.subscriber.Subscriber#info] Subscribed"),
-    "readme-log-recommit": ("README.rst", "[redmessenger.delivery.Dispatcher#info] user1: Client "
-                                          "is no longer online"),
-    "readme-log-refused": ("README.rst", "[redmessenger.websocket.RedMessengerProtocol#warn] "
-                                         "Refusing"),
+    # The log samples, by who logs their first line (whatever its namespace's tail).
+    "readme-log": ("README.rst", "[redmessenger.subscriber"),
+    "readme-log-recommit": ("README.rst", "[redmessenger.delivery"),
+    "readme-log-refused": ("README.rst", "[redmessenger.websocket"),
     "protocol-hello-json": ("docs/protocol.rst", '{"id": "user1", "key"'),
     "protocol-hello-text": ("docs/protocol.rst", "user1\nuser1:"),
     "protocol-ack": ("docs/protocol.rst", '{"type": "ack"'),
@@ -595,8 +598,15 @@ class InteractiveClient:
         text = self.ESCAPES.sub("", bytes(self._output).decode(errors="replace"))
         return [re.sub(r"^(?:> )+", "", line) for line in text.split("\n")]
 
+    def _wait(self, check: Callable[[], Any], what: str) -> Any:
+        try:
+            return wait_for(check, what)
+        except AssertionError as timeout:
+            raise AssertionError(f"{timeout}; it printed:\n" + "\n".join(self.lines())) \
+                from None
+
     def wait_for_line(self, line: str) -> None:
-        wait_for(lambda: line in self.lines(), f"{line!r} in {self.lines()}")
+        self._wait(lambda: line in self.lines(), repr(line))
 
     def type(self, line: str) -> None:
         self.process.stdin.write(line.encode() + b"\n")
@@ -607,7 +617,7 @@ class InteractiveClient:
             got = [line[2:] for line in self.lines() if line.startswith("< ")]
             return got if len(got) >= count else None
 
-        return wait_for(received, f"{count} frames in {self.lines()}")
+        return self._wait(received, f"{count} frames")
 
     def __enter__(self) -> InteractiveClient:
         return self
@@ -910,6 +920,10 @@ def test_operations_health_and_metrics(tmp_path: Path, private_redis) -> None:
         wait_for(lambda: not any(json.loads(run_shell(command))["redis"].values()),
                  "/health to see Redis gone")
         assert http_get(f"http://{HOST}:{port}/health")[0] == 503
+        with ws(f"ws://{HOST}:{port}/") as client:  # "new hellos are refused with 1013"
+            client.send(json.dumps({"id": "user1"}))
+            frames, code = closed(client)
+            assert code == 1013 and frames[-1]["code"] == "redis_unavailable", frames
         real = json.loads(run_shell(command))
         documented = json.loads(shown_body)
         assert isinstance(real.pop("version"), str) and isinstance(documented.pop("version"), str)
@@ -1004,6 +1018,20 @@ def test_operations_nginx_site_proxies_websockets_and_http(tmp_path: Path, redis
         assert http_get(f"http://{HOST}:{port}/metrics")[0] == 200
         access = (tmp_path / "nginx" / "access.log").read_text()
         assert '"GET / HTTP/1.1" 101' in access, access
+
+        # What the text says of the Upgrade and Connection lines: without
+        # them, the demo page instead of a WebSocket.
+        bare = "\n".join(line for line in site.splitlines()
+                         if "proxy_set_header Upgrade" not in line
+                         and "proxy_set_header Connection" not in line)
+        assert bare != site
+        other = pick_free_port()
+        with nginx(executable, tmp_path / "bare-nginx", bare.replace(str(proxy), str(other)),
+                   other):
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                with ws(f"wss://{HOST}:{other}/", ssl=trust):
+                    pass
+            assert refused.value.response.status_code == 200
         stop_cleanly(twistd)
 
 
@@ -1116,19 +1144,65 @@ def test_operations_systemd_unit_runs_and_stops_as_systemd_would(tmp_path: Path,
     assert redis.command("LLEN", "rm:users:user1:messages") == 1
 
 
+def certificate_chain(directory: Path) -> dict[str, Path]:
+    """A root CA, an intermediate CA it signed, and a certificate for
+    127.0.0.1 the intermediate signed, as PEM files: ``root``, ``chain``
+    (the intermediate), ``cert`` and ``key``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def issue(name, key, issuer_name, issuer_key, ca):
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                   .issuer_name(issuer_name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(3)]
+    root = issue("Test Root CA", keys[0], x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, "Test Root CA")]), keys[0], True)
+    intermediate = issue("Test Intermediate CA", keys[1], root.subject, keys[0], True)
+    leaf = issue(HOST, keys[2], intermediate.subject, keys[1], False)
+    files = {name: directory / f"{name}.pem" for name in ("root", "chain", "cert", "key")}
+    for name, cert in (("root", root), ("chain", intermediate), ("cert", leaf)):
+        files[name].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files["key"].write_bytes(keys[2].private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return files
+
+
 @claims("ops-tls")
 def test_operations_tls_on_both_sides(tmp_path: Path, tls_redis, certificate) -> None:  # noqa: F811
-    key, cert = certificate
+    # WebSockets: a certificate from an intermediate CA, which clients that
+    # only trust the root accept thanks to extraCertChain.
+    (tmp_path / "chain").mkdir()
+    chain = certificate_chain(tmp_path / "chain")
+    redis_ca = certificate[1]  # tls_redis' certificate is its own CA
     port = pick_free_port()
     args = twistd_args(sample("ops-tls"), {
         "8443": str(port),
-        "/etc/redmessenger/tls/privkey.pem": str(key),
-        "/etc/redmessenger/tls/fullchain.pem": str(cert),
+        "/etc/redmessenger/tls/privkey.pem": str(chain["key"]),
+        "/etc/redmessenger/tls/cert.pem": str(chain["cert"]),
+        "/etc/redmessenger/tls/chain.pem": str(chain["chain"]),
         "redis.example.com:6380": f"127.0.0.1:{tls_redis.port}",
-        "/etc/redmessenger/redis-ca.pem": str(cert),
+        "/etc/redmessenger/redis-ca.pem": str(redis_ca),
     }, port)
     tls_redis.command("SET", "rm:users:user1:key", "s3cret")
-    trust = ssl.create_default_context(cafile=str(cert))
+    trust = ssl.create_default_context(cafile=str(chain["root"]))
     with twistd_run(args, tmp_path, "tls", port) as twistd:
         twistd.wait_subscribed()
         assert "Redis at rediss://127.0.0.1:" in twistd.log()
@@ -1139,6 +1213,17 @@ def test_operations_tls_on_both_sides(tmp_path: Path, tls_redis, certificate) ->
             assert recv_json(client)["payload"] == "stored over TLS"
             tls_redis.command("PUBLISH", "rm.users.user1", "live over TLS")
             assert recv_json(client)["payload"] == "live over TLS"
+        stop_cleanly(twistd)
+
+    # What the text says of certKey: a full chain there is not enough.
+    fullchain = tmp_path / "fullchain.pem"
+    fullchain.write_bytes(chain["cert"].read_bytes() + chain["chain"].read_bytes())
+    at = next(i for i, a in enumerate(args) if a.startswith("ssl:"))
+    args[at] = f"ssl:{port}:interface={HOST}:privateKey={chain['key']}:certKey={fullchain}"
+    with twistd_run(args, tmp_path, "fullchain", port) as twistd:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            with ws(f"wss://{HOST}:{port}/", ssl=trust):
+                pass
         stop_cleanly(twistd)
 
 

@@ -646,5 +646,5 @@ def test_options_from_the_environment_and_json_logs(tmp_path: Path, redis) -> No
     records = [json.loads(line) for line in twistd.log().splitlines() if line.strip()]
     assigned = [r for r in records if r["message"].startswith("Assigning id user1")]
     assert assigned and assigned[0]["uid"] == "user1" and assigned[0]["level"] == "info"
-    assert assigned[0]["namespace"] == "redmessenger.delivery.Dispatcher"
+    assert assigned[0]["namespace"] == "redmessenger.delivery"
     assert all({"time", "level", "namespace", "message"} <= set(r) for r in records)
