@@ -24,6 +24,7 @@ default reactor first and pytest would stop with an INTERNALERROR.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -304,6 +305,33 @@ class RedisServerProcess:
         raise RedisServerNotReady(
             f"redis-server did not get ready on port {port} within {START_TIMEOUT:g} s "
             f"({why}):\n{self.log_tail()}")
+
+
+@contextlib.contextmanager
+def spawned_redis(argv: list[str], ping: Callable[[], Any]) -> Iterator[subprocess.Popen]:
+    """A redis-server started with ``argv`` (for set-ups the fixtures above
+    do not make: a Unix socket, TLS), ready once ``ping()`` answers PONG,
+    and always stopped."""
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                if ping() == "PONG":
+                    break
+            except OSError:
+                pass
+            assert process.poll() is None, f"redis-server exited: {argv}"
+            assert time.monotonic() < deadline, f"redis-server did not start: {argv}"
+            time.sleep(POLL_INTERVAL)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 # --------------------------------------------------------------------------

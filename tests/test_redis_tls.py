@@ -10,14 +10,13 @@ import shutil
 import socket
 import ssl
 import subprocess
-import time
 
 import pytest
 from harness import aiotest, eventually, start_service
 
 from redmessenger.settings import RedisAddress
 
-from conftest import encode_command, pick_free_port, read_reply
+from conftest import encode_command, pick_free_port, read_reply, spawned_redis
 
 
 def tls_redis_server() -> str | None:
@@ -52,33 +51,14 @@ def tls_redis(tmp_path, certificate):
         pytest.skip("no redis-server built with TLS on PATH (apt-get install redis-server)")
     key, cert = certificate
     port = pick_free_port()
-    process = subprocess.Popen(
-        [executable, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-         "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-         "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
-         "--dir", str(tmp_path), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        redis = TlsRedis(port, cert)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if redis.command("PING") == "PONG":
-                    break
-            except OSError:
-                pass
-            assert process.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
+    redis = TlsRedis(port, cert)
+    with spawned_redis([executable, "--port", "0", "--tls-port", str(port),
+                        "--bind", "127.0.0.1", "--tls-cert-file", str(cert),
+                        "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+                        "--tls-auth-clients", "no", "--dir", str(tmp_path), "--save", "",
+                        "--appendonly", "no"], lambda: redis.command("PING")):
         redis.address = RedisAddress.from_url(f"rediss://127.0.0.1:{port}/0?ca={cert}")
         yield redis
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @aiotest

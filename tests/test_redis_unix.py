@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import time
 
 import pytest
 from harness import aiotest, eventually, start_service
 
-from conftest import encode_command, read_reply
+from conftest import encode_command, read_reply, spawned_redis
 
 
 class UnixRedis:
@@ -31,29 +29,11 @@ def unix_redis(tmp_path):
     from redmessenger.redisserver import find_redis_server
 
     path = tmp_path / "redis.sock"
-    process = subprocess.Popen(
-        [find_redis_server(), "--port", "0", "--unixsocket", str(path), "--dir", str(tmp_path),
-         "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        redis = UnixRedis(path)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if redis.command("PING") == "PONG":
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
+    redis = UnixRedis(path)
+    with spawned_redis([find_redis_server(), "--port", "0", "--unixsocket", str(path),
+                        "--dir", str(tmp_path), "--save", "", "--appendonly", "no"],
+                       lambda: redis.command("PING")):
         yield redis
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @aiotest
