@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
+import re
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -95,23 +96,29 @@ def connect_service(reactor, address: RedisAddress, factory: ProtocolFactory,
     a disconnection), which its state machine does not allow."""
 
     # ClientService forgets failed attempts once TCP connects; connections
-    # that Redis then refuses (a wrong password) must still back off.
+    # that Redis then refuses (a wrong password, a TLS certificate we do not
+    # trust) must still back off. A connection counts once Redis has
+    # answered a PING on it.
     refused = [0]
 
     def prepare(proto) -> None:
         def lost(_):
-            if not proto.connected_once:
+            if not proto.answered:
                 refused[0] += 1
                 _log.warn("Could not set up a connection to Redis at {address}: {why}",
                           address=str(address), why=lost_reason(proto))
 
-        def ready(protocol):
-            proto.connected_once = True
+        def ping(protocol):
+            protocol.execute_command(b"PING").addCallbacks(
+                ready, lambda _: None, callbackArgs=(protocol,))  # a failure is a loss
+
+        def ready(_, protocol):
+            proto.answered = True
             refused[0] = 0
             on_ready(protocol)  # the protocol itself, not ClientService's proxy of it
 
-        proto.connected_once = False
-        proto.whenConnected().addCallback(ready)
+        proto.answered = False
+        proto.whenConnected().addCallback(ping)
         proto.whenDisconnected().addCallback(lost)
 
     endpoint = clientFromString(reactor, address.client_endpoint())
@@ -140,11 +147,18 @@ def lost_reason(proto) -> str:
 
 
 def _tls_options(address: RedisAddress):
-    from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+    from twisted.internet.ssl import (
+        Certificate,
+        optionsForClientTLS,
+        platformTrust,
+        trustRootFromCertificates,
+    )
 
     if address.ca_file:
         with open(address.ca_file, "rb") as pem:
-            trust = Certificate.loadPEM(pem.read())
+            blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
+                                pem.read(), re.S)  # a bundle may hold several
+        trust = trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
     else:
         trust = platformTrust()
     return optionsForClientTLS(address.host, trustRoot=trust)

@@ -416,8 +416,8 @@ def messenger(redis: RedisServerProcess) -> Iterator[Callable[..., Any]]:
             run(service.stop())
 
 
-@pytest.fixture
-def certificate(tmp_path):
+def make_certificate(directory: Path, name: str = "cert",
+                     common_name: str = "127.0.0.1") -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1, as PEM files (key, cert);
     the certificate is its own CA."""
     import datetime
@@ -429,21 +429,27 @@ def certificate(tmp_path):
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=1))
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName(
                 [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
             .sign(key, hashes.SHA256()))
-    key_path, cert_path = tmp_path / "key.pem", tmp_path / "cert.pem"
+    key_path, cert_path = directory / f"{name}-key.pem", directory / f"{name}.pem"
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1: (key, cert) PEM files."""
+    return make_certificate(tmp_path)
 
 
 @pytest.fixture

@@ -16,7 +16,13 @@ from harness import aiotest, eventually, start_service
 
 from redmessenger.settings import RedisAddress
 
-from conftest import encode_command, pick_free_port, read_reply, spawned_redis
+from conftest import (
+    encode_command,
+    make_certificate,
+    pick_free_port,
+    read_reply,
+    spawned_redis,
+)
 
 
 def tls_redis_server() -> str | None:
@@ -57,7 +63,11 @@ def tls_redis(tmp_path, certificate):
                         "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
                         "--tls-auth-clients", "no", "--dir", str(tmp_path), "--save", "",
                         "--appendonly", "no"], lambda: redis.command("PING")):
-        redis.address = RedisAddress.from_url(f"rediss://127.0.0.1:{port}/0?ca={cert}")
+        # A CA bundle: some other CA first, then the one that signed Redis's.
+        bundle = tmp_path / "bundle.pem"
+        bundle.write_bytes(make_certificate(tmp_path, "other", "Another CA")[1].read_bytes()
+                           + cert.read_bytes())
+        redis.address = RedisAddress.from_url(f"rediss://127.0.0.1:{port}/0?ca={bundle}")
         yield redis
 
 
