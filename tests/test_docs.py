@@ -1325,3 +1325,17 @@ def test_operations_lists_every_environment_variable() -> None:
     names = {_env_name(o[0]) for o in Options.optParameters + Options.optFlags}
     assert listed == names
 
+
+
+@pytest.mark.parametrize("name", ["README.rst", "docs/protocol.rst", "docs/operations.rst",
+                                  "bench/README.rst"])
+def test_the_docs_are_valid_restructuredtext(name: str) -> None:
+    import io
+
+    import docutils.core
+
+    warnings = io.StringIO()
+    docutils.core.publish_string(
+        (REPO / name).read_text(), writer_name="null",
+        settings_overrides={"report_level": 2, "halt_level": 5, "warning_stream": warnings})
+    assert not warnings.getvalue(), warnings.getvalue()
