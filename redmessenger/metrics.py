@@ -17,6 +17,7 @@ _COUNTERS = (
     ("messages_acked", "acked", "Messages acknowledged by ack-mode clients"),
     ("messages_redelivered", "redelivered",
      "Unacknowledged messages sent again to another socket of the user"),
+    ("ping_timeouts", "ping_timeouts", "Sockets dropped for not answering a ping in time"),
 )
 
 

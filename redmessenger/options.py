@@ -55,6 +55,14 @@ class Options(usage.Options):
         ["max-connections", None, "0", "Open WebSockets in total (0: no limit; 4029 past it)."],
         ["max-connections-per-address", None, "0",
          "Open WebSockets per remote address (0: no limit; 4029 past it)."],
+        ["ping-interval", None, f"{_DEFAULTS.ping_interval:g}",
+         "Seconds between WebSocket pings (0: none)."],
+        ["ping-timeout", None, f"{_DEFAULTS.ping_timeout:g}",
+         "Seconds a pong may take before the peer counts as gone and its messages are "
+         "stored."],
+        ["max-socket-buffer", None, str(_DEFAULTS.max_socket_buffer),
+         "Unsent bytes a socket may hold; past it the socket is closed with 4010 and its "
+         "messages go to the user's other sockets or are stored."],
         ["hello-rate", None, "0",
          "Hellos per second per remote address, in bursts of as many (0: no limit; 4029)."],
         ["queue-ttl", None, str(_DEFAULTS.queue_ttl),
@@ -121,6 +129,9 @@ class Options(usage.Options):
             max_connections=_number(self, "max-connections", int, 0),
             max_connections_per_address=_number(self, "max-connections-per-address", int, 0),
             hello_rate=_number(self, "hello-rate", float, 0),
+            ping_interval=_number(self, "ping-interval", float, 0),
+            ping_timeout=_number(self, "ping-timeout", float, 0),
+            max_socket_buffer=_number(self, "max-socket-buffer", int, 1024),
             allowed_origins=tuple(o.strip() for o in self["allowed-origins"].split(",")
                                   if o.strip()) or ("*",))
         if not self.settings.prefix or any(c.isspace() for c in self.settings.prefix):

@@ -117,6 +117,12 @@ class Settings:
     max_connections_per_address: int = 0
     #: Hellos per second per remote address (a burst of as many is allowed).
     hello_rate: float = 0
+    #: Seconds between WebSocket pings, and how long a pong may take before
+    #: the peer counts as gone (its messages are then stored); 0: no pings.
+    ping_interval: float = 30.0
+    ping_timeout: float = 10.0
+    #: Unsent bytes a socket may hold before it counts as too slow (4010).
+    max_socket_buffer: int = 1024 * 1024
 
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -22,6 +22,7 @@ class Stats:
         self.recommitted = 0
         self.acked = 0
         self.redelivered = 0
+        self.ping_timeouts = 0
         #: Sockets we closed, by close code.
         self.closed_by_code: Counter[int] = Counter()
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)

@@ -18,7 +18,9 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.protocol import PreparedMessage
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from . import frames
 from .auth import Authenticator
@@ -46,6 +48,53 @@ class RedMessengerProtocol(WebSocketServerProtocol):
     _hello_timer = None
     #: The remote address counted against the limits while this is open.
     _address: str | None = None
+    #: More than --max-socket-buffer unsent bytes: nothing more is written.
+    _too_slow = False
+    _next_ping = None
+    _pong_due = None
+
+    # Our own pings rather than Autobahn's autoPing*, whose timers (txaio's)
+    # misfire on Twisted's asyncio reactor.
+    def _ping(self) -> None:
+        self.sendPing()
+        self._pong_due = self.factory.reactor.callLater(self.factory.ping_timeout,
+                                                        self._no_pong)
+
+    def onPong(self, payload: bytes) -> None:
+        if self._pong_due is not None and self._pong_due.active():
+            self._pong_due.cancel()
+            self._next_ping = self.factory.reactor.callLater(self.factory.ping_interval,
+                                                             self._ping)
+
+    def _no_pong(self) -> None:
+        """A vanished peer (no FIN, no RST) would take messages into a dead
+        connection until TCP gives up, minutes later: drop it now, so they
+        are stored instead."""
+        _log.warn("{peer} ({uid}) did not answer a ping within {timeout:g} s: dropping it",
+                  peer=self.peer, uid=self.uid, timeout=self.factory.ping_timeout)
+        self.factory.dispatcher.stats.ping_timeouts += 1
+        if self.uid is not None:
+            self.factory.dispatcher.detach(self)
+        self.dropConnection(abort=True)
+
+    def too_slow(self) -> None:
+        """The client does not read fast enough. What it holds unacked goes
+        to the user's other sockets or back to Redis, later messages too,
+        and it is closed (4010) so that it reconnects and drains."""
+        if self._too_slow:
+            return
+        self._too_slow = True
+        # Called from inside a write, maybe in the middle of a delivery:
+        # step out of it first.
+        self.factory.reactor.callLater(0, self._leave_too_slow)
+
+    def _leave_too_slow(self) -> None:
+        _log.warn("{peer} ({uid}) has more than {limit} bytes unsent: too slow",
+                  peer=self.peer, uid=self.uid, limit=self.factory.max_socket_buffer)
+        if self.uid is not None:
+            self.factory.dispatcher.detach(self)
+        self.close(Close.TOO_SLOW, "too_slow",
+                   "the connection does not keep up; reconnect to get the rest")
 
     # -- Socket, as the dispatcher sees it ----------------------------------
 
@@ -57,7 +106,7 @@ class RedMessengerProtocol(WebSocketServerProtocol):
                                         queued, self.ack_mode))
 
     def send(self, frame: bytes) -> bool:
-        if self.state != self.STATE_OPEN:
+        if self.state != self.STATE_OPEN or self._too_slow:
             return False
         if self._perMessageCompress is None and not self.send_queue:
             # What sendMessage() would write, without the debug-log arguments
@@ -100,6 +149,14 @@ class RedMessengerProtocol(WebSocketServerProtocol):
             return
         self._hello_timer = self.factory.reactor.callLater(
             self.factory.hello_timeout, self._no_hello)
+        if self.factory.ping_interval:
+            self._next_ping = self.factory.reactor.callLater(self.factory.ping_interval,
+                                                             self._ping)
+        if hasattr(self.transport, "bufferSize"):  # a socket, not a TLS layer over one
+            # The socket was HTTP's until the upgrade; it is ours to watch now.
+            self.transport.unregisterProducer()
+            self.transport.bufferSize = self.factory.max_socket_buffer
+            self.transport.registerProducer(_Backpressure(self), True)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         try:
@@ -124,8 +181,9 @@ class RedMessengerProtocol(WebSocketServerProtocol):
         if self._address is not None:
             self.factory.limits.release(self._address)
             self._address = None
-        if self._hello_timer is not None and self._hello_timer.active():
-            self._hello_timer.cancel()
+        for call in (self._hello_timer, self._next_ping, self._pong_due):
+            if call is not None and call.active():
+                call.cancel()
         if self.uid is not None:
             self.factory.dispatcher.detach(self)
         _log.info("Connection {peer} ({uid}) closed (code {code})", peer=self.peer,
@@ -211,6 +269,24 @@ class RedMessengerProtocol(WebSocketServerProtocol):
         self.close(refusal.close_code, refusal.error, refusal.reason)
 
 
+@implementer(IPushProducer)
+class _Backpressure:
+    """Told by the transport when a socket's unsent bytes pass
+    --max-socket-buffer."""
+
+    def __init__(self, protocol: RedMessengerProtocol) -> None:
+        self._protocol = protocol
+
+    def pauseProducing(self) -> None:
+        self._protocol.too_slow()
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class _LazyPformat:
     """What Autobahn's per-connection debug line gets instead of a string:
     formatted only if a debug observer ever renders it."""
@@ -261,6 +337,9 @@ class RedMessengerFactory(WebSocketServerFactory):
         self.setProtocolOptions(maxFramePayloadSize=settings.max_frame,
                                 maxMessagePayloadSize=0, failByDrop=False,
                                 closeHandshakeTimeout=CLOSE_TIMEOUT, allowNullOrigin=True)
+        self.max_socket_buffer = settings.max_socket_buffer
+        self.ping_interval = settings.ping_interval
+        self.ping_timeout = settings.ping_timeout
 
     def origin_allowed(self, origin: str) -> bool:
         return any(fnmatch.fnmatchcase(origin, pattern) for pattern in self.allowed_origins)

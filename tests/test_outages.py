@@ -154,3 +154,43 @@ async def test_stop_waits_for_redis_to_come_back_within_the_timeout(private_redi
     await stopping
     assert [json.loads(raw)["payload"] for raw in private_redis.command(
         "LRANGE", "rm:users:user1:messages", 0, -1)] == ["kept"]
+
+
+@aiotest
+async def test_a_client_too_slow_to_read_is_closed_and_loses_nothing(messenger):
+    """A socket with more than --max-socket-buffer unsent bytes gets nothing
+    more: it is closed with 4010, and what it could not take is stored."""
+    rm = await messenger(max_socket_buffer=64 * 1024)
+    slow = await rm.user("user1")
+    slow.connection.transport.pause_reading()  # the client stops reading
+    big = "x" * 100_000
+    sent = 0
+    while not rm.queue("user1"):  # publish until messages start being stored
+        assert sent < 2000, "the slow socket was never given up"
+        rm.publish("rm.users.user1", f"{sent} {big}")
+        sent += 1
+        await asyncio.sleep(0)
+    for i in range(sent, sent + 5):
+        rm.publish("rm.users.user1", f"{i} {big}")
+    sent += 5
+    await eventually(lambda: rm.service.router.received == sent)
+    await tw(rm.service.store.flushed())
+    slow.connection.transport.resume_reading()
+    frames, code, _ = await slow.closed()
+    assert code == 4010 and frames[-1]["code"] == "too_slow"
+    received = [int(f["payload"].split()[0]) for f in frames[:-1]]
+    stored = [int(e["payload"].split()[0]) for e in rm.queue("user1")]
+    assert received + stored == list(range(sent))  # each once, in order
+    assert rm.dispatcher.stats.closed_by_code[4010] == 1
+
+
+@aiotest
+async def test_a_peer_that_stops_answering_pings_is_given_up(messenger):
+    rm = await messenger(ping_interval=0.2, ping_timeout=0.3)
+    gone = await rm.user("user1")
+    await asyncio.sleep(0.5)  # a few pings answered: still online
+    assert rm.dispatcher.online("user1")
+    gone.connection.transport.pause_reading()  # a vanished peer answers nothing
+    await eventually(lambda: not rm.dispatcher.online("user1"), what="the ping timeout")
+    rm.publish("rm.users.user1", "stored, not written into a dead connection")
+    await eventually(lambda: rm.queue("user1"))

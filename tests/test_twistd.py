@@ -462,6 +462,9 @@ OPTIONS = {
     "max-connections": "0",
     "max-connections-per-address": "0",
     "hello-rate": "0",
+    "ping-interval": "30",
+    "ping-timeout": "10",
+    "max-socket-buffer": "1048576",
 }
 
 
