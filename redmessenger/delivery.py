@@ -95,7 +95,7 @@ class _Session:
     messages are being drained (live ones wait behind them meanwhile)."""
 
     __slots__ = ("uid", "seats", "draining", "waiting", "returned", "unsent", "remaining",
-                 "sent")
+                 "sent", "overflowed", "window")
 
     def __init__(self, uid: str) -> None:
         self.uid = uid
@@ -109,6 +109,11 @@ class _Session:
         self.returned: list[tuple[int, Envelope]] = []
         self.unsent: list[Envelope] = []
         self.sent = 0
+        #: Live messages were stored because every socket's ack window was
+        #: full; later ones follow them into the queue until a drain.
+        self.overflowed = False
+        #: Fires when an ack (or a departure) may have opened a window.
+        self.window: defer.Deferred | None = None
         #: Stored messages still to come in this drain (for late welcomes);
         #: unknown until the drain's first take has answered.
         self.remaining: int | None = None
@@ -120,12 +125,14 @@ class Dispatcher:
 
     def __init__(self, store: MessageStore, namespace: Namespace, *,
                  max_sockets_per_user: int = 8, drain_chunk: int = 500,
-                 trace: bool = False, clock: Callable[[], float] = time.time,
-                 ids: MessageIds | None = None, stats: Stats | None = None) -> None:
+                 ack_window: int = 1000, trace: bool = False,
+                 clock: Callable[[], float] = time.time, ids: MessageIds | None = None,
+                 stats: Stats | None = None) -> None:
         self._store = store
         self._ns = namespace
         self._max_sockets = max_sockets_per_user
         self._chunk = drain_chunk
+        self._window = ack_window
         self._trace = trace
         self._clock = clock
         self.stats = stats or Stats()
@@ -204,6 +211,7 @@ class Dispatcher:
             self._store_waiting(session)
             if not session.draining:
                 del self._sessions[session.uid]
+        self._window_may_open(session)  # a paused drain finds out it is alone
 
     def ack(self, socket: Socket, tag: int) -> None:
         """The client has every message up to ``tag``."""
@@ -219,6 +227,22 @@ class Dispatcher:
             outstanding.holders -= 1
             outstanding.done = True
             self.stats.acked += 1
+        session = self._sessions[socket.uid]
+        self._window_may_open(session)
+        if session.overflowed and not session.draining and not self._window_full(session):
+            session.overflowed = False
+            self._begin_drain(session)  # the overflow waits in the queue
+
+    def _window_full(self, session: _Session) -> bool:
+        """True when no socket of the user may take another message now:
+        all are in ack mode with --ack-window messages unacknowledged."""
+        return all(seat.socket.ack_mode and len(seat.unacked) >= self._window
+                   for seat in session.seats)
+
+    def _window_may_open(self, session: _Session) -> None:
+        waiter, session.window = session.window, None
+        if waiter is not None:
+            waiter.callback(None)
 
     # -- deliver or store ------------------------------------------------
 
@@ -233,6 +257,9 @@ class Dispatcher:
                 offline.append(uid)
             elif session.draining:
                 session.waiting.append(envelope)
+            elif session.overflowed or self._window_full(session):
+                session.overflowed = True
+                offline.append(uid)
             elif not self._send(session, envelope):
                 offline.append(uid)
             else:
@@ -262,6 +289,8 @@ class Dispatcher:
             if not seat.socket.ack_mode:
                 taken_plain = seat.socket.send(envelope.frame(bubble)) or taken_plain
                 continue
+            if len(seat.unacked) >= self._window:
+                continue  # this one gets no more until it acks
             tag = seat.next_tag
             if seat.socket.send(envelope.frame(bubble, tag)):
                 if outstanding is None:
@@ -317,7 +346,15 @@ class Dispatcher:
             envelopes = orphans + unsent + [
                 Envelope.from_stored(raw, self._ns.user_channel(uid), self.ids, now_ms)
                 for raw in taken.items]
-            sent = self._hand_over(session, envelopes, hold=taking is not None)
+            sent = 0
+            while True:
+                sent += self._hand_over(session, envelopes[sent:], hold=taking is not None,
+                                        wait=True)
+                if sent == len(envelopes) or not session.seats \
+                        or not self._window_full(session):
+                    break
+                session.window = defer.Deferred()  # paused until an ack
+                await session.window
             self.stats.redelivered += min(sent, len(orphans))
             self.stats.drained += max(0, sent - len(orphans))
             session.remaining = taken.left
@@ -335,11 +372,18 @@ class Dispatcher:
         return orphans, unsent
 
     def _hand_over(self, session: _Session, envelopes: list[Envelope],
-                   hold: bool = False) -> int:
+                   hold: bool = False, wait: bool = False) -> int:
         """Send stored or returned messages in order; if the user is gone, put
         the rest back at the head of the queue (or, with ``hold``, keep them
-        to go before the take in flight). How many were sent."""
+        to go before the take in flight). When every ack window is full,
+        stop there (``wait``: the caller waits for an ack) or put the rest
+        back and drain them once acks come. How many were sent."""
         for index, envelope in enumerate(envelopes):
+            if session.seats and self._window_full(session):
+                if not wait:
+                    self._recommit(session.uid, envelopes[index:])
+                    session.overflowed = True
+                return index
             if not session.seats or not self._send(session, envelope):
                 if hold:
                     session.unsent = envelopes[index:]

@@ -63,6 +63,9 @@ class Options(usage.Options):
         ["max-socket-buffer", None, str(_DEFAULTS.max_socket_buffer),
          "Unsent bytes a socket may hold; past it the socket is closed with 4010 and its "
          "messages go to the user's other sockets or are stored."],
+        ["ack-window", None, str(_DEFAULTS.ack_window),
+         "Unacknowledged messages per ack-mode socket; past it new messages are stored "
+         "and a drain pauses until acks arrive."],
         ["hello-rate", None, "0",
          "Hellos per second per remote address, in bursts of as many (0: no limit; 4029)."],
         ["queue-ttl", None, str(_DEFAULTS.queue_ttl),
@@ -132,6 +135,7 @@ class Options(usage.Options):
             ping_interval=_number(self, "ping-interval", float, 0),
             ping_timeout=_number(self, "ping-timeout", float, 0),
             max_socket_buffer=_number(self, "max-socket-buffer", int, 1024),
+            ack_window=_number(self, "ack-window", int, 1),
             allowed_origins=tuple(o.strip() for o in self["allowed-origins"].split(",")
                                   if o.strip()) or ("*",))
         if not self.settings.prefix or any(c.isspace() for c in self.settings.prefix):

@@ -61,7 +61,8 @@ class RedMessengerService(MultiService):
                                 reactor=reactor)
         self.dispatcher = Dispatcher(self.store, namespace,
                                      max_sockets_per_user=settings.max_sockets_per_user,
-                                     drain_chunk=settings.drain_chunk, trace=settings.verbose)
+                                     drain_chunk=settings.drain_chunk,
+                                     ack_window=settings.ack_window, trace=settings.verbose)
         self.router = Router(self.dispatcher, self.store, namespace, trace=settings.verbose)
         self.subscriber = Subscriber(address, namespace, self.router.received_message, reactor)
         self.factory = RedMessengerFactory(

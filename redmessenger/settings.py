@@ -123,6 +123,8 @@ class Settings:
     ping_timeout: float = 10.0
     #: Unsent bytes a socket may hold before it counts as too slow (4010).
     max_socket_buffer: int = 1024 * 1024
+    #: Unacknowledged messages an ack-mode socket may hold.
+    ack_window: int = 1000
 
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)

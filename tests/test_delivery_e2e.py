@@ -288,3 +288,24 @@ async def test_messages_larger_than_the_client_frame_limit_are_delivered(messeng
     rm.publish("rm.users.user1", big + "live")
     stored, live = await user1.messages(2)
     assert stored["payload"] == big and live["payload"] == big + "live"
+
+
+@aiotest
+async def test_past_the_ack_window_messages_wait_in_redis_for_acks(messenger):
+    rm = await messenger(ack_window=10)
+    client = await rm.user("user1", ack=True)
+    for i in range(30):
+        rm.publish("rm.users.user1", str(i))
+    first = await client.messages(10)
+    assert payloads(first) == [str(i) for i in range(10)]
+    await eventually(lambda: len(rm.queue("user1")) == 20, what="the overflow to be stored")
+    await client.ack(first[-1]["tag"])  # the window opens: the overflow is drained
+    rest = await client.messages(10)
+    await client.ack(rest[-1]["tag"])
+    rest += await client.messages(10)
+    assert payloads(rest) == [str(i) for i in range(10, 30)]
+    assert all(m["queued"] for m in rest)
+    assert [m["tag"] for m in first + rest] == list(range(1, 31))
+    await client.ack(30)
+    await eventually(lambda: rm.dispatcher.stats.acked == 30)
+    assert rm.queue("user1") == []

@@ -84,10 +84,10 @@ class Sock:
         return [f["payload"] for f in self.frames if f["type"] == "message"]
 
 
-def make(chunk: int = 2):
+def make(chunk: int = 2, window: int = 1000):
     queues = Queues()
     dispatcher = Dispatcher(queues, Namespace(), drain_chunk=chunk, max_sockets_per_user=2,
-                            clock=lambda: 0.001)
+                            ack_window=window, clock=lambda: 0.001)
     count = iter(range(1, 10_000))
 
     def publish(payload: str, *uids: str) -> None:
@@ -249,3 +249,47 @@ def test_a_failed_drain_still_welcomes_and_keeps_live_messages_flowing():
     d, _ = queues.takes.pop(0)
     d.errback(RuntimeError("WRONGTYPE"))
     assert sock.welcome == 0 and sock.payloads() == ["live"]
+
+
+def test_past_the_ack_window_live_messages_are_stored_then_drained_in_order():
+    queues, dispatcher, publish = make(window=2)
+    sock = Sock("u", ack_mode=True)
+    dispatcher.attach(sock)
+    queues.answer_take()
+    for p in "abcd":
+        publish(p)
+    assert sock.payloads() == ["a", "b"] and queues.payloads("u") == ["c", "d"]
+    dispatcher.ack(sock, 1)  # one place: the overflow is drained, not sent around it
+    publish("e")  # waits behind that drain
+    queues.answer_take()
+    assert sock.payloads() == ["a", "b", "c"]  # the window (2) is full again: paused
+    dispatcher.ack(sock, 3)
+    assert sock.payloads() == ["a", "b", "c", "d", "e"]
+    assert [f["tag"] for f in sock.frames[1:]] == [1, 2, 3, 4, 5]
+    assert queues.payloads("u") == []
+
+
+def test_a_full_ack_window_pauses_a_drain_until_acks_come():
+    queues, dispatcher, publish = make(chunk=10, window=2)
+    for p in "abcde":
+        publish(p)
+    sock = Sock("u", ack_mode=True)
+    dispatcher.attach(sock)
+    queues.answer_take()
+    assert sock.welcome == 5 and sock.payloads() == ["a", "b"]
+    dispatcher.ack(sock, 2)
+    assert sock.payloads() == ["a", "b", "c", "d"]
+    dispatcher.detach(sock)  # gone while paused: the rest back at the head, in order
+    assert queues.payloads("u") == ["c", "d", "e"]
+
+
+def test_a_plain_socket_keeps_getting_messages_while_an_ack_socket_is_full():
+    queues, dispatcher, publish = make(window=1)
+    acking, plain = Sock("u", True, "acking"), Sock("u", False, "plain")
+    dispatcher.attach(acking)
+    dispatcher.attach(plain)
+    queues.answer_take()
+    publish("a")
+    publish("b")
+    assert acking.payloads() == ["a"] and plain.payloads() == ["a", "b"]
+    assert queues.payloads("u") == []

@@ -465,6 +465,7 @@ OPTIONS = {
     "ping-interval": "30",
     "ping-timeout": "10",
     "max-socket-buffer": "1048576",
+    "ack-window": "1000",
 }
 
 
