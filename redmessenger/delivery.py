@@ -409,12 +409,19 @@ class Dispatcher:
             sent = self._hand_over(session, orphans + unsent)
             self.stats.redelivered += min(sent, len(orphans))
         waiting = session.waiting
-        while waiting and session.seats and self._send(session, waiting[0]):
+        while (waiting and session.seats and not session.overflowed
+               and not self._window_full(session) and self._send(session, waiting[0])):
             self.stats.delivered_live += 1
             waiting.popleft()
+        if waiting and session.seats:
+            session.overflowed = True  # no window left: they wait in Redis, in order
         self._store_waiting(session)
         if not session.seats:
             del self._sessions[session.uid]
+        elif session.overflowed and not self._window_full(session):
+            # Acks came while this drain ran: take what overflowed meanwhile.
+            session.overflowed = False
+            self._begin_drain(session)
 
     def _store_waiting(self, session: _Session) -> None:
         """Live messages held behind a drain that no socket can take now go to
@@ -424,8 +431,9 @@ class Dispatcher:
         waiting = list(session.waiting)
         session.waiting.clear()
         self.stats.stored += len(waiting)
-        log.info("{uid}: Client is not online, queueing {count} messages in Redis ({key})",
-                      uid=session.uid, count=len(waiting), key=self._ns.queue(session.uid))
+        log.info("{uid}: {why}, queueing {count} messages in Redis ({key})",
+                 uid=session.uid, count=len(waiting), key=self._ns.queue(session.uid),
+                 why="Ack windows full" if session.seats else "Client is not online")
         for envelope in waiting:
             self._store.store([session.uid], envelope)
 

@@ -293,3 +293,50 @@ def test_a_plain_socket_keeps_getting_messages_while_an_ack_socket_is_full():
     publish("b")
     assert acking.payloads() == ["a"] and plain.payloads() == ["a", "b"]
     assert queues.payloads("u") == []
+
+
+def test_a_steady_flood_through_a_small_ack_window_arrives_whole_and_in_order():
+    """Acks that come while an overflow drain runs must not strand what
+    overflowed meanwhile, nor let new messages overtake it."""
+    queues, dispatcher, publish = make(chunk=3, window=4)
+    sock = Sock("u", ack_mode=True)
+    dispatcher.attach(sock)
+    queues.answer_take()
+    sent = 0
+    for _ in range(200):
+        for _ in range(3):
+            publish(str(sent))
+            sent += 1
+        tags = [f["tag"] for f in sock.frames[1:]]
+        if tags:
+            dispatcher.ack(sock, tags[-1])  # the client acks what it has read
+        while queues.takes:
+            queues.answer_take()
+    while True:  # the client keeps acking until nothing more comes
+        before = len(sock.frames)
+        dispatcher.ack(sock, sock.frames[-1]["tag"])
+        while queues.takes:
+            queues.answer_take()
+        if len(sock.frames) == before:
+            break
+    assert [int(p) for p in sock.payloads()] == list(range(sent))
+    assert queues.payloads("u") == []
+
+
+def test_live_messages_left_waiting_by_an_overflow_drain_are_not_overtaken():
+    queues, dispatcher, publish = make(chunk=10, window=2)
+    sock = Sock("u", ack_mode=True)
+    dispatcher.attach(sock)
+    queues.answer_take()
+    publish("a")
+    publish("b")
+    publish("c")  # the window is full: stored, the user is in overflow
+    dispatcher.ack(sock, 1)  # room for one: the overflow drain takes c
+    publish("d")  # waits behind that drain
+    queues.answer_take()  # c is sent; the window is full again, d cannot go
+    assert sock.payloads() == ["a", "b", "c"]
+    dispatcher.ack(sock, 3)  # room again: d must come now, before anything newer
+    publish("e")
+    while queues.takes:
+        queues.answer_take()
+    assert sock.payloads() == ["a", "b", "c", "d", "e"]

@@ -1,0 +1,84 @@
+"""Durable publish, for applications: a ``PUBLISH`` that reaches no
+subscriber (no RedMessenger is running) is lost, so this publishes and, in
+the same atomic Redis script, stores the message for its recipients when
+nobody heard it: in the envelope format RedMessenger itself stores, to be
+drained when they connect.
+
+It takes any Redis client with redis-py's ``eval(script, numkeys, *keys_and
+_args)``, so it works from the application's own (synchronous) code::
+
+    import redis
+    from redmessenger.publish import durable_publish
+
+    durable_publish(redis.Redis(), "Hello!", user="user1")
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .envelope import Envelope, MessageIds
+from .keys import Namespace
+
+# KEYS[1]: the user's queue, or the group's members (a list or a set).
+# ARGV: channel, payload, envelope, "users"/"groups", prefix, ttl, max.
+# Scripts may PUBLISH: doing both in one script leaves no moment in which a
+# RedMessenger could subscribe between the two and miss the message.
+DURABLE_PUBLISH = """
+local heard = redis.call('PUBLISH', ARGV[1], ARGV[2])
+if heard > 0 then return {heard, 0} end
+local queues = {}
+if ARGV[4] == 'users' then
+  queues[1] = KEYS[1]
+else
+  local kind, members = redis.call('TYPE', KEYS[1])['ok'], {}
+  if kind == 'list' then members = redis.call('LRANGE', KEYS[1], 0, -1)
+  elseif kind == 'set' then members = redis.call('SMEMBERS', KEYS[1]) end
+  local seen = {}
+  for _, uid in ipairs(members) do
+    if not seen[uid] then
+      seen[uid] = true
+      queues[#queues + 1] = ARGV[5] .. ':users:' .. uid .. ':messages'
+    end
+  end
+end
+local ttl, max = tonumber(ARGV[6]), tonumber(ARGV[7])
+for _, queue in ipairs(queues) do
+  local length = redis.call('RPUSH', queue, ARGV[3])
+  if max > 0 and length > max then redis.call('LTRIM', queue, length - max, -1) end
+  if ttl > 0 then redis.call('EXPIRE', queue, ttl) end
+end
+return {0, #queues}
+"""
+
+_ids = MessageIds()
+
+
+@dataclass(frozen=True)
+class Published:
+    #: How many subscribers (RedMessengers) heard the PUBLISH.
+    subscribers: int
+    #: How many queues the message was stored in because none did.
+    stored: int
+    #: The id the stored envelope carries.
+    id: str
+
+
+def durable_publish(redis, payload: bytes | str, *, user: str | None = None,
+                    group: str | None = None, prefix: str = "rm", queue_ttl: int = 0,
+                    queue_max: int = 0) -> Published:
+    """Publish ``payload`` to a user or a group; store it if nobody heard it.
+    ``queue_ttl`` and ``queue_max`` should match RedMessenger's settings."""
+    if (user is None) == (group is None):
+        raise ValueError("give exactly one of user= and group=")
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8")
+    ns = Namespace(prefix)
+    channel = ns.user_channel(user) if user is not None else ns.group_channel(group)
+    key = ns.queue(user) if user is not None else ns.members(group)
+    envelope = Envelope(_ids(), channel, int(time.time() * 1000), payload)
+    heard, stored = redis.eval(DURABLE_PUBLISH, 1, key, channel, payload, envelope.stored(),
+                               "users" if user is not None else "groups", prefix,
+                               queue_ttl, queue_max)
+    return Published(int(heard), int(stored), envelope.id)
