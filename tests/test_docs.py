@@ -21,25 +21,32 @@ or paths):
   bin directory; ``redis-cli`` gets ``-p`` and the test Redis' port;
 - files under ``/etc`` are temporary files (certificates made by the test),
   hosts such as ``redis.example.com`` are 127.0.0.1;
-- commands whose transcript shows terminal output (redis-cli) run in a
-  pseudo-terminal, as a person would have run them.
+- ``redmessenger`` commands, whose Redis is 127.0.0.1:6379 by default, get
+  ``REDMESSENGER_REDIS`` naming the test Redis instead;
+- commands whose transcript shows terminal output (redis-cli, redmessenger)
+  run in a pseudo-terminal, as a person would have run them.
+
+The web page snippet runs in a real headless Chromium (tests/test_browser.py's
+fixtures), in a page on RedMessenger's origin; the Python program runs as
+a program of its own, and is stopped as with Ctrl-C.
 
 The other samples are checked against the real thing: JSON frames against
 what a real server sends and takes, log lines against a real run's log, the
 nginx site in a real nginx in front of a real RedMessenger, the systemd unit
 by running its ``ExecStart`` with its environment and stopping it with its
 ``KillSignal`` within its ``TimeoutStopSec``. What cannot be equal from run
-to run (message ids, timestamps, the client's port) is compared by its
-shape, and kept consistent within a sample.
+to run (message ids, timestamps, the client's port, a generated key, the
+version) is compared by its shape, and kept consistent within a sample.
 
 nginx and curl: without them the nginx and curl samples are skipped, unless
 ``REDMESSENGER_REQUIRE_NGINX=1`` (CI, which installs both) makes that a
-failure.
+failure. Chromium and Playwright likewise, with ``REDMESSENGER_REQUIRE_BROWSER=1``.
 """
 
 from __future__ import annotations
 
 import ast
+import asyncio
 import configparser
 import dataclasses
 import functools
@@ -66,6 +73,7 @@ from typing import Any
 import pytest
 import websockets
 from harness import aiotest, eventually, start_service
+from test_browser import WAIT_MS, browser, http_url, tabs  # noqa: F401  (fixtures)
 from test_redis_tls import tls_redis  # noqa: F401  (a fixture)
 from test_twistd import (
     STOPPED,
@@ -181,6 +189,10 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "readme-publish": ("README.rst", "$ .venv/bin/redis-cli PUBLISH rm.users.user1"),
     "readme-websocket": ("README.rst", "$ .venv/bin/pip install -q websockets"),
     "readme-embedding": ("README.rst", "import os\n"),
+    "readme-web-page": ("README.rst", '<script type="module">'),
+    "readme-python": ("README.rst", "from twisted.internet import task\n"),
+    "readme-cli": ("README.rst", "$ .venv/bin/redmessenger token set"),
+    "readme-durable-publish": ("README.rst", "import redis\n"),
     # The log samples, by who logs their first line (whatever its namespace's tail).
     "readme-log": ("README.rst", "[redmessenger.subscriber"),
     "readme-log-recommit": ("README.rst", "[redmessenger.delivery"),
@@ -320,13 +332,14 @@ def transcript(text: str) -> list[tuple[str, list[str]]]:
     return steps
 
 
-def run_in_terminal(argv: list[str], timeout: float = COMMAND_TIMEOUT) -> str:
+def run_in_terminal(argv: list[str], timeout: float = COMMAND_TIMEOUT,
+                    env: dict[str, str] | None = None) -> str:
     """Run a command on a pseudo-terminal (where redis-cli formats replies as
     the transcripts show them); what it printed, with ``\\n`` line ends."""
     master, slave = pty.openpty()
     try:
         process = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
-                                   start_new_session=True)
+                                   start_new_session=True, env=env)
     finally:
         os.close(slave)
     chunks = []
@@ -608,6 +621,10 @@ class InteractiveClient:
     def wait_for_line(self, line: str) -> None:
         self._wait(lambda: line in self.lines(), repr(line))
 
+    def wait_for_lines(self, lines: list[str]) -> None:
+        """Until it has printed exactly ``lines`` (blank ones aside)."""
+        self._wait(lambda: [line for line in self.lines() if line] == lines, repr(lines))
+
     def type(self, line: str) -> None:
         self.process.stdin.write(line.encode() + b"\n")
         self.process.stdin.flush()
@@ -654,6 +671,220 @@ def test_readme_embedding_example_runs_under_twistd(tmp_path: Path, redis) -> No
             hello(client, {"id": "user1", "key": "s3cret"})
             assert redis.command("PUBLISH", "rm.users.user1", "from my-app") >= 1
             assert recv_json(client)["payload"] == "from my-app"
+        stop_cleanly(twistd)
+
+
+#: A page of the application's, around README.rst's snippet.
+WEB_PAGE = """\
+<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><title>My application</title><link rel="icon" href="data:,"></head>
+<body>
+{snippet}
+</body>
+</html>
+"""
+
+
+async def page_log(tab, lines: list[str]) -> None:
+    """Until the page has logged (console.log) exactly ``lines``."""
+    def logged() -> list[str]:
+        return [entry.removeprefix("log: ") for entry in tab.console
+                if entry.startswith("log: ")]
+
+    try:
+        await eventually(lambda: logged() == lines, what=f"the page to log {lines}")
+    except AssertionError as timeout:
+        raise AssertionError(f"{timeout}; console: {tab.console}; errors: {tab.problems}") \
+            from None
+
+
+@claims("readme-web-page")
+@aiotest
+async def test_readme_web_page_snippet_in_a_real_browser(messenger, tabs, redis):  # noqa: F811
+    from redmessenger.settings import AuthMode
+
+    rm = await messenger(auth=AuthMode.REQUIRED)
+    redis.command("SET", "rm:users:user1:key", "s3cret")
+    # "Whatever was stored for user1 comes first".
+    rm.publish("rm.users.user1", "Hello, world!")
+    await eventually(lambda: len(rm.queue("user1")) == 1, what="the message to be stored")
+
+    # The application's page, on RedMessenger's origin: a page loaded from
+    # there (the demo page), its document replaced by the application's.
+    tab = await tabs()
+    await tab.open(rm)
+    await tab.page.set_content(WEB_PAGE.format(snippet=sample("readme-web-page")))
+    assert tab.page.url == http_url(rm)
+    assert await tab.page.title() == "My application"
+
+    await page_log(tab, ["rm.users.user1 Hello, world!"])
+    assert rm.queue("user1") == []
+    # PUBLISH rm.users.user1 "Hello, browser!" logs it at once.
+    assert rm.publish("rm.users.user1", "Hello, browser!") == 1
+    await page_log(tab, ["rm.users.user1 Hello, world!", "rm.users.user1 Hello, browser!"])
+    assert tab.problems == []
+
+
+@aiotest
+async def test_readme_claims_about_a_page_from_another_origin(messenger, tabs, redis):  # noqa: F811
+    """README.rst: such a page cannot import /client.js (no CORS headers);
+    with a copy of the module and RedMessenger's URL it connects, its
+    origin checked against --allowed-origins."""
+    from redmessenger.settings import AuthMode
+
+    rm = await messenger(auth=AuthMode.REQUIRED, allowed_origins=("http://localhost:*",))
+    redis.command("SET", "rm:users:user1:key", "s3cret")
+    client_js = http_url(rm, "/client.js")
+    status, headers, _ = await asyncio.get_running_loop().run_in_executor(
+        None, http_get, client_js)
+    assert status == 200
+    assert "access-control-allow-origin" not in {name.lower() for name in headers}
+
+    # Another origin: another host name for the same address, its page (a
+    # page loaded from there, its document replaced) with a copy of the module.
+    origin = http_url(rm).replace(f"//{HOST}:", "//localhost:", 1)
+    assert origin != http_url(rm)
+    copy = (REPO / "redmessenger" / "static" / "redmessenger.js").read_text()
+    tab = await tabs()
+    page = tab.page
+    await page.route(origin + "redmessenger.js", lambda route: route.fulfill(
+        status=200, content_type="text/javascript; charset=utf-8", body=copy))
+    assert (await page.goto(origin, wait_until="load")).ok
+    await page.set_content(WEB_PAGE.format(snippet="<p>Another origin</p>"))
+    assert page.url == origin
+
+    refused = await page.evaluate(
+        "async (url) => { try { await import(url); return null; } "
+        "catch (error) { return String(error); } }", client_js)
+    assert refused is not None, "a page of another origin imported /client.js"
+    cors = "No 'Access-Control-Allow-Origin' header"
+    await eventually(lambda: any(cors in entry for entry in tab.console),
+                     what="Chromium to say why (CORS)")
+
+    await page.evaluate("""async (url) => {
+      const { RedMessengerClient } = await import("/redmessenger.js");
+      window.seen = [];
+      const client = new RedMessengerClient(url, { id: "user1", key: "s3cret" });
+      client.addEventListener("message", (event) => window.seen.push(event.detail.payload));
+      client.connect();
+    }""", rm.url)
+    await eventually(lambda: rm.dispatcher.online("user1"), what="user1 to connect")
+    assert rm.publish("rm.users.user1", "across origins") == 1
+    await page.wait_for_function("() => window.seen.length === 1", timeout=WAIT_MS)
+    assert await page.evaluate("() => window.seen") == ["across origins"]
+    assert tab.problems == []
+
+
+@claims("readme-python")
+def test_readme_python_program_prints_messages_until_ctrl_c(tmp_path: Path, redis) -> None:
+    port = pick_free_port()
+    program = tmp_path / "listen.py"
+    program.write_text(substitute(sample("readme-python"), {"8080": str(port)}) + "\n")
+    args = ["-n", "--pidfile=", "redmessenger", "--port", f"tcp:{port}:interface={HOST}",
+            "--redis", redis.url]
+    redis.command("SET", "rm:users:user1:key", "s3cret")
+    with twistd_run(args, tmp_path, "python", port) as twistd:
+        twistd.wait_subscribed()
+        redis.command("PUBLISH", "rm.users.user1", "Hello, world!")
+        wait_for(lambda: redis.command("LLEN", "rm:users:user1:messages") == 1, "a stored one")
+
+        with InteractiveClient([sys.executable, str(program)]) as listen:
+            shown = ["Connected as user1 (1 stored)", "rm.users.user1 Hello, world!"]
+            listen.wait_for_lines(shown)
+            assert redis.command("PUBLISH", "rm.users.user1", "Hello, Python!") == 1
+            listen.wait_for_lines([*shown, "rm.users.user1 Hello, Python!"])
+            # Ctrl-C: the connection is closed properly, and the program ends.
+            listen.process.send_signal(signal.SIGINT)
+            assert listen.process.wait(timeout=COMMAND_TIMEOUT) == 0, listen.lines()
+        wait_for(lambda: "(user1) closed (code 1000)" in twistd.log(), "a close with 1000")
+        assert redis.command("EXISTS", "rm:users:user1:messages") == 0
+
+        # "or a refusal (a wrong key)": then it ends by itself.
+        redis.command("SET", "rm:users:user1:key", "another")
+        with InteractiveClient([sys.executable, str(program)]) as listen:
+            assert listen.process.wait(timeout=COMMAND_TIMEOUT) == 1, listen.lines()
+        assert "redmessenger.client.Refused: refused with close code 4001 (unauthorized: " \
+            "wrong key)" in listen.lines(), listen.lines()
+        wait_for(lambda: "(user1): unauthorized: wrong key" in twistd.log(), "the refusal")
+        stop_cleanly(twistd)
+
+
+class OutputShape:
+    """The redmessenger command's output against a transcript's, where
+    message ids, times, generated keys and the version vary: each shown
+    value stands for one real value, the same wherever it is."""
+
+    VARYING = {
+        "id": MESSAGE_ID,
+        "time": r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00",
+        "key": r"(?<![\w-])[\w-]{43}(?![\w-])",
+        "version": r"(?<=^version:      )\d+\.\d+\S*",
+    }
+    TOKENS = re.compile("|".join(f"(?P<{name}>{regex})" for name, regex in VARYING.items()))
+
+    def __init__(self) -> None:
+        self.seen: dict[str, str] = {}
+
+    def match(self, shown: str, real: str) -> bool:
+        parts, tokens, end = [], [], 0
+        for token in self.TOKENS.finditer(shown):
+            parts += [re.escape(shown[end:token.start()]), f"({self.VARYING[token.lastgroup]})"]
+            tokens.append(token.group())
+            end = token.end()
+        found = re.fullmatch("".join(parts) + re.escape(shown[end:]), real)
+        if not found:
+            return False
+        for token, value in zip(tokens, found.groups(), strict=True):
+            if self.seen.setdefault(token, value) != value:
+                return False
+        return len(set(self.seen.values())) == len(self.seen)
+
+
+@claims("readme-cli")
+def test_readme_redmessenger_command_transcript(tmp_path: Path, redis) -> None:
+    from redmessenger.cli import DEFAULT_REDIS
+
+    # "It uses the Redis at redis://127.0.0.1:6379/0 unless --redis or
+    # REDMESSENGER_REDIS names another": here, the test's.
+    assert DEFAULT_REDIS == "redis://127.0.0.1:6379/0"
+    env = {n: v for n, v in deployed_env().items() if not n.startswith("REDMESSENGER_")}
+    env["REDMESSENGER_REDIS"] = redis.url
+    port = pick_free_port()
+    args = ["-n", "--pidfile=", "redmessenger", "--port", f"tcp:{port}:interface={HOST}",
+            "--redis", redis.url]
+
+    def lengths() -> dict[str, int]:
+        return {key.decode(): redis.command("LLEN", key)
+                for key in redis.command("KEYS", "rm:users:*:messages")}
+
+    shape = OutputShape()
+    with twistd_run(args, tmp_path, "cli", port) as twistd:
+        twistd.wait_subscribed()
+        for command, shown in transcript(substitute(sample("readme-cli"), {"8080": str(port)})):
+            argv = shlex.split(command)
+            assert argv[0] == ".venv/bin/redmessenger", argv
+            before = lengths()
+            output = run_in_terminal([str(VENV_BIN / "redmessenger"), *argv[1:]], env=env)
+            real = output.splitlines()
+            assert len(real) == len(shown) and all(
+                shape.match(s, r) for s, r in zip(shown, real, strict=True)), \
+                f"$ {command}\n{output}\nshown:\n" + "\n".join(shown)
+            if argv[1:3] == ["token", "set"]:
+                assert redis.command("GET", f"rm:users:{argv[3]}:key", decode=True) == real[-1]
+            if argv[1] == "send":  # RedMessenger (the 1 subscriber) stores it: wait for it
+                if argv[2] == "--user":
+                    users = [argv[3]]
+                else:
+                    users = redis.command("SMEMBERS", f"rm:groups:{argv[3]}:members", decode=True)
+                wait_for(lambda users=users, before=before: all(
+                    lengths().get(f"rm:users:{u}:messages", 0)
+                    == before.get(f"rm:users:{u}:messages", 0) + 1 for u in users),
+                    f"RedMessenger to store what {command} sent")
+            if argv[1] == "queue":  # the ids shown are those stored
+                stored = [json.loads(e)["id"] for e in redis.command(
+                    "LRANGE", f"rm:users:{argv[2]}:messages", 0, -1)]
+                assert [line.split()[1] for line in real[1:]] == stored
         stop_cleanly(twistd)
 
 
@@ -1339,3 +1570,19 @@ def test_the_docs_are_valid_restructuredtext(name: str) -> None:
         (REPO / name).read_text(), writer_name="null",
         settings_overrides={"report_level": 2, "halt_level": 5, "warning_stream": warnings})
     assert not warnings.getvalue(), warnings.getvalue()
+
+
+
+@claims("readme-durable-publish")
+def test_readme_durable_publish_stores_when_nobody_listens(tmp_path: Path, redis) -> None:
+    """Run as written (port substituted), with no RedMessenger subscribed:
+    it prints ``0 1`` and the message is in user1's queue, as an envelope."""
+    program = tmp_path / "publish.py"
+    program.write_text(substitute(sample("readme-durable-publish"),
+                                  {"6379": str(redis.port)}) + "\n")
+    done = subprocess.run([sys.executable, str(program)], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path, env=deployed_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "1"]
+    [stored] = redis.command("LRANGE", "rm:users:user1:messages", 0, -1)
+    assert json.loads(stored)["payload"] == "Your order has shipped"
