@@ -25,6 +25,7 @@ from .stats import Stats
 #: Module-level: a class attribute Logger builds a new Logger on every access.
 log = Logger()
 
+
 class Socket(Protocol):
     """What the dispatcher needs of one identified WebSocket."""
 
@@ -166,7 +167,7 @@ class Dispatcher:
         if session is not None and len(session.seats) >= self._max_sockets:
             oldest = session.seats[0].socket
             log.info("{uid} has more than {max} sockets, closing the oldest ({peer})",
-                          uid=socket.uid, max=self._max_sockets, peer=oldest.peer)
+                     uid=socket.uid, max=self._max_sockets, peer=oldest.peer)
             self.detach(oldest)  # which may end the session
             oldest.close(Close.TOO_MANY_SOCKETS, "too_many_sockets",
                          f"more than {self._max_sockets} sockets for this user; "
@@ -204,8 +205,8 @@ class Dispatcher:
                 orphans = [o.envelope for o in orphans]
                 if session.seats:
                     log.info("{uid}: socket {peer} left {count} unacknowledged messages, "
-                                  "sending them to the user's other sockets",
-                                  uid=session.uid, peer=socket.peer, count=len(orphans))
+                             "sending them to the user's other sockets",
+                             uid=session.uid, peer=socket.peer, count=len(orphans))
                 self.stats.redelivered += self._hand_over(session, orphans)
         if not session.seats:
             self._store_waiting(session)
@@ -268,13 +269,13 @@ class Dispatcher:
                     stats.observe_latency(self._clock() - envelope.received)
                 if self._trace:
                     log.debug("{uid}: Sending message {id} from {source}", uid=uid,
-                                   id=envelope.id, source=envelope.source)
+                              id=envelope.id, source=envelope.source)
         if offline:
             stats.stored += len(offline)
             if self._trace:
                 for uid in offline:
                     log.debug("Client is not online, queueing message in Redis ({key})",
-                                   key=self._ns.queue(uid))
+                              key=self._ns.queue(uid))
             self._store.store(offline, envelope)
 
     def _send(self, session: _Session, envelope: Envelope) -> bool:
@@ -305,7 +306,7 @@ class Dispatcher:
     def _recommit(self, uid: str, envelopes: list[Envelope]) -> None:
         self.stats.recommitted += len(envelopes)
         log.info("{uid}: Client is no longer online, recommitting {count} messages to "
-                      "the head of {key}", uid=uid, count=len(envelopes), key=self._ns.queue(uid))
+                 "the head of {key}", uid=uid, count=len(envelopes), key=self._ns.queue(uid))
         d = self._store.requeue(uid, envelopes)
         d.addErrback(lambda f: log.failure(
             "Could not recommit {count} messages for {uid}; their envelopes: {envelopes}",
@@ -335,8 +336,8 @@ class Dispatcher:
             taking = self._store.take(uid, self._chunk) if taken.left and session.seats else None
             if session.remaining is None and taken.items:
                 log.info("{channel} has {count} messages enqueued, purging!",
-                              channel=self._ns.user_channel(uid),
-                              count=len(taken.items) + taken.left)
+                         channel=self._ns.user_channel(uid),
+                         count=len(taken.items) + taken.left)
             session.remaining = len(taken.items) + taken.left
             for seat in session.seats:
                 if not seat.started:
@@ -392,7 +393,7 @@ class Dispatcher:
                 return index
             if self._trace:
                 log.debug("{uid}: Purging message {id} from {source}", uid=session.uid,
-                               id=envelope.id, source=envelope.source)
+                          id=envelope.id, source=envelope.source)
         return len(envelopes)
 
     def _drain_done(self, result, session: _Session, d: defer.Deferred) -> None:
@@ -400,7 +401,7 @@ class Dispatcher:
         session.draining = False
         if isinstance(result, defer.Failure):
             log.failure("Could not drain the stored messages of {uid}", result,
-                             uid=session.uid)
+                        uid=session.uid)
             for seat in session.seats:
                 if not seat.started:
                     self._start(seat, 0)

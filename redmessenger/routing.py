@@ -22,6 +22,7 @@ from .keys import Namespace
 #: Module-level: a class attribute Logger builds a new Logger on every access.
 log = Logger()
 
+
 class Groups(Protocol):
     def members(self, gid: str) -> defer.Deferred:
         """Fires with the group's member ids, each once, in order."""
@@ -61,7 +62,7 @@ class Router:
             name = channel.decode("utf-8")
         except UnicodeDecodeError:
             log.error("Ignoring a message on channel {channel!r}: a channel name that is "
-                           "not UTF-8 names no user who could ever connect", channel=channel)
+                      "not UTF-8 names no user who could ever connect", channel=channel)
             return
         target = self._ns.parse_channel(name)
         if target is None:
@@ -88,15 +89,15 @@ class Router:
     def _resolved(self, uids: list[str], pending: _Pending) -> None:
         if not uids:
             log.warn("Group {channel} has no members: message {id} reaches nobody",
-                          channel=pending.envelope.source, id=pending.envelope.id)
+                     channel=pending.envelope.source, id=pending.envelope.id)
         pending.uids = uids
         self._pump()
 
     def _unresolved(self, failure, pending: _Pending, gid: str) -> None:
         log.failure("Could not read the members of group {gid} ({key}): message {id} "
-                         "reaches nobody; its envelope: {envelope}", failure, gid=gid,
-                         key=self._ns.members(gid), id=pending.envelope.id,
-                         envelope=pending.envelope.stored().decode())
+                    "reaches nobody; its envelope: {envelope}", failure, gid=gid,
+                    key=self._ns.members(gid), id=pending.envelope.id,
+                    envelope=pending.envelope.stored().decode())
         pending.uids = []
         self._pump()
 

@@ -98,6 +98,7 @@ MAX_BATCH_KEYS = 5000
 #: Module-level: a class attribute Logger builds a new Logger on every access.
 log = Logger()
 
+
 class Taken(NamedTuple):
     """What one take of a drain brought: the raw entries, how many are left
     in the queue, and the claim to release once the entries are handled."""
@@ -161,19 +162,19 @@ class RedisStore:
         owners = [(key, envelope) for keys, envelope in queues for key in keys]
         for index, count in zip(cuts[::2], cuts[1::2], strict=True):
             log.warn("Queue {key} is over --queue-max {max}: discarded its {count} "
-                          "oldest messages", key=owners[index - 1][0], max=self._max,
-                          count=count)
+                     "oldest messages", key=owners[index - 1][0], max=self._max,
+                     count=count)
         for index, why in zip(failed[::2], failed[1::2], strict=True):
             key, envelope = owners[index - 1]
             log.error("Could not store message {id} in {key} ({why}); its envelope: "
-                           "{envelope}", id=envelope.id, key=key, why=_text(why),
-                           envelope=envelope.stored().decode())
+                      "{envelope}", id=envelope.id, key=key, why=_text(why),
+                      envelope=envelope.stored().decode())
 
     def _not_stored(self, failure, queues: list[tuple[list[str], Envelope]]) -> None:
         for keys, envelope in queues:
             log.failure("Could not store message {id} in {keys}; its envelope: "
-                             "{envelope}", failure, id=envelope.id, keys=keys,
-                             envelope=envelope.stored().decode())
+                        "{envelope}", failure, id=envelope.id, keys=keys,
+                        envelope=envelope.stored().decode())
 
     def requeue(self, uid: str, envelopes: Sequence[Envelope]) -> defer.Deferred:
         self._flush()
@@ -215,7 +216,7 @@ class RedisStore:
                 members[item.decode("utf-8")] = None
             except UnicodeDecodeError:
                 log.warn("Group {gid} lists a member that is not UTF-8 ({member!r}); "
-                              "skipping it", gid=gid, member=item)
+                         "skipping it", gid=gid, member=item)
         return list(members)
 
 

@@ -100,8 +100,8 @@ class RedMessengerProtocol(WebSocketServerProtocol):
 
     def start(self, queued: int) -> None:
         _log.info("You're subscribed to {channel}! ({peer}, {queued} stored messages "
-                      "follow)", channel=self.factory.namespace.user_channel(self.uid),
-                      peer=self.peer, queued=queued)
+                  "follow)", channel=self.factory.namespace.user_channel(self.uid),
+                  peer=self.peer, queued=queued)
         self.sendMessage(frames.welcome(self.uid, self.factory.namespace.user_channel(self.uid),
                                         queued, self.ack_mode))
 
@@ -121,7 +121,7 @@ class RedMessengerProtocol(WebSocketServerProtocol):
             return
         self.factory.dispatcher.stats.closed_by_code[code] += 1
         _log.info("Closing {peer} ({uid}) with {code}: {reason}", peer=self.peer,
-                      uid=self.uid or self._claimed_id(), code=code, reason=reason)
+                  uid=self.uid or self._claimed_id(), code=code, reason=reason)
         self.sendMessage(frames.error(error, reason))
         # sendClose() only allows 1000 and 3000-4999; we need 1001/1003/1013 too.
         self.sendCloseFrame(code, reason.encode("utf-8")[:123])
@@ -134,7 +134,7 @@ class RedMessengerProtocol(WebSocketServerProtocol):
         origin = request.headers.get("origin")
         if origin is not None and not self.factory.origin_allowed(origin):
             _log.warn("Refusing {peer}: origin {origin} is not allowed", peer=self.peer,
-                           origin=origin)
+                      origin=origin)
             self.factory.dispatcher.stats.closed_by_code[403] += 1
             raise ConnectionDeny(403, f"origin {origin} is not allowed")
 
@@ -187,7 +187,7 @@ class RedMessengerProtocol(WebSocketServerProtocol):
         if self.uid is not None:
             self.factory.dispatcher.detach(self)
         _log.info("Connection {peer} ({uid}) closed (code {code})", peer=self.peer,
-                      uid=self.uid or self._claimed_id(), code=code)
+                  uid=self.uid or self._claimed_id(), code=code)
 
     def onMessageFrameBegin(self, length: int) -> None:
         super().onMessageFrameBegin(length)
@@ -230,7 +230,7 @@ class RedMessengerProtocol(WebSocketServerProtocol):
         if not self.factory.redis_connected():
             # Even with nothing to check, the welcome needs the stored queue.
             _log.warn("Cannot take the hello of {peer} ({uid}): Redis is away",
-                           peer=self.peer, uid=hello.id)
+                      peer=self.peer, uid=hello.id)
             self._refuse(ProtocolError(Close.TRY_AGAIN_LATER, "redis_unavailable",
                                        "Redis is unavailable; try again later"))
             return
@@ -251,21 +251,21 @@ class RedMessengerProtocol(WebSocketServerProtocol):
     def _not_authenticated(self, failure) -> None:
         if failure.check(RedisUnavailable):
             _log.warn("Cannot check the hello of {peer} ({uid}): {why}", peer=self.peer,
-                          uid=self._hello.id, why=failure.getErrorMessage())
+                      uid=self._hello.id, why=failure.getErrorMessage())
             self._refuse(ProtocolError(Close.TRY_AGAIN_LATER, "redis_unavailable",
                                        "Redis is unavailable; try again later"))
         elif failure.check(ProtocolError):
             self._refuse(failure.value)
         else:
             _log.failure("Checking the hello of {peer} ({uid}) failed", failure,
-                             peer=self.peer, uid=self._hello.id)
+                         peer=self.peer, uid=self._hello.id)
             self._refuse(ProtocolError(Close.TRY_AGAIN_LATER, "server_error",
                                        "could not check the key; try again later"))
 
     def _refuse(self, refusal: ProtocolError) -> None:
         _log.warn("Refusing {peer} ({uid}): {error}: {reason}", peer=self.peer,
-                      uid=self.uid or self._claimed_id(), error=refusal.error,
-                      reason=refusal.reason)
+                  uid=self.uid or self._claimed_id(), error=refusal.error,
+                  reason=refusal.reason)
         self.close(refusal.close_code, refusal.error, refusal.reason)
 
 
