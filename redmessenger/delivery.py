@@ -59,7 +59,7 @@ class MessageStore(Protocol):
         ``Taken`` (raw entries, number left, claim). Safe to repeat if its
         reply is lost."""
 
-    def release(self, claim: str) -> defer.Deferred:
+    def release(self, taken) -> defer.Deferred:
         """Forget what a ``take`` kept in case its reply was lost."""
 
     def flushed(self) -> defer.Deferred:
@@ -360,7 +360,7 @@ class Dispatcher:
             self.stats.drained += max(0, sent - len(orphans))
             session.remaining = taken.left
             if taken.items:
-                self._store.release(taken.claim).addErrback(
+                self._store.release(taken).addErrback(
                     lambda f: log.failure("Could not release a drain claim of {uid}",
                                                f, uid=uid))
 

@@ -51,6 +51,23 @@ class Namespace:
         reply lost with the connection can be asked for again."""
         return f"{self.prefix}:users:{uid}:taking:{owner}"
 
+    def claims(self, uid: str) -> str:
+        """The set of a user's claims, so those of a dead process are found."""
+        return f"{self.prefix}:users:{uid}:claims"
+
+    def process(self, owner: str) -> str:
+        """A process' heartbeat: while it exists, the process' claims are
+        its own business."""
+        return f"{self.prefix}:procs:{owner}"
+
+    def uid_of_claims(self, key: str) -> str:
+        return key[len(f"{self.prefix}:users:"):-len(":claims")]
+
+    @property
+    def all_claims(self) -> str:
+        """A SCAN pattern for every user's set of claims."""
+        return f"{self._escape(self.prefix)}:users:*:claims"
+
     @staticmethod
     def _escape(text: str) -> str:
         """Glob-escape the prefix so ``PSUBSCRIBE`` matches it literally."""

@@ -11,6 +11,7 @@ import uuid
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from . import __version__
@@ -19,13 +20,19 @@ from .delivery import Dispatcher
 from .embedded import EmbeddedRedis
 from .frames import Close
 from .keys import Namespace
-from .redisconnection import RedisConnection
+from .redisconnection import RedisConnection, RedisUnavailable
 from .routing import Router
 from .settings import AuthMode, RedisAddress, Settings
 from .store import SCRIPTS, RedisStore
 from .subscriber import Subscriber
 from .web import make_site
 from .websocket import CLOSE_TIMEOUT, RedMessengerFactory
+
+#: A process' heartbeat lives HEARTBEAT_TTL seconds and is renewed every
+#: HEARTBEAT_EVERY: a process gone for HEARTBEAT_TTL is taken for dead, and
+#: its drain claims go back to the queues.
+HEARTBEAT_EVERY = 5
+HEARTBEAT_TTL = 15
 
 
 class RedMessengerService(MultiService):
@@ -74,6 +81,10 @@ class RedMessengerService(MultiService):
             if child is not None:
                 child.setName(name)
                 self.addService(child)
+        #: Fires once start-up recovery of dead processes' claims is done.
+        self.recovery: defer.Deferred | None = None
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.clock = reactor
         self.port = None
         self._starting: defer.Deferred | None = None
         self._start_outcome = None
@@ -120,8 +131,23 @@ class RedMessengerService(MultiService):
     def _connect_and_listen(self, _):
         self.redis.startService()
         self.subscriber.startService()
+        self._heartbeat.start(HEARTBEAT_EVERY, now=True)
+        self.redis.whenConnected().addCallback(self._recover)
         endpoint = serverFromString(self.reactor, self.settings.listen_description)
         return endpoint.listen(make_site(self)).addCallback(self._listening)
+
+    def _beat(self) -> None:
+        self.store.heartbeat(HEARTBEAT_TTL).addErrback(
+            lambda f: self.log.failure("Could not renew the heartbeat", f))
+
+    def _recover(self, _) -> None:
+        """What processes that died held in drain claims goes back to the
+        queues now, not only when each user next connects."""
+        d = self.recovery = defer.ensureDeferred(self.store.recover())
+        d.addCallback(lambda count: count and self.log.warn(
+            "Put back {count} messages that processes which died were draining",
+            count=count))
+        d.addErrback(lambda f: self.log.failure("Could not recover dead processes' claims", f))
 
     def _listening(self, port):
         self.port = port
@@ -155,6 +181,12 @@ class RedMessengerService(MultiService):
             except defer.TimeoutError:
                 self.log.critical("Redis did not take every pending write within {timeout} s",
                                   timeout=self.settings.shutdown_timeout)
+            if self._heartbeat.running:
+                self._heartbeat.stop()
+            try:  # nothing is claimed any more: say so (or let it expire)
+                yield self.store.stopped()
+            except RedisUnavailable:
+                pass
             closing = [c.is_closed for c in self.factory.connections]
             self.factory.close_all(Close.GOING_AWAY, "shutting_down",
                                    "the server is shutting down")

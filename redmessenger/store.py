@@ -66,15 +66,52 @@ return redis.call('LLEN', KEYS[1])
 
 # KEYS[2] keeps what was taken until the drain has it, so a take whose
 # reply was lost with the connection gives the same messages again.
+# Claims (KEYS[3] lists them) whose process has no heartbeat left (ARGV[2]
+# is the heartbeat keys' prefix) go back to the head of the queue (KEYS[1]),
+# in the order they were taken: what a process killed mid-drain held.
+_RECOVER = """
+local dead = {}
+for _, claim in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  local owner, n = string.match(claim, ':taking:(%x+):(%d+)$')
+  if owner and redis.call('EXISTS', ARGV[2] .. owner) == 0 then
+    dead[#dead + 1] = {owner, tonumber(n), claim}
+  end
+end
+table.sort(dead, function(a, b)
+  if a[1] ~= b[1] then return a[1] > b[1] end
+  return a[2] > b[2]
+end)
+local recovered = 0
+for _, d in ipairs(dead) do
+  local items = redis.call('LRANGE', d[3], 0, -1)
+  for i = #items, 1, -1 do redis.call('LPUSH', KEYS[1], items[i]) end
+  recovered = recovered + #items
+  redis.call('DEL', d[3])
+  redis.call('SREM', KEYS[3], d[3])
+end
+"""
+
+# KEYS: queue, the user's set of claims.
+RECOVER = Script(_RECOVER.replace("KEYS[3]", "KEYS[2]") + "return recovered")
+
+# KEYS: queue, this take's claim, the user's set of claims. A take repeated
+# after a lost reply finds its claim and returns it again.
 TAKE = Script("""
 local held = redis.call('LRANGE', KEYS[2], 0, -1)
 if #held > 0 then return {held, redis.call('LLEN', KEYS[1])} end
+""" + _RECOVER + """
 local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 if #items > 0 then
   redis.call('LTRIM', KEYS[1], #items, -1)
   redis.call('RPUSH', KEYS[2], unpack(items))
+  redis.call('SADD', KEYS[3], KEYS[2])
 end
 return {items, redis.call('LLEN', KEYS[1])}
+""")
+
+RELEASE = Script("""
+redis.call('DEL', KEYS[1])
+return redis.call('SREM', KEYS[2], KEYS[1])
 """)
 
 MEMBERS = Script("""
@@ -85,7 +122,7 @@ if kind == 'none' then return {} end
 return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' is a ' .. kind .. ', not a list or a set')
 """)
 
-SCRIPTS = (STORE, REQUEUE, TAKE, MEMBERS)
+SCRIPTS = (STORE, REQUEUE, TAKE, RELEASE, RECOVER, MEMBERS)
 
 #: Lua's unpack() takes at most about 8,000 values.
 MAX_TAKE = 5000
@@ -106,6 +143,7 @@ class Taken(NamedTuple):
     items: list[bytes]
     left: int
     claim: str
+    uid: str
 
 
 class RedisStore:
@@ -186,12 +224,38 @@ class RedisStore:
         may ask for the next chunk before it has handled this one."""
         self._flush()
         claim = self._ns.claim(uid, f"{self._owner}:{next(self._claims)}")
-        d = self._redis.eval(TAKE, [self._ns.queue(uid), claim], [min(count, MAX_TAKE)])
-        return d.addCallback(lambda reply: Taken(reply[0], reply[1], claim))
+        d = self._redis.eval(TAKE, [self._ns.queue(uid), claim, self._ns.claims(uid)],
+                             [min(count, MAX_TAKE), self._ns.process("")])
+        return d.addCallback(lambda reply: Taken(reply[0], reply[1], claim, uid))
 
-    def release(self, claim: str) -> defer.Deferred:
+    def release(self, taken: Taken) -> defer.Deferred:
         self._flush()
-        return self._redis.execute(b"DEL", claim)
+        return self._redis.eval(RELEASE, [taken.claim, self._ns.claims(taken.uid)])
+
+    def heartbeat(self, seconds: int) -> defer.Deferred:
+        """Say this process is alive for ``seconds`` more: its claims are
+        left alone meanwhile."""
+        return self._redis.execute(b"SET", self._ns.process(self._owner), b"1",
+                                   b"EX", seconds)
+
+    def stopped(self) -> defer.Deferred:
+        """This process holds nothing any more: no heartbeat needed (if Redis
+        is away, the heartbeat expires by itself)."""
+        return self._redis.execute_now(b"DEL", self._ns.process(self._owner))
+
+    async def recover(self) -> int:
+        """Put back what processes that died held in their claims: every
+        user's, found with SCAN. How many messages came back."""
+        recovered, cursor = 0, b"0"
+        while True:
+            cursor, keys = await self._redis.execute(b"SCAN", cursor, b"MATCH",
+                                                     self._ns.all_claims, b"COUNT", 1000)
+            for key in keys:
+                uid = self._ns.uid_of_claims(key.decode())
+                recovered += await self._redis.eval(
+                    RECOVER, [self._ns.queue(uid), key], [0, self._ns.process("")])
+            if cursor in (b"0", 0):
+                return recovered
 
     def flushed(self) -> defer.Deferred:
         self._flush()

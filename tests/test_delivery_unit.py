@@ -43,14 +43,14 @@ class Queues:
         items = self.lists.get(uid, [])
         taken, self.lists[uid] = items[:count], items[count:]
         d = defer.Deferred()
-        self.takes.append((d, Taken(taken, len(self.lists[uid]), f"claim-{len(self.takes)}")))
+        self.takes.append((d, Taken(taken, len(self.lists[uid]), f"claim-{len(self.takes)}", uid)))
         return d
 
     def answer_take(self) -> None:
         d, reply = self.takes.pop(0)
         d.callback(reply)
 
-    def release(self, claim):
+    def release(self, taken):
         self.released += 1
         return defer.succeed(None)
 

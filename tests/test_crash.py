@@ -1,0 +1,87 @@
+"""A RedMessenger killed with ``kill -9`` in the middle of a drain: what it
+held in its drain claims is put back by the next process that starts, in
+order, and nothing waits for the dead process to come back."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from harness import aiotest, eventually
+from test_twistd import START_TIMEOUT, TwistdProcess, client, hello, recv_json, wait_for
+
+from conftest import HOST, pick_free_port
+
+QUEUE = "rm:users:user1:messages"
+
+
+def start(tmp_path: Path, name: str, port: int, redis, *extra: str) -> TwistdProcess:
+    args = ["-n", "--pidfile=", "redmessenger", "--port", f"tcp:{port}:interface={HOST}",
+            "--redis", redis.url, "--auth", "off", *extra]
+    twistd = TwistdProcess(args, tmp_path, tmp_path / f"{name}.log")
+    twistd.wait_accepting(port)
+    wait_for(lambda: "Subscribed to" in twistd.log(), "the subscription", START_TIMEOUT,
+             twistd.alive)
+    return twistd
+
+
+def test_claims_of_a_killed_process_come_back_in_order(tmp_path: Path, redis) -> None:
+    redis.client().pipeline([("RPUSH", QUEUE, str(i)) for i in range(2000)])
+    port = pick_free_port()
+    # A small ack window pauses the drain with its claims held: a known
+    # moment to kill the process in.
+    with start(tmp_path, "first", port, redis, "--ack-window", "5", "--drain-chunk",
+               "100") as first, client(port) as ws:
+        assert hello(ws, {"id": "user1", "ack": True})["queued"] == 2000
+        assert [recv_json(ws)["payload"] for _ in range(5)] == ["0", "1", "2", "3", "4"]
+        wait_for(lambda: redis.command("KEYS", "rm:users:user1:taking:*"), "claims")
+        os.kill(first.pid, signal.SIGKILL)
+        first.process.wait()
+    claimed = redis.command("KEYS", "rm:users:user1:taking:*")
+    assert claimed and redis.command("LLEN", QUEUE) < 2000  # held only by the dead one
+    # Its heartbeat expires HEARTBEAT_TTL seconds after its last renewal;
+    # rather than wait that long, let it expire now.
+    for key in redis.command("KEYS", "rm:procs:*"):
+        redis.command("DEL", key)
+
+    with start(tmp_path, "second", port, redis) as second:
+        wait_for(lambda: redis.command("LLEN", QUEUE) == 2000, "the claims to come back",
+                 START_TIMEOUT, second.alive)
+        assert redis.command("LRANGE", QUEUE, 0, -1) == [str(i).encode() for i in range(2000)]
+        assert redis.command("KEYS", "rm:users:user1:taking:*") == []
+        assert "Put back 200 messages that processes which died were draining" in second.log()
+        with client(port) as ws:
+            assert hello(ws, {"id": "user1"})["queued"] == 2000
+            assert [recv_json(ws)["payload"] for _ in range(2000)] == \
+                [str(i) for i in range(2000)]
+        second.stop()
+
+
+@aiotest
+async def test_a_users_next_connect_takes_back_a_dead_claim_first(redis, messenger):
+    """Without a restart: the claim of a process whose heartbeat is gone is
+    found by the next take for that user, and goes first, in order."""
+    rm = await messenger()
+    await eventually(lambda: rm.service.recovery is not None and rm.service.recovery.called)
+    claim = "rm:users:user1:taking:0123456789ab:7"
+    redis.command("RPUSH", claim, "0", "1")
+    redis.command("SADD", "rm:users:user1:claims", claim)
+    redis.command("RPUSH", QUEUE, "2", "3")
+    user1 = await rm.user("user1")
+    assert user1.welcome["queued"] == 4
+    assert [m["payload"] for m in await user1.messages(4)] == ["0", "1", "2", "3"]
+    assert redis.command("EXISTS", claim, "rm:users:user1:claims") == 0
+
+
+@aiotest
+async def test_a_live_process_claims_are_left_alone(redis, messenger):
+    rm = await messenger()
+    await eventually(lambda: redis.command("KEYS", "rm:procs:*"), what="our heartbeat")
+    [ours] = redis.command("KEYS", "rm:procs:*")
+    owner = ours.decode().rsplit(":", 1)[1]
+    claim = f"rm:users:user1:taking:{owner}:999"
+    redis.command("RPUSH", claim, "held")
+    redis.command("SADD", "rm:users:user1:claims", claim)
+    await rm.user("user1")  # its take must not take back a claim of a live process
+    assert redis.command("LRANGE", claim, 0, -1) == [b"held"]
