@@ -60,6 +60,11 @@ class Namespace:
         its own business."""
         return f"{self.prefix}:procs:{owner}"
 
+    @property
+    def inbox(self) -> str:
+        """The stream applications XADD to (``--inbox``)."""
+        return f"{self.prefix}:inbox"
+
     def uid_of_claims(self, key: str) -> str:
         return key[len(f"{self.prefix}:users:"):-len(":claims")]
 

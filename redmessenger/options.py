@@ -33,6 +33,8 @@ class Options(usage.Options):
 
     optFlags = [
         ["verbose", "v", "Log every message's way (new, sent, queued, purged)."],
+        ["inbox", None, "Also read the <prefix>:inbox stream (XADD <prefix>:inbox * to "
+         "users.<uid> payload ...): kept in Redis until delivered or stored."],
     ]
     optParameters = [
         ["port", "p", "8080",
@@ -66,6 +68,9 @@ class Options(usage.Options):
         ["ack-window", None, str(_DEFAULTS.ack_window),
          "Unacknowledged messages per ack-mode socket; past it new messages are stored "
          "and a drain pauses until acks arrive."],
+        ["inbox-claim-after", None, f"{_DEFAULTS.inbox_claim_after:g}",
+         "Seconds after which inbox entries another process read and did not "
+         "acknowledge (it died) are taken over."],
         ["hello-rate", None, "0",
          "Hellos per second per remote address, in bursts of as many (0: no limit; 4029)."],
         ["queue-ttl", None, str(_DEFAULTS.queue_ttl),
@@ -136,6 +141,8 @@ class Options(usage.Options):
             ping_timeout=_number(self, "ping-timeout", float, 0),
             max_socket_buffer=_number(self, "max-socket-buffer", int, 1024),
             ack_window=_number(self, "ack-window", int, 1),
+            inbox=bool(self["inbox"]),
+            inbox_claim_after=_number(self, "inbox-claim-after", float, 0),
             allowed_origins=tuple(o.strip() for o in self["allowed-origins"].split(",")
                                   if o.strip()) or ("*",))
         if not self.settings.prefix or any(c.isspace() for c in self.settings.prefix):

@@ -49,6 +49,7 @@ class Router:
         self._trace = trace
         self._clock = clock
         self._waiting: deque[_Pending] = deque()
+        self._settling: list[tuple[_Pending, defer.Deferred]] = []
         self._stats = dispatcher.stats
 
     @property
@@ -56,7 +57,10 @@ class Router:
         """Messages received from Redis."""
         return self._stats.received
 
-    def received_message(self, channel: bytes, payload: bytes) -> None:
+    def received_message(self, channel: bytes, payload: bytes,
+                         message_id: str | None = None) -> None:
+        """``message_id``: a source that may hand over the same message again
+        (the inbox stream) gives it the same id each time."""
         self._stats.received += 1
         try:
             name = channel.decode("utf-8")
@@ -71,7 +75,8 @@ class Router:
         if self._trace:
             log.debug("New message from channel {channel}", channel=name)
         now = self._clock()
-        envelope = Envelope(self._dispatcher.ids(), name, int(now * 1000), payload, received=now)
+        envelope = Envelope(message_id or self._dispatcher.ids(), name, int(now * 1000), payload,
+                            received=now)
         kind, ident = target
         if kind == "users":
             if not self._waiting:
@@ -107,7 +112,14 @@ class Router:
             pending = waiting.popleft()
             if pending.uids:
                 self._dispatcher.deliver(pending.uids, pending.envelope)
+            while self._settling and self._settling[0][0] is pending:
+                self._settling.pop(0)[1].callback(None)
 
-    def idle(self) -> bool:
-        """True when no message is waiting for its recipients."""
-        return not self._waiting
+    def settled(self) -> defer.Deferred:
+        """Fires once every message received so far has been handed to the
+        dispatcher (group messages wait for their members)."""
+        if not self._waiting:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._settling.append((self._waiting[-1], d))
+        return d

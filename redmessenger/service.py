@@ -19,6 +19,7 @@ from .auth import Authenticator
 from .delivery import Dispatcher
 from .embedded import EmbeddedRedis
 from .frames import Close
+from .inbox import Inbox
 from .keys import Namespace
 from .redisconnection import RedisConnection, RedisUnavailable
 from .routing import Router
@@ -63,7 +64,9 @@ class RedMessengerService(MultiService):
             self.embedded = None
             address = settings.redis
         self.redis = RedisConnection(address, reactor, SCRIPTS)
-        self.store = RedisStore(self.redis, namespace, uuid.uuid4().hex[:12],
+        #: This process, in Redis: its heartbeat, its claims, its inbox reads.
+        self.owner = uuid.uuid4().hex[:12]
+        self.store = RedisStore(self.redis, namespace, self.owner,
                                 queue_ttl=settings.queue_ttl, queue_max=settings.queue_max,
                                 reactor=reactor)
         self.dispatcher = Dispatcher(self.store, namespace,
@@ -72,12 +75,15 @@ class RedMessengerService(MultiService):
                                      ack_window=settings.ack_window, trace=settings.verbose)
         self.router = Router(self.dispatcher, self.store, namespace, trace=settings.verbose)
         self.subscriber = Subscriber(address, namespace, self.router.received_message, reactor)
+        self.inbox = (Inbox(address, namespace, self.router, self.store, self.owner, reactor,
+                            claim_after=settings.inbox_claim_after)
+                      if settings.inbox else None)
         self.factory = RedMessengerFactory(
             self.dispatcher, Authenticator(settings.auth, self.store, settings.jwt_secret),
             settings, reactor, server=f"RedMessenger/{__version__}",
             redis_connected=lambda: self.redis.connected)
         for name, child in (("embedded-redis", self.embedded), ("redis", self.redis),
-                            ("subscriber", self.subscriber)):
+                            ("subscriber", self.subscriber), ("inbox", self.inbox)):
             if child is not None:
                 child.setName(name)
                 self.addService(child)
@@ -131,6 +137,8 @@ class RedMessengerService(MultiService):
     def _connect_and_listen(self, _):
         self.redis.startService()
         self.subscriber.startService()
+        if self.inbox is not None:
+            self.inbox.startService()
         self._heartbeat.start(HEARTBEAT_EVERY, now=True)
         self.redis.whenConnected().addCallback(self._recover)
         endpoint = serverFromString(self.reactor, self.settings.listen_description)
@@ -173,6 +181,8 @@ class RedMessengerService(MultiService):
             self._starting.cancel()
         if self.port is not None:
             yield self.port.stopListening()
+        if self.inbox is not None and self.inbox.running:
+            yield self.inbox.stopService()  # what it read and did not ack is read again
         if self.redis.running:
             recommitted = self.dispatcher.stop()
             yield self.subscriber.stopService()

@@ -125,6 +125,10 @@ class Settings:
     max_socket_buffer: int = 1024 * 1024
     #: Unacknowledged messages an ack-mode socket may hold.
     ack_window: int = 1000
+    #: Also read the ``<prefix>:inbox`` stream; entries another process read
+    #: and did not acknowledge are taken over after ``inbox_claim_after`` s.
+    inbox: bool = False
+    inbox_claim_after: float = 30.0
 
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)

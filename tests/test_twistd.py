@@ -466,6 +466,8 @@ OPTIONS = {
     "ping-timeout": "10",
     "max-socket-buffer": "1048576",
     "ack-window": "1000",
+    "inbox": None,
+    "inbox-claim-after": "30",
 }
 
 

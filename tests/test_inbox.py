@@ -1,0 +1,69 @@
+"""``--inbox``: messages XADDed to ``rm:inbox`` survive RedMessenger being
+down or dying between reading and acknowledging them."""
+
+from __future__ import annotations
+
+from harness import aiotest, eventually, tw
+
+
+def pending(redis) -> int:
+    return redis.command("XPENDING", "rm:inbox", "redmessenger")[0]
+
+
+@aiotest
+async def test_entries_added_while_no_redmessenger_ran_are_delivered(redis, messenger):
+    redis.command("RPUSH", "rm:groups:cats:members", "user1", "user2")
+    first = redis.command("XADD", "rm:inbox", "*", "to", "users.user1", "payload", "hello")
+    redis.command("XADD", "rm:inbox", "*", "to", "groups.cats", "payload", "meow")
+    rm = await messenger(inbox=True)
+    await eventually(lambda: len(rm.queue("user1")) == 2 and len(rm.queue("user2")) == 1,
+                     what="the inbox to be stored")
+    await eventually(lambda: pending(redis) == 0, what="the entries to be acknowledged")
+    user1 = await rm.user("user1")
+    hello, meow = await user1.messages(2)
+    assert (hello["payload"], hello["source"]) == ("hello", "rm.users.user1")
+    assert hello["id"] == f"inbox-{first.decode()}"
+    assert (meow["payload"], meow["source"]) == ("meow", "rm.groups.cats")
+    redis.command("XADD", "rm:inbox", "*", "to", "users.user1", "payload", "live")
+    [live] = await user1.messages(1)
+    assert live["payload"] == "live" and live["queued"] is False
+
+
+@aiotest
+async def test_entries_a_dead_reader_left_unacknowledged_are_taken_over(redis, messenger):
+    redis.command("XGROUP", "CREATE", "rm:inbox", "redmessenger", "0", "MKSTREAM")
+    entry = redis.command("XADD", "rm:inbox", "*", "to", "users.user1", "payload", "kept")
+    # A RedMessenger read it, then died before acknowledging it.
+    redis.command("XREADGROUP", "GROUP", "redmessenger", "dead", "COUNT", "10", "STREAMS",
+                  "rm:inbox", ">")
+    assert pending(redis) == 1
+    rm = await messenger(inbox=True, inbox_claim_after=0.05)
+    [stored] = await eventually(lambda: rm.queue("user1"), what="the entry to be taken over")
+    assert stored["payload"] == "kept" and stored["id"] == f"inbox-{entry.decode()}"
+    await eventually(lambda: pending(redis) == 0, what="the entry to be acknowledged")
+
+
+@aiotest
+async def test_a_malformed_entry_is_logged_and_does_not_stop_the_others(redis, messenger):
+    redis.command("XADD", "rm:inbox", "*", "to", "nowhere", "payload", "lost")
+    redis.command("XADD", "rm:inbox", "*", "payload", "no recipient")
+    redis.command("XADD", "rm:inbox", "*", "to", "users.user1", "payload", "fine")
+    rm = await messenger(inbox=True)
+    await eventually(lambda: [e["payload"] for e in rm.queue("user1")] == ["fine"])
+    await eventually(lambda: pending(redis) == 0)
+
+
+@aiotest
+async def test_the_inbox_survives_a_redis_restart(private_redis):
+    from harness import start_service
+
+    rm = await start_service(private_redis, inbox=True)
+    try:
+        private_redis.stop()
+        await eventually(lambda: not rm.service.redis.connected)
+        private_redis.start()
+        await tw(rm.service.redis.whenConnected())
+        private_redis.command("XADD", "rm:inbox", "*", "to", "users.user1", "payload", "after")
+        await eventually(lambda: rm.queue("user1"), what="an entry added after the restart")
+    finally:
+        await rm.stop()
