@@ -94,7 +94,7 @@ from websockets.sync.client import connect
 from conftest import HOST, RespClient, pick_free_port
 
 REPO = Path(__file__).resolve().parent.parent
-DOCS = ("README.rst", "docs/protocol.rst", "docs/operations.rst")
+DOCS = ("README.rst", "docs/protocol.rst", "docs/operations.rst", "docs/guarantees.rst")
 #: The test venv's bin directory, standing for the samples' ``.venv/bin``.
 VENV_BIN = Path(sys.executable).parent
 #: How long any one command of a sample may take.
@@ -1559,7 +1559,7 @@ def test_operations_lists_every_environment_variable() -> None:
 
 
 @pytest.mark.parametrize("name", ["README.rst", "docs/protocol.rst", "docs/operations.rst",
-                                  "bench/README.rst"])
+                                  "docs/guarantees.rst", "bench/README.rst"])
 def test_the_docs_are_valid_restructuredtext(name: str) -> None:
     import io
 
@@ -1586,3 +1586,12 @@ def test_readme_durable_publish_stores_when_nobody_listens(tmp_path: Path, redis
     assert done.stdout.split() == ["0", "1"]
     [stored] = redis.command("LRANGE", "rm:users:user1:messages", 0, -1)
     assert json.loads(stored)["payload"] == "Your order has shipped"
+
+
+def test_the_guarantees_cite_tests_that_exist() -> None:
+    """docs/guarantees.rst names, for each cell, the test that shows it."""
+    cited = set(re.findall(r"``(test_\w+)``", (REPO / "docs/guarantees.rst").read_text()))
+    defined = set()
+    for path in (REPO / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^(?:async )?def (test_\w+)", path.read_text(), re.M))
+    assert cited and not cited - defined, cited - defined
