@@ -66,17 +66,31 @@ class MessageStore(Protocol):
         """Fires when every write handed over so far is in Redis."""
 
 
+class _Claim:
+    """A drain's take, kept in Redis until each of its messages is settled:
+    acknowledged, taken by a plain socket, or back in the queue. So a
+    process killed meanwhile loses none of them (its claims come back)."""
+
+    __slots__ = ("taken", "pending")
+
+    def __init__(self, taken) -> None:
+        self.taken = taken
+        self.pending = len(taken.items)
+
+
 class _Outstanding:
     """One message sent to one user's ack-mode sockets, until one acks it."""
 
-    __slots__ = ("envelope", "seq", "holders", "done")
+    __slots__ = ("envelope", "seq", "holders", "done", "claim")
 
-    def __init__(self, envelope: Envelope, seq: int) -> None:
+    def __init__(self, envelope: Envelope, seq: int, claim: _Claim | None) -> None:
         self.envelope = envelope
         #: The order in which the user's messages were sent.
         self.seq = seq
         self.holders = 0
         self.done = False
+        #: The take it came from, released once it is settled.
+        self.claim = claim
 
 
 class _Seat:
@@ -104,11 +118,11 @@ class _Session:
         self.draining = False
         #: Live messages that arrived during the drain, in order.
         self.waiting: deque[Envelope] = deque()
-        #: While a drain's take is in flight: (seq, message) a departed
-        #: socket left unacknowledged, and then the drained messages no
-        #: socket would take; both go before whatever that take brings.
-        self.returned: list[tuple[int, Envelope]] = []
-        self.unsent: list[Envelope] = []
+        #: While a drain's take is in flight: what a departed socket left
+        #: unacknowledged, and then the drained messages (with their claim)
+        #: no socket would take; both go before whatever that take brings.
+        self.returned: list[_Outstanding] = []
+        self.unsent: list[tuple[Envelope, _Claim | None]] = []
         self.sent = 0
         #: Live messages were stored because every socket's ack window was
         #: full; later ones follow them into the queue until a drain.
@@ -200,14 +214,14 @@ class Dispatcher:
         seat.unacked.clear()
         if orphans:
             if session.draining:
-                session.returned.extend((o.seq, o.envelope) for o in orphans)
+                session.returned.extend(orphans)
             else:
-                orphans = [o.envelope for o in orphans]
                 if session.seats:
                     log.info("{uid}: socket {peer} left {count} unacknowledged messages, "
                              "sending them to the user's other sockets",
                              uid=session.uid, peer=socket.peer, count=len(orphans))
-                self.stats.redelivered += self._hand_over(session, orphans)
+                self.stats.redelivered += self._hand_over(
+                    session, [(o.envelope, o.claim) for o in orphans])
         if not session.seats:
             self._store_waiting(session)
             if not session.draining:
@@ -226,8 +240,10 @@ class Dispatcher:
                 break
             outstanding = unacked.pop(first)
             outstanding.holders -= 1
-            outstanding.done = True
-            self.stats.acked += 1
+            if not outstanding.done:
+                outstanding.done = True
+                self.stats.acked += 1
+                self._settled(outstanding.claim)
         session = self._sessions[socket.uid]
         self._window_may_open(session)
         if session.overflowed and not session.draining and not self._window_full(session):
@@ -278,9 +294,10 @@ class Dispatcher:
                               key=self._ns.queue(uid))
             self._store.store(offline, envelope)
 
-    def _send(self, session: _Session, envelope: Envelope) -> bool:
+    def _send(self, session: _Session, envelope: Envelope, claim: _Claim | None = None) -> bool:
         """Send to all of the user's sockets, the newest one bubbling; true
-        if at least one connection took it."""
+        if at least one connection took it. A drained message's claim is
+        settled now if a plain socket took it, else when it is acked."""
         taken_plain = False
         outstanding = None
         newest = session.seats[-1]
@@ -295,15 +312,29 @@ class Dispatcher:
             tag = seat.next_tag
             if seat.socket.send(envelope.frame(bubble, tag)):
                 if outstanding is None:
-                    outstanding = _Outstanding(envelope, session.sent)
+                    outstanding = _Outstanding(envelope, session.sent, claim)
                 seat.next_tag += 1
                 seat.unacked[tag] = outstanding
                 outstanding.holders += 1
         if outstanding is not None and taken_plain:
             outstanding.done = True
+        if taken_plain:
+            self._settled(claim)
         return taken_plain or outstanding is not None
 
-    def _recommit(self, uid: str, envelopes: list[Envelope]) -> None:
+    def _settled(self, claim: _Claim | None) -> None:
+        """One message of ``claim`` is done with; the last one releases it."""
+        if claim is None:
+            return
+        claim.pending -= 1
+        if claim.pending == 0:
+            self._store.release(claim.taken).addErrback(
+                lambda f: log.failure("Could not release a drain claim", f))
+
+    def _recommit(self, uid: str, items: list[tuple[Envelope, _Claim | None]]) -> None:
+        """Back to the head of the queue, then their claims may go: in that
+        order on the one connection, so no moment holds them nowhere."""
+        envelopes = [envelope for envelope, _ in items]
         self.stats.recommitted += len(envelopes)
         log.info("{uid}: Client is no longer online, recommitting {count} messages to "
                  "the head of {key}", uid=uid, count=len(envelopes), key=self._ns.queue(uid))
@@ -312,6 +343,8 @@ class Dispatcher:
             "Could not recommit {count} messages for {uid}; their envelopes: {envelopes}",
             f, count=len(envelopes), uid=uid,
             envelopes=[e.stored().decode() for e in envelopes]))
+        for _, claim in items:
+            self._settled(claim)
 
     # -- drain -------------------------------------------------------------
 
@@ -344,57 +377,54 @@ class Dispatcher:
                     self._start(seat, session.remaining)
             orphans, unsent = self._returned(session)
             now_ms = int(self._clock() * 1000)
-            envelopes = orphans + unsent + [
-                Envelope.from_stored(raw, self._ns.user_channel(uid), self.ids, now_ms)
+            claim = _Claim(taken)
+            items = orphans + unsent + [
+                (Envelope.from_stored(raw, self._ns.user_channel(uid), self.ids, now_ms), claim)
                 for raw in taken.items]
             sent = 0
             while True:
-                sent += self._hand_over(session, envelopes[sent:], hold=taking is not None,
+                sent += self._hand_over(session, items[sent:], hold=taking is not None,
                                         wait=True)
-                if sent == len(envelopes) or not session.seats \
-                        or not self._window_full(session):
+                if sent == len(items) or not session.seats or not self._window_full(session):
                     break
                 session.window = defer.Deferred()  # paused until an ack
                 await session.window
             self.stats.redelivered += min(sent, len(orphans))
             self.stats.drained += max(0, sent - len(orphans))
             session.remaining = taken.left
-            if taken.items:
-                self._store.release(taken).addErrback(
-                    lambda f: log.failure("Could not release a drain claim of {uid}",
-                                               f, uid=uid))
 
     @staticmethod
-    def _returned(session: _Session) -> tuple[list[Envelope], list[Envelope]]:
+    def _returned(session: _Session) -> tuple[list[tuple[Envelope, _Claim | None]],
+                                              list[tuple[Envelope, _Claim | None]]]:
         """What waits to go before the next take's messages, in send order."""
-        orphans = [envelope for _, envelope in sorted(session.returned, key=lambda r: r[0])]
+        orphans = [(o.envelope, o.claim) for o in sorted(session.returned, key=lambda o: o.seq)]
         unsent = session.unsent
         session.returned, session.unsent = [], []
         return orphans, unsent
 
-    def _hand_over(self, session: _Session, envelopes: list[Envelope],
+    def _hand_over(self, session: _Session, items: list[tuple[Envelope, _Claim | None]],
                    hold: bool = False, wait: bool = False) -> int:
         """Send stored or returned messages in order; if the user is gone, put
         the rest back at the head of the queue (or, with ``hold``, keep them
         to go before the take in flight). When every ack window is full,
         stop there (``wait``: the caller waits for an ack) or put the rest
         back and drain them once acks come. How many were sent."""
-        for index, envelope in enumerate(envelopes):
+        for index, (envelope, claim) in enumerate(items):
             if session.seats and self._window_full(session):
                 if not wait:
-                    self._recommit(session.uid, envelopes[index:])
+                    self._recommit(session.uid, items[index:])
                     session.overflowed = True
                 return index
-            if not session.seats or not self._send(session, envelope):
+            if not session.seats or not self._send(session, envelope, claim):
                 if hold:
-                    session.unsent = envelopes[index:]
+                    session.unsent = items[index:]
                 else:
-                    self._recommit(session.uid, envelopes[index:])
+                    self._recommit(session.uid, items[index:])
                 return index
             if self._trace:
                 log.debug("{uid}: Purging message {id} from {source}", uid=session.uid,
                           id=envelope.id, source=envelope.source)
-        return len(envelopes)
+        return len(items)
 
     def _drain_done(self, result, session: _Session, d: defer.Deferred) -> None:
         self._drains.discard(d)

@@ -85,3 +85,25 @@ async def test_a_live_process_claims_are_left_alone(redis, messenger):
     redis.command("SADD", "rm:users:user1:claims", claim)
     await rm.user("user1")  # its take must not take back a claim of a live process
     assert redis.command("LRANGE", claim, 0, -1) == [b"held"]
+
+
+def test_drained_messages_a_client_never_acknowledged_survive_a_kill(tmp_path: Path,
+                                                                    redis) -> None:
+    """In ack mode a drained message stays claimed in Redis until acked: all
+    300 were sent, none acked, the process is killed, and all come back."""
+    redis.client().pipeline([("RPUSH", QUEUE, str(i)) for i in range(300)])
+    port = pick_free_port()
+    with start(tmp_path, "first", port, redis, "--drain-chunk", "100") as first, \
+            client(port) as ws:
+        assert hello(ws, {"id": "user1", "ack": True})["queued"] == 300
+        assert [recv_json(ws)["payload"] for _ in range(300)] == [str(i) for i in range(300)]
+        assert redis.command("LLEN", QUEUE) == 0  # all taken, held in claims
+        os.kill(first.pid, signal.SIGKILL)
+        first.process.wait()
+    for key in redis.command("KEYS", "rm:procs:*"):
+        redis.command("DEL", key)  # as if its heartbeat had expired
+    with start(tmp_path, "second", port, redis) as second:
+        wait_for(lambda: redis.command("LLEN", QUEUE) == 300, "the claims to come back",
+                 START_TIMEOUT, second.alive)
+        assert redis.command("LRANGE", QUEUE, 0, -1) == [str(i).encode() for i in range(300)]
+        second.stop()

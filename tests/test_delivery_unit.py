@@ -340,3 +340,29 @@ def test_live_messages_left_waiting_by_an_overflow_drain_are_not_overtaken():
     while queues.takes:
         queues.answer_take()
     assert sock.payloads() == ["a", "b", "c", "d", "e"]
+
+
+def test_a_drain_claim_is_released_only_when_every_message_is_acked():
+    queues, dispatcher, publish = make(chunk=10)
+    for p in "abc":
+        publish(p)
+    sock = Sock("u", ack_mode=True)
+    dispatcher.attach(sock)
+    queues.answer_take()
+    assert sock.payloads() == ["a", "b", "c"] and queues.released == 0
+    dispatcher.ack(sock, 2)
+    assert queues.released == 0  # c is not acknowledged yet
+    dispatcher.ack(sock, 3)
+    assert queues.released == 1
+
+
+def test_a_drain_claim_is_released_once_its_unacked_messages_are_back_in_the_queue():
+    queues, dispatcher, publish = make(chunk=10)
+    for p in "ab":
+        publish(p)
+    sock = Sock("u", ack_mode=True)
+    dispatcher.attach(sock)
+    queues.answer_take()
+    dispatcher.ack(sock, 1)
+    dispatcher.detach(sock)
+    assert queues.payloads("u") == ["b"] and queues.released == 1
