@@ -267,6 +267,7 @@ class Dispatcher:
         """Send to every recipient online here; store for the others, in one
         Redis call for all of them."""
         offline = []
+        kick = []
         stats = self.stats
         for uid in uids:
             session = self._sessions.get(uid)
@@ -277,6 +278,9 @@ class Dispatcher:
             elif session.overflowed or self._window_full(session):
                 session.overflowed = True
                 offline.append(uid)
+            elif self._durable(session):
+                offline.append(uid)  # through Redis, so a claim holds it until acked
+                kick.append(session)
             elif not self._send(session, envelope):
                 offline.append(uid)
             else:
@@ -293,6 +297,15 @@ class Dispatcher:
                     log.debug("Client is not online, queueing message in Redis ({key})",
                               key=self._ns.queue(uid))
             self._store.store(offline, envelope)
+        for session in kick:  # after the store: the drain's take comes behind it
+            self._begin_drain(session)
+
+    @staticmethod
+    def _durable(session: _Session) -> bool:
+        """A user with an ack-mode socket gets live messages through Redis
+        too: stored, then drained under a claim that only an ack releases,
+        so a process killed meanwhile loses none of them."""
+        return any(seat.socket.ack_mode for seat in session.seats)
 
     def _send(self, session: _Session, envelope: Envelope, claim: _Claim | None = None) -> bool:
         """Send to all of the user's sockets, the newest one bubbling; true
@@ -440,12 +453,13 @@ class Dispatcher:
             sent = self._hand_over(session, orphans + unsent)
             self.stats.redelivered += min(sent, len(orphans))
         waiting = session.waiting
-        while (waiting and session.seats and not session.overflowed
+        durable = self._durable(session)
+        while (waiting and session.seats and not session.overflowed and not durable
                and not self._window_full(session) and self._send(session, waiting[0])):
             self.stats.delivered_live += 1
             waiting.popleft()
         if waiting and session.seats:
-            session.overflowed = True  # no window left: they wait in Redis, in order
+            session.overflowed = True  # no window left, or held in Redis till acked
         self._store_waiting(session)
         if not session.seats:
             del self._sessions[session.uid]

@@ -4,6 +4,7 @@ order, and nothing waits for the dead process to come back."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -106,4 +107,25 @@ def test_drained_messages_a_client_never_acknowledged_survive_a_kill(tmp_path: P
         wait_for(lambda: redis.command("LLEN", QUEUE) == 300, "the claims to come back",
                  START_TIMEOUT, second.alive)
         assert redis.command("LRANGE", QUEUE, 0, -1) == [str(i).encode() for i in range(300)]
+        second.stop()
+
+
+def test_live_messages_a_client_never_acknowledged_survive_a_kill(tmp_path: Path,
+                                                                 redis) -> None:
+    """In ack mode a live message goes through Redis too: stored, then
+    drained under a claim that only its ack releases."""
+    port = pick_free_port()
+    with start(tmp_path, "first", port, redis) as first, client(port) as ws:
+        hello(ws, {"id": "user1", "ack": True})
+        redis.client().pipeline([("PUBLISH", "rm.users.user1", str(i)) for i in range(100)])
+        assert [recv_json(ws)["payload"] for _ in range(100)] == [str(i) for i in range(100)]
+        os.kill(first.pid, signal.SIGKILL)
+        first.process.wait()
+    for key in redis.command("KEYS", "rm:procs:*"):
+        redis.command("DEL", key)  # as if its heartbeat had expired
+    with start(tmp_path, "second", port, redis) as second:
+        wait_for(lambda: redis.command("LLEN", QUEUE) == 100, "the claims to come back",
+                 START_TIMEOUT, second.alive)
+        assert [json.loads(e)["payload"] for e in
+                redis.command("LRANGE", QUEUE, 0, -1)] == [str(i) for i in range(100)]
         second.stop()

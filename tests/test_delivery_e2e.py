@@ -298,7 +298,11 @@ async def test_past_the_ack_window_messages_wait_in_redis_for_acks(messenger):
         rm.publish("rm.users.user1", str(i))
     first = await client.messages(10)
     assert payloads(first) == [str(i) for i in range(10)]
-    await eventually(lambda: len(rm.queue("user1")) == 20, what="the overflow to be stored")
+    def in_redis() -> int:  # the queue, and what drains hold claimed until acked
+        claims = rm.redis.command("KEYS", "rm:users:user1:taking:*")
+        return len(rm.queue("user1")) + sum(rm.redis.command("LLEN", k) for k in claims)
+
+    await eventually(lambda: in_redis() == 30, what="every unacked message kept in Redis")
     await client.ack(first[-1]["tag"])  # the window opens: the overflow is drained
     rest = await client.messages(10)
     await client.ack(rest[-1]["tag"])
