@@ -43,6 +43,24 @@ def txredisapi():
     return txredisapi
 
 
+@functools.cache
+def bytes_protocol(base: type) -> type:
+    """``base`` speaking bytes only (``charset=None``, ``convertNumbers=False``,
+    as all of ours do), without txredisapi's per-element Python work: replies
+    are hiredis' own values, commands are packed by hiredis in C."""
+    import hiredis
+
+    class BytesProtocol(base):
+        def tryConvertData(self, data):
+            return data  # what txredisapi returns for bytes-only settings, rebuilt
+
+        def _build_command(self, *args, **kwargs) -> bytes:
+            return hiredis.pack_command(args)
+
+    BytesProtocol.__name__ = base.__name__
+    return BytesProtocol
+
+
 #: Reconnect quickly at first, then every few seconds at most; a little
 #: jitter so that many processes do not all come back at once.
 RETRY_POLICY = backoffPolicy(initialDelay=0.05, maxDelay=3.0, factor=2.0,
@@ -59,7 +77,7 @@ class ProtocolFactory(Factory):
     def __init__(self, address: RedisAddress, protocol: Callable[..., object] | None = None,
                  **attributes) -> None:
         self.address = address
-        self.protocol = protocol or txredisapi().RedisProtocol
+        self.protocol = bytes_protocol(protocol or txredisapi().RedisProtocol)
         self._attributes = attributes
 
     def buildProtocol(self, addr):
