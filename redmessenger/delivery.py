@@ -476,9 +476,12 @@ class Dispatcher:
         waiting = list(session.waiting)
         session.waiting.clear()
         self.stats.stored += len(waiting)
-        log.info("{uid}: {why}, queueing {count} messages in Redis ({key})",
-                 uid=session.uid, count=len(waiting), key=self._ns.queue(session.uid),
-                 why="Ack windows full" if session.seats else "Client is not online")
+        if not session.seats:
+            log.info("{uid}: Client is not online, queueing {count} messages in Redis ({key})",
+                     uid=session.uid, count=len(waiting), key=self._ns.queue(session.uid))
+        elif self._trace:  # ack mode or a full window: the everyday way, not news
+            log.debug("{uid}: queueing {count} messages in Redis ({key}) until acked",
+                      uid=session.uid, count=len(waiting), key=self._ns.queue(session.uid))
         for envelope in waiting:
             self._store.store([session.uid], envelope)
 

@@ -152,3 +152,17 @@ def test_spliced_frames_are_the_json_they_claim_to_be(uid, source, timestamp, pa
         assert frame["timestamp"] == timestamp and frame["bubble"] is bubble
         assert frame["queued"] is queued and frame.get("tag") == tag
         assert list(frame)[:4] == ["type", "id", "source", "timestamp"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(uid=st.text(min_size=1), source=st.text(), timestamp=st.integers(0, 2**53),
+       payload=st.binary() | st.text().map(lambda t: t.encode("utf-8", "surrogatepass")))
+def test_the_stored_form_is_exactly_what_json_dumps_writes(uid, source, timestamp, payload):
+    """Built by hand for speed, it must stay byte for byte json.dumps'."""
+    try:
+        body = {"payload": payload.decode("utf-8")}
+    except UnicodeDecodeError:
+        body = {"payload_base64": base64.b64encode(payload).decode("ascii")}
+    expected = json.dumps({"id": uid, "source": source, "timestamp": timestamp, **body},
+                          separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    assert Envelope(uid, source, timestamp, payload).stored() == expected
