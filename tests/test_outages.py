@@ -194,3 +194,65 @@ async def test_a_peer_that_stops_answering_pings_is_given_up(messenger):
     await eventually(lambda: not rm.dispatcher.online("user1"), what="the ping timeout")
     rm.publish("rm.users.user1", "stored, not written into a dead connection")
     await eventually(lambda: rm.queue("user1"))
+
+
+@aiotest
+async def test_a_redis_that_is_down_at_start_is_waited_for(private_redis):
+    """Started with Redis away: clients are told to come back (1013) until
+    Redis is there, then everything works."""
+    private_redis.stop()
+    from redmessenger import RedMessengerService, Settings
+    from redmessenger.settings import AuthMode
+
+    service = RedMessengerService(Settings(port="tcp:0:interface=127.0.0.1",
+                                           redis=private_redis.address, auth=AuthMode.OFF))
+    service.startService()
+    try:
+        port = (await tw(service.whenListening())).getHost().port
+        from harness import Client
+
+        early = await Client.connect(f"ws://127.0.0.1:{port}/")
+        await early.send_json({"id": "user1"})
+        assert (await early.refused())[1] == 1013
+        private_redis.start()
+        await tw(service.subscriber.whenSubscribed())
+        await tw(service.redis.whenConnected())
+        user1 = await Client.connect(f"ws://127.0.0.1:{port}/")
+        await user1.hello("user1")
+        private_redis.command("PUBLISH", "rm.users.user1", "after the wait")
+        assert payloads(await user1.messages(1)) == ["after the wait"]
+    finally:
+        await tw(service.stopService())
+
+
+@aiotest
+async def test_an_ack_mode_peer_that_vanishes_gives_back_what_it_did_not_ack(messenger):
+    rm = await messenger(ping_interval=0.2, ping_timeout=0.3)
+    gone = await rm.user("user1", ack=True)
+    for i in range(5):
+        rm.publish("rm.users.user1", str(i))
+    assert payloads(await gone.messages(5)) == [str(i) for i in range(5)]
+    gone.connection.transport.pause_reading()  # vanished: no pong, no ack, no FIN
+    await eventually(lambda: not rm.dispatcher.online("user1"), what="the ping timeout")
+    assert [e["payload"] for e in await eventually(lambda: rm.queue("user1"))] == \
+        [str(i) for i in range(5)]
+
+
+@aiotest
+async def test_an_ack_mode_client_too_slow_to_read_loses_nothing(messenger):
+    rm = await messenger(max_socket_buffer=64 * 1024)
+    slow = await rm.user("user1", ack=True)
+    slow.connection.transport.pause_reading()
+    big = "x" * 100_000
+    sent = 0
+    while rm.dispatcher.online("user1"):
+        assert sent < 2000, "the slow socket was never given up"
+        rm.publish("rm.users.user1", f"{sent} {big}")
+        sent += 1
+        await asyncio.sleep(0)
+    await eventually(lambda: rm.service.router.received == sent)
+    await tw(rm.service.store.flushed())
+    queued = [int(e["payload"].split()[0]) for e in
+              await eventually(lambda: rm.queue("user1") if len(rm.queue("user1")) == sent
+                               else None, what="everything unacked back in the queue")]
+    assert queued == list(range(sent))  # nothing was acked: all of it, in order
