@@ -21,7 +21,6 @@ import json
 import os
 import secrets
 import sys
-import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
@@ -31,7 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 from twisted.internet import defer
 
 from . import __version__
-from .envelope import Envelope, MessageIds
+from .envelope import Envelope
 from .frames import MAX_ID_LENGTH
 from .keys import Namespace
 from .settings import RedisAddress
@@ -141,42 +140,33 @@ async def group_members(redis: Redis, ns: Namespace, gid: str) -> tuple[str, lis
 
 async def cmd_send(redis: Redis, ns: Namespace, args: argparse.Namespace,
                    out: TextIO) -> int:
+    from .publish import DURABLE_PUBLISH, durable_publish_arguments
+
     payload = sys.stdin.buffer.read() if args.payload == "-" else os.fsencode(args.payload)
-    if args.user is not None:
-        channel = ns.user_channel(args.user)
-    else:
-        channel = ns.group_channel(args.group)
-    received = await redis(b"PUBLISH", channel, payload)
-    print(f"Published {_count(len(payload), 'byte')} to {channel}: "
+    if args.group is not None:
+        await group_members(redis, ns, args.group)  # fails clearly on a key of another type
+    # One atomic script: publish, and if nobody heard it, store it as
+    # RedMessenger would have (as the application's durable_publish() does).
+    envelope, script_args = durable_publish_arguments(
+        payload, user=args.user, group=args.group, prefix=ns.prefix,
+        queue_ttl=args.queue_ttl, queue_max=args.queue_max)
+    received, queues, cuts = await redis(b"EVAL", DURABLE_PUBLISH, 1, *script_args)
+    print(f"Published {_count(len(payload), 'byte')} to {envelope.source}: "
           f"{_count(received, 'subscriber')} received it.", file=out)
     if received:
         return 0
-
-    # Nobody heard it: store it as RedMessenger would have.
-    if args.user is not None:
-        recipients = [args.user]
-    else:
-        _, recipients = await group_members(redis, ns, args.group)
-        if not recipients:
-            print(f"No RedMessenger is listening, and group {args.group} has no members "
-                  f"({ns.members(args.group)}): the message reached nobody.", file=out)
-            return 0
-    from .store import STORE, store_arguments
-
-    envelope = Envelope(MessageIds()(), channel, int(time.time() * 1000), payload)
-    keys, script_args = store_arguments([([ns.queue(uid) for uid in recipients],
-                                          envelope.stored())], args.queue_ttl, args.queue_max)
-    cuts, failed = await redis(b"EVAL", STORE.source, len(keys), *keys, *script_args)
-    if failed:
-        print(f"Redis refused to store message {envelope.id}: "
-              f"{failed[1].decode(errors='replace')}", file=sys.stderr)
-        return 1
+    if not queues:
+        print(f"No RedMessenger is listening, and group {args.group} has no members "
+              f"({ns.members(args.group)}): the message reached nobody.", file=out)
+        return 0
+    keys = [_text(queue) for queue in queues]
     print(f"No RedMessenger is listening: stored message {envelope.id} for "
           f"{_count(len(keys), 'user')}, to be delivered when they "
           f"connect: {', '.join(keys)}", file=out)
-    for index, cut in zip(cuts[::2], cuts[1::2], strict=True):
-        print(f"{keys[index - 1]} was over --queue-max {args.queue_max}: dropped its {cut} "
-              "oldest messages", file=out)
+    for key, cut in zip(keys, cuts, strict=True):
+        if cut:
+            print(f"{key} was over --queue-max {args.queue_max}: dropped its {cut} "
+                  "oldest messages", file=out)
     return 0
 
 

@@ -498,8 +498,3 @@ class Dispatcher:
         defer.DeferredList(list(self._drains)).addCallback(
             lambda _: self._store.flushed()).chainDeferred(done)
         return done
-
-    def sockets_of(self, uid: str) -> list[Socket]:
-        session = self._sessions.get(uid)
-        return [seat.socket for seat in session.seats] if session else []
-

@@ -58,7 +58,11 @@ class Namespace:
     def process(self, owner: str) -> str:
         """A process' heartbeat: while it exists, the process' claims are
         its own business."""
-        return f"{self.prefix}:procs:{owner}"
+        return self.process_prefix + owner
+
+    @property
+    def process_prefix(self) -> str:
+        return f"{self.prefix}:procs:"
 
     @property
     def inbox(self) -> str:

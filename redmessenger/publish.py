@@ -23,11 +23,13 @@ from .keys import Namespace
 
 # KEYS[1]: the user's queue, or the group's members (a list or a set).
 # ARGV: channel, payload, envelope, "users"/"groups", prefix, ttl, max.
+# Returns the subscribers that heard it, and if none did, the queues it
+# was stored in and how many old messages each had to drop (--queue-max).
 # Scripts may PUBLISH: doing both in one script leaves no moment in which a
 # RedMessenger could subscribe between the two and miss the message.
 DURABLE_PUBLISH = """
 local heard = redis.call('PUBLISH', ARGV[1], ARGV[2])
-if heard > 0 then return {heard, 0} end
+if heard > 0 then return {heard, {}, {}} end
 local queues = {}
 if ARGV[4] == 'users' then
   queues[1] = KEYS[1]
@@ -43,13 +45,18 @@ else
     end
   end
 end
-local ttl, max = tonumber(ARGV[6]), tonumber(ARGV[7])
+local ttl, max, cuts = tonumber(ARGV[6]), tonumber(ARGV[7]), {}
 for _, queue in ipairs(queues) do
   local length = redis.call('RPUSH', queue, ARGV[3])
-  if max > 0 and length > max then redis.call('LTRIM', queue, length - max, -1) end
+  local cut = 0
+  if max > 0 and length > max then
+    cut = length - max
+    redis.call('LTRIM', queue, cut, -1)
+  end
   if ttl > 0 then redis.call('EXPIRE', queue, ttl) end
+  cuts[#cuts + 1] = cut
 end
-return {0, #queues}
+return {0, queues, cuts}
 """
 
 _ids = MessageIds()
@@ -70,15 +77,25 @@ def durable_publish(redis, payload: bytes | str, *, user: str | None = None,
                     queue_max: int = 0) -> Published:
     """Publish ``payload`` to a user or a group; store it if nobody heard it.
     ``queue_ttl`` and ``queue_max`` should match RedMessenger's settings."""
-    if (user is None) == (group is None):
-        raise ValueError("give exactly one of user= and group=")
     if isinstance(payload, str):
         payload = payload.encode("utf-8")
+    envelope, script_args = durable_publish_arguments(payload, user=user, group=group,
+                                                      prefix=prefix, queue_ttl=queue_ttl,
+                                                      queue_max=queue_max)
+    heard, queues, _ = redis.eval(DURABLE_PUBLISH, 1, *script_args)
+    return Published(int(heard), len(queues), envelope.id)
+
+
+def durable_publish_arguments(payload: bytes, *, user: str | None, group: str | None,
+                              prefix: str, queue_ttl: int, queue_max: int
+                              ) -> tuple[Envelope, list]:
+    """The envelope, and the KEYS and ARGV of one ``DURABLE_PUBLISH`` call:
+    shared by durable_publish() and ``redmessenger send``."""
+    if (user is None) == (group is None):
+        raise ValueError("give exactly one of user= and group=")
     ns = Namespace(prefix)
     channel = ns.user_channel(user) if user is not None else ns.group_channel(group)
     key = ns.queue(user) if user is not None else ns.members(group)
     envelope = Envelope(_ids(), channel, int(time.time() * 1000), payload)
-    heard, stored = redis.eval(DURABLE_PUBLISH, 1, key, channel, payload, envelope.stored(),
-                               "users" if user is not None else "groups", prefix,
-                               queue_ttl, queue_max)
-    return Published(int(heard), int(stored), envelope.id)
+    return envelope, [key, channel, payload, envelope.stored(),
+                      "users" if user is not None else "groups", prefix, queue_ttl, queue_max]

@@ -225,7 +225,7 @@ class RedisStore:
         self._flush()
         claim = self._ns.claim(uid, f"{self._owner}:{next(self._claims)}")
         d = self._redis.eval(TAKE, [self._ns.queue(uid), claim, self._ns.claims(uid)],
-                             [min(count, MAX_TAKE), self._ns.process("")])
+                             [min(count, MAX_TAKE), self._ns.process_prefix])
         return d.addCallback(lambda reply: Taken(reply[0], reply[1], claim, uid))
 
     def release(self, taken: Taken) -> defer.Deferred:
@@ -253,7 +253,7 @@ class RedisStore:
             for key in keys:
                 uid = self._ns.uid_of_claims(key.decode())
                 recovered += await self._redis.eval(
-                    RECOVER, [self._ns.queue(uid), key], [0, self._ns.process("")])
+                    RECOVER, [self._ns.queue(uid), key], [0, self._ns.process_prefix])
             if cursor in (b"0", 0):
                 return recovered
 
