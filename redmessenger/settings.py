@@ -3,7 +3,6 @@ twistd options, the embeddable service and the tests."""
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,9 +128,6 @@ class Settings:
     #: and did not acknowledge are taken over after ``inbox_claim_after`` s.
     inbox: bool = False
     inbox_claim_after: float = 30.0
-
-    def replace(self, **changes) -> Settings:
-        return dataclasses.replace(self, **changes)
 
     @property
     def listen_description(self) -> str:
