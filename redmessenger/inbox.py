@@ -6,10 +6,11 @@ crashing, and a pub/sub disconnect::
     XADD rm:inbox * to groups.cats payload "Meow!"
 
 Entries are read with a consumer group and acknowledged (``XACK``) only once
-every store they caused is in Redis; entries a crashed process had read and
-not acknowledged are claimed by another after ``--inbox-claim-after``
-seconds. A message read twice keeps its id (``inbox-<entry id>``), so
-clients can tell.
+every store they caused is in Redis. Entries a crashed process had read and
+not acknowledged are taken over at start, before any new entry, when that
+process' heartbeat is gone (see ``RedisStore.forget_dead``), and by any
+process after ``--inbox-claim-after`` seconds otherwise. A message read
+twice keeps its id (``inbox-<entry id>``), so clients can tell.
 """
 
 from __future__ import annotations
@@ -53,10 +54,14 @@ class Inbox(Service):
         return self._redis.stopService()
 
     async def _run(self) -> None:
+        dead_taken_over = False
         while self.running:
             try:
                 await self._redis.whenConnected()
                 await self._ensure_group()
+                if not dead_taken_over:
+                    await self._take_over_the_dead()
+                    dead_taken_over = True
                 # Entries whose reader died first, then new ones.
                 entries = await self._claim() or await self._read()
                 if entries:
@@ -74,6 +79,29 @@ class Inbox(Service):
             if "BUSYGROUP" not in str(e):
                 raise
 
+    async def _take_over_the_dead(self) -> None:
+        """Handle, in order, what readers without a heartbeat had read and
+        not acknowledged, then forget them: their entries are older than
+        anything still unread."""
+        for info in await self._redis.execute_now(b"XINFO", b"CONSUMERS", self._key, GROUP):
+            name = bytes(dict(zip(info[::2], info[1::2], strict=True))[b"name"])
+            if name == self._consumer or await self._redis.execute_now(
+                    b"EXISTS", self._ns.process(name.decode(errors="replace"))):
+                continue
+            taken = 0
+            while pending := await self._redis.execute_now(
+                    b"XPENDING", self._key, GROUP, b"-", b"+", BATCH, name):
+                ids = [entry_id for entry_id, *_ in pending]
+                entries = await self._redis.execute_now(b"XCLAIM", self._key, GROUP,
+                                                        self._consumer, 0, *ids)
+                taken += len(entries)
+                await self._handle(entries, ids)
+            await self._redis.execute_now(b"XGROUP", b"DELCONSUMER", self._key, GROUP, name)
+            if taken:
+                log.warn("Took over {count} inbox entries that {reader}, which died, had "
+                         "read and not acknowledged", count=taken,
+                         reader=name.decode(errors="replace"))
+
     async def _claim(self) -> list:
         reply = await self._redis.execute_now(b"XAUTOCLAIM", self._key, GROUP,
                                               self._consumer, self._claim_after, b"0-0",
@@ -86,10 +114,11 @@ class Inbox(Service):
                                               self._key, b">")
         return reply[0][1] if reply else []
 
-    async def _handle(self, entries: list) -> None:
-        ids = []
+    async def _handle(self, entries: list, ids: list | None = None) -> None:
+        """Route the entries, then acknowledge ``ids`` (by default theirs)."""
+        if ids is None:
+            ids = [entry_id for entry_id, _ in entries]
         for entry_id, fields in entries:
-            ids.append(entry_id)
             if fields is None:  # trimmed from the stream while pending
                 continue
             message = dict(zip(fields[::2], fields[1::2], strict=True))

@@ -73,6 +73,11 @@ class Namespace:
         return key[len(f"{self.prefix}:users:"):-len(":claims")]
 
     @property
+    def all_processes(self) -> str:
+        """A SCAN pattern for every process' heartbeat."""
+        return f"{self._escape(self.prefix)}:procs:*"
+
+    @property
     def all_claims(self) -> str:
         """A SCAN pattern for every user's set of claims."""
         return f"{self._escape(self.prefix)}:users:*:claims"

@@ -5,6 +5,7 @@ the order that loses nothing. Embed it in any Twisted application with
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import uuid
 
@@ -34,6 +35,9 @@ from .websocket import CLOSE_TIMEOUT, RedMessengerFactory
 #: its drain claims go back to the queues.
 HEARTBEAT_EVERY = 5
 HEARTBEAT_TTL = 15
+
+#: The owners of the services running in this process.
+_running_here: set[str] = set()
 
 
 class RedMessengerService(MultiService):
@@ -81,14 +85,17 @@ class RedMessengerService(MultiService):
         self.factory = RedMessengerFactory(
             self.dispatcher, Authenticator(settings.auth, self.store, settings.jwt_secret),
             settings, reactor, server=f"RedMessenger/{__version__}",
-            redis_connected=lambda: self.redis.connected)
+            redis_connected=lambda: self.redis.connected, recovered=self.whenRecovered)
         for name, child in (("embedded-redis", self.embedded), ("redis", self.redis),
                             ("subscriber", self.subscriber), ("inbox", self.inbox)):
             if child is not None:
                 child.setName(name)
                 self.addService(child)
+        #: Where this process runs, in its heartbeat (see ``_died_here``).
+        self.whereabouts = f"{socket.gethostname()} {os.getpid()}"
         #: Fires once start-up recovery of dead processes' claims is done.
         self.recovery: defer.Deferred | None = None
+        self._recovery_waiters: list[defer.Deferred] = []
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = reactor
         self.port = None
@@ -119,6 +126,7 @@ class RedMessengerService(MultiService):
 
     def startService(self) -> None:
         Service.startService(self)
+        _running_here.add(self.owner)
         if self.settings.auth is AuthMode.OFF:
             self.log.warn("--auth off: any client may claim any user id. Development only!")
             if self.settings.allowed_origins == ("*",):
@@ -137,25 +145,47 @@ class RedMessengerService(MultiService):
     def _connect_and_listen(self, _):
         self.redis.startService()
         self.subscriber.startService()
-        if self.inbox is not None:
-            self.inbox.startService()
         self._heartbeat.start(HEARTBEAT_EVERY, now=True)
         self.redis.whenConnected().addCallback(self._recover)
         endpoint = serverFromString(self.reactor, self.settings.listen_description)
         return endpoint.listen(make_site(self)).addCallback(self._listening)
 
     def _beat(self) -> None:
-        self.store.heartbeat(HEARTBEAT_TTL).addErrback(
+        self.store.heartbeat(HEARTBEAT_TTL, self.whereabouts).addErrback(
             lambda f: self.log.failure("Could not renew the heartbeat", f))
 
     def _recover(self, _) -> None:
-        """What processes that died held in drain claims goes back to the
-        queues now, not only when each user next connects."""
-        d = self.recovery = defer.ensureDeferred(self.store.recover())
-        d.addCallback(lambda count: count and self.log.warn(
-            "Put back {count} messages that processes which died were draining",
-            count=count))
+        """What processes that died held goes back now, before any hello is
+        taken or the inbox is read, so that it comes before newer messages:
+        not only when each user next connects."""
+        d = self.recovery = defer.ensureDeferred(self._put_back_what_the_dead_held())
         d.addErrback(lambda f: self.log.failure("Could not recover dead processes' claims", f))
+        d.addCallback(self._recovered)
+
+    async def _put_back_what_the_dead_held(self) -> None:
+        for owner in await self.store.forget_dead(_died_here):
+            self.log.warn("Process {owner} of this host is gone: what it held comes back now",
+                          owner=owner)
+        count = await self.store.recover()
+        if count:
+            self.log.warn("Put back {count} messages that processes which died were draining",
+                          count=count)
+
+    def _recovered(self, _) -> None:
+        waiters, self._recovery_waiters = self._recovery_waiters, None
+        for d in waiters:
+            d.callback(None)
+        if self.inbox is not None and self.running:
+            self.inbox.startService()
+
+    def whenRecovered(self) -> defer.Deferred:
+        """Fires once what dead processes held is back in the queues (or
+        could not be put back, which is logged): hellos wait for it."""
+        if self._recovery_waiters is None:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._recovery_waiters.append(d)
+        return d
 
     def _listening(self, port):
         self.port = port
@@ -205,7 +235,27 @@ class RedMessengerService(MultiService):
             yield self.redis.stopService()
         if self.embedded is not None and self.embedded.running:
             yield self.embedded.stopService()
+        _running_here.discard(self.owner)
         self.log.info("RedMessenger stopped")
+
+
+def _died_here(owner: str, whereabouts: str) -> bool:
+    """Whether a heartbeat's ``"<host> <pid>"`` is a process of this host
+    that no longer runs. Our own pid with an owner not running here is an
+    earlier run of ours (pid 1 in a restarted container); a pid reused by
+    another program only means waiting for the heartbeat to expire."""
+    host, _, pid = whereabouts.partition(" ")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return owner not in _running_here
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
 
 
 def _exit_after_shutdown(reactor, code: int) -> None:

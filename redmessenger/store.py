@@ -8,7 +8,7 @@ next take, never lost between a read and a delete.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from twisted.internet import defer
@@ -232,11 +232,33 @@ class RedisStore:
         self._flush()
         return self._redis.eval(RELEASE, [taken.claim, self._ns.claims(taken.uid)])
 
-    def heartbeat(self, seconds: int) -> defer.Deferred:
+    def heartbeat(self, seconds: int, whereabouts: str) -> defer.Deferred:
         """Say this process is alive for ``seconds`` more: its claims are
-        left alone meanwhile."""
-        return self._redis.execute(b"SET", self._ns.process(self._owner), b"1",
-                                   b"EX", seconds)
+        left alone meanwhile. ``whereabouts`` (``"<host> <pid>"``) lets a
+        process started on the same host tell at once that this one died."""
+        return self._redis.execute(b"SET", self._ns.process(self._owner),
+                                   whereabouts.encode(), b"EX", seconds)
+
+    async def forget_dead(self, is_dead: Callable[[str, str], bool]) -> list[str]:
+        """Delete the heartbeats of processes ``is_dead(owner, whereabouts)``
+        recognises (a process of this host that no longer runs), so
+        that what they held comes back now, not when their heartbeats
+        expire. The owners forgotten."""
+        forgotten, cursor = [], b"0"
+        while True:
+            cursor, keys = await self._redis.execute(
+                b"SCAN", cursor, b"MATCH", self._ns.all_processes, b"COUNT", 1000)
+            for key in keys:
+                owner = key.decode()[len(self._ns.process_prefix):]
+                if owner == self._owner:
+                    continue
+                whereabouts = await self._redis.execute(b"GET", key)
+                if whereabouts is not None and is_dead(owner, bytes(whereabouts).decode(
+                        errors="replace")):
+                    await self._redis.execute(b"DEL", key)
+                    forgotten.append(owner)
+            if cursor in (b"0", 0):
+                return forgotten
 
     def stopped(self) -> defer.Deferred:
         """This process holds nothing any more: no heartbeat needed (if Redis

@@ -18,6 +18,7 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.protocol import PreparedMessage
+from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -238,7 +239,10 @@ class RedMessengerProtocol(WebSocketServerProtocol):
             self._refuse(ProtocolError(Close.RATE_LIMITED, "hello_rate",
                                        "too many hellos from this address; slow down"))
             return
-        d = self.factory.authenticator.check(hello)
+        # Right after a start, what dead processes held must be back in
+        # the queues before this user's first take.
+        d = self.factory.recovered()
+        d.addCallback(lambda _: self.factory.authenticator.check(hello))
         d.addCallback(self._authenticated)
         d.addErrback(self._not_authenticated)
 
@@ -315,11 +319,13 @@ class RedMessengerFactory(WebSocketServerFactory):
 
     def __init__(self, dispatcher: Dispatcher, authenticator: Authenticator,
                  settings: Settings, reactor, server: str,
-                 redis_connected: Callable[[], bool]) -> None:
+                 redis_connected: Callable[[], bool],
+                 recovered: Callable[[], defer.Deferred]) -> None:
         super().__init__(server=server)
         _defer_autobahn_pformat()
         self.dispatcher = dispatcher
         self.redis_connected = redis_connected
+        self.recovered = recovered
         self.authenticator = authenticator
         self.namespace = Namespace(settings.prefix)
         self.hello_timeout = settings.hello_timeout

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from harness import aiotest, eventually
@@ -129,3 +132,50 @@ def test_live_messages_a_client_never_acknowledged_survive_a_kill(tmp_path: Path
         assert [json.loads(e)["payload"] for e in
                 redis.command("LRANGE", QUEUE, 0, -1)] == [str(i) for i in range(100)]
         second.stop()
+
+
+def test_a_process_restarted_on_the_same_host_takes_back_at_once(tmp_path: Path,
+                                                                redis) -> None:
+    """No waiting for the heartbeat to expire: the heartbeat says which
+    process of which host it was, and that process is gone."""
+    redis.client().pipeline([("RPUSH", QUEUE, str(i)) for i in range(300)])
+    port = pick_free_port()
+    with start(tmp_path, "first", port, redis, "--drain-chunk", "100") as first, \
+            client(port) as ws:
+        assert hello(ws, {"id": "user1", "ack": True})["queued"] == 300
+        assert [recv_json(ws)["payload"] for _ in range(300)] == [str(i) for i in range(300)]
+        os.kill(first.pid, signal.SIGKILL)
+        first.process.wait()
+    [heartbeat] = redis.command("KEYS", "rm:procs:*")
+    assert redis.command("GET", heartbeat).decode().endswith(f" {first.pid}")
+    with start(tmp_path, "second", port, redis) as second:
+        wait_for(lambda: redis.command("LLEN", QUEUE) == 300, "the claims to come back",
+                 START_TIMEOUT, second.alive)
+        assert f"Process {heartbeat.decode().rsplit(':', 1)[1]} of this host is gone" \
+            in second.log()
+        with client(port) as ws:
+            assert hello(ws, {"id": "user1"})["queued"] == 300
+            assert [recv_json(ws)["payload"] for _ in range(300)] == \
+                [str(i) for i in range(300)]
+        second.stop()
+
+
+def test_only_dead_processes_of_this_host_are_told_apart() -> None:
+    from redmessenger.service import _died_here, _running_here
+
+    here = socket.gethostname()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not _died_here("x", f"{here} {child.pid}")  # running
+    finally:
+        child.kill()
+        child.wait()
+    assert _died_here("x", f"{here} {child.pid}")  # gone
+    assert not _died_here("x", f"elsewhere {child.pid}")  # another host: wait for the TTL
+    assert _died_here("x", f"{here} {os.getpid()}")  # an earlier run with our pid
+    _running_here.add("y")
+    try:  # another service running in this very process
+        assert not _died_here("y", f"{here} {os.getpid()}")
+    finally:
+        _running_here.discard("y")
+    assert not _died_here("x", "garbage")

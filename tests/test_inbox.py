@@ -33,14 +33,36 @@ async def test_entries_added_while_no_redmessenger_ran_are_delivered(redis, mess
 async def test_entries_a_dead_reader_left_unacknowledged_are_taken_over(redis, messenger):
     redis.command("XGROUP", "CREATE", "rm:inbox", "redmessenger", "0", "MKSTREAM")
     entry = redis.command("XADD", "rm:inbox", "*", "to", "users.user1", "payload", "kept")
-    # A RedMessenger read it, then died before acknowledging it.
-    redis.command("XREADGROUP", "GROUP", "redmessenger", "dead", "COUNT", "10", "STREAMS",
+    # A RedMessenger on another host read it, then stopped reading; its
+    # heartbeat has not expired yet, so only the claim timeout can tell.
+    redis.command("XREADGROUP", "GROUP", "redmessenger", "stuck", "COUNT", "10", "STREAMS",
                   "rm:inbox", ">")
+    redis.command("SET", "rm:procs:stuck", "elsewhere 1", "EX", 60)
     assert pending(redis) == 1
     rm = await messenger(inbox=True, inbox_claim_after=0.05)
     [stored] = await eventually(lambda: rm.queue("user1"), what="the entry to be taken over")
     assert stored["payload"] == "kept" and stored["id"] == f"inbox-{entry.decode()}"
     await eventually(lambda: pending(redis) == 0, what="the entry to be acknowledged")
+
+
+@aiotest
+async def test_what_a_reader_without_heartbeat_left_comes_first_and_the_reader_goes(
+        redis, messenger):
+    """A dead reader's entries are handled at start, in order, before any
+    newer entry, with no claim timeout to wait for."""
+    redis.command("XGROUP", "CREATE", "rm:inbox", "redmessenger", "0", "MKSTREAM")
+    for i in range(150):
+        redis.command("XADD", "rm:inbox", "*", "to", "users.user1", "payload", str(i))
+    redis.command("XREADGROUP", "GROUP", "redmessenger", "dead", "COUNT", "120", "STREAMS",
+                  "rm:inbox", ">")
+    assert pending(redis) == 120
+    rm = await messenger(inbox=True, inbox_claim_after=3600)
+    await eventually(lambda: len(rm.queue("user1")) == 150, what="all entries stored")
+    assert [e["payload"] for e in rm.queue("user1")] == [str(i) for i in range(150)]
+    await eventually(lambda: pending(redis) == 0, what="the entries to be acknowledged")
+    consumers = [dict(zip(c[::2], c[1::2], strict=True))[b"name"]
+                 for c in redis.command("XINFO", "CONSUMERS", "rm:inbox", "redmessenger")]
+    assert b"dead" not in consumers and len(consumers) == 1
 
 
 @aiotest
