@@ -89,8 +89,10 @@ class ProtocolFactory(Factory):
         lost = proto.connectionLost
 
         def connectionLost(reason):
-            # Kept so a connection that dies during setup (TLS, AUTH) can say why.
-            proto.lost_reason = reason
+            # Kept so a connection that dies during setup (TLS, AUTH) can say
+            # why, unless the setup already said.
+            if getattr(proto, "lost_reason", None) is None:
+                proto.lost_reason = reason
             return lost(reason)
 
         proto.connectionLost = connectionLost
@@ -128,7 +130,15 @@ def connect_service(reactor, address: RedisAddress, factory: ProtocolFactory,
 
         def ping(protocol):
             protocol.execute_command(b"PING").addCallbacks(
-                ready, lambda _: None, callbackArgs=(protocol,))  # a failure is a loss
+                ready, not_ready, callbackArgs=(protocol,), errbackArgs=(protocol,))
+
+        def not_ready(failure, protocol):
+            # Redis answered, but cannot serve yet (-LOADING while it reads
+            # its files back after a restart): hang up and try again later,
+            # rather than wait on a connection nothing will make ready.
+            if not failure.check(txredisapi().ConnectionError):
+                proto.lost_reason = failure
+                protocol.transport.loseConnection()
 
         def ready(_, protocol):
             proto.answered = True

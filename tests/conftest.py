@@ -168,6 +168,8 @@ class RedisServerProcess:
     def __init__(self, data_dir: Path, *, appendonly: bool = False) -> None:
         self.data_dir = Path(data_dir)
         self.appendonly = appendonly
+        #: More redis-server arguments, for the next start.
+        self.extra_args: list[str] = []
         from redmessenger.redisserver import find_redis_server
 
         self.executable = find_redis_server()
@@ -271,7 +273,8 @@ class RedisServerProcess:
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # closed by stop()
-        args = server_arguments(port, self.data_dir, bind=HOST, appendonly=self.appendonly)
+        args = [*server_arguments(port, self.data_dir, bind=HOST, appendonly=self.appendonly),
+                *self.extra_args]
         self._process = subprocess.Popen(
             [self.executable, *args], stdin=subprocess.DEVNULL,
             stdout=self._log, stderr=subprocess.STDOUT)
@@ -337,6 +340,15 @@ def spawned_redis(argv: list[str], ping: Callable[[], Any]) -> Iterator[subproce
 # --------------------------------------------------------------------------
 # Fixtures
 # --------------------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("soak", "the soak test (tests/test_soak.py), larger by hand")
+    group.addoption("--soak-clients", type=int, default=1000, help="concurrent clients")
+    group.addoption("--soak-seconds", type=float, default=40.0,
+                    help="how long clients churn and messages flow")
+    group.addoption("--soak-rate", type=float, default=150.0, help="messages sent per second")
+    group.addoption("--soak-seed", type=int, default=1, help="random seed")
 
 
 @pytest.fixture(scope="session")
@@ -444,6 +456,24 @@ def make_certificate(directory: Path, name: str = "cert",
                                            serialization.NoEncryption()))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
+
+
+@pytest.fixture
+def logged() -> Iterator[list[str]]:
+    """Every twisted.logger event emitted during the test, as text."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines: list[str] = []
+
+    def observe(event):
+        text = formatEvent(event)
+        if event.get("log_failure") is not None:
+            text += " | " + event["log_failure"].getErrorMessage()
+        lines.append(text)
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
 
 
 @pytest.fixture

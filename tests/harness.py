@@ -32,12 +32,18 @@ def loop() -> asyncio.AbstractEventLoop:
     return reactor._asyncioEventloop
 
 
-def aiotest(fn: Callable[..., Awaitable[Any]]) -> Callable[..., defer.Deferred]:
-    """Run an asyncio coroutine test on the reactor's loop, bounded in time."""
+def aiotest(fn: Callable[..., Awaitable[Any]] | None = None, *,
+            timeout: float = TEST_TIMEOUT) -> Any:
+    """Run an asyncio coroutine test on the reactor's loop, bounded in time
+    (``@aiotest(timeout=0)``: the test bounds itself)."""
+    if fn is None:
+        return functools.partial(aiotest, timeout=timeout)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        coro = asyncio.wait_for(fn(*args, **kwargs), TEST_TIMEOUT)
+        coro = fn(*args, **kwargs)
+        if timeout:
+            coro = asyncio.wait_for(coro, timeout)
         return defer.Deferred.fromFuture(asyncio.ensure_future(coro, loop=loop()))
 
     return wrapper

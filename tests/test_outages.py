@@ -44,6 +44,62 @@ async def test_the_subscriber_resubscribes_and_sockets_stay_up_across_a_redis_re
 
 
 @aiotest
+async def test_an_ack_mode_client_gets_everything_once_across_a_redis_restart(private_redis):
+    """Messages in flight (stored, claimed, sent, half acked) when Redis
+    restarts: each arrives, none is left in Redis once all are acked."""
+    rm = await start_service(private_redis, drain_chunk=50)
+    try:
+        user1 = await rm.user("user1", ack=True)
+        private_redis.client().pipeline(
+            [("PUBLISH", "rm.users.user1", str(i)) for i in range(300)])
+        before = await user1.messages(100)
+        await user1.ack(before[49]["tag"])  # half of what it has read
+        private_redis.stop()
+        await eventually(lambda: not rm.service.subscriber.subscribed, what="the loss")
+        private_redis.start()
+        await tw(rm.service.subscriber.whenSubscribed())
+        private_redis.client().pipeline(
+            [("PUBLISH", "rm.users.user1", str(i)) for i in range(300, 400)])
+        received = before
+        while len({f["id"] for f in received}) < 400:
+            received += await user1.messages(1)
+        await user1.ack(received[-1]["tag"])
+        ids = [f["id"] for f in received]
+        assert sorted(set(ids), key=ids.index) == ids  # exactly once: no id repeated
+        assert payloads(received) == [str(i) for i in range(400)]
+        await user1.close()
+        await eventually(lambda: not private_redis.command("KEYS", "rm:users:user1:*"),
+                         what="queue and claims to be empty")
+    finally:
+        await rm.stop()
+
+
+@aiotest
+async def test_a_redis_still_loading_its_data_is_tried_again_until_it_serves(private_redis,
+                                                                             logged):
+    """A restarted Redis answers -LOADING while it reads its files back: a
+    connection made then is dropped and made again, not left waiting."""
+    private_redis.client().pipeline([("SET", f"key{i}", "x") for i in range(1500)])
+    private_redis.command("BGREWRITEAOF")  # an RDB base, loaded one key at a time
+    await eventually(lambda: b"aof_rewrite_in_progress:0" in private_redis.command(
+        "INFO", "persistence"), what="the rewrite")
+    rm = await start_service(private_redis)
+    try:
+        private_redis.extra_args = ["--key-load-delay", "1000"]  # µs per key: 1.5 s
+        private_redis.stop()
+        await eventually(lambda: not rm.service.redis.connected, what="the loss")
+        await asyncio.get_running_loop().run_in_executor(None, private_redis.start)
+        await tw(rm.service.redis.whenConnected())
+        await tw(rm.service.subscriber.whenSubscribed())
+        assert any("Could not set up a connection" in line and "LOADING" in line
+                   for line in logged), "no connection met Redis loading its data"
+        assert rm.publish("rm.users.user1", "served") == 1
+        await eventually(lambda: rm.queue("user1"), what="a store after the restart")
+    finally:
+        await rm.stop()
+
+
+@aiotest
 async def test_a_store_made_while_redis_is_down_lands_once_it_is_back(private_redis):
     rm = await start_service(private_redis)
     try:

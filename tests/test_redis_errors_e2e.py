@@ -3,25 +3,7 @@ refusal is logged with what it concerned, and nobody else is affected."""
 
 from __future__ import annotations
 
-import pytest
 from harness import aiotest, eventually
-from twisted.logger import formatEvent, globalLogPublisher
-
-
-@pytest.fixture
-def logged():
-    """Every twisted.logger event emitted during the test, as text."""
-    lines: list[str] = []
-
-    def observe(event):
-        text = formatEvent(event)
-        if event.get("log_failure") is not None:
-            text += " | " + event["log_failure"].getErrorMessage()
-        lines.append(text)
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 def payloads(frames):
