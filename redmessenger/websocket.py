@@ -21,6 +21,7 @@ from autobahn.websocket.protocol import PreparedMessage
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
 from . import frames
@@ -153,10 +154,16 @@ class RedMessengerProtocol(WebSocketServerProtocol):
         if self.factory.ping_interval:
             self._next_ping = self.factory.reactor.callLater(self.factory.ping_interval,
                                                              self._ping)
-        if hasattr(self.transport, "bufferSize"):  # a socket, not a TLS layer over one
-            # The socket was HTTP's until the upgrade; it is ours to watch now.
+        # The socket was HTTP's until the upgrade; it is ours to watch now.
+        # Under a TLS layer, the limit is the socket's: the layer passes the
+        # socket's pause on to its producer (and reads of bufferSize through
+        # to the socket, but not writes).
+        socket = self.transport
+        while isinstance(socket, ProtocolWrapper):
+            socket = socket.transport
+        if hasattr(socket, "bufferSize"):
             self.transport.unregisterProducer()
-            self.transport.bufferSize = self.factory.max_socket_buffer
+            socket.bufferSize = self.factory.max_socket_buffer
             self.transport.registerProducer(_Backpressure(self), True)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:

@@ -81,7 +81,8 @@ class RunningService:
         self.service = service
         self.redis = redis
         port = service.port.getHost().port
-        self.url = f"ws://127.0.0.1:{port}/"
+        scheme = "wss" if service.settings.port.startswith("ssl:") else "ws"
+        self.url = f"{scheme}://127.0.0.1:{port}/"
 
     @property
     def dispatcher(self):
@@ -90,9 +91,10 @@ class RunningService:
     async def connect(self, **kwargs) -> Client:
         return await Client.connect(self.url, **kwargs)
 
-    async def user(self, uid: str, key: str | None = None, ack: bool = False) -> Client:
+    async def user(self, uid: str, key: str | None = None, ack: bool = False,
+                   **connect) -> Client:
         """A connected client whose hello was welcomed."""
-        client = await self.connect()
+        client = await self.connect(**connect)
         client.welcome = await client.hello(uid, key=key, ack=ack)
         return client
 
@@ -116,7 +118,8 @@ async def start_service(redis, **changes) -> RunningService:
     from redmessenger.settings import AuthMode
 
     changes.setdefault("auth", AuthMode.OFF)
-    settings = Settings(port="tcp:0:interface=127.0.0.1", redis=redis.address, **changes)
+    changes.setdefault("port", "tcp:0:interface=127.0.0.1")
+    settings = Settings(redis=redis.address, **changes)
     service = RedMessengerService(settings)
     service.startService()
     await tw(service.whenListening())

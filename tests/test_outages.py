@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 
+import pytest
 from harness import aiotest, eventually, start_service, tw
 
 from redmessenger.envelope import Envelope
@@ -212,12 +214,25 @@ async def test_stop_waits_for_redis_to_come_back_within_the_timeout(private_redi
         "LRANGE", "rm:users:user1:messages", 0, -1)] == ["kept"]
 
 
+async def user_on(messenger, certificate, tls: bool, **settings):
+    """A service and a welcomed ``user1``, on a TCP or an ``ssl:`` port."""
+    if not tls:
+        rm = await messenger(**settings)
+        return rm, await rm.user("user1")
+    key_path, cert_path = certificate
+    rm = await messenger(**settings, port=(
+        f"ssl:0:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}"))
+    return rm, await rm.user("user1", ssl=ssl.create_default_context(cafile=str(cert_path)))
+
+
 @aiotest
-async def test_a_client_too_slow_to_read_is_closed_and_loses_nothing(messenger):
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+async def test_a_client_too_slow_to_read_is_closed_and_loses_nothing(messenger, certificate,
+                                                                     tls):
     """A socket with more than --max-socket-buffer unsent bytes gets nothing
-    more: it is closed with 4010, and what it could not take is stored."""
-    rm = await messenger(max_socket_buffer=64 * 1024)
-    slow = await rm.user("user1")
+    more: it is closed with 4010, and what it could not take is stored. On
+    an ``ssl:`` port too, where the socket is under a TLS layer."""
+    rm, slow = await user_on(messenger, certificate, tls, max_socket_buffer=64 * 1024)
     slow.connection.transport.pause_reading()  # the client stops reading
     big = "x" * 100_000
     sent = 0
@@ -238,6 +253,23 @@ async def test_a_client_too_slow_to_read_is_closed_and_loses_nothing(messenger):
     stored = [int(e["payload"].split()[0]) for e in rm.queue("user1")]
     assert received + stored == list(range(sent))  # each once, in order
     assert rm.dispatcher.stats.closed_by_code[4010] == 1
+
+
+@aiotest
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+async def test_a_client_behind_by_less_than_the_limit_is_kept(messenger, certificate, tls):
+    """--max-socket-buffer is the limit, not the transport's default 64 KiB."""
+    rm, behind = await user_on(messenger, certificate, tls, max_socket_buffer=16 * 2**20)
+    behind.connection.transport.pause_reading()
+    big = "x" * 100_000
+    for i in range(60):  # 6 MB: more than the kernel's buffers take
+        rm.publish("rm.users.user1", f"{i} {big}")
+    await eventually(lambda: rm.service.router.received == 60)
+    await eventually(lambda: rm.dispatcher.stats.delivered_live == 60)
+    behind.connection.transport.resume_reading()
+    received = [int(f["payload"].split()[0]) for f in await behind.messages(60)]
+    assert received == list(range(60)) and rm.queue("user1") == []
+    assert rm.dispatcher.stats.closed_by_code[4010] == 0
 
 
 @aiotest
