@@ -179,3 +179,23 @@ def test_only_dead_processes_of_this_host_are_told_apart() -> None:
     finally:
         _running_here.discard("y")
     assert not _died_here("x", "garbage")
+
+
+@aiotest
+async def test_a_hello_waits_for_start_up_recovery(redis, messenger):
+    """So that what dead processes held is back at the head of the queue
+    before the user's first take."""
+    from twisted.internet import defer
+
+    rm = await messenger()
+    held = defer.Deferred()
+    rm.service.factory.recovered = lambda: held
+    redis.command("RPUSH", QUEUE, "recovered")
+    client = await rm.connect()
+    await client.send_json({"id": "user1"})
+    [socket] = await eventually(lambda: rm.service.factory.connections)
+    await eventually(lambda: socket._hello is not None, what="the hello to be read")
+    assert not rm.dispatcher.online("user1")
+    held.callback(None)
+    assert (await client.recv())["queued"] == 1
+    assert [m["payload"] for m in await client.messages(1)] == ["recovered"]
