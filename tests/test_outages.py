@@ -77,6 +77,30 @@ async def test_an_ack_mode_client_gets_everything_once_across_a_redis_restart(pr
 
 
 @aiotest
+async def test_a_drain_across_a_redis_restart_gives_every_message_in_order(private_redis):
+    private_redis.client().pipeline(
+        [("RPUSH", "rm:users:user1:messages", str(i)) for i in range(3000)])
+    # The ack window holds the drain: Redis goes while it waits for acks.
+    rm = await start_service(private_redis, drain_chunk=100, ack_window=100)
+    try:
+        user1 = await rm.user("user1", ack=True)
+        assert user1.welcome["queued"] == 3000
+        frames = await user1.messages(100)
+        private_redis.stop()
+        await eventually(lambda: not rm.service.redis.connected, what="the loss")
+        await user1.ack(frames[-1]["tag"])  # the drain goes on: its takes wait
+        private_redis.start()
+        while len(frames) < 3000:
+            frames += await user1.messages(100)
+            await user1.ack(frames[-1]["tag"])
+        assert payloads(frames) == [str(i) for i in range(3000)]
+        await eventually(lambda: not private_redis.command("KEYS", "rm:users:user1:*"),
+                         what="every claim settled by the acks")
+    finally:
+        await rm.stop()
+
+
+@aiotest
 async def test_a_redis_still_loading_its_data_is_tried_again_until_it_serves(private_redis,
                                                                              logged):
     """A restarted Redis answers -LOADING while it reads its files back: a
