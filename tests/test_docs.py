@@ -598,7 +598,8 @@ class InteractiveClient:
     def __init__(self, argv: list[str]) -> None:
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT,
-                                        env=deployed_env(PYTHONUNBUFFERED="1"))
+                                        env=deployed_env(PYTHONUNBUFFERED="1",
+                                                         PYTHONFAULTHANDLER="1"))
         self._output = bytearray()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -796,7 +797,14 @@ def test_readme_python_program_prints_messages_until_ctrl_c(tmp_path: Path, redi
             listen.wait_for_lines([*shown, "rm.users.user1 Hello, Python!"])
             # Ctrl-C: the connection is closed properly, and the program ends.
             listen.process.send_signal(signal.SIGINT)
-            assert listen.process.wait(timeout=COMMAND_TIMEOUT) == 0, listen.lines()
+            try:
+                assert listen.process.wait(timeout=COMMAND_TIMEOUT) == 0, listen.lines()
+            except subprocess.TimeoutExpired:
+                listen.process.send_signal(signal.SIGABRT)  # faulthandler: where it hangs
+                listen.process.wait(timeout=COMMAND_TIMEOUT)
+                raise AssertionError("still running after Ctrl-C; it printed:\n" +
+                                     "\n".join(listen.lines()) + "\nRedMessenger's log:\n" +
+                                     twistd.log()[-3000:]) from None
         wait_for(lambda: "(user1) closed (code 1000)" in twistd.log(), "a close with 1000")
         assert redis.command("EXISTS", "rm:users:user1:messages") == 0
 
