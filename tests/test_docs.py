@@ -589,6 +589,13 @@ def test_readme_two_commands_and_the_tour(tmp_path: Path) -> None:
             stop_stray(pid)
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    """A shell starts background jobs with SIGINT ignored, and programs they
+    start inherit that: a test suite run that way must still be able to
+    press Ctrl-C in a program, as a user at a terminal does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class InteractiveClient:
     """``python -m websockets``, typed into as a person would, its output
     read as it comes."""
@@ -599,7 +606,8 @@ class InteractiveClient:
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT,
                                         env=deployed_env(PYTHONUNBUFFERED="1",
-                                                         PYTHONFAULTHANDLER="1"))
+                                                         PYTHONFAULTHANDLER="1"),
+                                        preexec_fn=_ctrl_c_as_at_a_terminal)
         self._output = bytearray()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
