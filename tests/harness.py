@@ -113,7 +113,9 @@ class RunningService:
 
 async def start_service(redis, **changes) -> RunningService:
     """Start a service on an ephemeral port against ``redis`` (a fixture's
-    server), subscribed and connected before it is handed back."""
+    server), subscribed, connected and done with start-up recovery before it
+    is handed back, so that a test's own Redis commands are the only ones
+    in flight."""
     from redmessenger import RedMessengerService, Settings
     from redmessenger.settings import AuthMode
 
@@ -125,6 +127,7 @@ async def start_service(redis, **changes) -> RunningService:
     await tw(service.whenListening())
     await tw(service.subscriber.whenSubscribed())
     await tw(service.redis.whenConnected())
+    await tw(service.whenRecovered())
     return RunningService(service, redis)
 
 
