@@ -143,8 +143,6 @@ async def cmd_send(redis: Redis, ns: Namespace, args: argparse.Namespace,
     from .publish import DURABLE_PUBLISH, durable_publish_arguments
 
     payload = sys.stdin.buffer.read() if args.payload == "-" else os.fsencode(args.payload)
-    if args.group is not None:
-        await group_members(redis, ns, args.group)  # fails clearly on a key of another type
     # One atomic script: publish, and if nobody heard it, store it as
     # RedMessenger would have (as the application's durable_publish() does).
     envelope, script_args = durable_publish_arguments(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from . import lua
 from .envelope import Envelope, MessageIds
 from .keys import Namespace
 
@@ -27,18 +28,17 @@ from .keys import Namespace
 # was stored in and how many old messages each had to drop (--queue-max).
 # Scripts may PUBLISH: doing both in one script leaves no moment in which a
 # RedMessenger could subscribe between the two and miss the message.
-DURABLE_PUBLISH = """
+DURABLE_PUBLISH = lua.MEMBERS + lua.PUSH + """
 local heard = redis.call('PUBLISH', ARGV[1], ARGV[2])
 if heard > 0 then return {heard, {}, {}} end
 local queues = {}
 if ARGV[4] == 'users' then
   queues[1] = KEYS[1]
 else
-  local kind, members = redis.call('TYPE', KEYS[1])['ok'], {}
-  if kind == 'list' then members = redis.call('LRANGE', KEYS[1], 0, -1)
-  elseif kind == 'set' then members = redis.call('SMEMBERS', KEYS[1]) end
+  local uids, err = members(KEYS[1])
+  if err then return redis.error_reply(err) end
   local seen = {}
-  for _, uid in ipairs(members) do
+  for _, uid in ipairs(uids) do
     if not seen[uid] then
       seen[uid] = true
       queues[#queues + 1] = ARGV[5] .. ':users:' .. uid .. ':messages'
@@ -47,13 +47,8 @@ else
 end
 local ttl, max, cuts = tonumber(ARGV[6]), tonumber(ARGV[7]), {}
 for _, queue in ipairs(queues) do
-  local length = redis.call('RPUSH', queue, ARGV[3])
-  local cut = 0
-  if max > 0 and length > max then
-    cut = length - max
-    redis.call('LTRIM', queue, cut, -1)
-  end
-  if ttl > 0 then redis.call('EXPIRE', queue, ttl) end
+  local cut, err = push(queue, ARGV[3], ttl, max)
+  if err then return redis.error_reply(err) end
   cuts[#cuts + 1] = cut
 end
 return {0, queues, cuts}

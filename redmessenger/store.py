@@ -14,6 +14,7 @@ from typing import NamedTuple
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from . import lua
 from .envelope import Envelope
 from .keys import Namespace
 from .redisconnection import RedisConnection, Script
@@ -21,23 +22,18 @@ from .redisconnection import RedisConnection, Script
 # Many messages in one call. KEYS: every recipient queue, message after
 # message; ARGV: ttl, max, then per message the number of its keys and the
 # envelope. A key Redis refuses (not a list) does not stop the others.
-STORE = Script("""
+STORE = Script(lua.PUSH + """
 local ttl, max = tonumber(ARGV[1]), tonumber(ARGV[2])
 local cuts, failed, k = {}, {}, 1
 for i = 3, #ARGV, 2 do
-  local envelope = ARGV[i + 1]
   for j = k, k + tonumber(ARGV[i]) - 1 do
-    local length = redis.pcall('RPUSH', KEYS[j], envelope)
-    if type(length) == 'table' and length.err then
+    local cut, err = push(KEYS[j], ARGV[i + 1], ttl, max)
+    if err then
       failed[#failed + 1] = j
-      failed[#failed + 1] = length.err
-    else
-      if max > 0 and length > max then
-        redis.call('LTRIM', KEYS[j], length - max, -1)
-        cuts[#cuts + 1] = j
-        cuts[#cuts + 1] = length - max
-      end
-      if ttl > 0 then redis.call('EXPIRE', KEYS[j], ttl) end
+      failed[#failed + 1] = err
+    elseif cut > 0 then
+      cuts[#cuts + 1] = j
+      cuts[#cuts + 1] = cut
     end
   end
   k = k + tonumber(ARGV[i])
@@ -114,12 +110,10 @@ redis.call('DEL', KEYS[1])
 return redis.call('SREM', KEYS[2], KEYS[1])
 """)
 
-MEMBERS = Script("""
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind == 'list' then return redis.call('LRANGE', KEYS[1], 0, -1) end
-if kind == 'set' then return redis.call('SMEMBERS', KEYS[1]) end
-if kind == 'none' then return {} end
-return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' is a ' .. kind .. ', not a list or a set')
+MEMBERS = Script(lua.MEMBERS + """
+local found, err = members(KEYS[1])
+if err then return redis.error_reply(err) end
+return found
 """)
 
 SCRIPTS = (STORE, REQUEUE, TAKE, RELEASE, RECOVER, MEMBERS)

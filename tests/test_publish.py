@@ -38,6 +38,18 @@ def test_with_no_redmessenger_a_group_message_is_stored_for_each_member(redis, a
     assert [b"Woof 2" in e for e in queue(redis, "c")] == [True]  # --queue-max 1 kept
 
 
+def test_a_group_whose_members_key_is_not_a_list_or_a_set_is_an_error(redis, app_redis):
+    """As RedMessenger itself reads the members (one Lua function): not an
+    empty group that silently stores nothing."""
+    redis.command("SET", "rm:groups:bad:members", "oops")
+    with pytest.raises(redis_py.ResponseError,
+                       match="rm:groups:bad:members is a string, not a list or a set"):
+        durable_publish(app_redis, b"x", group="bad")
+    redis.command("SET", "rm:users:user1:messages", "oops")
+    with pytest.raises(redis_py.ResponseError, match="WRONGTYPE"):
+        durable_publish(app_redis, b"x", user="user1")
+
+
 def test_exactly_one_recipient_kind():
     with pytest.raises(ValueError):
         durable_publish(None, "x")
