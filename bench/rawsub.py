@@ -13,14 +13,13 @@ Commands (JSON lines on stdin)::
 
 from __future__ import annotations
 
-import json
 import resource
 import time
 
 import txredisapi
-from twisted.internet import protocol, reactor, stdio
-from twisted.protocols.basic import LineReceiver
+from twisted.internet import protocol, reactor
 
+from .control import Commands, serve
 from .wire import emit
 
 
@@ -49,21 +48,8 @@ class Counter(txredisapi.SubscriberProtocol):
             self.on_target()
 
 
-class Control(LineReceiver):
-    delimiter = b"\n"
-    MAX_LENGTH = 1 << 24
+class Control(Commands):
     subscriber: Counter | None = None
-
-    def lineReceived(self, line: bytes) -> None:
-        command = json.loads(line)
-        try:
-            getattr(self, "do_" + command.pop("cmd"))(**command)
-        except Exception as e:
-            emit({"event": "error", "error": repr(e)})
-
-    def connectionLost(self, reason) -> None:
-        if reactor.running:
-            reactor.stop()
 
     def do_subscribe(self, port: int, patterns: list[str]) -> None:
         creator = protocol.ClientCreator(reactor, Counter, charset=None, convertNumbers=False)
@@ -100,8 +86,7 @@ class Control(LineReceiver):
 
 
 def main() -> None:
-    stdio.StandardIO(Control())
-    reactor.run()
+    serve(Control())
 
 
 if __name__ == "__main__":

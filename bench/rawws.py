@@ -21,9 +21,9 @@ import os
 import time
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet import reactor, stdio
-from twisted.protocols.basic import LineReceiver
+from twisted.internet import reactor
 
+from .control import Commands, serve
 from .wire import FRAME, emit, payload, user_channel
 
 
@@ -43,26 +43,12 @@ class Sender(WebSocketServerProtocol):
             self.factory.users.pop(self.uid, None)
 
 
-class Control(LineReceiver):
-    delimiter = b"\n"
-    MAX_LENGTH = 1 << 24
-
+class Control(Commands):
     def __init__(self) -> None:
         self.factory = WebSocketServerFactory()
         self.factory.protocol = Sender
         self.factory.users = {}
         self.boot = os.urandom(8).hex().encode()
-
-    def lineReceived(self, line: bytes) -> None:
-        command = json.loads(line)
-        try:
-            getattr(self, "do_" + command.pop("cmd"))(**command)
-        except Exception as e:
-            emit({"event": "error", "error": repr(e)})
-
-    def connectionLost(self, reason) -> None:
-        if reactor.running:
-            reactor.stop()
 
     def do_listen(self, port: int) -> None:
         reactor.listenTCP(port, self.factory, interface="127.0.0.1", backlog=50)
@@ -91,8 +77,7 @@ class Control(LineReceiver):
 
 
 def main() -> None:
-    stdio.StandardIO(Control())
-    reactor.run()
+    serve(Control())
 
 
 if __name__ == "__main__":
