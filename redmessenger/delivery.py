@@ -59,8 +59,13 @@ class MessageStore(Protocol):
         ``Taken`` (raw entries, number left, claim). Safe to repeat if its
         reply is lost."""
 
+    def hold(self, uid: str, envelopes: Sequence[Envelope]) -> defer.Deferred:
+        """Claim live messages in Redis as a take would have, without going
+        through the queue: fires with a ``Taken`` holding no raw entries
+        (the caller has the envelopes). Safe to repeat if its reply is lost."""
+
     def release(self, taken) -> defer.Deferred:
-        """Forget what a ``take`` kept in case its reply was lost."""
+        """Forget what a ``take`` or ``hold`` kept in case its reply was lost."""
 
     def flushed(self) -> defer.Deferred:
         """Fires when every write handed over so far is in Redis."""
@@ -73,9 +78,9 @@ class _Claim:
 
     __slots__ = ("taken", "pending")
 
-    def __init__(self, taken) -> None:
+    def __init__(self, taken, count: int) -> None:
         self.taken = taken
-        self.pending = len(taken.items)
+        self.pending = count
 
 
 class _Outstanding:
@@ -279,14 +284,12 @@ class Dispatcher:
                 session.overflowed = True
                 offline.append(uid)
             elif self._durable(session):
-                offline.append(uid)  # through Redis, so a claim holds it until acked
+                session.waiting.append(envelope)  # claimed in Redis, then sent
                 kick.append(session)
             elif not self._send(session, envelope):
                 offline.append(uid)
             else:
-                stats.delivered_live += 1
-                if stats.delivered_live & 15 == 1:  # one in 16 is plenty for a histogram
-                    stats.observe_latency(self._clock() - envelope.received)
+                self._delivered_live(envelope)
                 if self._trace:
                     log.debug("{uid}: Sending message {id} from {source}", uid=uid,
                               id=envelope.id, source=envelope.source)
@@ -297,14 +300,21 @@ class Dispatcher:
                     log.debug("Client is not online, queueing message in Redis ({key})",
                               key=self._ns.queue(uid))
             self._store.store(offline, envelope)
-        for session in kick:  # after the store: the drain's take comes behind it
-            self._begin_drain(session)
+        for session in kick:  # after the stores: the claim comes behind them
+            if not session.draining:
+                self._begin_drain(session, held=True)
+
+    def _delivered_live(self, envelope: Envelope) -> None:
+        stats = self.stats
+        stats.delivered_live += 1
+        if stats.delivered_live & 15 == 1:  # one in 16 is plenty for a histogram
+            stats.observe_latency(self._clock() - envelope.received)
 
     @staticmethod
     def _durable(session: _Session) -> bool:
         """A user with an ack-mode socket gets live messages through Redis
-        too: stored, then drained under a claim that only an ack releases,
-        so a process killed meanwhile loses none of them."""
+        too: claimed there first, as a drain's take is, until an ack
+        releases them, so a process killed meanwhile loses none of them."""
         return any(seat.socket.ack_mode for seat in session.seats)
 
     def _send(self, session: _Session, envelope: Envelope, claim: _Claim | None = None) -> bool:
@@ -365,20 +375,29 @@ class Dispatcher:
         seat.started = True
         seat.socket.start(queued)
 
-    def _begin_drain(self, session: _Session) -> None:
+    def _begin_drain(self, session: _Session, held: bool = False) -> None:
+        """Drain the queue, or with ``held`` the live messages waiting (for
+        a user with an ack-mode socket): the same story, except that they
+        are claimed in Redis straight from memory, not stored and taken."""
         session.draining = True
         session.remaining = None
-        d = defer.ensureDeferred(self._drain(session))
+        envelopes = list(session.waiting) if held else []
+        session.waiting.clear()
+        d = defer.ensureDeferred(self._drain(session, envelopes))
         self._drains.add(d)
         d.addBoth(self._drain_done, session, d)
 
-    async def _drain(self, session: _Session) -> None:
+    async def _drain(self, session: _Session, held: list[Envelope]) -> None:
         """Take the queue chunk by chunk, asking for the next chunk before
         sending this one, so Redis and the sockets work at the same time."""
         uid = session.uid
-        taking = self._store.take(uid, self._chunk)
+        taking = self._store.hold(uid, held) if held else self._store.take(uid, self._chunk)
         while taking is not None:
-            taken = await taking
+            try:
+                taken = await taking
+            except BaseException:
+                session.waiting.extendleft(reversed(held))  # theirs to store still
+                raise
             taking = self._store.take(uid, self._chunk) if taken.left and session.seats else None
             if session.remaining is None and taken.items:
                 log.info("{channel} has {count} messages enqueued, purging!",
@@ -390,10 +409,11 @@ class Dispatcher:
                     self._start(seat, session.remaining)
             orphans, unsent = self._returned(session)
             now_ms = int(self._clock() * 1000)
-            claim = _Claim(taken)
-            items = orphans + unsent + [
+            claim = _Claim(taken, len(held) + len(taken.items))
+            items = orphans + unsent + [(envelope, claim) for envelope in held] + [
                 (Envelope.from_stored(raw, self._ns.user_channel(uid), self.ids, now_ms), claim)
                 for raw in taken.items]
+            live, held = bool(held), []
             sent = 0
             while True:
                 sent += self._hand_over(session, items[sent:], hold=taking is not None,
@@ -403,7 +423,11 @@ class Dispatcher:
                 session.window = defer.Deferred()  # paused until an ack
                 await session.window
             self.stats.redelivered += min(sent, len(orphans))
-            self.stats.drained += max(0, sent - len(orphans))
+            if live:
+                for envelope, _ in items[len(orphans):sent]:
+                    self._delivered_live(envelope)
+            else:
+                self.stats.drained += max(0, sent - len(orphans))
             session.remaining = taken.left
 
     @staticmethod
@@ -454,10 +478,13 @@ class Dispatcher:
             self.stats.redelivered += min(sent, len(orphans))
         waiting = session.waiting
         durable = self._durable(session)
+        if (waiting and durable and session.seats and not session.overflowed
+                and not self._window_full(session) and not isinstance(result, defer.Failure)):
+            self._begin_drain(session, held=True)  # what came meanwhile, claimed next
+            return
         while (waiting and session.seats and not session.overflowed and not durable
                and not self._window_full(session) and self._send(session, waiting[0])):
-            self.stats.delivered_live += 1
-            waiting.popleft()
+            self._delivered_live(waiting.popleft())
         if waiting and session.seats:
             session.overflowed = True  # no window left, or held in Redis till acked
         self._store_waiting(session)

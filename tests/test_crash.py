@@ -119,13 +119,16 @@ def test_drained_messages_a_client_never_acknowledged_survive_a_kill(tmp_path: P
 
 def test_live_messages_a_client_never_acknowledged_survive_a_kill(tmp_path: Path,
                                                                  redis) -> None:
-    """In ack mode a live message goes through Redis too: stored, then
-    drained under a claim that only its ack releases."""
+    """In ack mode a live message is claimed in Redis before it is sent,
+    and only its ack releases the claim."""
     port = pick_free_port()
     with start(tmp_path, "first", port, redis) as first, client(port) as ws:
         hello(ws, {"id": "user1", "ack": True})
         redis.client().pipeline([("PUBLISH", "rm.users.user1", str(i)) for i in range(100)])
-        assert [recv_json(ws)["payload"] for _ in range(100)] == [str(i) for i in range(100)]
+        frames = [recv_json(ws) for _ in range(100)]
+        assert [f["payload"] for f in frames] == [str(i) for i in range(100)]
+        assert not any(f["queued"] for f in frames)  # live: never in the queue
+        assert redis.command("LLEN", QUEUE) == 0
         os.kill(first.pid, signal.SIGKILL)
         first.process.wait()
     with start(tmp_path, "second", port, redis) as second:

@@ -46,13 +46,18 @@ class Queues:
         self.takes.append((d, Taken(taken, len(self.lists[uid]), f"claim-{len(self.takes)}", uid)))
         return d
 
+    def hold(self, uid, envelopes):
+        d = defer.Deferred()
+        self.takes.append((d, Taken([], 0, f"claim-{len(self.takes)}", uid)))
+        return d
+
     def answer_take(self) -> None:
         d, reply = self.takes.pop(0)
         d.callback(reply)
 
     def pump(self) -> None:
-        """Answer takes until none is in flight (live messages to a user with
-        an ack-mode socket go through the queue: stored, then drained)."""
+        """Answer takes (and holds) until none is in flight: live messages
+        to a user with an ack-mode socket are claimed in Redis first."""
         while self.takes:
             self.answer_take()
 
@@ -256,6 +261,23 @@ def test_a_failed_drain_still_welcomes_and_keeps_live_messages_flowing():
     d, _ = queues.takes.pop(0)
     d.errback(RuntimeError("WRONGTYPE"))
     assert sock.welcome == 0 and sock.payloads() == ["live"]
+
+
+def test_live_messages_a_failed_hold_could_not_claim_are_stored_and_drained_in_order():
+    """Claiming live messages for an ack-mode user in Redis fails only on an
+    error reply: they are then stored like any others, not dropped."""
+    queues, dispatcher, publish = make()
+    sock = Sock("u", ack_mode=True)
+    dispatcher.attach(sock)
+    queues.answer_take()
+    publish("a")  # claimed at once: the hold is in flight
+    publish("b")  # waits behind it
+    d, _ = queues.takes.pop(0)
+    d.errback(RuntimeError("ERR the claim could not be made"))
+    [(_, taken)] = queues.takes  # stored, and a drain is taking them back
+    assert [json.loads(raw)["payload"] for raw in taken.items] == ["a", "b"]
+    queues.pump()
+    assert sock.payloads() == ["a", "b"] and queues.payloads("u") == []
 
 
 def test_past_the_ack_window_live_messages_are_stored_then_drained_in_order():

@@ -191,6 +191,20 @@ async def test_a_drain_whose_reply_is_lost_gives_the_same_messages_again(redis, 
     assert rm.queue("user1") == []
 
 
+def test_a_live_claim_run_again_after_a_lost_reply_holds_its_messages_once(redis):
+    """The script that claims an ack-mode user's live messages is sent again
+    when its reply was lost with the connection: run twice, it must claim
+    them once, or a kill would bring two copies back."""
+    from redmessenger.store import HOLD
+
+    claim, claims = "rm:users:user1:taking:0a1b:7", "rm:users:user1:claims"
+    envelopes = [str(i).encode() for i in range(2500)]  # more than one RPUSH's worth
+    for _ in range(2):
+        assert redis.command("EVAL", HOLD.source, 2, claim, claims, *envelopes) == 2500
+    assert redis.command("LRANGE", claim, 0, -1) == envelopes
+    assert redis.command("SMEMBERS", claims, decode=True) == [claim]
+
+
 @aiotest
 async def test_stop_gives_unacked_and_undrained_messages_back_in_order(messenger):
     rm = await messenger(drain_chunk=10)
