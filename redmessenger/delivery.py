@@ -114,8 +114,8 @@ class _Session:
     """One user's presence here: sockets oldest first, and whether stored
     messages are being drained (live ones wait behind them meanwhile)."""
 
-    __slots__ = ("uid", "seats", "draining", "waiting", "returned", "unsent", "remaining",
-                 "sent", "overflowed", "window")
+    __slots__ = ("uid", "seats", "draining", "waiting", "let_go", "returned", "unsent",
+                 "remaining", "sent", "overflowed", "window")
 
     def __init__(self, uid: str) -> None:
         self.uid = uid
@@ -123,6 +123,8 @@ class _Session:
         self.draining = False
         #: Live messages that arrived during the drain, in order.
         self.waiting: deque[Envelope] = deque()
+        #: How many have left ``waiting`` so far (see ``Dispatcher.written``).
+        self.let_go = 0
         #: While a drain's take is in flight: what a departed socket left
         #: unacknowledged, and then the drained messages (with their claim)
         #: no socket would take; both go before whatever that take brings.
@@ -160,6 +162,7 @@ class Dispatcher:
         self._sessions: dict[str, _Session] = {}
         self._seats: dict[Socket, _Seat] = {}
         self._drains: set[defer.Deferred] = set()
+        self._barriers: list[tuple[list[tuple[_Session, int]], defer.Deferred]] = []
         self.stopping = False
 
     # -- who is online ---------------------------------------------------
@@ -266,6 +269,29 @@ class Dispatcher:
         if waiter is not None:
             waiter.callback(None)
 
+    def written(self) -> defer.Deferred:
+        """Fires once every message handed to ``deliver`` so far has left
+        this process' memory: written to a socket, or handed to the store,
+        whose ``flushed()`` then says when Redis has it. (Live messages wait
+        in memory behind a drain.) The inbox acknowledges after both."""
+        marks = [(s, s.let_go + len(s.waiting)) for s in self._sessions.values() if s.waiting]
+        if not marks:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._barriers.append((marks, d))
+        return d
+
+    def _let_go(self, session: _Session, count: int) -> None:
+        session.let_go += count
+        if not self._barriers:
+            return
+        done = [d for marks, d in self._barriers
+                if all(s.let_go >= mark for s, mark in marks)]
+        if done:
+            self._barriers = [(m, d) for m, d in self._barriers if d not in done]
+            for d in done:
+                d.callback(None)
+
     # -- deliver or store ------------------------------------------------
 
     def deliver(self, uids: Iterable[str], envelope: Envelope) -> None:
@@ -278,7 +304,7 @@ class Dispatcher:
             session = self._sessions.get(uid)
             if session is None or not session.seats:
                 offline.append(uid)
-            elif session.draining:
+            elif session.draining and not session.overflowed:
                 session.waiting.append(envelope)
             elif session.overflowed or self._window_full(session):
                 session.overflowed = True
@@ -383,7 +409,8 @@ class Dispatcher:
         session.remaining = None
         envelopes = list(session.waiting) if held else []
         session.waiting.clear()
-        d = defer.ensureDeferred(self._drain(session, envelopes))
+        d = defer.ensureDeferred(self._drain(session, envelopes))  # claims them now
+        self._let_go(session, len(envelopes))
         self._drains.add(d)
         d.addBoth(self._drain_done, session, d)
 
@@ -397,6 +424,7 @@ class Dispatcher:
                 taken = await taking
             except BaseException:
                 session.waiting.extendleft(reversed(held))  # theirs to store still
+                session.let_go -= len(held)
                 raise
             taking = self._store.take(uid, self._chunk) if taken.left and session.seats else None
             if session.remaining is None and taken.items:
@@ -414,30 +442,43 @@ class Dispatcher:
                 (Envelope.from_stored(raw, self._ns.user_channel(uid), self.ids, now_ms), claim)
                 for raw in taken.items]
             live, held = bool(held), []
-            sent = 0
+            resend = len(orphans)  # the first ones were sent before
             while True:
-                sent += self._hand_over(session, items[sent:], hold=taking is not None,
-                                        wait=True)
-                if sent == len(items) or not session.seats or not self._window_full(session):
+                sent = self._hand_over(session, items, hold=taking is not None, wait=True)
+                again = min(sent, resend)
+                self.stats.redelivered += again
+                if live:
+                    for envelope, _ in items[again:sent]:
+                        self._delivered_live(envelope)
+                else:
+                    self.stats.drained += sent - again
+                items, resend = items[sent:], resend - again
+                if not items or not session.seats or not self._window_full(session):
                     break
                 session.window = defer.Deferred()  # paused until an ack
+                # Which may take the client any time: what would wait in
+                # memory meanwhile waits in Redis instead, in order.
+                session.overflowed = True
+                self._store_waiting(session)
                 await session.window
-            self.stats.redelivered += min(sent, len(orphans))
-            if live:
-                for envelope, _ in items[len(orphans):sent]:
-                    self._delivered_live(envelope)
-            else:
-                self.stats.drained += max(0, sent - len(orphans))
+                # A socket that left meanwhile gave back what it had not
+                # acknowledged: sent before anything left here, it goes first.
+                late = self._orphans(session)
+                items, resend = late + items, resend + len(late)
             session.remaining = taken.left
 
     @staticmethod
-    def _returned(session: _Session) -> tuple[list[tuple[Envelope, _Claim | None]],
-                                              list[tuple[Envelope, _Claim | None]]]:
-        """What waits to go before the next take's messages, in send order."""
+    def _orphans(session: _Session) -> list[tuple[Envelope, _Claim | None]]:
+        """What departed sockets left unacknowledged, in the order it was sent."""
         orphans = [(o.envelope, o.claim) for o in sorted(session.returned, key=lambda o: o.seq)]
-        unsent = session.unsent
-        session.returned, session.unsent = [], []
-        return orphans, unsent
+        session.returned = []
+        return orphans
+
+    def _returned(self, session: _Session) -> tuple[list[tuple[Envelope, _Claim | None]],
+                                                    list[tuple[Envelope, _Claim | None]]]:
+        """What waits to go before the next take's messages, in send order."""
+        unsent, session.unsent = session.unsent, []
+        return self._orphans(session), unsent
 
     def _hand_over(self, session: _Session, items: list[tuple[Envelope, _Claim | None]],
                    hold: bool = False, wait: bool = False) -> int:
@@ -485,6 +526,7 @@ class Dispatcher:
         while (waiting and session.seats and not session.overflowed and not durable
                and not self._window_full(session) and self._send(session, waiting[0])):
             self._delivered_live(waiting.popleft())
+            self._let_go(session, 1)
         if waiting and session.seats:
             session.overflowed = True  # no window left, or held in Redis till acked
         self._store_waiting(session)
@@ -511,6 +553,7 @@ class Dispatcher:
                       uid=session.uid, count=len(waiting), key=self._ns.queue(session.uid))
         for envelope in waiting:
             self._store.store([session.uid], envelope)
+        self._let_go(session, len(waiting))
 
     # -- stopping --------------------------------------------------------
 

@@ -117,9 +117,10 @@ class Router:
 
     def settled(self) -> defer.Deferred:
         """Fires once every message received so far has been handed to the
-        dispatcher (group messages wait for their members)."""
+        dispatcher (group messages wait for their members) and has left its
+        memory (``Dispatcher.written``)."""
         if not self._waiting:
-            return defer.succeed(None)
+            return self._dispatcher.written()
         d = defer.Deferred()
         self._settling.append((self._waiting[-1], d))
-        return d
+        return d.addCallback(lambda _: self._dispatcher.written())

@@ -15,6 +15,7 @@ from twisted.internet import defer
 from redmessenger.delivery import Dispatcher
 from redmessenger.envelope import Envelope
 from redmessenger.keys import Namespace
+from redmessenger.routing import Router
 from redmessenger.store import Taken
 
 
@@ -298,6 +299,56 @@ def test_past_the_ack_window_live_messages_are_stored_then_drained_in_order():
     assert sock.payloads() == ["a", "b", "c", "d", "e"]
     assert [f["tag"] for f in sock.frames[1:]] == [1, 2, 3, 4, 5]
     assert queues.payloads("u") == []
+
+
+def test_what_a_socket_leaves_while_a_drain_waits_for_acks_goes_before_the_rest():
+    """The drain is paused on a full window when a second socket joins and
+    the first one leaves: what the first had not acknowledged is older than
+    what the drain still holds, and the second socket gets it first."""
+    queues, dispatcher, publish = make(window=2)
+    first = Sock("u", ack_mode=True, name="first")
+    dispatcher.attach(first)
+    queues.answer_take()
+    for p in "abcd":
+        publish(p)
+    queues.pump()
+    assert first.payloads() == ["a", "b"]  # c and d wait for an ack
+    second = Sock("u", ack_mode=True, name="second")
+    dispatcher.attach(second)
+    dispatcher.detach(first)
+    queues.pump()
+    assert second.payloads() == ["a", "b"]  # its own window is full now
+    dispatcher.ack(second, 2)
+    queues.pump()
+    assert second.payloads() == ["a", "b", "c", "d"]
+    assert dispatcher.stats.redelivered == 2 and dispatcher.stats.delivered_live == 4
+
+
+def test_written_waits_only_for_the_round_trip_that_lets_live_messages_go():
+    """The inbox acknowledges entries once ``written()`` (and the store's
+    flush) fire: a live message in memory behind a claim holds it for a
+    round trip; behind a full ack window it goes to Redis instead of making
+    the inbox wait for the client."""
+    queues, dispatcher, publish = make(window=2)
+    sock = Sock("u", ack_mode=True)
+    dispatcher.attach(sock)
+    queues.answer_take()
+    publish("a")  # claimed at once
+    for p in "bcd":
+        publish(p)  # in memory, behind that claim
+    written, settled = dispatcher.written(), Router(dispatcher, None, Namespace()).settled()
+    assert not written.called and not settled.called
+    queues.answer_take()  # a is sent, and b, c, d claimed
+    assert written.called and settled.called
+    queues.answer_take()  # b is sent: the window is full, c and d wait claimed
+    publish("e")
+    assert queues.payloads("u") == ["e"] and dispatcher.written().called
+    dispatcher.ack(sock, 2)
+    queues.pump()
+    assert sock.payloads() == ["a", "b", "c", "d"]
+    dispatcher.ack(sock, 4)
+    queues.pump()
+    assert sock.payloads() == ["a", "b", "c", "d", "e"] and queues.payloads("u") == []
 
 
 def test_a_full_ack_window_pauses_a_drain_until_acks_come():

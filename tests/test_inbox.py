@@ -89,3 +89,33 @@ async def test_the_inbox_survives_a_redis_restart(private_redis):
         await eventually(lambda: rm.queue("user1"), what="an entry added after the restart")
     finally:
         await rm.stop()
+
+
+@aiotest
+async def test_entries_are_acknowledged_only_once_their_messages_are_in_redis(redis,
+                                                                              messenger):
+    """Messages held back in memory (behind a full ack window) must not let
+    the inbox acknowledge their entries: a kill would lose them."""
+    rm = await messenger(inbox=True, ack_window=2)
+    client = await rm.user("user1", ack=True)  # and never acknowledges
+    def add(numbers: range) -> bytes:  # at once: read in one batch
+        replies = redis.client().pipeline(
+            [("MULTI",)] + [("XADD", "rm:inbox", "*", "to", "users.user1", "payload", str(i))
+                            for i in numbers] + [("EXEC",)])
+        return replies[-1][-1]
+
+    add(range(10))
+    await client.messages(2)  # the window is full: the rest is claimed, and waits
+    last = add(range(10, 15))  # while the drain waits for an ack
+
+    def acknowledged() -> bool:
+        [group] = redis.command("XINFO", "GROUPS", "rm:inbox", decode=True)
+        info = dict(zip(group[::2], group[1::2], strict=True))
+        return info["last-delivered-id"] == last.decode() and info["pending"] == 0
+
+    def in_redis() -> int:
+        claims = redis.command("KEYS", "rm:users:user1:taking:*")
+        return len(rm.queue("user1")) + sum(redis.command("LLEN", k) for k in claims)
+
+    await eventually(acknowledged, what="the entries to be acknowledged")
+    assert in_redis() == 15
