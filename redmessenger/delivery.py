@@ -302,7 +302,10 @@ class Dispatcher:
         stats = self.stats
         for uid in uids:
             session = self._sessions.get(uid)
-            if session is None or not session.seats:
+            if session is None:
+                offline.append(uid)
+            elif not session.seats:  # gone, its drain still in flight
+                session.overflowed = True  # whoever comes next drains it first
                 offline.append(uid)
             elif session.draining and not session.overflowed:
                 session.waiting.append(envelope)
@@ -527,9 +530,7 @@ class Dispatcher:
                and not self._window_full(session) and self._send(session, waiting[0])):
             self._delivered_live(waiting.popleft())
             self._let_go(session, 1)
-        if waiting and session.seats:
-            session.overflowed = True  # no window left, or held in Redis till acked
-        self._store_waiting(session)
+        self._store_waiting(session)  # what cannot go now waits in Redis, in order
         if not session.seats:
             del self._sessions[session.uid]
         elif session.overflowed and not self._window_full(session):
@@ -544,6 +545,7 @@ class Dispatcher:
             return
         waiting = list(session.waiting)
         session.waiting.clear()
+        session.overflowed = True  # later ones follow them, until a drain takes them
         self.stats.stored += len(waiting)
         if not session.seats:
             log.info("{uid}: Client is not online, queueing {count} messages in Redis ({key})",

@@ -351,6 +351,26 @@ def test_written_waits_only_for_the_round_trip_that_lets_live_messages_go():
     assert sock.payloads() == ["a", "b", "c", "d", "e"] and queues.payloads("u") == []
 
 
+def test_what_was_stored_while_a_user_was_away_mid_drain_comes_before_newer_messages():
+    """The only socket leaves while a claim is in flight, a message is
+    stored meanwhile, and a new socket joins before the reply: the stored
+    one must be drained before newer ones go live."""
+    queues, dispatcher, publish = make()
+    first = Sock("u", ack_mode=True, name="first")
+    dispatcher.attach(first)
+    queues.answer_take()
+    publish("a")  # claimed: in flight
+    dispatcher.detach(first)
+    publish("b")  # nobody is online: stored
+    second = Sock("u", ack_mode=True, name="second")
+    dispatcher.attach(second)
+    publish("c")
+    queues.pump()
+    publish("d")
+    queues.pump()
+    assert second.payloads() == ["a", "b", "c", "d"] and queues.payloads("u") == []
+
+
 def test_a_full_ack_window_pauses_a_drain_until_acks_come():
     queues, dispatcher, publish = make(chunk=10, window=2)
     for p in "abcde":
