@@ -34,7 +34,7 @@ class Inbox(Service):
     def __init__(self, address: RedisAddress, namespace: Namespace, router: Router, store,
                  consumer: str, reactor, *, claim_after: float = 30.0) -> None:
         # A connection of its own: XREADGROUP blocks it while it waits.
-        self._redis = RedisConnection(address, reactor)
+        self._redis = RedisConnection(address, reactor, role="inbox")
         self._ns = namespace
         self._key = namespace.inbox
         self._router = router
@@ -54,7 +54,7 @@ class Inbox(Service):
         return self._redis.stopService()
 
     async def _run(self) -> None:
-        dead_taken_over = False
+        dead_taken_over = mine_handled = False
         while self.running:
             try:
                 await self._redis.whenConnected()
@@ -62,12 +62,18 @@ class Inbox(Service):
                 if not dead_taken_over:
                     await self._take_over_the_dead()
                     dead_taken_over = True
+                if not mine_handled:
+                    await self._handle_mine()
+                    mine_handled = True
                 # Entries whose reader died first, then new ones.
                 entries = await self._claim() or await self._read()
                 if entries:
                     await self._handle(entries)
             except RedisUnavailable:
-                continue  # the connection went: wait for it, then read again
+                # The connection went, maybe with the reply to a read: what
+                # that read gave this reader is pending here, and older
+                # than anything unread. Wait for Redis, then handle it first.
+                mine_handled = False
 
     async def _ensure_group(self) -> None:
         """From the stream's beginning: what was added while no RedMessenger
@@ -101,6 +107,15 @@ class Inbox(Service):
                 log.warn("Took over {count} inbox entries that {reader}, which died, had "
                          "read and not acknowledged", count=taken,
                          reader=name.decode(errors="replace"))
+
+    async def _handle_mine(self) -> None:
+        while True:
+            reply = await self._redis.execute_now(b"XREADGROUP", b"GROUP", GROUP,
+                                                  self._consumer, b"COUNT", BATCH,
+                                                  b"STREAMS", self._key, b"0")
+            if not reply or not reply[0][1]:
+                return
+            await self._handle(reply[0][1])
 
     async def _claim(self) -> list:
         reply = await self._redis.execute_now(b"XAUTOCLAIM", self._key, GROUP,

@@ -216,10 +216,12 @@ class RedisConnection(Service):
 
     log = Logger()
 
-    def __init__(self, address: RedisAddress, reactor, scripts: Sequence[Script] = ()) -> None:
+    def __init__(self, address: RedisAddress, reactor, scripts: Sequence[Script] = (), *,
+                 role: str = "commands") -> None:
         self.address = address
         self._reactor = reactor
         self._scripts = list(scripts)
+        self._role = role
         self._pending: deque[_Command] = deque()
         self._protocol = None
         self._client: ClientService | None = None
@@ -334,7 +336,7 @@ class RedisConnection(Service):
         self._was_connected = True
         self.log.info("Connected to Redis at {address}; {count} commands to (re)send",
                       address=str(self.address), count=len(self._pending))
-        name_connection(proto, "commands")
+        name_connection(proto, self._role)
         for script in self._scripts:
             proto.execute_command(b"SCRIPT", b"LOAD", script.source).addErrback(
                 _unless_lost, "Could not load a Lua script: {why}")

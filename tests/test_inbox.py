@@ -119,3 +119,28 @@ async def test_entries_are_acknowledged_only_once_their_messages_are_in_redis(re
 
     await eventually(acknowledged, what="the entries to be acknowledged")
     assert in_redis() == 15
+
+
+@aiotest
+async def test_entries_a_lost_read_left_pending_come_first_once_the_reader_is_back(redis,
+                                                                                  messenger):
+    """A read whose reply was lost with the connection leaves its entries
+    pending for this very reader: they are handled as soon as it is back,
+    before newer ones, not ``--inbox-claim-after`` (30 s) later."""
+    from test_outages import kill_connection
+
+    rm = await messenger(inbox=True)
+    user1 = await rm.user("user1")
+    reader = rm.service.owner
+    # Read for it, as if the reply to its own read had been lost.
+    redis.client().pipeline([
+        ("MULTI",),
+        ("XADD", "rm:inbox", "*", "to", "users.user1", "payload", "older"),
+        ("XREADGROUP", "GROUP", "redmessenger", reader, "COUNT", 10, "STREAMS", "rm:inbox",
+         ">"),
+        ("EXEC",)])
+    kill_connection(redis, "inbox")
+    redis.command("XADD", "rm:inbox", "*", "to", "users.user1", "payload", "newer")
+    older, newer = await user1.messages(2)
+    assert (older["payload"], newer["payload"]) == ("older", "newer")
+    await eventually(lambda: pending(redis) == 0, what="both to be acknowledged")
