@@ -115,7 +115,7 @@ class _Session:
     messages are being drained (live ones wait behind them meanwhile)."""
 
     __slots__ = ("uid", "seats", "draining", "waiting", "let_go", "returned", "unsent",
-                 "remaining", "sent", "overflowed", "window")
+                 "remaining", "sent", "overflowed", "refused", "window")
 
     def __init__(self, uid: str) -> None:
         self.uid = uid
@@ -134,6 +134,9 @@ class _Session:
         #: Live messages were stored because every socket's ack window was
         #: full; later ones follow them into the queue until a drain.
         self.overflowed = False
+        #: No socket would take a message (they are closing): no new drain
+        #: until the sockets change.
+        self.refused = False
         #: Fires when an ack (or a departure) may have opened a window.
         self.window: defer.Deferred | None = None
         #: Stored messages still to come in this drain (for late welcomes);
@@ -199,6 +202,7 @@ class Dispatcher:
             session = self._sessions[socket.uid] = _Session(socket.uid)
         seat = self._seats[socket] = _Seat(socket)
         session.seats.append(seat)
+        session.refused = False
         log.info("Assigning id {uid} to socket {peer}.", uid=socket.uid, peer=socket.peer)
         if session.draining:
             if session.remaining is not None:
@@ -214,6 +218,7 @@ class Dispatcher:
             return
         session = self._sessions[socket.uid]
         session.seats.remove(seat)
+        session.refused = False
         orphans = []
         for outstanding in seat.unacked.values():
             outstanding.holders -= 1
@@ -234,6 +239,9 @@ class Dispatcher:
             self._store_waiting(session)
             if not session.draining:
                 del self._sessions[session.uid]
+        elif session.overflowed and not session.draining and not self._window_full(session):
+            session.overflowed = False
+            self._begin_drain(session)  # what went back to Redis, for the others
         self._window_may_open(session)  # a paused drain finds out it is alone
 
     def ack(self, socket: Socket, tag: int) -> None:
@@ -383,9 +391,13 @@ class Dispatcher:
             self._store.release(claim.taken).addErrback(
                 lambda f: log.failure("Could not release a drain claim", f))
 
-    def _recommit(self, uid: str, items: list[tuple[Envelope, _Claim | None]]) -> None:
+    def _recommit(self, session: _Session, items: list[tuple[Envelope, _Claim | None]]) -> None:
         """Back to the head of the queue, then their claims may go: in that
-        order on the one connection, so no moment holds them nowhere."""
+        order on the one connection, so no moment holds them nowhere. Newer
+        messages follow them through the queue until a drain has taken them
+        (``overflowed``), or they would pass them."""
+        session.overflowed = True
+        uid = session.uid
         envelopes = [envelope for envelope, _ in items]
         self.stats.recommitted += len(envelopes)
         log.info("{uid}: Client is no longer online, recommitting {count} messages to "
@@ -493,14 +505,14 @@ class Dispatcher:
         for index, (envelope, claim) in enumerate(items):
             if session.seats and self._window_full(session):
                 if not wait:
-                    self._recommit(session.uid, items[index:])
-                    session.overflowed = True
+                    self._recommit(session, items[index:])
                 return index
             if not session.seats or not self._send(session, envelope, claim):
+                session.refused = bool(session.seats)
                 if hold:
                     session.unsent = items[index:]
                 else:
-                    self._recommit(session.uid, items[index:])
+                    self._recommit(session, items[index:])
                 return index
             if self._trace:
                 log.debug("{uid}: Purging message {id} from {source}", uid=session.uid,
@@ -533,7 +545,7 @@ class Dispatcher:
         self._store_waiting(session)  # what cannot go now waits in Redis, in order
         if not session.seats:
             del self._sessions[session.uid]
-        elif session.overflowed and not self._window_full(session):
+        elif session.overflowed and not session.refused and not self._window_full(session):
             # Acks came while this drain ran: take what overflowed meanwhile.
             session.overflowed = False
             self._begin_drain(session)
