@@ -811,11 +811,13 @@ def representative(runs: list[dict]) -> dict:
     run's numbers kept. A failed run fails it all."""
     if len(runs) == 1:
         return runs[0]
-    good = [run for run in runs if not run.get("error")]
+    measure = "p99_ms" if any("p99_ms" in run for run in runs) else "rate"
+    # A run that failed without an error (not every message came) has no number.
+    good = [run for run in runs if not run.get("error") and run.get(measure) is not None]
     if not good:
         return runs[0]
-    key = (lambda run: -run["p99_ms"]) if "p99_ms" in good[0] else (lambda run: run["rate"])
-    chosen = dict(sorted(good, key=key)[(len(good) - 1) // 2])
+    sign = -1 if measure == "p99_ms" else 1
+    chosen = dict(sorted(good, key=lambda run: sign * run[measure])[(len(good) - 1) // 2])
     chosen["repeats"] = [{name: run.get(name) for name in
                           ("attempt", "ok", "error", "rate", "subject_cpu", "subject_util",
                            "subject_stolen", "subject_us_per_item", "p99_ms", "p99.9_ms")

@@ -60,3 +60,16 @@ def test_smoke_run(tmp_path: Path) -> None:
     assert (out / "results.txt").read_text().startswith("RedMessenger bench")
     assert not processes_in(out), processes_in(out)
     assert not (out / "work").exists()
+
+
+def test_the_median_run_of_runs_that_did_not_all_finish() -> None:
+    """A run in which not every message came has no rate: it fails the
+    scenario, and must not break the choice of the run to show."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.runner import representative
+
+    runs = [{"ok": False, "rate": None, "checks": []} for _ in range(3)]
+    assert representative(runs)["ok"] is False
+    runs[1].update(ok=True, rate=5.0)
+    chosen = representative(runs)
+    assert chosen["rate"] == 5.0 and chosen["ok"] is False
