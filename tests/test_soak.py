@@ -471,7 +471,8 @@ def judge(plan: Plan, users: dict[str, bool], ledger: Ledger, swarm: Swarm,
                 counts["lost at an abrupt end (plain, by design)"] += 1
             else:
                 problems.append(f"{uid} ({'ack' if ack else 'plain'}) never got message "
-                                f"{number}")
+                                f"{number}, sent at {ledger.sent[number][0]:.3f}; "
+                                f"{context(ledger.sent[number][0], by_user[uid])}")
         counts["unexpected"] += len(seen - set(expected[uid]))
     ends = Counter(f"{c.how}{' (abrupt)' if c.abrupt and c.how == 'server' else ''}"
                    for c in swarm.connections)
@@ -494,6 +495,15 @@ def judge(plan: Plan, users: dict[str, bool], ledger: Ledger, swarm: Swarm,
     assert not problems and not counts["unexpected"], \
         report + "\n" + "\n".join(problems[:30])
     return report
+
+
+def context(when: float, connections: list[Connection]) -> str:
+    """The user's connections around ``when``, for a report that can be
+    read without running the soak again."""
+    near = [c for c in connections if c.opened - 5 < when < c.ended + 5]
+    return "; ".join(f"connection {c.opened:.3f}-{c.ended:.3f} ended by {c.how} "
+                     f"({'abrupt' if c.abrupt else 'clean'}), last got "
+                     f"{[n for n, _ in c.received][-5:]}" for c in near) or "no connection"
 
 
 def excused(number: int, sent_at: float, connections: list[Connection]) -> bool:
