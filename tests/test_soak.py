@@ -200,12 +200,17 @@ class Swarm:
         except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake) as e:
             self.refused[type(e).__name__] += 1
             return None
+        opened = time.monotonic()
         try:
             await ws.send(json.dumps({"id": uid, "ack": ack}))
             welcome = json.loads(await asyncio.wait_for(ws.recv(), 30))
         except (websockets.ConnectionClosed, asyncio.TimeoutError) as e:
             self.refused[type(e).__name__] += 1
             ws.transport.abort()
+            # The server may have taken the hello and handed this connection
+            # frames it never read (a kill, say): it ended abruptly.
+            self.connections.append(Connection(uid, ack, opened, ended=time.monotonic(),
+                                               how="before its welcome", abrupt=True))
             return None
         if welcome["type"] != "welcome":  # e.g. 1013 while Redis restarts
             self.refused[welcome.get("code", "?")] += 1
