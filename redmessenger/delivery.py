@@ -239,9 +239,6 @@ class Dispatcher:
             self._store_waiting(session)
             if not session.draining:
                 del self._sessions[session.uid]
-        elif session.overflowed and not session.draining and not self._window_full(session):
-            session.overflowed = False
-            self._begin_drain(session)  # what went back to Redis, for the others
         self._window_may_open(session)  # a paused drain finds out it is alone
 
     def ack(self, socket: Socket, tag: int) -> None:
