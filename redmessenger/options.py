@@ -74,7 +74,8 @@ class Options(usage.Options):
          "Seconds after which inbox entries another process read and did not "
          "acknowledge (it died) are taken over."],
         ["hello-rate", None, "0",
-         "Hellos per second per remote address, in bursts of as many (0: no limit; 4029)."],
+         "Hellos per second per remote address, in bursts of as many, at least one "
+         "(0: no limit; 4029)."],
         ["queue-ttl", None, str(_DEFAULTS.queue_ttl),
          "Seconds a user's stored queue lives after its last store (0: forever)."],
         ["queue-max", None, str(_DEFAULTS.queue_max),
@@ -83,7 +84,7 @@ class Options(usage.Options):
          "Seconds a new socket has to send its hello."],
         ["handshake-timeout", None, f"{_DEFAULTS.handshake_timeout:g}",
          "Seconds a new connection has, from its accept, to become a WebSocket (TLS "
-         "handshake, HTTP request, upgrade); then it is closed, plain HTTP ones too."],
+         "handshake, HTTP request, upgrade); then it is closed."],
         ["max-sockets-per-user", None, str(_DEFAULTS.max_sockets_per_user),
          "Open sockets per user; one more closes the oldest (4009)."],
         ["max-frame", None, str(_DEFAULTS.max_frame),

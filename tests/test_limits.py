@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from redmessenger.limits import Limits
@@ -32,7 +34,7 @@ def allowed_at(rate: float, step: float, seconds: float) -> list[float]:
 def test_a_rate_below_one_lets_one_hello_through_every_1_over_rate_seconds(rate):
     times = allowed_at(rate, 0.25, 60)
     assert times and times[0] == 0, "the bucket must hold one whole hello from the start"
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert all(1 / rate <= gap <= 1 / rate + 0.25 for gap in gaps), gaps
     assert len(times) == pytest.approx(1 + 60 * rate, abs=1)
 

@@ -451,6 +451,7 @@ OPTIONS = {
     "queue-ttl": "0",
     "queue-max": "0",
     "hello-timeout": "10",
+    "handshake-timeout": "10",
     "max-sockets-per-user": "8",
     "max-frame": "65536",
     "drain-chunk": "500",
