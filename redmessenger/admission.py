@@ -73,6 +73,12 @@ class _Guard(ProtocolWrapper):
             self.wrappedProtocol, under.wrappedProtocol = under.wrappedProtocol, self
         self.dataReceived = self.wrappedProtocol.dataReceived  # out of the way
 
+    def abandon(self) -> None:
+        """Closed if it is not a WebSocket yet: nothing listens any more."""
+        if self._deadline is not None:
+            self._end_handshake()
+            self.transport.abortConnection()
+
     def _end_handshake(self) -> None:
         if self._deadline is not None:
             if self._deadline.active():
@@ -128,6 +134,13 @@ class Admission(WrappingFactory):
         #: Connections admitted that are not WebSockets (yet): HTTP requests,
         #: upgrades on their way, idle keep-alive connections.
         self.handshaking = 0
+
+    def stopFactory(self) -> None:
+        """The port is closed (the service stops): connections that are not
+        WebSockets yet go, rather than linger until their deadline. The
+        WebSockets are the service's to close."""
+        for guard in list(self.protocols):
+            guard.abandon()
 
 
 def upgrade(request, websocket: Resource):

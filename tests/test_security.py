@@ -172,6 +172,21 @@ async def test_connections_count_from_accept_and_slow_handshakes_are_closed(mess
 
 
 @aiotest
+async def test_a_stop_closes_the_connections_that_are_not_websockets_yet(redis):
+    rm = await start_service(redis, handshake_timeout=60)
+    try:
+        reader, writer = await open_from(rm, "127.0.0.1")
+        writer.write(b"GET / HTTP/1.1\r\n")
+        user = await rm.user("user1")
+        await eventually(lambda: rm.service.factory.connections, what="the WebSocket")
+    finally:
+        await rm.stop()
+    assert await asyncio.wait_for(read_to_end(reader), RECV_TIMEOUT) == b""
+    writer.close()
+    assert (await user.closed())[1] == 1001
+
+
+@aiotest
 async def test_hello_rate_per_address(messenger):
     rm = await messenger(hello_rate=3)
     for i in range(3):
