@@ -117,8 +117,8 @@ async def test_connections_count_from_accept_and_slow_handshakes_are_closed(mess
     deadline = 3.0
     rm = await messenger(max_connections=5, max_connections_per_address=3,
                          handshake_timeout=deadline)
-    slow = [await open_from(rm, "127.0.0.1") for _ in range(50)]
     opened = time.monotonic()
+    slow = [await open_from(rm, "127.0.0.1") for _ in range(50)]
     for _, writer in slow:
         writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     answers = [asyncio.ensure_future(read_to_end(reader)) for reader, _ in slow]
@@ -140,6 +140,7 @@ async def test_connections_count_from_accept_and_slow_handshakes_are_closed(mess
     user = await rm.user("user1", local_addr=("127.0.0.2", 0))  # the 5th and last place
     assert "the server has its maximum of 5 connections" in await refused_at_accept(
         rm.connect(local_addr=("127.0.0.3", 0)))
+    assert time.monotonic() - opened < deadline, "the checks above took the whole deadline"
 
     # Trickling does not push the deadline back.
     while held:
