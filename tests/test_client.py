@@ -290,6 +290,19 @@ async def test_it_retries_a_hello_refused_while_redis_is_away(private_redis, cli
         await rm.stop()
 
 
+@aiotest
+async def test_it_retries_a_server_that_is_full(messenger, clients):
+    """Past --max-connections a connection is refused before its handshake
+    (HTTP 503): worth retrying, not final."""
+    rm = await messenger(max_connections=1)
+    holder = await rm.user("holder")
+    client, seen = clients(rm.url, "user1")
+    await eventually(lambda: seen.count(State.DISCONNECTED) >= 2, what="two refusals")
+    assert client.running and rm.dispatcher.stats.connections_refused >= 2
+    await holder.close()
+    assert (await tw(client.whenWelcomed())).id == "user1"
+
+
 # -- refusals that are final -----------------------------------------------------
 
 
