@@ -21,9 +21,8 @@ _log = Logger()
 
 
 class _Guard(ProtocolWrapper):
-    """One accepted connection, in front of its HTTP channel (and, after the
-    upgrade, of its WebSocket: Autobahn takes the channel's transport over,
-    which is this)."""
+    """One accepted connection: the transport of its HTTP channel, and once
+    it is a WebSocket, only what passes what comes in on (see ``upgraded``)."""
 
     factory: Admission
 
@@ -92,7 +91,7 @@ class _Guard(ProtocolWrapper):
             _log.debug("Closing the idle HTTP connection {peer}", peer=peer2str(self))
         else:
             self.factory.stats.handshake_timeouts += 1
-            _log.warn("Closing {peer}: no WebSocket within {timeout:g} s of its connect",
+            _log.warn("Closing {peer}: no WebSocket within {timeout:g} s of its accept",
                       peer=peer2str(self), timeout=self.factory.timeout)
         self.transport.abortConnection()
 
