@@ -21,8 +21,9 @@ _log = Logger()
 
 
 class _Guard(ProtocolWrapper):
-    """One accepted connection: the transport of its HTTP channel, and once
-    it is a WebSocket, only what passes what comes in on (see ``upgraded``)."""
+    """One accepted connection: the transport of its HTTP channel; once it
+    is a WebSocket, it only hands the bytes that come in on and sees the
+    connection close (see ``upgraded``)."""
 
     factory: Admission
 
