@@ -48,6 +48,7 @@ class Authenticator:
         presented = None if hello.key is None else hello.key.encode("utf-8", "surrogatepass")
         if stored is None and self.mode is AuthMode.OPTIONAL:
             return
+        # Its time depends on the length of its second argument only: ours to send.
         matches = hmac.compare_digest(_NO_KEY if stored is None else stored,
                                       b"" if presented is None else presented)
         if stored is not None and presented is not None and matches:

@@ -179,7 +179,7 @@ def _number(options: Options, name: str, kind: type, low: float, high: float | N
 
 
 #: How a flag's environment variable may say on or off (any case, spaces around).
-FLAG_VALUES = {**dict.fromkeys(("1", "true", "yes", "on"), True),
+_FLAG_VALUES = {**dict.fromkeys(("1", "true", "yes", "on"), True),
                **dict.fromkeys(("0", "false", "no", "off", ""), False)}
 
 
@@ -190,7 +190,7 @@ def _flag(options: Options, name: str) -> bool:
     if not isinstance(value, str):
         return bool(value)
     try:
-        return FLAG_VALUES[value.strip().lower()]
+        return _FLAG_VALUES[value.strip().lower()]
     except KeyError:
         raise usage.UsageError(
             f"{_env_name(name)} must be 1, true, yes or on (for --{name}), or 0, false, no, "
