@@ -315,7 +315,7 @@ class RedMessengerProtocol(WebSocketServerProtocol):
     def _refuse(self, refusal: ProtocolError) -> None:
         _log.warn("Refusing {peer} ({uid}): {error}: {reason}", peer=self.peer,
                   uid=self.uid or self._claimed_id(), error=refusal.error,
-                  reason=refusal.reason)
+                  reason=refusal.logged)
         self.close(refusal.close_code, refusal.error, refusal.reason)
 
 
