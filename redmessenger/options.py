@@ -70,8 +70,10 @@ class Options(usage.Options):
          "Seconds a pong may take before the peer counts as gone and its messages are "
          "stored."],
         ["max-socket-buffer", None, str(_DEFAULTS.max_socket_buffer),
-         "Unsent bytes a socket may hold; past it the socket is closed with 4010 and its "
-         "messages go to the user's other sockets or are stored."],
+         "Bytes that may wait for a client beyond what its connection holds (it is "
+         "written to up to 256 KiB unsent, then its messages wait in Redis); past it the "
+         "socket is closed with 4010 and its messages go to the user's other sockets or "
+         "are stored."],
         ["ack-window", None, str(_DEFAULTS.ack_window),
          "Unacknowledged messages per ack-mode socket; past it new messages are stored "
          "and a drain pauses until acks arrive."],
