@@ -508,6 +508,8 @@ async def test_a_key_function_is_asked_before_every_attempt(messenger, tabs, red
         "connecting", "closed", "connecting", "open", "welcomed"]
     assert states[1]["code"] == 1006 and states[1]["final"] is False
     assert "no key yet" in states[1]["reason"]
+    assert await tab.recorded("errors") == [{
+        "type": "error", "code": "key_failed", "reason": "could not get the key: no key yet"}]
     assert await tab.recorded("keyCalls") == 2
     rm.publish("rm.users.heidi", "authenticated")
     assert (await tab.messages(1))[0]["payload"] == "authenticated"
@@ -699,15 +701,18 @@ async def test_a_listener_that_holds_a_message_settles_it_with_ack_or_nack(messe
     assert tab.problems == []
 
 
-#: A listener that cannot handle m1 (and one removed before it is called).
+#: A listener object that cannot handle m1 (and one removed before it is
+#: called).
 FAILING_LISTENER = """(client, rm) => {
   rm.handled = [];
   const removed = () => { throw new Error("a removed listener was called"); };
   client.addEventListener("message", removed);
   client.removeEventListener("message", removed);
-  client.addEventListener("message", ({ detail: message }) => {
-    if (message.payload === "m1") throw new Error("cannot show m1");
-    rm.handled.push(message.payload);
+  client.addEventListener("message", {
+    handleEvent({ detail: message }) {
+      if (message.payload === "m1") throw new Error("cannot show m1");
+      rm.handled.push(message.payload);
+    },
   });
 }"""
 

@@ -19,7 +19,9 @@
  * until they are settled. In ack mode a message is acknowledged only once
  * they all fulfil, and a listener that throws or rejects refuses it (nack):
  * the client closes the socket and reconnects, and the server sends it
- * again, with everything after it.
+ * again, with everything after it. (In plain mode the messages behind a
+ * slow listener wait in the page's memory, already counted as delivered;
+ * in ack mode `--ack-window` bounds them, and they are not lost with it.)
  *
  * @module redmessenger
  */
