@@ -68,7 +68,8 @@ class RedMessengerService(MultiService):
         if settings.redis is None:
             self.embedded: EmbeddedRedis | None = EmbeddedRedis(
                 settings.embedded_port, settings.data_dir, reactor)
-            address = RedisAddress(port=settings.embedded_port)
+            address = RedisAddress(port=settings.embedded_port,
+                                   password=self.embedded.password)
         else:
             self.embedded = None
             address = settings.redis
