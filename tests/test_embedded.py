@@ -7,6 +7,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -399,3 +400,39 @@ async def test_a_newer_server_takes_an_older_ones_data(tmp_path: Path, free_port
         await service.whenReady()
         assert EmbeddedRedisClient(free_port, tmp_path).command(
             "LLEN", "rm:users:user1:messages") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_redmessenger_command_finds_the_password_by_itself(
+        tmp_path: Path, free_port: int, redis) -> None:
+    """Run where RedMessenger runs (or told its --data-dir), the command
+    reads the embedded Redis's password; it never sends it to another Redis
+    (the fixture's, which has none and would refuse an AUTH)."""
+    from twisted.internet.threads import deferToThread
+
+    here = tmp_path / "here"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    data_dir = here / "redmessenger-data"
+
+    def command(cwd: Path, url: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("REDMESSENGER_")}
+        environment.update(REDMESSENGER_REDIS=url, **env)
+        return subprocess.run([sys.executable, "-m", "redmessenger.cli", *args], cwd=cwd,
+                              env=environment, capture_output=True, text=True, timeout=60)
+
+    async with running(EmbeddedRedis(free_port, data_dir)) as service:
+        await service.whenReady()
+        url = f"redis://127.0.0.1:{free_port}"
+        result = await deferToThread(command, here, url, "token", "set", "user1", "k1")
+        assert result.returncode == 0, result.stderr
+        refused = await deferToThread(command, elsewhere, url, "token", "show", "user1")
+        assert refused.returncode == 1 and "NOAUTH" in refused.stderr, refused
+        for how in ({"REDMESSENGER_DATA_DIR": str(data_dir)}, {}):
+            args = () if how else ("--data-dir", str(data_dir))
+            shown = await deferToThread(command, elsewhere, url, *args, "token", "show",
+                                        "user1", **how)
+            assert (shown.returncode, shown.stdout) == (0, "k1\n"), shown
+        other = await deferToThread(command, here, redis.url, "token", "set", "user1", "k2")
+        assert other.returncode == 0, other.stderr
+    assert redis.command("GET", "rm:users:user1:key") == b"k2"
