@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from . import __version__
 from .auth import Authenticator
 from .delivery import Dispatcher
-from .embedded import EmbeddedRedis
+from .embedded import EmbeddedRedis, EmbeddedRedisError
 from .frames import Close
 from .inbox import Inbox
 from .keys import Namespace
@@ -68,8 +68,11 @@ class RedMessengerService(MultiService):
         if settings.redis is None:
             self.embedded: EmbeddedRedis | None = EmbeddedRedis(
                 settings.embedded_port, settings.data_dir, reactor)
-            address = RedisAddress(port=settings.embedded_port,
-                                   password=self.embedded.password)
+            try:
+                password = self.embedded.password
+            except EmbeddedRedisError:
+                password = None  # its start fails, for the same reason, and says why
+            address = RedisAddress(port=settings.embedded_port, password=password)
         else:
             self.embedded = None
             address = settings.redis

@@ -130,10 +130,15 @@ async def test_port_taken_by_another_redis(tmp_path: Path, redis) -> None:
     """The other Redis answers PING too, but it is not ours: no false
     readiness, which would leave RedMessenger on someone else's Redis."""
     service = EmbeddedRedis(redis.port, tmp_path)
+    password = service.password
     async with running(service):
         with pytest.raises(EmbeddedRedisError, match=f"port {redis.port} is taken"):
             await service.whenReady()
     assert redis.command("PING") == "PONG"
+    # That Redis was sent the password (probed before our child gave up), so
+    # it is dropped: the next start makes a new one.
+    assert not (tmp_path / "redis-password").exists()
+    assert EmbeddedRedis(redis.port, tmp_path).password != password
 
 
 @pytest_twisted.ensureDeferred
