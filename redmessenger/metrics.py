@@ -18,6 +18,8 @@ _COUNTERS = (
     ("messages_redelivered", "redelivered",
      "Unacknowledged messages sent again to another socket of the user"),
     ("ping_timeouts", "ping_timeouts", "Sockets dropped for not answering a ping in time"),
+    ("dead_letters", "dead_letters",
+     "Messages Redis refused for good, kept in <prefix>:dead instead of stored"),
 )
 
 
@@ -52,6 +54,12 @@ class _Collector:
                      int(service.subscriber.subscribed))
         yield _gauge("redis_pending_commands", "Redis commands not answered yet",
                      service.redis.pending)
+        yield _gauge("redis_pending_bytes", "Bytes held in Redis commands not answered yet",
+                     service.redis.pending_bytes)
+        yield _gauge("redis_writable", "0 while Redis refuses writes (OOM, READONLY...) and "
+                     "they are held and retried", int(service.redis.writable))
+        yield _gauge("redis_overloaded", "1 while --max-pending-bytes is exceeded: hellos get "
+                     "1013 and the subscriber is paused", int(service.redis.overloaded))
         cumulative, buckets = 0, []
         for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), stats.latency_counts,
                                 strict=True):

@@ -17,8 +17,9 @@ from . import __version__
 
 
 class Health(Resource):
-    """200 when Redis is connected and subscribed, 503 otherwise, so a load
-    balancer sends users only where messages can reach them."""
+    """200 when Redis is connected, subscribed and takes writes, 503
+    otherwise, so a load balancer sends users only where messages can reach
+    them."""
 
     isLeaf = True
 
@@ -28,15 +29,18 @@ class Health(Resource):
 
     def render_GET(self, request) -> bytes:
         service = self._service
-        connected = service.redis.connected
+        redis = service.redis
+        connected = redis.connected
         subscribed = service.subscriber.subscribed
-        ok = connected and subscribed
+        ok = connected and subscribed and redis.writable
         request.setResponseCode(200 if ok else 503)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps({
             "status": "ok" if ok else "unavailable",
-            "redis": {"connected": connected, "subscribed": subscribed},
+            "redis": {"connected": connected, "subscribed": subscribed,
+                      "writable": redis.writable, "refusal": redis.refusal,
+                      "pending_bytes": redis.pending_bytes, "overloaded": redis.overloaded},
             "connections": len(service.factory.connections),
             "users_online": service.dispatcher.users,
             "version": __version__,

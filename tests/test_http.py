@@ -39,7 +39,10 @@ async def test_health_says_ok_while_redis_is_connected_and_subscribed(messenger)
     assert status == 200 and headers["content-type"] == "application/json"
     from redmessenger import __version__
 
-    assert json.loads(body) == {"status": "ok", "redis": {"connected": True, "subscribed": True},
+    assert json.loads(body) == {"status": "ok",
+                                "redis": {"connected": True, "subscribed": True,
+                                          "writable": True, "refusal": None, "pending_bytes": 0,
+                                          "overloaded": False},
                                 "connections": 1, "users_online": 1, "version": __version__}
 
 
