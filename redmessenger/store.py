@@ -226,13 +226,15 @@ class RedisStore:
             return
         batch, self._batch, self._batch_keys = self._batch, [], 0
         queues = [([self._ns.queue(uid) for uid in uids], envelope) for uids, envelope in batch]
+        self._settling(self._send(queues))
+
+    def _send(self, queues: list[tuple[list[str], Envelope]]) -> defer.Deferred:
+        """Refusals that pass (out of memory) are retried by the connection;
+        what is refused for good goes to the dead letters."""
         keys, args = store_arguments([(q, e.stored()) for q, e in queues], self._ttl, self._max)
-        # Refusals that pass (out of memory) are retried by the connection;
-        # what is refused for good goes to the dead letters.
         d = self._redis.eval(STORE, keys, args)
-        d.addCallbacks(self._stored, self._not_stored, callbackArgs=(queues,),
-                       errbackArgs=(queues,))
-        self._settling(d)
+        return d.addCallbacks(self._stored, self._not_stored, callbackArgs=(queues,),
+                              errbackArgs=(queues,))
 
     def _settling(self, d: defer.Deferred) -> None:
         """``flushed()`` waits for ``d`` too."""
@@ -252,6 +254,10 @@ class RedisStore:
                               for index, why in zip(failed[::2], failed[1::2], strict=True)])
 
     def _not_stored(self, failure, queues: list[tuple[list[str], Envelope]]):
+        """A whole call refused (one message bigger than Redis takes closes
+        the connection): message by message, so only that one is dead."""
+        if len(queues) > 1:
+            return defer.gatherResults([self._send([q]) for q in queues], consumeErrors=True)
         why = failure.getErrorMessage()
         return self._refused([(key, envelope, why) for keys, envelope in queues
                               for key in keys])
