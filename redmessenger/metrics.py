@@ -60,6 +60,9 @@ class _Collector:
                      "they are held and retried", int(service.redis.writable))
         yield _gauge("redis_overloaded", "1 while --max-pending-bytes is exceeded: hellos get "
                      "1013 and the subscriber is paused", int(service.redis.overloaded))
+        if service.inbox is not None:
+            yield _gauge("inbox_reading", "0 while error replies keep the inbox reader from "
+                         "reading", int(service.inbox.reading))
         cumulative, buckets = 0, []
         for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), stats.latency_counts,
                                 strict=True):

@@ -32,11 +32,12 @@ class Health(Resource):
         redis = service.redis
         connected = redis.connected
         subscribed = service.subscriber.subscribed
-        ok = connected and subscribed and redis.writable
+        inbox = service.inbox
+        ok = connected and subscribed and redis.writable and (inbox is None or inbox.reading)
         request.setResponseCode(200 if ok else 503)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
-        return json.dumps({
+        report = {
             "status": "ok" if ok else "unavailable",
             "redis": {"connected": connected, "subscribed": subscribed,
                       "writable": redis.writable, "refusal": redis.refusal,
@@ -44,7 +45,10 @@ class Health(Resource):
             "connections": len(service.factory.connections),
             "users_online": service.dispatcher.users,
             "version": __version__,
-        }).encode()
+        }
+        if inbox is not None:
+            report["inbox"] = {"reading": inbox.reading, "error": inbox.failing}
+        return json.dumps(report).encode()
 
 
 class Root(Resource):
