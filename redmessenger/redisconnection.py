@@ -281,8 +281,9 @@ class RedisConnection(Service):
 
     @property
     def writable(self) -> bool:
-        """False while Redis refuses writes (out of memory, a replica...)."""
-        return self.refusal is None
+        """False while Redis is away or refuses writes (out of memory, a
+        replica...)."""
+        return self._protocol is not None and self.refusal is None
 
     def startService(self) -> None:
         super().startService()

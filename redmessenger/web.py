@@ -33,15 +33,14 @@ class Health(Resource):
         connected = redis.connected
         subscribed = service.subscriber.subscribed
         inbox = service.inbox
-        ok = connected and subscribed and redis.writable and (inbox is None or inbox.reading)
+        ok = subscribed and redis.writable and (inbox is None or inbox.reading)
         request.setResponseCode(200 if ok else 503)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         report = {
             "status": "ok" if ok else "unavailable",
             "redis": {"connected": connected, "subscribed": subscribed,
-                      "writable": redis.writable, "refusal": redis.refusal,
-                      "pending_bytes": redis.pending_bytes, "overloaded": redis.overloaded},
+                      "writable": redis.writable, "refusal": redis.refusal},
             "connections": len(service.factory.connections),
             "users_online": service.dispatcher.users,
             "version": __version__,
