@@ -52,14 +52,12 @@ async def test_an_inbox_that_cannot_make_its_group_for_lack_of_memory_reads_once
 
 
 @aiotest
-async def test_an_inbox_deleted_while_the_reader_is_blocked_is_made_again(redis, messenger,
-                                                                          logged):
+async def test_an_inbox_deleted_while_the_reader_is_blocked_is_made_again(redis, messenger):
     rm = await messenger(inbox=True)
     redis.command("XADD", "rm:inbox", "*", "to", "users.u", "payload", "first")
     await eventually(lambda: rm.queue("u"))
     await eventually(lambda: blocked_reader(redis), what="the reader to block")
-    redis.command("DEL", "rm:inbox")
-    await eventually(lambda: [x for x in logged if "is gone" in x], what="the reader to notice")
+    redis.command("DEL", "rm:inbox")  # Redis 7 unblocks the read with an error; 6.2 does not
     redis.command("XADD", "rm:inbox", "*", "to", "users.u", "payload", "second")
     await eventually(lambda: len(rm.queue("u")) == 2, what="the new entry to be read")
     assert [e["payload"] for e in rm.queue("u")] == ["first", "second"]
