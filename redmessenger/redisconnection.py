@@ -261,6 +261,7 @@ class RedisConnection(Service):
         self._retry_timer = None
         self._retry_delay = HOLD_FIRST_DELAY
         self._held_since = 0.0
+        self._overtook = 0
         #: Bytes of arguments held in unanswered commands; past
         #: ``max_pending_bytes`` (0: no bound) the connection is
         #: ``overloaded`` until it is back under three quarters of it.
@@ -383,6 +384,10 @@ class RedisConnection(Service):
     def _answered(self, reply, command: _Command, proto) -> None:
         if command.sent_on is not proto:
             return
+        if self._holding and command.retry and command is not self._probe:
+            # Sent before the refusal came back, and taken: memory was freed
+            # in between. It is done; say so when the spell ends.
+            self._overtook += 1
         self._forget(command)
         if self.refusal is not None and not self._holding:
             self._release()  # held commands went again on a new connection, and passed
@@ -457,6 +462,11 @@ class RedisConnection(Service):
                           seconds=self._reactor.seconds() - self._held_since,
                           count=len(self._pending))
             self.refusal = None
+        if self._overtook:
+            self.log.warn("{count} commands sent just after a refused one were taken before "
+                          "it (Redis freed memory in between): their order may differ",
+                          count=self._overtook)
+            self._overtook = 0
         if self._protocol is not None:
             for command in list(self._pending):
                 if command.sent_on is None:

@@ -11,6 +11,29 @@ from harness import aiotest, eventually, start_service
 from test_http import get, http_url, metric
 
 
+@pytest.mark.parametrize(("reply", "passes"), [
+    ("OOM command not allowed when used memory > 'maxmemory'.", True),
+    ("OOM command not allowed when used memory > 'maxmemory'. script: 9c25, on "
+     "@user_script:2.", True),  # Redis 7, from a script's redis.call
+    ("ERR Error running script (call to f_9c25): @user_script:2: @user_script: 2: -OOM "
+     "command not allowed when used memory > 'maxmemory'.", True),  # Redis 6.2
+    ("@user_script: 1: -OOM command not allowed", True),  # 6.2, a pcall's error returned
+    ("LOADING Redis is loading the dataset in memory", True),
+    ("READONLY You can't write against a read only replica.", True),
+    ("BUSY Redis is busy running a script.", True),
+    ("MASTERDOWN Link with MASTER is down", True),
+    ("MISCONF Redis is configured to save RDB snapshots, but it's currently unable", True),
+    ("BUSYGROUP Consumer Group name already exists", False),
+    ("WRONGTYPE Operation against a key holding the wrong kind of value", False),
+    ("ERR Protocol error: invalid bulk length", False),
+    ("ERR value is not an integer or out of range (OOM)", False),
+])
+def test_which_error_replies_are_worth_retrying(reply, passes):
+    from redmessenger.redisconnection import transient
+
+    assert transient(reply) is passes
+
+
 @pytest.fixture
 def oom_redis(tmp_path, redis_factory):
     """A redis-server of the test's own, with ``out_of_memory(True)`` to
