@@ -38,6 +38,8 @@ from .settings import RedisAddress
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 #: Shown for a queue entry that is not one of RedMessenger's envelopes.
 RAW = "(raw entry)"
+#: At most this many characters of a dead letter's payload are shown.
+SHOWN_PAYLOAD = 200
 
 
 class CommandFailed(Exception):
@@ -255,36 +257,47 @@ async def cmd_token(redis: Redis, ns: Namespace, args: argparse.Namespace,
     return 0
 
 
-# KEYS: the dead letters, the queue; ARGV: the entry, its envelope, ttl,
-# max. Only an entry still there is pushed (a concurrent retry does not
-# push it twice), and only one that was pushed leaves the dead letters.
+# KEYS: the dead letters, the queue, the entry's parts; ARGV: the entry,
+# its envelope, ttl, max. Only an entry still there is pushed (a concurrent
+# retry does not push it twice), and only one that was pushed leaves.
 DEAD_RETRY = lua.PUSH + """
 if not redis.call('LPOS', KEYS[1], ARGV[1]) then return 0 end
 local _, err = push(KEYS[2], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
 if err then return redis.error_reply(err) end
 redis.call('LREM', KEYS[1], 1, ARGV[1])
+redis.call('DEL', KEYS[3])
 return 1
 """
 
 
 class DeadLetter:
-    """One entry of ``<prefix>:dead``: the envelope Redis refused, the key
-    it was for, Redis's error and when (``time``, seconds since the epoch)."""
+    """One entry of ``<prefix>:dead``: the envelope Redis refused (in the
+    entry, or in ``parts``, a list, when it is big), the key it was for,
+    Redis's error and when (``time``, seconds since the epoch)."""
 
-    def __init__(self, raw: bytes) -> None:
+    def __init__(self, raw: bytes, ns: Namespace) -> None:
         self.raw = raw
         try:
             doc = json.loads(raw)
-            self.envelope = doc["envelope"].encode()
             self.key, self.error, self.time = str(doc["key"]), str(doc["error"]), doc["time"]
+            self.parts = str(doc["parts"]) if "parts" in doc else ns.dead_parts("")
+            self.envelope = b"" if "parts" in doc else doc["envelope"].encode()
+            self._in_parts = "parts" in doc
         except (ValueError, KeyError, TypeError, AttributeError):
             raise CommandFailed(f"a dead letter is not RedMessenger's: {raw[:200]!r}") from None
+        self.id, self.payload = RAW, b""
+
+    async def load(self, redis: Redis) -> DeadLetter:
+        if self._in_parts:
+            self.envelope = b"".join(bytes(p) for p in await redis(b"LRANGE", self.parts, 0, -1))
         decoded = Envelope.from_stored(self.envelope, "?", lambda: RAW, 0)
         self.id, self.payload = decoded.id, decoded.payload
+        return self
 
 
 async def dead_letters(redis: Redis, ns: Namespace) -> list[DeadLetter]:
-    return [DeadLetter(bytes(raw)) for raw in await redis(b"LRANGE", ns.dead, 0, -1)]
+    return [await DeadLetter(bytes(raw), ns).load(redis)
+            for raw in await redis(b"LRANGE", ns.dead, 0, -1)]
 
 
 async def cmd_dead(redis: Redis, ns: Namespace, args: argparse.Namespace,
@@ -304,21 +317,24 @@ async def cmd_dead(redis: Redis, ns: Namespace, args: argparse.Namespace,
               + (":" if chosen else ""), file=out)
         for number, letter in enumerate(chosen, 1):
             when = datetime.fromtimestamp(letter.time, timezone.utc)
+            shown = _show_payload(letter.payload)
+            if len(shown) > SHOWN_PAYLOAD:
+                shown = shown[:SHOWN_PAYLOAD] + f"... ({len(letter.payload)} bytes)"
             print(f"{number:>4}  {letter.id}  {when.isoformat(timespec='seconds')}  "
-                  f"{letter.key}  {letter.error}\n      {_show_payload(letter.payload)}",
-                  file=out)
+                  f"{letter.key}  {letter.error}\n      {shown}", file=out)
         return 0
     if args.action == "drop":
         if not args.ids and not args.all:
             raise CommandFailed("say which: dead drop ID... or dead drop --all")
         for letter in chosen:
             await redis(b"LREM", ns.dead, 1, letter.raw)
+            await redis(b"DEL", letter.parts)
         print(f"Dropped {_count(len(chosen), 'dead letter')} from {ns.dead}.", file=out)
         return 0
     failed = 0
     for letter in chosen:
         try:
-            await redis(b"EVAL", DEAD_RETRY, 2, ns.dead, letter.key, letter.raw,
+            await redis(b"EVAL", DEAD_RETRY, 3, ns.dead, letter.key, letter.parts, letter.raw,
                         letter.envelope, args.queue_ttl, args.queue_max)
         except CommandFailed as e:
             failed += 1

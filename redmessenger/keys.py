@@ -75,6 +75,10 @@ class Namespace:
         dead``)."""
         return f"{self.prefix}:dead"
 
+    def dead_parts(self, name: str) -> str:
+        """A list holding the envelope of a big dead letter, in parts."""
+        return f"{self.prefix}:dead:parts:{name}"
+
     @property
     def dead_dropped(self) -> str:
         """How many dead letters ``--dead-max`` has dropped."""

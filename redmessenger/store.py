@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import uuid
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -137,17 +138,31 @@ redis.call('DEL', KEYS[1])
 return redis.call('SREM', KEYS[2], KEYS[1])
 """)
 
-# KEYS: the dead letters, the count of those dropped; ARGV: --dead-max,
-# one entry. The oldest go first when there are too many.
+# KEYS: the dead letters, the count of those dropped, where this entry's
+# envelope is kept in parts (when it has any); ARGV: --dead-max, the entry,
+# the parts. The oldest go first (with their parts) when there are too many.
 DEAD = Script("""
-local over = redis.call('RPUSH', KEYS[1], ARGV[2]) - tonumber(ARGV[1])
-if tonumber(ARGV[1]) > 0 and over > 0 then
+for i = 3, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+local max = tonumber(ARGV[1])
+local over = redis.call('RPUSH', KEYS[1], ARGV[2]) - max
+if max > 0 and over > 0 then
+  for _, old in ipairs(redis.call('LRANGE', KEYS[1], 0, over - 1)) do
+    local ok, doc = pcall(cjson.decode, old)
+    if ok and type(doc) == 'table' and type(doc.parts) == 'string' then
+      redis.call('DEL', doc.parts)
+    end
+  end
   redis.call('LTRIM', KEYS[1], over, -1)
   redis.call('INCRBY', KEYS[2], over)
   return over
 end
 return 0
 """)
+
+#: A dead letter's envelope longer than this is kept in parts of this size
+#: in a list of its own: Redis takes no value over ``proto-max-bulk-len``
+#: (1 MB at the least), which may be why the message is dead.
+DEAD_PART = 256 * 1024
 
 MEMBERS = Script(lua.MEMBERS + """
 local found, err = members(KEYS[1])
@@ -273,16 +288,21 @@ class RedisStore:
         return defer.gatherResults([self._dead_letter(*r) for r in refused], consumeErrors=True)
 
     def _dead_letter(self, key: str, envelope: Envelope, why: str) -> defer.Deferred:
-        """One dead letter per command: one that Redis cannot take (bigger
-        than ``proto-max-bulk-len``) does not take others with it."""
+        """One dead letter per command, so that one Redis cannot take does
+        not take others with it."""
         stored = envelope.stored()
         log.error("Redis refused message {id} ({size} bytes) for {key}: {why}; it is kept in "
                   "{dead}", id=envelope.id, size=len(stored), key=key, why=_short(why),
                   dead=self._ns.dead)
-        entry = json.dumps({"envelope": stored.decode(), "key": key, "error": why,
-                            "time": self._reactor.seconds()}, ensure_ascii=False)
-        d = self._redis.eval(DEAD, [self._ns.dead, self._ns.dead_dropped],
-                             [self._dead_max, entry.encode()])
+        entry: dict = {"key": key, "error": why, "time": self._reactor.seconds()}
+        parts = [stored[i:i + DEAD_PART] for i in range(0, len(stored), DEAD_PART)]
+        if len(parts) > 1:
+            entry["parts"] = parts_key = self._ns.dead_parts(uuid.uuid4().hex)
+        else:
+            entry["envelope"], parts, parts_key = stored.decode(), [], self._ns.dead_parts("")
+        d = self._redis.eval(DEAD, [self._ns.dead, self._ns.dead_dropped, parts_key],
+                             [self._dead_max, json.dumps(entry, ensure_ascii=False).encode(),
+                              *parts])
 
         def dropped(count: int) -> None:
             if count:

@@ -55,8 +55,8 @@ async def test_a_recommit_refused_for_good_fires_once_dead_lettered_in_order(mes
 @aiotest
 async def test_a_value_over_proto_max_bulk_len_is_dead_lettered_and_others_go_on(
         private_redis, logged):
-    # The smallest limit Redis takes is 1 MB: the message is 1.5 MB, and its
-    # dead letter is too big as well: it is logged by id and size only.
+    # The smallest limit Redis takes is 1 MB; the message is 1.5 MB, kept in
+    # rm:dead in parts, and pushed back once Redis takes values that big.
     private_redis.command("CONFIG", "SET", "proto-max-bulk-len", 1024 * 1024)
     rm = await start_service(private_redis)
     try:
@@ -66,9 +66,20 @@ async def test_a_value_over_proto_max_bulk_len_is_dead_lettered_and_others_go_on
         rm.publish("rm.users.u", "after")
         await eventually(lambda: len(rm.queue("u")) == 2, what="the next store")
         assert [e["payload"] for e in rm.queue("u")] == ["before", "after"]
-        await eventually(lambda: [x for x in logged if "id-big" in x and "lost" in x])
+        await tw(rm.service.store.flushed())
+        [letter] = dead(private_redis)
+        assert "bulk length" in letter["error"] and "envelope" not in letter
+        assert private_redis.command("LLEN", letter["parts"]) == 7  # 256 KiB each
         assert not [x for x in logged if "x" * 500 in x]
         assert rm.dispatcher.stats.dead_letters == 1
+
+        out = ok(await cli_async(private_redis.url, "dead", "list"))
+        assert "id-big" in out and f"... ({1536 * 1024} bytes)" in out and len(out) < 1000
+        private_redis.command("CONFIG", "SET", "proto-max-bulk-len", 4 * 1024 * 1024)
+        ok(await cli_async(private_redis.url, "dead", "retry", "id-big"))
+        assert [e["id"] for e in rm.queue("u")][-1] == "id-big"
+        assert rm.queue("u")[-1]["payload"] == "x" * (1536 * 1024)
+        assert dead(private_redis) == [] and not private_redis.command("EXISTS", letter["parts"])
     finally:
         await rm.stop()
 
@@ -84,10 +95,14 @@ async def test_dead_letters_are_bounded_by_dead_max_oldest_dropped_with_a_count(
         messenger, redis):
     rm = await messenger(dead_max=3)
     redis.command("SET", "rm:users:broken:messages", "not a list")
+    big = {0, 1, 4}  # kept in parts
     for i in range(5):
-        rm.publish("rm.users.broken", str(i))
+        rm.publish("rm.users.broken", str(i) * (300_000 if i in big else 1))
     await eventually(lambda: redis.command("GET", "rm:dead:dropped") == b"2")
-    assert [payload(d) for d in dead(redis)] == ["2", "3", "4"]
+    assert [d.get("parts") is None for d in dead(redis)] == [True, True, False]
+    assert [payload(d) for d in dead(redis)[:2]] == ["2", "3"]
+    # The parts of those dropped went with them.
+    assert redis.command("KEYS", "rm:dead:parts:*") == [dead(redis)[2]["parts"].encode()]
 
 
 @aiotest
