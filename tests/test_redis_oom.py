@@ -142,3 +142,21 @@ async def test_past_max_pending_bytes_hellos_get_1013_and_the_subscriber_pauses(
         await rm.user("someone")
     finally:
         await rm.stop()
+
+
+@aiotest
+async def test_stores_a_read_only_replica_refuses_land_once_it_is_a_primary_again(
+        private_redis, free_port, logged):
+    rm = await start_service(private_redis)
+    try:
+        private_redis.command("REPLICAOF", "127.0.0.1", free_port)  # a primary never found
+        for i in range(10):
+            rm.publish("rm.users.u", str(i))
+        await eventually(lambda: not rm.service.redis.writable, what="the refusal")
+        assert "READONLY" in rm.service.redis.refusal
+        assert payloads(private_redis, "u") == []
+        private_redis.command("REPLICAOF", "NO", "ONE")
+        await eventually(lambda: len(payloads(private_redis, "u")) == 10)
+        assert payloads(private_redis, "u") == [str(i) for i in range(10)]
+    finally:
+        await rm.stop()
