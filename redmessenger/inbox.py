@@ -196,8 +196,10 @@ class Inbox(Service):
             channel = f"{self._ns.prefix}.{to.decode(errors='replace')}" if to else ""
             if payload is None or self._ns.parse_channel(channel) is None:
                 log.error("Inbox entry {id} is not to users.<uid> or groups.<gid> with a "
-                          "payload; dropping it from the inbox: {fields!r}",
-                          id=entry_id.decode(), fields=message)
+                          "payload; dropping it from the inbox (to: {to!r}; field sizes: "
+                          "{sizes})", id=entry_id.decode(), to=(to or b"")[:100],
+                          sizes={bytes(k)[:50].decode(errors="replace"): len(v)
+                                 for k, v in message.items()})
                 continue
             self._router.received_message(channel.encode(), payload,
                                           message_id=f"inbox-{entry_id.decode()}")

@@ -82,3 +82,13 @@ async def test_health_is_503_while_the_inbox_cannot_read(oom_redis):  # noqa: F8
         assert (await get(http_url(rm, "/health")))[0] == 200
     finally:
         await rm.stop()
+
+
+@aiotest
+async def test_a_malformed_entry_is_logged_without_its_payload(redis, messenger, logged):
+    entry = redis.command("XADD", "rm:inbox", "*", "to", "nowhere", "payload", "p" * 100_000)
+    redis.command("XADD", "rm:inbox", "*", "to", "users.u", "payload", "fine")
+    rm = await messenger(inbox=True)
+    await eventually(lambda: rm.queue("u"))
+    [line] = [x for x in logged if entry.decode() in x and "dropping" in x]
+    assert "100000" in line and len(line) < 500
