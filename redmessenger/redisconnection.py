@@ -384,9 +384,10 @@ class RedisConnection(Service):
     def _answered(self, reply, command: _Command, proto) -> None:
         if command.sent_on is not proto:
             return
-        if self._holding and command.retry and command is not self._probe:
-            # Sent before the refusal came back, and taken: memory was freed
-            # in between. It is done; say so when the spell ends.
+        if self._holding and command.retry and command is not self._probe \
+                and command.args[0] in (b"EVALSHA", b"EVAL"):
+            # A script sent before the refusal came back, and taken (memory
+            # was freed in between): it is done; say so when the spell ends.
             self._overtook += 1
         self._forget(command)
         if self.refusal is not None and not self._holding:
@@ -463,9 +464,8 @@ class RedisConnection(Service):
                           count=len(self._pending))
             self.refusal = None
         if self._overtook:
-            self.log.warn("{count} commands sent just after a refused one were taken before "
-                          "it (Redis freed memory in between): their order may differ",
-                          count=self._overtook)
+            self.log.warn("{count} scripts sent just after a refused one were taken before "
+                          "it: their writes may be out of order", count=self._overtook)
             self._overtook = 0
         if self._protocol is not None:
             for command in list(self._pending):

@@ -66,6 +66,7 @@ def store_arguments(messages: Sequence[tuple[Sequence[str], bytes]], ttl: int,
 # The first push is the one Redis may refuse (a key of another type, out
 # of memory): then nothing is written, and the refusal is the reply.
 REQUEUE = Script("""
+if #ARGV < 2 then return redis.call('LLEN', KEYS[1]) end
 local first = redis.pcall('LPUSH', KEYS[1], ARGV[#ARGV])
 if type(first) == 'table' then return first end
 for i = #ARGV - 1, 2, -1 do redis.call('LPUSH', KEYS[1], ARGV[i]) end
