@@ -386,8 +386,9 @@ class RedisConnection(Service):
             return
         if self._holding and command.retry and command is not self._probe \
                 and command.args[0] in (b"EVALSHA", b"EVAL"):
-            # A script sent before the refusal came back, and taken (memory
-            # was freed in between): it is done; say so when the spell ends.
+            # A script sent before the refusal came back, and taken (one that
+            # writes nothing new, or memory was freed in between): it is
+            # done; say so when the spell ends.
             self._overtook += 1
         self._forget(command)
         if self.refusal is not None and not self._holding:
@@ -464,8 +465,8 @@ class RedisConnection(Service):
                           count=len(self._pending))
             self.refusal = None
         if self._overtook:
-            self.log.warn("{count} scripts sent just after a refused one were taken before "
-                          "it: their writes may be out of order", count=self._overtook)
+            self.log.info("{count} scripts sent just after a refused one were taken before "
+                          "it", count=self._overtook)
             self._overtook = 0
         if self._protocol is not None:
             for command in list(self._pending):
