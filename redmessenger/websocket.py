@@ -242,7 +242,7 @@ class RedMessengerProtocol(WebSocketServerProtocol):
             self._refuse(ProtocolError(Close.TRY_AGAIN_LATER, "redis_unavailable",
                                        "Redis is unavailable; try again later"))
             return
-        if self.factory.redis_overloaded():  # logged once, by the connection
+        if self.factory.redis_overloaded():  # --max-pending-bytes; see RedisConnection
             self._refuse(ProtocolError(Close.TRY_AGAIN_LATER, "redis_busy",
                                        "Redis is behind; try again later"))
             return
