@@ -65,6 +65,8 @@ def ok(result: subprocess.CompletedProcess) -> str:
     ["group", "add", "--help"], ["group", "remove", "--help"], ["group", "list", "--help"],
     ["token", "--help"], ["token", "set", "--help"], ["token", "show", "--help"],
     ["status", "--help"],
+    ["dead", "--help"], ["dead", "list", "--help"], ["dead", "retry", "--help"],
+    ["dead", "drop", "--help"],
 ])
 def test_every_command_has_help(argv, capsys):
     assert main(argv) == 0
