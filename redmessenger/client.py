@@ -592,6 +592,11 @@ class RedMessengerClient(Service):
                           url=self.url, frame=payload[:200])
             return
         if kind == "message":
+            if self.ack and not proto.open_now:
+                # Sent before our close crossed it: it cannot be acknowledged
+                # any more, so the server sends it again; after a nack, it
+                # must not be handled before the refused one.
+                return
             try:
                 message: Message | None = Message.from_frame(doc)
                 tag = message.tag
@@ -671,19 +676,19 @@ class RedMessengerClient(Service):
             outcome = self._hand_over(message)
             if not outcome.called:
                 self._busy = True
-                outcome.addCallback(self._handled_later, message, proto)
+                outcome.addBoth(self._handled_later, message, proto)
                 return
-            outcome.addCallback(self._settle, message, proto)
+            outcome.addBoth(self._settle, message, proto)
 
-    def _hand_over(self, message: Message) -> defer.Deferred[Failure | None]:
-        """The handler's outcome: ``None`` once it succeeded, a ``Failure``
-        if it raised or its result failed (never an errback)."""
+    def _hand_over(self, message: Message) -> defer.Deferred[None]:
+        """The handler's outcome: ``None`` once it succeeded, failing if it
+        raised or its result failed."""
         if self.on_message is None:
             return defer.succeed(None)
         try:
             result = self.on_message(message)
         except Exception:
-            return defer.succeed(Failure())
+            return defer.fail()
         if isinstance(result, defer.Deferred):
             waiting = result
         elif inspect.iscoroutine(result):
@@ -692,7 +697,7 @@ class RedMessengerClient(Service):
             waiting = defer.Deferred.fromFuture(result)
         else:
             return defer.succeed(None)
-        return waiting.addCallbacks(lambda _: None, lambda failure: failure)
+        return waiting.addCallback(lambda _: None)
 
     def _settle(self, failure: Failure | None, message: Message, proto: _Protocol) -> None:
         if failure is None or not self.ack:
