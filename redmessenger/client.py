@@ -16,7 +16,7 @@ The client remembers the ids it handled, so that a message the server sends
 again (it was not acknowledged when the socket went away) is not handed
 over twice.
 
-While more than ``max_pending`` messages wait for the handler, the client
+While ``max_pending`` messages or more wait for the handler, the client
 stops reading from the connection, so that a slow handler leaves messages
 with the server (which stores them, or closes the connection with 4010 past
 ``--max-socket-buffer``) instead of in this process' memory.
