@@ -312,6 +312,23 @@ async def test_a_slow_handler_leaves_messages_with_the_server_not_in_memory(
     assert rm.queue("user1") == []
 
 
+@aiotest
+async def test_a_client_stopped_while_not_reading_closes_cleanly_and_gives_all_back(
+        messenger, clients):
+    rm = await messenger()
+    never: defer.Deferred[None] = defer.Deferred()
+    client, seen = clients(rm.url, "user1", ack=True, max_pending=2,
+                           on_message=lambda message: never)
+    await tw(client.whenWelcomed())
+    for i in range(50):
+        rm.publish("rm.users.user1", f"{i:02d}" + "x" * 20_000)  # 1 MB: more than one read
+    await eventually(lambda: client.pending >= 2, what="the client to stop reading")
+    await tw(client.stopService())
+    assert seen.close_codes() == [1000]  # the server's close frame was read, not timed out
+    await eventually(lambda: len(rm.queue("user1")) == 50, what="everything given back")
+    assert [e["payload"][:2] for e in rm.queue("user1")] == [f"{i:02d}" for i in range(50)]
+
+
 def test_the_dedup_memory_is_bounded():
     seen = RecentIds(3)
     for message_id in "abcd":

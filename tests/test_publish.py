@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 
 import pytest
 import redis as redis_py
@@ -88,6 +90,19 @@ def test_an_id_nobody_can_have_is_refused_before_redis_is_asked(kind, name):
         durable_publish(None, "x", **{kind: name})
 
 
+def wait_for_child(pid: int, timeout: float = 30.0) -> int:
+    """Its exit code; killed (and failing the test) if it hangs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"child {pid} did not finish within {timeout} s")
+
+
 def test_forked_workers_give_out_ids_of_their_own(redis, app_redis):
     """As gunicorn --preload or celery prefork workers: the module (and its
     id generator) was imported, and used, before the fork."""
@@ -106,7 +121,7 @@ def test_forked_workers_give_out_ids_of_their_own(redis, app_redis):
                 os._exit(status)
         children.append(pid)
     for pid in children:
-        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        assert wait_for_child(pid) == 0
     ids = [json.loads(raw)["id"] for raw in queue(redis, "user1")]
     assert len(ids) == 11 and ids[0] == first
     assert len(set(ids)) == 11, sorted(ids)
