@@ -431,7 +431,7 @@ async def test_the_backoff_starts_over_after_a_connection_stayed_up(messenger, c
         attempts.append(attempt)
         return 0.01
 
-    client, _ = clients(rm.url, "user1", retry_policy=policy, stable_after=0.2,
+    client, _ = clients(rm.url, "user1", retry_policy=policy, stable_after=1.0,
                         on_welcome=kick_after_every_welcome(rm, 2))
     await eventually(lambda: attempts == [1, 2] and client.state is State.WELCOMED)
     await eventually(lambda: client.attempts == 0, what="the connection to count as up")
@@ -453,7 +453,7 @@ async def test_a_key_function_gives_a_fresh_jwt_after_the_first_expired(
     expiries: list[int] = []
 
     def fresh_token() -> str | defer.Deferred[str]:
-        expiries.append(int(time.time()) + 2)
+        expiries.append(int(time.time()) + 3)
         token = jwt.encode({"sub": "user1", "exp": expiries[-1]}, JWT_SECRET,
                            algorithm="HS256")
         # Every other time a Deferred of one, as from an HTTP call.
