@@ -13,6 +13,7 @@ import redis as redis_py
 import redis.asyncio as redis_asyncio
 from harness import aiotest, eventually
 
+from redmessenger.envelope import MessageIds
 from redmessenger.publish import Published, durable_publish
 
 
@@ -125,6 +126,26 @@ def test_forked_workers_give_out_ids_of_their_own(redis, app_redis):
     ids = [json.loads(raw)["id"] for raw in queue(redis, "user1")]
     assert len(ids) == 11 and ids[0] == first
     assert len(set(ids)) == 11, sorted(ids)
+
+
+def test_every_id_generator_is_reseeded_in_a_forked_child():
+    """The server's (each Delivery has one) as well as durable_publish()'s."""
+    ids = MessageIds()
+    ids()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write_end, ids().encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    assert wait_for_child(pid) == 0
+    with os.fdopen(read_end, "rb") as pipe:
+        in_the_child = pipe.read().decode()
+    in_the_parent = ids()
+    assert in_the_parent.endswith("-2") and in_the_child.endswith("-1")
+    assert in_the_child.split("-")[0] != in_the_parent.split("-")[0]
 
 
 @aiotest
