@@ -32,12 +32,22 @@ class Socket(Protocol):
     uid: str
     ack_mode: bool
     peer: str
+    #: False while the connection holds more unsent bytes than its high-water
+    #: mark: nothing more is written to it then, unless another socket of the
+    #: user can take the message (see ``missed``). ``Dispatcher.writable``
+    #: is told when it may take more again.
+    writable: bool
 
     def start(self, queued: int) -> None:
         """Tell the client it is live and how many stored messages follow."""
 
     def send(self, frame: bytes) -> bool:
-        """Hand a frame to the connection; ``False`` if it is no longer open."""
+        """Hand a frame to the connection; ``False`` if it is no longer open,
+        or (not writable) already too far behind: it is then closed (4010)."""
+
+    def missed(self, size: int) -> None:
+        """A message of ``size`` bytes went to Redis because this socket was
+        not writable: it counts towards --max-socket-buffer as if written."""
 
     def close(self, code: int, error: str, reason: str) -> None:
         """Send an error frame, then close."""
@@ -64,6 +74,11 @@ class MessageStore(Protocol):
         through the queue: fires with a ``Taken`` holding no raw entries
         (the caller has the envelopes). Safe to repeat if its reply is lost."""
 
+    def trim(self, taken, keep: int) -> None:
+        """Keep only the last ``keep`` messages of a take's claim: the ones
+        before are settled, and must not come back after a crash. Idempotent
+        (an absolute count), so it is safe to send again."""
+
     def release(self, taken) -> defer.Deferred:
         """Forget what a ``take`` or ``hold`` kept in case its reply was lost."""
 
@@ -74,13 +89,35 @@ class MessageStore(Protocol):
 class _Claim:
     """A drain's take, kept in Redis until each of its messages is settled:
     acknowledged, taken by a plain socket, or back in the queue. So a
-    process killed meanwhile loses none of them (its claims come back)."""
+    process killed meanwhile loses none of them (its claims come back).
+    Its settled head is trimmed as it grows, so that after a crash only
+    what was not settled comes back."""
 
-    __slots__ = ("taken", "pending")
+    __slots__ = ("taken", "pending", "settled", "head")
 
     def __init__(self, taken, count: int) -> None:
         self.taken = taken
         self.pending = count
+        #: Which of its messages are settled, by their place in the claim.
+        self.settled = bytearray(count)
+        #: How many at its head are settled.
+        self.head = 0
+
+    def settle(self, index: int) -> bool:
+        """Mark one settled; true if the settled head grew."""
+        self.pending -= 1
+        self.settled[index] = 1
+        if index != self.head:
+            return False
+        settled, head, size = self.settled, self.head + 1, len(self.settled)
+        while head < size and settled[head]:
+            head += 1
+        self.head = head
+        return True
+
+
+#: A message's place in a claim (``None``: it is in no claim).
+_Ref = tuple[_Claim, int] | None
 
 
 class _Outstanding:
@@ -88,13 +125,13 @@ class _Outstanding:
 
     __slots__ = ("envelope", "seq", "holders", "done", "claim")
 
-    def __init__(self, envelope: Envelope, seq: int, claim: _Claim | None) -> None:
+    def __init__(self, envelope: Envelope, seq: int, claim: _Ref) -> None:
         self.envelope = envelope
         #: The order in which the user's messages were sent.
         self.seq = seq
         self.holders = 0
         self.done = False
-        #: The take it came from, released once it is settled.
+        #: Where it is in the take it came from, settled with it.
         self.claim = claim
 
 
@@ -129,7 +166,7 @@ class _Session:
         #: unacknowledged, and then the drained messages (with their claim)
         #: no socket would take; both go before whatever that take brings.
         self.returned: list[_Outstanding] = []
-        self.unsent: list[tuple[Envelope, _Claim | None]] = []
+        self.unsent: list[tuple[Envelope, _Ref]] = []
         self.sent = 0
         #: Live messages were stored because every socket's ack window was
         #: full; later ones follow them into the queue until a drain.
@@ -165,6 +202,8 @@ class Dispatcher:
         self._sessions: dict[str, _Session] = {}
         self._seats: dict[Socket, _Seat] = {}
         self._drains: set[defer.Deferred] = set()
+        #: Requeues whose claims are released once Redis has answered them.
+        self._recommits: set[defer.Deferred] = set()
         self._barriers: list[tuple[list[tuple[_Session, int]], defer.Deferred]] = []
         self.stopping = False
 
@@ -257,16 +296,29 @@ class Dispatcher:
                 outstanding.done = True
                 self.stats.acked += 1
                 self._settled(outstanding.claim)
-        session = self._sessions[socket.uid]
+        self._may_go_on(self._sessions[socket.uid])
+
+    def writable(self, socket: Socket) -> None:
+        """The socket has written out what it held: it may take more."""
+        if socket in self._seats:
+            self._may_go_on(self._sessions[socket.uid])
+
+    def _may_go_on(self, session: _Session) -> None:
+        """An ack or an emptied socket may have unblocked the user: a paused
+        drain goes on, and what overflowed into the queue meanwhile is
+        drained."""
         self._window_may_open(session)
-        if session.overflowed and not session.draining and not self._window_full(session):
+        if session.overflowed and not session.draining and not self._blocked(session):
             session.overflowed = False
             self._begin_drain(session)  # the overflow waits in the queue
 
-    def _window_full(self, session: _Session) -> bool:
+    def _blocked(self, session: _Session) -> bool:
         """True when no socket of the user may take another message now:
-        all are in ack mode with --ack-window messages unacknowledged."""
-        return all(seat.socket.ack_mode and len(seat.unacked) >= self._window
+        each one is above its high-water mark (back-pressure) or in ack
+        mode with --ack-window messages unacknowledged."""
+        window = self._window
+        return all(not seat.socket.writable
+                   or (seat.socket.ack_mode and len(seat.unacked) >= window)
                    for seat in session.seats)
 
     def _window_may_open(self, session: _Session) -> None:
@@ -314,9 +366,12 @@ class Dispatcher:
                 offline.append(uid)
             elif session.draining and not session.overflowed:
                 session.waiting.append(envelope)
-            elif session.overflowed or self._window_full(session):
+            elif session.overflowed or self._blocked(session):
                 session.overflowed = True
                 offline.append(uid)
+                for seat in session.seats:
+                    if not seat.socket.writable:
+                        seat.socket.missed(len(envelope.stored()))
             elif self._durable(session):
                 session.waiting.append(envelope)  # claimed in Redis, then sent
                 kick.append(session)
@@ -351,7 +406,7 @@ class Dispatcher:
         releases them, so a process killed meanwhile loses none of them."""
         return any(seat.socket.ack_mode for seat in session.seats)
 
-    def _send(self, session: _Session, envelope: Envelope, claim: _Claim | None = None) -> bool:
+    def _send(self, session: _Session, envelope: Envelope, claim: _Ref = None) -> bool:
         """Send to all of the user's sockets, the newest one bubbling; true
         if at least one connection took it. A drained message's claim is
         settled now if a plain socket took it, else when it is acked."""
@@ -379,20 +434,26 @@ class Dispatcher:
             self._settled(claim)
         return taken_plain or outstanding is not None
 
-    def _settled(self, claim: _Claim | None) -> None:
-        """One message of ``claim`` is done with; the last one releases it."""
-        if claim is None:
+    def _settled(self, ref: _Ref) -> None:
+        """One message of a claim is done with: the claim's settled head is
+        trimmed, and the last one releases it."""
+        if ref is None:
             return
-        claim.pending -= 1
+        claim, index = ref
+        if not claim.settle(index):
+            return
         if claim.pending == 0:
             self._store.release(claim.taken).addErrback(
                 lambda f: log.failure("Could not release a drain claim", f))
+        elif claim.head < len(claim.settled):
+            self._store.trim(claim.taken, len(claim.settled) - claim.head)
 
-    def _recommit(self, session: _Session, items: list[tuple[Envelope, _Claim | None]]) -> None:
-        """Back to the head of the queue, then their claims may go: in that
-        order on the one connection, so no moment holds them nowhere. Newer
-        messages follow them through the queue until a drain has taken them
-        (``overflowed``), or they would pass them."""
+    def _recommit(self, session: _Session, items: list[tuple[Envelope, _Ref]]) -> None:
+        """Back to the head of the queue; only once Redis has them there may
+        their claims go, so that no moment holds them nowhere, not even when
+        Redis refuses the requeue. Newer messages follow them through the
+        queue until a drain has taken them (``overflowed``), or they would
+        pass them."""
         session.overflowed = True
         uid = session.uid
         envelopes = [envelope for envelope, _ in items]
@@ -400,12 +461,22 @@ class Dispatcher:
         log.info("{uid}: Client is no longer online, recommitting {count} messages to "
                  "the head of {key}", uid=uid, count=len(envelopes), key=self._ns.queue(uid))
         d = self._store.requeue(uid, envelopes)
-        d.addErrback(lambda f: log.failure(
-            "Could not recommit {count} messages for {uid}; their envelopes: {envelopes}",
-            f, count=len(envelopes), uid=uid,
-            envelopes=[e.stored().decode() for e in envelopes]))
-        for _, claim in items:
-            self._settled(claim)
+        self._recommits.add(d)
+        d.addCallbacks(self._recommitted, self._not_recommitted, callbackArgs=(items,),
+                       errbackArgs=(uid, envelopes))
+        d.addBoth(lambda _: self._recommits.discard(d))
+
+    def _recommitted(self, _, items: list[tuple[Envelope, _Ref]]) -> None:
+        for _, ref in items:
+            self._settled(ref)
+
+    @staticmethod
+    def _not_recommitted(failure, uid: str, envelopes: list[Envelope]) -> None:
+        """Their claims stay in Redis: they come back when this process is
+        gone (its heartbeat expires), rather than never."""
+        log.failure("Could not recommit {count} messages for {uid} (ids {first} to {last}); "
+                    "they stay claimed", failure, count=len(envelopes), uid=uid,
+                    first=envelopes[0].id, last=envelopes[-1].id)
 
     # -- drain -------------------------------------------------------------
 
@@ -450,9 +521,10 @@ class Dispatcher:
             orphans, unsent = self._returned(session)
             now_ms = int(self._clock() * 1000)
             claim = _Claim(taken, len(held) + len(taken.items))
-            items = orphans + unsent + [(envelope, claim) for envelope in held] + [
-                (Envelope.from_stored(raw, self._ns.user_channel(uid), self.ids, now_ms), claim)
-                for raw in taken.items]
+            channel = self._ns.user_channel(uid)
+            items = orphans + unsent + [(envelope, (claim, i)) for i, envelope in enumerate(
+                held or (Envelope.from_stored(raw, channel, self.ids, now_ms)
+                         for raw in taken.items))]
             live, held = bool(held), []
             resend = len(orphans)  # the first ones were sent before
             while True:
@@ -465,7 +537,7 @@ class Dispatcher:
                 else:
                     self.stats.drained += sent - again
                 items, resend = items[sent:], resend - again
-                if not items or not session.seats or not self._window_full(session):
+                if not items or not session.seats or not self._blocked(session):
                     break
                 session.window = defer.Deferred()  # paused until an ack
                 # Which may take the client any time: what would wait in
@@ -480,19 +552,19 @@ class Dispatcher:
             session.remaining = taken.left
 
     @staticmethod
-    def _orphans(session: _Session) -> list[tuple[Envelope, _Claim | None]]:
+    def _orphans(session: _Session) -> list[tuple[Envelope, _Ref]]:
         """What departed sockets left unacknowledged, in the order it was sent."""
         orphans = [(o.envelope, o.claim) for o in sorted(session.returned, key=lambda o: o.seq)]
         session.returned = []
         return orphans
 
-    def _returned(self, session: _Session) -> tuple[list[tuple[Envelope, _Claim | None]],
-                                                    list[tuple[Envelope, _Claim | None]]]:
+    def _returned(self, session: _Session) -> tuple[list[tuple[Envelope, _Ref]],
+                                                    list[tuple[Envelope, _Ref]]]:
         """What waits to go before the next take's messages, in send order."""
         unsent, session.unsent = session.unsent, []
         return self._orphans(session), unsent
 
-    def _hand_over(self, session: _Session, items: list[tuple[Envelope, _Claim | None]],
+    def _hand_over(self, session: _Session, items: list[tuple[Envelope, _Ref]],
                    hold: bool = False, wait: bool = False) -> int:
         """Send stored or returned messages in order; if the user is gone, put
         the rest back at the head of the queue (or, with ``hold``, keep them
@@ -500,7 +572,7 @@ class Dispatcher:
         stop there (``wait``: the caller waits for an ack) or put the rest
         back and drain them once acks come. How many were sent."""
         for index, (envelope, claim) in enumerate(items):
-            if session.seats and self._window_full(session):
+            if session.seats and self._blocked(session):
                 if not wait:
                     self._recommit(session, items[index:])
                 return index
@@ -532,17 +604,17 @@ class Dispatcher:
         waiting = session.waiting
         durable = self._durable(session)
         if (waiting and durable and session.seats and not session.overflowed
-                and not self._window_full(session) and not isinstance(result, defer.Failure)):
+                and not self._blocked(session) and not isinstance(result, defer.Failure)):
             self._begin_drain(session, held=True)  # what came meanwhile, claimed next
             return
         while (waiting and session.seats and not session.overflowed and not durable
-               and not self._window_full(session) and self._send(session, waiting[0])):
+               and not self._blocked(session) and self._send(session, waiting[0])):
             self._delivered_live(waiting.popleft())
             self._let_go(session, 1)
         self._store_waiting(session)  # what cannot go now waits in Redis, in order
         if not session.seats:
             del self._sessions[session.uid]
-        elif session.overflowed and not session.refused and not self._window_full(session):
+        elif session.overflowed and not session.refused and not self._blocked(session):
             # Acks came while this drain ran: take what overflowed meanwhile.
             session.overflowed = False
             self._begin_drain(session)
@@ -577,5 +649,6 @@ class Dispatcher:
         # (a DeferredList that has fired ignores cancel()).
         done: defer.Deferred = defer.Deferred()
         defer.DeferredList(list(self._drains)).addCallback(
+            lambda _: defer.DeferredList(list(self._recommits))).addCallback(
             lambda _: self._store.flushed()).chainDeferred(done)
         return done

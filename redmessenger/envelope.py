@@ -62,7 +62,11 @@ _quote = json.encoder.encode_basestring
 
 
 def _unescape(text: str) -> str:
-    return json.loads(f'"{text}"') if "\\" in text else text
+    if "\\" not in text:
+        return text
+    value = json.loads(f'"{text}"')
+    value.encode("utf-8")  # an escaped lone surrogate is not text: not our envelope
+    return value
 
 
 class Envelope:
@@ -92,7 +96,9 @@ class Envelope:
     def payload(self) -> bytes:
         if self._payload is None:
             doc = json.loads(self._stored)
-            self._payload = (doc["payload"].encode("utf-8") if "payload" in doc
+            # surrogatepass: the frame, spliced from the stored JSON, carries an
+            # escaped lone surrogate as it is; so does this.
+            self._payload = (doc["payload"].encode("utf-8", "surrogatepass") if "payload" in doc
                              else base64.b64decode(doc["payload_base64"]))
         return self._payload
 
@@ -134,33 +140,36 @@ class Envelope:
                     now_ms: int) -> Envelope:
         """Read a queue entry. An entry that is not one of our envelopes (a raw
         string another program ``RPUSH``ed) is delivered as its own payload,
-        never dropped."""
+        never dropped; so is one that fails to parse in any other way (JSON
+        nested too deep for the parser, say): no entry can stop a drain."""
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
+            envelope = cls._parse(raw)
+        except Exception:
+            envelope = None
+        if envelope is None:
             return cls(new_id(), default_source, now_ms, raw, queued=True)
+        return envelope
+
+    @classmethod
+    def _parse(cls, raw: bytes) -> Envelope | None:
+        """Our envelope as written by ``stored()``, else one written some
+        other way (spacing, key order), else ``None``."""
+        text = raw.decode("utf-8")
         match = _CANONICAL.fullmatch(text)
         if match is not None:
             envelope = cls(_unescape(match[1]), _unescape(match[2]), int(match[3]), None,
                            queued=True)
             envelope._stored = raw
             return envelope
-        return cls._from_other_json(text, raw, default_source, new_id, now_ms)
-
-    @classmethod
-    def _from_other_json(cls, text: str, raw: bytes, default_source: str, new_id: MessageIds,
-                         now_ms: int) -> Envelope:
-        """An envelope written some other way (spacing, key order), or none."""
-        try:
-            doc = json.loads(text)
-            if (isinstance(doc, dict) and isinstance(doc.get("id"), str)
-                    and isinstance(doc.get("source"), str)
-                    and isinstance(doc.get("timestamp"), int)):
-                if isinstance(doc.get("payload"), str):
-                    payload = doc["payload"].encode("utf-8")
-                else:
-                    payload = base64.b64decode(doc["payload_base64"], validate=True)
-                return cls(doc["id"], doc["source"], doc["timestamp"], payload, queued=True)
-        except (ValueError, KeyError, TypeError, UnicodeError):
-            pass
-        return cls(new_id(), default_source, now_ms, raw, queued=True)
+        doc = json.loads(text)
+        if not (isinstance(doc, dict) and isinstance(doc.get("id"), str)
+                and isinstance(doc.get("source"), str)
+                and isinstance(doc.get("timestamp"), int)):
+            return None
+        if isinstance(doc.get("payload"), str):
+            payload = doc["payload"].encode("utf-8")
+        else:
+            payload = base64.b64decode(doc["payload_base64"], validate=True)
+        envelope = cls(doc["id"], doc["source"], doc["timestamp"], payload, queued=True)
+        envelope.stored()  # fails here, not in a drain, if it cannot be written back
+        return envelope

@@ -4,7 +4,9 @@ parsing what clients send, building what the server answers."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 
 class Close:
@@ -24,13 +26,21 @@ class Close:
 
 
 class ProtocolError(Exception):
-    """A client frame we refuse; ``code``/``error`` go in the error frame."""
+    """A client frame we refuse; ``code``/``error`` go in the error frame.
+    ``detail`` is for the log only: what the client must not learn."""
 
-    def __init__(self, close_code: int, error: str, reason: str) -> None:
+    def __init__(self, close_code: int, error: str, reason: str,
+                 detail: str | None = None) -> None:
         super().__init__(reason)
         self.close_code = close_code
         self.error = error
         self.reason = reason
+        self.detail = detail
+
+    @property
+    def logged(self) -> str:
+        """The reason as the log says it."""
+        return self.reason if self.detail is None else f"{self.reason} ({self.detail})"
 
 
 #: A user id is what follows ``rm.users.`` in a channel name: no whitespace
@@ -53,10 +63,7 @@ def parse_hello(data: bytes) -> Hello:
     except UnicodeDecodeError:
         raise _bad_hello("hello is not valid UTF-8") from None
     if text.lstrip().startswith("{"):
-        try:
-            doc = json.loads(text)
-        except ValueError:
-            raise _bad_hello("hello is not valid JSON") from None
+        doc = _load(text, _bad_hello, "hello")
         uid, key, ack = doc.get("id"), doc.get("key"), doc.get("ack", False)
         if key is not None and not isinstance(key, str):
             raise _bad_hello('"key" must be a string')
@@ -75,16 +82,24 @@ def parse_hello(data: bytes) -> Hello:
 
 def parse_ack(data: bytes) -> int:
     """``{"type": "ack", "tag": N}``: everything up to tag N was received."""
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        raise _bad_frame("frame is not valid JSON") from None
+    doc = _load(data, _bad_frame, "frame")
     if not isinstance(doc, dict) or doc.get("type") != "ack":
         raise _bad_frame('after the hello only {"type": "ack", "tag": N} frames are accepted')
     tag = doc.get("tag")
     if not isinstance(tag, int) or isinstance(tag, bool) or tag < 0:
         raise _bad_frame('"tag" must be a non-negative integer')
     return tag
+
+
+def _load(data: str | bytes, refusal: Callable[[str], ProtocolError], what: str) -> Any:
+    """JSON from a client, or the refusal that says why not."""
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise refusal(f"{what} is not valid JSON") from None
+    except RecursionError:
+        # Python's parser gives up on JSON nested a thousand deep or so.
+        raise refusal(f"{what} is nested too deeply") from None
 
 
 def _bad_hello(reason: str) -> ProtocolError:

@@ -54,6 +54,13 @@ class Options(usage.Options):
          "exp) whose sub is the id, signed with --jwt-secret; off: no check "
          "(development only)."],
         ["jwt-secret", None, None, "The HMAC secret of --auth jwt."],
+        ["jwt-audience", None, None,
+         "With --auth jwt: a token's aud must be (or contain) this. Unset: any aud."],
+        ["jwt-issuer", None, None, "With --auth jwt: a token's iss must be this. "
+         "Unset: any iss."],
+        ["jwt-max-age", None, "0",
+         "With --auth jwt: refuse tokens valid for longer than this many seconds "
+         "(exp - iat; iat is then required). 0: no limit."],
         ["max-connections", None, "0", "Open WebSockets in total (0: no limit; 4029 past it)."],
         ["max-connections-per-address", None, "0",
          "Open WebSockets per remote address (0: no limit; 4029 past it)."],
@@ -63,8 +70,10 @@ class Options(usage.Options):
          "Seconds a pong may take before the peer counts as gone and its messages are "
          "stored."],
         ["max-socket-buffer", None, str(_DEFAULTS.max_socket_buffer),
-         "Unsent bytes a socket may hold; past it the socket is closed with 4010 and its "
-         "messages go to the user's other sockets or are stored."],
+         "Bytes that may wait for a client beyond what its connection holds (it is "
+         "written to up to 256 KiB unsent, then its messages wait in Redis); past it the "
+         "socket is closed with 4010 and its messages go to the user's other sockets or "
+         "are stored."],
         ["ack-window", None, str(_DEFAULTS.ack_window),
          "Unacknowledged messages per ack-mode socket; past it new messages are stored "
          "and a drain pauses until acks arrive."],
@@ -106,8 +115,9 @@ class Options(usage.Options):
             if value is not None:
                 self[long] = value
         for long, *_ in self.optFlags:
-            if os.environ.get(_env_name(long), "").lower() in ("1", "true", "yes", "on"):
-                self[long] = 1
+            value = os.environ.get(_env_name(long))
+            if value is not None:
+                self[long] = value  # judged in postOptions, where a refusal is a usage error
 
     def postOptions(self) -> None:
         try:
@@ -133,7 +143,9 @@ class Options(usage.Options):
             max_frame=_number(self, "max-frame", int, 64),
             drain_chunk=_number(self, "drain-chunk", int, 1, MAX_TAKE),
             shutdown_timeout=_number(self, "shutdown-timeout", float, 0),
-            verbose=bool(self["verbose"]), jwt_secret=self["jwt-secret"],
+            verbose=_flag(self, "verbose"), jwt_secret=self["jwt-secret"],
+            jwt_audience=self["jwt-audience"] or None, jwt_issuer=self["jwt-issuer"] or None,
+            jwt_max_age=_number(self, "jwt-max-age", float, 0),
             max_connections=_number(self, "max-connections", int, 0),
             max_connections_per_address=_number(self, "max-connections-per-address", int, 0),
             hello_rate=_number(self, "hello-rate", float, 0),
@@ -141,7 +153,7 @@ class Options(usage.Options):
             ping_timeout=_number(self, "ping-timeout", float, 0),
             max_socket_buffer=_number(self, "max-socket-buffer", int, 1024),
             ack_window=_number(self, "ack-window", int, 1),
-            inbox=bool(self["inbox"]),
+            inbox=_flag(self, "inbox"),
             inbox_claim_after=_number(self, "inbox-claim-after", float, 0),
             allowed_origins=tuple(o.strip() for o in self["allowed-origins"].split(",")
                                   if o.strip()) or ("*",))
@@ -166,6 +178,25 @@ def _number(options: Options, name: str, kind: type, low: float, high: float | N
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise usage.UsageError(f"--{name} must be {bounds}")
     return value
+
+
+#: How a flag's environment variable may say on or off (any case, spaces around).
+_FLAG_VALUES = {**dict.fromkeys(("1", "true", "yes", "on"), True),
+               **dict.fromkeys(("0", "false", "no", "off", ""), False)}
+
+
+def _flag(options: Options, name: str) -> bool:
+    """A flag given on the command line is 1; from the environment, it is
+    its variable's text, which must say on or off plainly."""
+    value = options[name]
+    if not isinstance(value, str):
+        return bool(value)
+    try:
+        return _FLAG_VALUES[value.strip().lower()]
+    except KeyError:
+        raise usage.UsageError(
+            f"{_env_name(name)} must be 1, true, yes or on (for --{name}), or 0, false, no, "
+            f"off or empty; not {value!r}") from None
 
 
 def _check_embedded(port: int) -> None:

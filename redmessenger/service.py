@@ -83,7 +83,7 @@ class RedMessengerService(MultiService):
                             claim_after=settings.inbox_claim_after)
                       if settings.inbox else None)
         self.factory = RedMessengerFactory(
-            self.dispatcher, Authenticator(settings.auth, self.store, settings.jwt_secret),
+            self.dispatcher, Authenticator(settings, self.store),
             settings, reactor, server=f"RedMessenger/{__version__}",
             redis_connected=lambda: self.redis.connected, recovered=self.whenRecovered)
         for name, child in (("embedded-redis", self.embedded), ("redis", self.redis),

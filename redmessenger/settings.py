@@ -4,6 +4,7 @@ twistd options, the embeddable service and the tests."""
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -38,6 +39,7 @@ class RedisAddress:
         or ``unix:///path/to/sock[?db=N]``; raise ``ValueError`` with a
         message fit for the command line otherwise."""
         parts = urlsplit(url)
+        url = _redacted(url)  # for the messages below
         password = unquote(parts.password) if parts.password else None
         username = unquote(parts.username) if parts.username else None
         if parts.scheme == "unix":
@@ -69,6 +71,16 @@ class RedisAddress:
         scheme = "rediss" if self.tls else "redis"
         where = f"unix://{self.path}" if self.path else f"{scheme}://{self.host}:{self.port}"
         return f"{where}/{self.db}"
+
+
+#: ``scheme://user:`` and everything up to the last ``@``: a password, even
+#: one that breaks the URL (an unescaped ``#``, ``/`` or ``@`` in it).
+_PASSWORD = re.compile(r"(://[^:/@?#]*:).*@", re.S)
+
+
+def _redacted(url: str) -> str:
+    """The URL with its password hidden, fit for an error message or a log."""
+    return _PASSWORD.sub(r"\1***@", url)
 
 
 def _db_number(url: str, text: str) -> int:
@@ -111,6 +123,11 @@ class Settings:
     allowed_origins: tuple[str, ...] = ("*",)
     #: The HMAC secret of ``--auth jwt``.
     jwt_secret: str | None = None
+    #: What a JWT's ``aud`` and ``iss`` must be; ``None``: not checked.
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    #: Longest lifetime (``exp - iat``, seconds) of a JWT; 0: no limit.
+    jwt_max_age: float = 0
     #: Limits against abuse; 0 is none.
     max_connections: int = 0
     max_connections_per_address: int = 0

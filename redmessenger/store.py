@@ -119,6 +119,13 @@ end
 return #ARGV
 """)
 
+# KEYS: claims; ARGV: how many messages each keeps, at its tail. An absolute
+# count, so a trim sent again after a lost reply trims nothing more.
+TRIM = Script("""
+for i = 1, #KEYS do redis.call('LTRIM', KEYS[i], -tonumber(ARGV[i]), -1) end
+return #KEYS
+""")
+
 RELEASE = Script("""
 redis.call('DEL', KEYS[1])
 return redis.call('SREM', KEYS[2], KEYS[1])
@@ -130,7 +137,7 @@ if err then return redis.error_reply(err) end
 return found
 """)
 
-SCRIPTS = (STORE, REQUEUE, TAKE, HOLD, RELEASE, RECOVER, MEMBERS)
+SCRIPTS = (STORE, REQUEUE, TAKE, HOLD, TRIM, RELEASE, RECOVER, MEMBERS)
 
 #: Lua's unpack() takes at most about 8,000 values.
 MAX_TAKE = 5000
@@ -178,6 +185,8 @@ class RedisStore:
         self._batch_keys = 0
         self._timer = None
         self._claims = itertools.count(1)
+        #: Claims to trim this turn: claim key -> how many it keeps.
+        self._trims: dict[str, int] = {}
 
     def store(self, uids: Sequence[str], envelope: Envelope) -> None:
         self._batch.append((uids, envelope))
@@ -187,11 +196,23 @@ class RedisStore:
         elif self._timer is None:
             self._timer = self._reactor.callLater(0, self._flush)
 
+    def trim(self, taken: Taken, keep: int) -> None:
+        """Gathered per reactor turn: an ack often settles many messages."""
+        self._trims[taken.claim] = keep
+        if self._timer is None:
+            self._timer = self._reactor.callLater(0, self._flush)
+
     def _flush(self) -> None:
         if self._timer is not None:
             if self._timer.active():
                 self._timer.cancel()
             self._timer = None
+        if self._trims:
+            trims, self._trims = self._trims, {}
+            self._redis.eval(TRIM, list(trims), list(trims.values())).addErrback(
+                lambda f: log.failure("Could not trim {count} drain claims (what they hold "
+                                      "that was settled may come back after a crash)", f,
+                                      count=len(trims)))
         if not self._batch:
             return
         batch, self._batch, self._batch_keys = self._batch, [], 0
@@ -249,6 +270,7 @@ class RedisStore:
         return self._ns.claim(uid, f"{self._owner}:{next(self._claims)}")
 
     def release(self, taken: Taken) -> defer.Deferred:
+        self._trims.pop(taken.claim, None)  # it goes whole
         self._flush()
         return self._redis.eval(RELEASE, [taken.claim, self._ns.claims(taken.uid)])
 

@@ -40,6 +40,15 @@ _log = Logger()
 #: Seconds a client has to answer our close frame.
 CLOSE_TIMEOUT = 5.0
 
+#: Unsent bytes a connection holds before nothing more is written to it
+#: until it has written them out. Drains follow it, so a client that reads
+#: takes a backlog of any size; live messages meanwhile wait in Redis, in
+#: order. Above Twisted's 64 KiB, so that one reactor turn's burst for a
+#: user who reads (a 64 KiB read of PUBLISHes makes more than 64 KiB of
+#: frames) does not detour through Redis. --max-socket-buffer is how far
+#: behind that a client may fall before it counts as too slow.
+HIGH_WATER = 256 * 1024
+
 
 class RedMessengerProtocol(WebSocketServerProtocol):
     factory: RedMessengerFactory
@@ -50,7 +59,12 @@ class RedMessengerProtocol(WebSocketServerProtocol):
     _hello_timer = None
     #: The remote address counted against the limits while this is open.
     _address: str | None = None
-    #: More than --max-socket-buffer unsent bytes: nothing more is written.
+    #: Below the high-water mark: the dispatcher may write to it.
+    writable = True
+    #: Bytes handed to it (or kept in Redis for it) while it was not
+    #: writable; past --max-socket-buffer it is too slow.
+    _behind = 0
+    #: Too far behind: nothing more is written, and it is being closed.
     _too_slow = False
     _next_ping = None
     _pong_due = None
@@ -79,6 +93,30 @@ class RedMessengerProtocol(WebSocketServerProtocol):
             self.factory.dispatcher.detach(self)
         self.dropConnection(abort=True)
 
+    def paused(self) -> None:
+        """The transport holds more than its high-water mark: write no more
+        until it has written that out (``resumed``)."""
+        self.writable = False
+
+    def resumed(self) -> None:
+        self.writable = True
+        self._behind = 0
+        if self.uid is not None:
+            self.factory.dispatcher.writable(self)
+
+    def missed(self, size: int) -> None:
+        self._fall_behind(size)
+
+    def _fall_behind(self, size: int) -> bool:
+        """Count ``size`` more bytes that wait for this client: false (and
+        it is closed with 4010) if more than --max-socket-buffer already
+        did. So it may always take one more message, whatever its size."""
+        if self._behind >= self.factory.max_socket_buffer:
+            self.too_slow()
+            return False
+        self._behind += size
+        return True
+
     def too_slow(self) -> None:
         """The client does not read fast enough. What it holds unacked goes
         to the user's other sockets or back to Redis, later messages too,
@@ -86,8 +124,7 @@ class RedMessengerProtocol(WebSocketServerProtocol):
         if self._too_slow:
             return
         self._too_slow = True
-        # Called from inside a write, maybe in the middle of a delivery:
-        # step out of it first.
+        # Called in the middle of a delivery: step out of it first.
         self.factory.reactor.callLater(0, self._leave_too_slow)
 
     def _leave_too_slow(self) -> None:
@@ -109,6 +146,8 @@ class RedMessengerProtocol(WebSocketServerProtocol):
 
     def send(self, frame: bytes) -> bool:
         if self.state != self.STATE_OPEN or self._too_slow:
+            return False
+        if not self.writable and not self._fall_behind(len(frame)):
             return False
         if self._perMessageCompress is None and not self.send_queue:
             # What sendMessage() would write, without the debug-log arguments
@@ -154,16 +193,16 @@ class RedMessengerProtocol(WebSocketServerProtocol):
         if self.factory.ping_interval:
             self._next_ping = self.factory.reactor.callLater(self.factory.ping_interval,
                                                              self._ping)
-        # The socket was HTTP's until the upgrade; it is ours to watch now.
-        # Under a TLS layer, the limit is the socket's: the layer passes the
-        # socket's pause on to its producer (and reads of bufferSize through
-        # to the socket, but not writes).
+        # The socket was HTTP's until the upgrade; its back-pressure is ours
+        # to follow now. Under a TLS layer, the high-water mark is the
+        # socket's: the layer passes the socket's pause on to its producer
+        # (and reads of bufferSize through to the socket, but not writes).
         socket = self.transport
         while isinstance(socket, ProtocolWrapper):
             socket = socket.transport
         if hasattr(socket, "bufferSize"):
             self.transport.unregisterProducer()
-            socket.bufferSize = self.factory.max_socket_buffer
+            socket.bufferSize = HIGH_WATER
             self.transport.registerProducer(_Backpressure(self), True)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -276,23 +315,23 @@ class RedMessengerProtocol(WebSocketServerProtocol):
     def _refuse(self, refusal: ProtocolError) -> None:
         _log.warn("Refusing {peer} ({uid}): {error}: {reason}", peer=self.peer,
                   uid=self.uid or self._claimed_id(), error=refusal.error,
-                  reason=refusal.reason)
+                  reason=refusal.logged)
         self.close(refusal.close_code, refusal.error, refusal.reason)
 
 
 @implementer(IPushProducer)
 class _Backpressure:
-    """Told by the transport when a socket's unsent bytes pass
-    --max-socket-buffer."""
+    """Told by the transport when a socket's unsent bytes pass HIGH_WATER,
+    and when it has written them all out."""
 
     def __init__(self, protocol: RedMessengerProtocol) -> None:
         self._protocol = protocol
 
     def pauseProducing(self) -> None:
-        self._protocol.too_slow()
+        self._protocol.paused()
 
     def resumeProducing(self) -> None:
-        pass
+        self._protocol.resumed()
 
     def stopProducing(self) -> None:
         pass

@@ -15,6 +15,7 @@ Without either the tests are skipped, saying which is missing, unless
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import Iterator
@@ -117,11 +118,14 @@ class Tab:
         response = await self.page.goto(http_url(rm), wait_until="load")
         assert response is not None and response.ok, response
 
-    async def start(self, url: str | None = None, **options) -> None:
+    async def start(self, url: str | None = None, setup: str | None = None,
+                    **options) -> None:
         """Import ``/client.js`` from the page's origin, make a client
         (``url`` None: the default, derived from the page's location),
-        record its events and connect."""
-        await self.page.evaluate(START_CLIENT, {"url": url, "options": options})
+        record its events, run ``setup`` (JS source of a function of the
+        client and ``rm``, to add handlers) and connect."""
+        await self.page.evaluate(START_CLIENT, {"url": url, "options": options,
+                                                "setup": setup})
 
     async def wait(self, predicate: str, arg: Any = None, what: str = "") -> Any:
         """Poll ``predicate`` (a JS function of ``rm`` and ``arg``) in the
@@ -154,7 +158,7 @@ class Tab:
         return await self.page.evaluate(expression, arg)
 
 
-START_CLIENT = """async ({url, options}) => {
+START_CLIENT = """async ({url, options, setup}) => {
   const { RedMessengerClient } = await import("/client.js");
   const rm = window.rm = {
     states: [], welcomes: [], messages: [], duplicates: [], errors: [], client: null,
@@ -164,24 +168,26 @@ START_CLIENT = """async ({url, options}) => {
     if (copy.payloadBytes) copy.payloadBytes = Array.from(copy.payloadBytes);
     return copy;
   };
-  if (options.keys) {  // a key function: a promise of each in turn, null rejects
-    const keys = options.keys;
+  if (options.keys) {  // a key function: a promise of each in turn, null
+    const keys = options.keys;  // rejects, "never" never settles
     delete options.keys;
     rm.keyCalls = 0;
     options.key = async () => {
       const key = keys[Math.min(rm.keyCalls++, keys.length - 1)];
       if (key === null) throw new Error("no key yet");
+      if (key === "never") await new Promise(() => {});
       return key;
     };
   }
   const client = new RedMessengerClient(url ?? undefined, options);
   rm.client = client;
   rm.url = client.url;
-  client.addEventListener("state", (e) => rm.states.push(e.detail));
+  client.addEventListener("state", (e) => rm.states.push({ ...e.detail, at: performance.now() }));
   client.addEventListener("welcome", (e) => rm.welcomes.push(e.detail));
   client.addEventListener("message", (e) => rm.messages.push(plain(e.detail)));
   client.addEventListener("duplicate", (e) => rm.duplicates.push(plain(e.detail)));
   client.addEventListener("error", (e) => rm.errors.push(e.detail));
+  if (setup) (0, eval)(setup)(client, rm);
   client.connect();
 }"""
 
@@ -235,6 +241,90 @@ def restart(redis) -> Iterator[Any]:
 
     try:
         yield restart_on_same_port
+    finally:
+        run(stop_all())
+
+
+class Gate:
+    """A TCP relay between the browser and RedMessenger that can do what a
+    network does to a connection: ``cut()`` closes both ends (the browser
+    sees 1006), ``freeze()`` silently drops everything both ways and keeps
+    both ends open (a NAT that forgot the connection, a laptop that slept).
+    Connections made afterwards are relayed again."""
+
+    def __init__(self, target: RunningService) -> None:
+        self.target_port = urlsplit(target.url).port
+        self.server: asyncio.Server | None = None
+        self.url = ""
+        #: The open connections: [browser writer, server writer, frozen].
+        self.links: list[list[Any]] = []
+        self.tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> Gate:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.url = f"ws://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/"
+        return self
+
+    async def _relay(self, reader, writer) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        link = [writer, up_writer, False]
+        self.links.append(link)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.ensure_future(self._pump(source, sink, link))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    @staticmethod
+    async def _pump(source, sink, link) -> None:
+        try:
+            while data := await source.read(65536):
+                if not link[2]:
+                    sink.write(data)
+                    await sink.drain()
+        except ConnectionError:
+            pass
+        if not link[2]:  # a frozen link keeps the other end open: nobody tells it
+            sink.close()
+
+    def cut(self) -> None:
+        for browser_side, server_side, _ in self.links:
+            browser_side.close()
+            server_side.close()
+        self.links.clear()
+
+    def freeze(self) -> None:
+        for link in self.links:
+            link[2] = True
+
+    async def stop(self) -> None:
+        for link in self.links:
+            link[2] = False
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+@pytest.fixture
+def gate() -> Iterator[Any]:
+    """``relay = await gate(rm)``: a :class:`Gate` in front of ``rm``; all
+    are stopped after the test."""
+    gates: list[Gate] = []
+
+    async def open_gate(target: RunningService) -> Gate:
+        relay = Gate(target)
+        gates.append(relay)
+        return await relay.start()
+
+    async def stop_all():
+        for relay in gates:
+            await relay.stop()
+
+    try:
+        yield open_gate
     finally:
         run(stop_all())
 
@@ -418,6 +508,8 @@ async def test_a_key_function_is_asked_before_every_attempt(messenger, tabs, red
         "connecting", "closed", "connecting", "open", "welcomed"]
     assert states[1]["code"] == 1006 and states[1]["final"] is False
     assert "no key yet" in states[1]["reason"]
+    assert await tab.recorded("errors") == [{
+        "type": "error", "code": "key_failed", "reason": "could not get the key: no key yet"}]
     assert await tab.recorded("keyCalls") == 2
     rm.publish("rm.users.heidi", "authenticated")
     assert (await tab.messages(1))[0]["payload"] == "authenticated"
@@ -444,4 +536,323 @@ async def test_the_demo_page_shows_published_messages(messenger, tabs):
     await page.click("#disconnect")
     await page.wait_for_selector('#status[data-state="closed"]', timeout=WAIT_MS)
     await eventually(lambda: not rm.dispatcher.online("grace"), what="grace to go offline")
+    assert tab.problems == []
+
+
+# --------------------------------------------------------------------------
+# Handling: a message is acknowledged once handled, refused when that fails
+# --------------------------------------------------------------------------
+
+#: A listener that throws the first time it sees m2.
+THROW_ONCE_ON_M2 = """(client, rm) => {
+  rm.thrown = 0;
+  client.addEventListener("message", (event) => {
+    if (event.detail.payload === "m2" && rm.thrown++ === 0) throw new Error("m2 not now");
+  });
+}"""
+
+
+@aiotest
+async def test_ack_mode_refuses_a_message_whose_listener_throws_and_gets_it_again(
+        messenger, tabs):
+    rm = await messenger()
+    tab = await tabs()
+    await tab.open(rm)
+    await tab.start(id="ivan", ack=True, ackDelay=0, setup=THROW_ONCE_ON_M2, **FAST)
+    await tab.welcomed()
+    for n in (1, 2, 3):
+        rm.publish("rm.users.ivan", f"m{n}")
+
+    # m2 is refused: the client reconnects and gets m2 again, then m3.
+    messages = await tab.messages(4)
+    assert [m["payload"] for m in messages] == ["m1", "m2", "m2", "m3"]
+    assert messages[1]["id"] == messages[2]["id"]
+    assert len(await tab.recorded("welcomes")) == 2
+    [error] = await tab.recorded("errors")
+    assert error["code"] == "handler_failed" and error["id"] == messages[1]["id"]
+    assert "m2 not now" in error["reason"]
+    closed = [s for s in await tab.recorded("states") if s["state"] == "closed"]
+    assert len(closed) == 1 and closed[0]["code"] == 1000 and closed[0]["final"] is False
+
+    # m1 on the first socket, m2 and m3 on the second: each once, none left.
+    await eventually(lambda: rm.dispatcher.stats.acked == 3, what="three acks")
+    await tab.evaluate("() => window.rm.client.close()")
+    await eventually(lambda: not rm.dispatcher.online("ivan"), what="ivan to go offline")
+    assert rm.queue("ivan") == []
+    assert len(tab.problems) == 1 and "m2 not now" in tab.problems[0]
+
+
+#: An async listener whose work takes several ack delays, and fails on m1
+#: at first.
+SLOW_LISTENER = """(client, rm) => {
+  rm.calls = [];
+  rm.handled = [];
+  client.addEventListener("message", async ({ detail: message }) => {
+    rm.calls.push(message.payload);
+    await new Promise((resolve) => setTimeout(resolve, 5 * client.ackDelay));
+    if (message.payload === "m1" && rm.calls.length === 1) throw new Error("m1 failed");
+    rm.handled.push(message.payload);
+  });
+}"""
+
+
+@aiotest
+async def test_ack_mode_refuses_a_message_whose_async_listener_rejects_late(messenger, tabs):
+    rm = await messenger()
+    tab = await tabs()
+    await tab.open(rm)
+    await tab.start(id="jack", ack=True, ackDelay=20, setup=SLOW_LISTENER, **FAST)
+    await tab.welcomed()
+    rm.publish("rm.users.jack", "m1")
+    rm.publish("rm.users.jack", "m2")
+
+    # The rejection comes long after the ack delay, and still refuses m1; m2
+    # waited for m1 and comes again with it.
+    assert await tab.wait("(rm) => rm.handled.length >= 2 && rm.handled",
+                          what="m1 and m2 handled") == ["m1", "m2"]
+    assert await tab.recorded("calls") == ["m1", "m1", "m2"]
+    [error] = await tab.recorded("errors")
+    assert error["code"] == "handler_failed" and "m1 failed" in error["reason"]
+    await eventually(lambda: rm.dispatcher.stats.acked == 2, what="the acks of m1 and m2")
+    await tab.evaluate("() => window.rm.client.close()")
+    await eventually(lambda: not rm.dispatcher.online("jack"), what="jack to go offline")
+    assert rm.queue("jack") == []
+    assert tab.problems == []
+
+
+#: A listener that returns a promise the test fulfils.
+PROMISING_LISTENER = """(client, rm) => {
+  rm.release = null;
+  client.addEventListener("message", () => new Promise((resolve) => {
+    rm.pendingSince = performance.now();
+    rm.release = resolve;
+  }));
+}"""
+
+
+@aiotest
+async def test_ack_mode_acknowledges_only_once_the_listeners_promise_fulfils(
+        messenger, tabs, restart):
+    rm = await messenger()
+    tab = await tabs()
+    await tab.open(rm)
+    await tab.start(id="kate", ack=True, ackDelay=20, setup=PROMISING_LISTENER, **FAST)
+    await tab.welcomed()
+    rm.publish("rm.users.kate", "m1")
+
+    # Long past the ack delay, the listener is still at work: no ack yet, so
+    # a server stop puts m1 back in the queue.
+    await tab.wait("(rm) => rm.release && performance.now() - rm.pendingSince > "
+                   "10 * rm.client.ackDelay", what="the listener at work for 10 ack delays")
+    await rm.stop()
+    assert [entry["payload"] for entry in rm.queue("kate")] == ["m1"]
+
+    # It finishes while the server is away: the copy that comes back is
+    # only acknowledged.
+    await tab.evaluate("() => window.rm.release()")
+    rm = await restart(rm)
+    await tab.welcomed(2)
+    [duplicate] = await tab.wait("(rm) => rm.duplicates.length >= 1 && rm.duplicates",
+                                 what="m1 again")
+    assert duplicate["payload"] == "m1" and len(await tab.recorded("messages")) == 1
+    await eventually(lambda: rm.dispatcher.stats.acked == 1, what="the ack of m1")
+    await tab.evaluate("() => window.rm.client.close()")
+    await eventually(lambda: not rm.dispatcher.online("kate"), what="kate to go offline")
+    assert rm.queue("kate") == []
+    assert tab.problems == []
+
+
+#: A listener that keeps every message for later, to settle it by hand.
+HOLDING_LISTENER = """(client, rm) => {
+  rm.held = [];
+  client.addEventListener("message", (event) => {
+    event.preventDefault();
+    rm.held.push(event.detail);
+  });
+}"""
+
+
+@aiotest
+async def test_a_listener_that_holds_a_message_settles_it_with_ack_or_nack(messenger, tabs):
+    rm = await messenger()
+    tab = await tabs()
+    await tab.open(rm)
+    await tab.start(id="liam", ack=True, ackDelay=0, setup=HOLDING_LISTENER, **FAST)
+    await tab.welcomed()
+    rm.publish("rm.users.liam", "m1")
+    rm.publish("rm.users.liam", "m2")
+    held = "(rm, n) => rm.held.length >= n && rm.held.map((m) => m.payload)"
+
+    assert await tab.wait(held, 1) == ["m1"]  # m2 waits for m1 to be settled
+    await tab.evaluate("() => window.rm.held[0].nack('not yet')")
+    assert await tab.wait(held, 2) == ["m1", "m1"]
+    [error] = await tab.recorded("errors")
+    assert error["code"] == "handler_failed" and "not yet" in error["reason"]
+    assert rm.dispatcher.stats.acked == 0
+
+    await tab.evaluate("() => window.rm.held[1].ack()")
+    assert await tab.wait(held, 3) == ["m1", "m1", "m2"]
+    await eventually(lambda: rm.dispatcher.stats.acked == 1, what="the ack of m1")
+    await tab.evaluate("() => window.rm.held[2].ack()")
+    await eventually(lambda: rm.dispatcher.stats.acked == 2, what="the ack of m2")
+    await tab.evaluate("() => window.rm.client.close()")
+    await eventually(lambda: not rm.dispatcher.online("liam"), what="liam to go offline")
+    assert rm.queue("liam") == []
+    assert tab.problems == []
+
+
+#: A listener object that cannot handle m1 (and one removed before it is
+#: called).
+FAILING_LISTENER = """(client, rm) => {
+  rm.handled = [];
+  const removed = () => { throw new Error("a removed listener was called"); };
+  client.addEventListener("message", removed);
+  client.removeEventListener("message", removed);
+  client.addEventListener("message", {
+    handleEvent({ detail: message }) {
+      if (message.payload === "m1") throw new Error("cannot show m1");
+      rm.handled.push(message.payload);
+    },
+  });
+}"""
+
+
+@aiotest
+async def test_plain_mode_reports_a_failing_listener_and_goes_on(messenger, tabs):
+    rm = await messenger()
+    tab = await tabs()
+    await tab.open(rm)
+    await tab.start(id="mia", setup=FAILING_LISTENER, **FAST)
+    await tab.welcomed()
+    rm.publish("rm.users.mia", "m1")
+    rm.publish("rm.users.mia", "m2")
+    assert await tab.wait("(rm) => rm.handled.length >= 1 && rm.handled",
+                          what="m2 handled") == ["m2"]
+    [error] = await tab.recorded("errors")
+    assert error["code"] == "handler_failed" and "cannot show m1" in error["reason"]
+    # Nothing to refuse in plain mode: the connection stays.
+    assert [s["state"] for s in await tab.recorded("states")] == [
+        "connecting", "open", "welcomed"]
+    assert len(tab.problems) == 1 and "cannot show m1" in tab.problems[0]
+
+
+@aiotest
+async def test_plain_mode_drops_a_copy_of_a_message_it_already_handled(
+        messenger, tabs, redis):
+    rm = await messenger()
+    rm.publish("rm.users.nina", "once")
+    await eventually(stored(rm, "nina", 1), what="the message to be stored")
+    queue = "rm:users:nina:messages"
+    redis.command("RPUSH", queue, redis.command("LINDEX", queue, 0))  # same id twice
+
+    tab = await tabs()
+    await tab.open(rm)
+    await tab.start(id="nina")
+    assert (await tab.welcomed())["queued"] == 2
+    [duplicate] = await tab.wait("(rm) => rm.duplicates.length >= 1 && rm.duplicates",
+                                 what="the second copy")
+    [message] = await tab.recorded("messages")
+    assert message["payload"] == duplicate["payload"] == "once"
+    assert message["id"] == duplicate["id"]
+    assert tab.problems == []
+
+
+# --------------------------------------------------------------------------
+# Reconnecting: backoff, a key that never comes, a dead connection
+# --------------------------------------------------------------------------
+
+#: Every jitter at the top of its range, so that each delay is its ceiling.
+TOP_JITTER = "() => { Math.random = () => 0.999; }"
+
+
+@aiotest
+async def test_a_server_that_welcomes_then_drops_is_retried_less_and_less_often(
+        messenger, tabs, gate):
+    rm = await messenger()
+    relay = await gate(rm)
+    tab = await tabs()
+    await tab.open(rm)
+    await tab.start(relay.url, id="olga", setup=TOP_JITTER, minDelay=50, maxDelay=400,
+                    stableAfter=2000)
+    for n in range(1, 6):
+        await tab.welcomed(n)
+        relay.cut()  # just after the welcome
+    await tab.welcomed(6)
+
+    states = await tab.recorded("states")
+    closes = [(i, s) for i, s in enumerate(states) if s["state"] == "closed"]
+    assert all(s["code"] == 1006 and s["final"] is False for _, s in closes)
+    assert [s["retryIn"] for _, s in closes] == [50, 100, 200, 400, 400]
+    for i, closed in closes:  # and the page waited that long each time
+        following = states[i + 1]
+        assert following["state"] == "connecting"
+        assert following["at"] - closed["at"] >= closed["retryIn"] - 1, states
+
+    # A connection that stayed up for stableAfter starts the backoff over.
+    await tab.wait("(rm) => performance.now() - rm.states.at(-1).at >= rm.client.stableAfter",
+                   what="the connection up for stableAfter")
+    relay.cut()
+    closed = await tab.wait("(rm) => rm.states.at(-1).state === 'closed' && rm.states.at(-1)",
+                            what="the cut")
+    assert closed["retryIn"] == 50
+    assert tab.problems == []
+
+
+@aiotest
+async def test_a_key_that_never_comes_is_given_up_after_key_timeout(messenger, tabs, redis):
+    rm = await messenger(auth=AuthMode.REQUIRED)
+    redis.command("SET", "rm:users:oscar:key", "right")
+    tab = await tabs()
+    await tab.open(rm)
+    await tab.start(id="oscar", keys=["never", "right"], keyTimeout=200, **FAST)
+    await tab.welcomed()
+    states = await tab.recorded("states")
+    assert [s["state"] for s in states] == [
+        "connecting", "closed", "connecting", "open", "welcomed"]
+    assert states[1]["code"] == 1006 and states[1]["final"] is False
+    assert states[1]["at"] - states[0]["at"] >= 200 - 1
+    assert await tab.recorded("errors") == [{
+        "type": "error", "code": "key_timeout", "reason": "the key did not come within 200 ms"}]
+    assert await tab.recorded("keyCalls") == 2
+    assert tab.problems == []
+
+
+#: The page's time of the last message.
+LAST_MESSAGE_AT = """(client, rm) => {
+  client.addEventListener("message", () => { rm.lastAt = performance.now(); });
+}"""
+
+
+@aiotest
+async def test_an_idle_timeout_gives_up_a_dead_connection_and_its_message_comes_again(
+        messenger, tabs, gate):
+    rm = await messenger(ping_interval=0.2, ping_timeout=0.2)
+    relay = await gate(rm)
+    tab = await tabs()
+    await tab.open(rm)
+    await tab.start(relay.url, id="pia", ack=True, ackDelay=0, idleTimeout=1500,
+                    setup=LAST_MESSAGE_AT, **FAST)
+    await tab.welcomed()
+
+    # Traffic more often than the idle timeout, for longer than it: no drop.
+    for n in range(8):
+        rm.publish("rm.users.pia", f"live{n}")
+        await tab.messages(n + 1)
+        await tab.wait("(rm) => performance.now() - rm.lastAt >= 250", what="a quarter second")
+    assert len(await tab.recorded("welcomes")) == 1 and await tab.recorded("errors") == []
+
+    # The connection dies without a word; the message sent into it is not
+    # acknowledged, and comes on the connection made after the idle timeout.
+    relay.freeze()
+    rm.publish("rm.users.pia", "into the void")
+    messages = await tab.messages(9)
+    assert messages[-1]["payload"] == "into the void" and len(messages) == 9
+    errors = await tab.recorded("errors")
+    assert errors and {e["code"] for e in errors} == {"idle_timeout"}
+    closed = next(s for s in await tab.recorded("states") if s["state"] == "closed")
+    assert closed["code"] == 1006 and "idle timeout" in closed["reason"]
+    await eventually(lambda: rm.dispatcher.stats.acked == 9, what="nine acks")
+    await tab.evaluate("() => window.rm.client.close()")
+    await eventually(lambda: not rm.dispatcher.online("pia"), what="pia to go offline")
+    assert rm.queue("pia") == []
     assert tab.problems == []

@@ -178,3 +178,29 @@ async def test_a_hello_waits_for_start_up_recovery(redis, messenger):
     held.callback(None)
     assert (await client.recv())["queued"] == 1
     assert [m["payload"] for m in await client.messages(1)] == ["recovered"]
+
+
+def test_acknowledged_messages_do_not_come_back_after_a_kill(tmp_path: Path, redis) -> None:
+    """An ack trims what it settles off the head of the drain's claim at
+    once: a client that acked 50 of 200 drained messages before a
+    ``kill -9`` gets only the other 150 again, not all 200."""
+    redis.client().pipeline([("RPUSH", QUEUE, str(i)) for i in range(200)])
+    port = pick_free_port()
+    with start(tmp_path, "first", port, redis) as first, client(port) as ws:
+        assert hello(ws, {"id": "user1", "ack": True})["queued"] == 200
+        frames = [recv_json(ws) for _ in range(200)]
+        assert [f["payload"] for f in frames] == [str(i) for i in range(200)]
+        ws.send(json.dumps({"type": "ack", "tag": frames[49]["tag"]}))
+        [claim] = wait_for(lambda: redis.command("KEYS", "rm:users:user1:taking:*"), "a claim")
+        wait_for(lambda: redis.command("LLEN", claim) == 150, "the acked head to be trimmed",
+                 START_TIMEOUT, first.alive)
+        os.kill(first.pid, signal.SIGKILL)
+        first.process.wait()
+    for key in redis.command("KEYS", "rm:procs:*"):  # as if its heartbeat expired
+        redis.command("DEL", key)
+    with start(tmp_path, "second", port, redis) as second:
+        with client(port) as ws:
+            assert hello(ws, {"id": "user1"})["queued"] == 150
+            assert [recv_json(ws)["payload"] for _ in range(150)] == \
+                [str(i) for i in range(50, 200)]
+        second.stop()

@@ -172,7 +172,9 @@ async def test_publish_order_holds_across_the_stored_to_live_boundary(messenger)
     assert payloads(received) == [str(i) for i in range(5000)]
     assert len({m["id"] for m in received}) == 5000
     assert 2500 <= user1.welcome["queued"] < 5000
-    assert any(m["queued"] for m in received) and not received[-1]["queued"]
+    # Both ways. (Not necessarily live at the end: a client that falls
+    # behind by more than its connection holds gets the rest drained.)
+    assert any(m["queued"] for m in received) and not all(m["queued"] for m in received)
     assert rm.queue("user1") == []
 
 

@@ -28,6 +28,7 @@ class Queues:
         self.lists: dict[str, list[bytes]] = {}
         self.takes: list[tuple[defer.Deferred, tuple]] = []
         self.released = 0
+        self.trims: dict[str, int] = {}
 
     def payloads(self, uid: str) -> list[str]:
         return [json.loads(raw)["payload"] for raw in self.lists.get(uid, [])]
@@ -63,7 +64,11 @@ class Queues:
         while self.takes:
             self.answer_take()
 
+    def trim(self, taken, keep):
+        self.trims[taken.claim] = keep  # the real store sends the last one of a turn
+
     def release(self, taken):
+        self.trims.pop(taken.claim, None)  # as the real store: it goes whole
         self.released += 1
         return defer.succeed(None)
 
@@ -72,8 +77,11 @@ class Queues:
 
 
 class Sock:
+    writable = True
+
     def __init__(self, uid: str, ack_mode: bool = False, name: str = "s") -> None:
         self.uid, self.ack_mode, self.peer = uid, ack_mode, name
+        self.missed_bytes = 0
         self.open = True
         self.welcome: int | None = None
         self.frames: list[dict] = []
@@ -88,6 +96,9 @@ class Sock:
         if self.open:
             self.frames.append(json.loads(frame))
         return self.open
+
+    def missed(self, size: int) -> None:
+        self.missed_bytes += size
 
     def close(self, code, error, reason) -> None:
         self.closed_with = code
@@ -490,10 +501,93 @@ def test_a_drain_claim_is_released_once_its_unacked_messages_are_back_in_the_que
     assert queues.payloads("u") == ["b"] and queues.released == 1
 
 
+def test_a_drain_claim_is_trimmed_as_its_head_is_acked():
+    """So that after a crash only what was not acknowledged comes back."""
+    queues, dispatcher, publish = make(chunk=10)
+    for p in "abcd":
+        publish(p)
+    sock = Sock("u", ack_mode=True)
+    dispatcher.attach(sock)
+    queues.answer_take()
+    dispatcher.ack(sock, 2)
+    assert queues.trims == {"claim-0": 2} and queues.released == 0
+    dispatcher.ack(sock, 4)
+    assert queues.trims == {} and queues.released == 1
+
+
+def test_a_recommit_redis_refuses_keeps_its_claim():
+    """The claim is the only other copy: it goes only once the messages are
+    back in the queue."""
+    queues, dispatcher, publish = make(chunk=10)
+    for p in "ab":
+        publish(p)
+    sock = Sock("u", ack_mode=True)
+    dispatcher.attach(sock)
+    queues.answer_take()
+    refused = defer.Deferred()
+    queues.requeue = lambda uid, envelopes: refused
+    dispatcher.detach(sock)
+    refused.errback(RuntimeError("OOM command not allowed when used memory > 'maxmemory'"))
+    assert queues.released == 0 and queues.trims == {}
+    assert dispatcher.stop().called  # a refused recommit does not hold up a stop
+
+
+class FullAfter(Sock):
+    """A socket whose connection is full after ``room`` frames, until the
+    test empties it."""
+
+    def __init__(self, uid: str, room: int, ack_mode: bool = False) -> None:
+        super().__init__(uid, ack_mode)
+        self.room = room
+
+    @property
+    def writable(self) -> bool:
+        return self.room > 0
+
+    def send(self, frame: bytes) -> bool:
+        self.room -= 1
+        return super().send(frame)
+
+
+def test_a_drain_pauses_while_the_socket_is_full_and_goes_on_when_it_empties():
+    queues, dispatcher, publish = make(chunk=10)
+    for p in "abcdef":
+        publish(p)
+    sock = FullAfter("u", room=2)
+    dispatcher.attach(sock)
+    queues.answer_take()
+    assert sock.payloads() == ["a", "b"]  # the rest waits in memory, claimed
+    publish("g")  # live, while it is full: stored behind them
+    assert queues.payloads("u") == ["g"] and sock.missed_bytes > 0
+    sock.room = 3
+    dispatcher.writable(sock)
+    assert sock.payloads() == ["a", "b", "c", "d", "e"]
+    sock.room = 10
+    dispatcher.writable(sock)
+    queues.pump()
+    assert sock.payloads() == list("abcdefg") and queues.payloads("u") == []
+
+
+def test_a_full_socket_does_not_hold_up_another_socket_of_the_user():
+    """The message goes to every socket while one can take it; the full one
+    counts it against --max-socket-buffer (its send), rather than holding
+    the user back."""
+    queues, dispatcher, publish = make()
+    full = FullAfter("u", room=0)
+    reader = Sock("u", name="reader")
+    dispatcher.attach(full)
+    dispatcher.attach(reader)
+    queues.pump()
+    publish("a")
+    assert reader.payloads() == ["a"] and full.payloads() == ["a"]
+    assert queues.payloads("u") == []
+
+
 def random_walk(seed: int, steps: int = 150) -> list[str]:
     """One user, one socket at a time (as one device reconnecting): random
-    publishes, acks, Redis replies, arrivals, departures, and sockets that
-    are closing (they take nothing) before they are gone. Then everything
+    publishes, acks, Redis replies, arrivals, departures, connections that
+    fill up and empty (back-pressure), and sockets that are closing (they
+    take nothing) before they are gone. Then everything
     is answered and a last socket drains. What went wrong, if anything."""
     rng = random.Random(seed)
     queues = Queues()
@@ -523,7 +617,11 @@ def random_walk(seed: int, steps: int = 150) -> list[str]:
         elif r < 0.55 and closing is not None:
             dispatcher.detach(closing)
             closing = None
-        elif r < 0.75 and queues.takes:
+        elif r < 0.60 and live is not None:  # its connection fills up, or empties
+            live.writable = not live.writable
+            if live.writable:
+                dispatcher.writable(live)
+        elif r < 0.78 and queues.takes:
             queues.answer_take()
         elif live is not None and live.ack_mode and live.acks:
             tags = [f["tag"] for f in live.frames if f["type"] == "message"]

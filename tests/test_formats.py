@@ -63,7 +63,8 @@ def test_hellos(text, hello):
 
 @pytest.mark.parametrize("data", [b"{oops", b'{"id": 5}', b'{"id": ""}', b'{"id": "a b"}',
                                   b'{"id": "u", "key": 1}', b'{"id": "u", "ack": "yes"}',
-                                  b"", b"\xff", b'{"key": "k"}', b"a" * 300, b"a\x00b"])
+                                  b"", b"\xff", b'{"key": "k"}', b"a" * 300, b"a\x00b",
+                                  b'{"x":' + b"[" * 20000])
 def test_bad_hellos(data):
     with pytest.raises(ProtocolError) as refusal:
         parse_hello(data)
@@ -73,7 +74,8 @@ def test_bad_hellos(data):
 def test_acks():
     assert parse_ack(b'{"type": "ack", "tag": 3}') == 3
     for bad in (b"x", b'{"type": "ack"}', b'{"type": "ack", "tag": -1}',
-                b'{"type": "ack", "tag": true}', b'{"type": "nak", "tag": 1}'):
+                b'{"type": "ack", "tag": true}', b'{"type": "nak", "tag": 1}',
+                b"[" * 20000, b'{"type": "ack", "tag": 1, "x": ' + b"{" * 20000):
         with pytest.raises(ProtocolError) as refusal:
             parse_ack(bad)
         assert refusal.value.close_code == 4002
@@ -105,6 +107,20 @@ def test_bad_redis_urls(url):
         RedisAddress.from_url(url)
 
 
+@pytest.mark.parametrize("url", [
+    "http://:s3cret@x", "redis://:s3cret@h:port", "redis://user:s3cret@h/db",
+    "unix://:s3cret@", "unix://:s3cret@/run/redis.sock?db=x",
+    "redis://:s3#cret@h:port", "redis://:s3/cr@et@h:port"])
+def test_bad_redis_urls_hide_their_password(url, redis):
+    """Before: the error quoted the URL as it was, password and all."""
+    with pytest.raises(ValueError) as bad:
+        RedisAddress.from_url(url)
+    assert "s3" not in str(bad.value) and ":***@" in str(bad.value), bad.value
+    with pytest.raises(usage.UsageError) as refused:
+        Options().parseOptions(["--redis", url])
+    assert "s3" not in str(refused.value), refused.value
+
+
 def test_endpoint_descriptions():
     assert RedisAddress("h", 1).client_endpoint() == "tcp:host=h:port=1"
     assert RedisAddress(path="/a:b").client_endpoint() == "unix:path=/a\\:b"
@@ -127,6 +143,86 @@ def test_options_make_settings(redis):
 def test_bad_options(argv, redis):
     with pytest.raises(usage.UsageError):
         Options().parseOptions(["--redis", redis.url, *argv])
+
+
+@pytest.mark.parametrize(("value", "on"), [
+    ("1", True), ("true", True), ("YES", True), (" On ", True), ("True", True),
+    ("0", False), ("false", False), ("No", False), ("OFF", False), ("", False)])
+def test_flags_from_the_environment(monkeypatch, redis, value, on):
+    monkeypatch.setenv("REDMESSENGER_VERBOSE", value)
+    monkeypatch.setenv("REDMESSENGER_INBOX", value)
+    options = Options()
+    options.parseOptions(["--redis", redis.url])
+    assert (options.settings.verbose, options.settings.inbox) == (on, on)
+    options = Options()
+    options.parseOptions(["--redis", redis.url, "--verbose"])  # the command line wins
+    assert options.settings.verbose
+
+
+@pytest.mark.parametrize("name", ["VERBOSE", "INBOX"])
+@pytest.mark.parametrize("value", ["maybe", "nope", "2", "y", "enabled", "tru"])
+def test_bad_flag_values_are_refused(monkeypatch, redis, name, value):
+    """Before: anything but 1/true/yes/on was silently taken as off."""
+    monkeypatch.setenv(f"REDMESSENGER_{name}", value)
+    with pytest.raises(usage.UsageError) as refused:
+        Options().parseOptions(["--redis", redis.url])
+    assert f"REDMESSENGER_{name}" in str(refused.value) and repr(value) in str(refused.value)
+
+
+def test_jwt_options(monkeypatch, redis):
+    monkeypatch.setenv("REDMESSENGER_JWT_ISSUER", "https://issuer.example")
+    options = Options()
+    options.parseOptions(["--redis", redis.url, "--auth", "jwt", "--jwt-secret", "s" * 32,
+                          "--jwt-audience", "messenger", "--jwt-max-age", "3600"])
+    settings = options.settings
+    assert (settings.jwt_audience, settings.jwt_issuer, settings.jwt_max_age) == \
+        ("messenger", "https://issuer.example", 3600)
+    defaults = Options()
+    defaults.parseOptions(["--redis", redis.url])
+    assert (defaults.settings.jwt_audience, defaults.settings.jwt_max_age) == (None, 0)
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(["--redis", redis.url, "--jwt-max-age", "-1"])
+
+
+#: Queue entries as other programs might write them: bytes, JSON nested
+#: deeper than the parser goes, and near-envelopes with fields of any type.
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                     lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=10)
+_field = _json | st.text(st.characters() | st.characters(categories=["Cs"]), max_size=8)
+_near_envelopes = st.fixed_dictionaries(
+    {}, optional={"id": _field, "source": _field, "timestamp": _field | st.integers(),
+                  "payload": _field, "payload_base64": _field | st.sampled_from(["", "QQ==", "!"]),
+                  "extra": _json})
+_entries = st.one_of(
+    st.binary(),
+    _json.map(lambda doc: json.dumps(doc).encode()),
+    st.tuples(st.integers(990, 20000), st.sampled_from(["[", '{"a":', '{"id":"x","p":['])).map(
+        lambda deep: (deep[1] * deep[0]).encode()),
+    st.tuples(_near_envelopes, st.booleans()).map(
+        lambda e: json.dumps(e[0], separators=(",", ":") if e[1] else None,
+                             ensure_ascii=e[1]).encode("utf-8", "surrogatepass")))
+
+
+@settings(max_examples=500, deadline=None)
+@given(raw=_entries, bubble=st.booleans(), tag=st.none() | st.integers(1, 2**40))
+def test_any_queue_entry_becomes_a_message(raw, bubble, tag):
+    """Nothing stored can stop a drain: every entry reads as an envelope or
+    as its own raw payload, and its frame is JSON carrying that payload."""
+    envelope = Envelope.from_stored(raw, "rm.users.u", lambda: "new", 42)
+    frame = json.loads(envelope.frame(bubble, tag))
+    body = {k: v for k, v in frame.items() if k.startswith("payload")}
+    assert len(body) == 1
+    decoded = (body["payload"].encode("utf-8", "surrogatepass") if "payload" in body
+               else base64.b64decode(body["payload_base64"]))
+    assert decoded == envelope.payload
+    assert frame["id"] == envelope.id and frame["source"] == envelope.source
+    assert frame["queued"] is True and frame.get("tag") == tag
+    if envelope.id == "new":
+        assert envelope.payload == raw and envelope.source == "rm.users.u"
+    back = Envelope.from_stored(envelope.stored(), "rm.users.v", lambda: "other", 0)
+    assert (back.id, back.source, back.payload) == (envelope.id, envelope.source,
+                                                     envelope.payload)
 
 
 @settings(max_examples=300, deadline=None)
