@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import os
 import secrets
@@ -24,18 +25,23 @@ import sys
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 from twisted.internet import defer
 
-from . import __version__
+from . import __version__, datadir
 from .envelope import Envelope
 from .keys import Namespace
 from .publish import DURABLE_PUBLISH, check_id, durable_publish_arguments
 from .settings import RedisAddress
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+DEFAULT_DATA_DIR = "redmessenger-data"
+#: Where an embedded redis-server may listen: the only hosts whose URL gets
+#: its password from the data directory.
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 #: Shown for a queue entry that is not one of RedMessenger's envelopes.
 RAW = "(raw entry)"
 
@@ -359,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="redis://[[user]:password@]host[:port][/db] or unix:///path[?db=N] "
              f"(default: $REDMESSENGER_REDIS, else {DEFAULT_REDIS})")
     parser.add_argument(
+        "--data-dir", metavar="DIR",
+        default=os.environ.get("REDMESSENGER_DATA_DIR", DEFAULT_DATA_DIR),
+        help="the data directory of RedMessenger's embedded Redis, as its --data-dir: "
+             "a --redis URL without a password, naming the port that Redis last ran on "
+             "here, uses the password kept there (default: $REDMESSENGER_DATA_DIR, "
+             f"else {DEFAULT_DATA_DIR})")
+    parser.add_argument(
         "--prefix", default=os.environ.get("REDMESSENGER_PREFIX", "rm"),
         help="the prefix of every channel and key, as RedMessenger's --prefix "
              "(default: $REDMESSENGER_PREFIX, else rm)")
@@ -439,6 +452,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def with_embedded_password(address: RedisAddress, data_dir: Path) -> RedisAddress:
+    """The address, with the embedded Redis's password if it is that Redis:
+    plain TCP to this host, no password given, and the port ``data_dir``'s
+    server last listened on (so another local Redis is never sent it)."""
+    if (address.path is not None or address.tls or address.password is not None
+            or address.username is not None or address.host not in _LOCAL_HOSTS):
+        return address
+    password = datadir.embedded_password(data_dir, address.port)
+    return address if password is None else dataclasses.replace(address, password=password)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command line; returns the exit status."""
     parser = build_parser()
@@ -449,7 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.prefix:
                 parser.error("--prefix must not be empty")
             try:
-                address = RedisAddress.from_url(args.redis)
+                address = with_embedded_password(RedisAddress.from_url(args.redis),
+                                                 Path(args.data_dir))
             except ValueError as e:
                 parser.error(f"--redis: {e}")
     except SystemExit as e:

@@ -5,6 +5,12 @@ The child is an ordinary redis-server (see :mod:`redmessenger.redisserver`):
 it keeps its append-only file in the data directory, so stored messages
 survive a restart, and it is stopped with SIGTERM, on which redis-server
 fsyncs that file before it exits.
+
+Other users of the host can reach its port, so it requires a password (kept
+in the data directory, see :mod:`redmessenger.datadir`), cannot be told to
+write files elsewhere, and its files are this user's alone. An older
+redis-server than the one that wrote the data directory is refused: it
+would start empty.
 """
 
 from __future__ import annotations
@@ -21,10 +27,18 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from redmessenger.redisserver import RedisServerNotFound, find_redis_server, server_arguments
+from redmessenger import datadir
+from redmessenger.redisserver import (
+    RedisServerNotFound,
+    find_redis_server,
+    parse_version,
+    protected_config,
+    server_arguments,
+)
 
 __all__ = ["EmbeddedRedis", "EmbeddedRedisError"]
 
@@ -43,6 +57,11 @@ _REDIS_LEVELS = {
     b"*": LogLevel.info,
     b"#": LogLevel.warn,
 }
+#: What redis-server says at its warning level (``#``) on every start and
+#: stop, which is news, not a warning.
+_BANNER = re.compile(r"Reading config from stdin|oO0OoO0OoO0Oo \w+ is starting|"
+                     r"\w+ version=|Configuration loaded|Server initialized|"
+                     r"User requested shutdown|\w+ is now ready to exit")
 
 
 class EmbeddedRedisError(Exception):
@@ -86,6 +105,22 @@ class EmbeddedRedis(Service):
         self._pollCall: Any = None
         self._probing: Deferred[str] | None = None
         self._killCall: Any = None
+        self._password: str | None = None
+        #: Whether a probe sent the password to a server that is not ours.
+        self._passwordSeen = False
+
+    @property
+    def password(self) -> str:
+        """The server's password, from the data directory (made there, and
+        the directory made private, on first use); :class:`EmbeddedRedisError`
+        if the directory cannot be used."""
+        if self._password is None:
+            try:
+                datadir.secure(self.data_dir)
+                self._password = datadir.password(self.data_dir)
+            except datadir.DataDirError as e:
+                raise EmbeddedRedisError(str(e)) from None
+        return self._password
 
     @property
     def pid(self) -> int | None:
@@ -119,9 +154,9 @@ class EmbeddedRedis(Service):
         return d
 
     def startService(self) -> None:
-        """Spawn the child and begin polling it; failures go to
-        :meth:`whenReady` rather than being raised, so there is one place to
-        handle them."""
+        """Check the binary and the data directory, then spawn the child and
+        begin polling it; failures go to :meth:`whenReady` rather than being
+        raised, so there is one place to handle them."""
         super().startService()
         self._readiness = None
         self._stopping = False
@@ -134,15 +169,47 @@ class EmbeddedRedis(Service):
             self._decide(Failure(EmbeddedRedisError(
                 f"{executable} is not an executable redis-server")))
             return
-        try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            self._decide(Failure(EmbeddedRedisError(
-                f"cannot create the data directory {self.data_dir}: {e}")))
+        asked = getProcessOutputAndValue(executable, ("--version",), env=dict(os.environ),
+                                         reactor=self._reactor)
+        asked.addTimeout(self.ready_timeout, self._reactor)
+        asked.addCallback(self._spawn, executable)
+        asked.addErrback(self._couldNotSpawn, executable)
+
+    def _couldNotSpawn(self, failure: Failure, executable: str) -> None:
+        if self._readiness is not None:  # stopped meanwhile
             return
-        args = [executable, *server_arguments(self.port, self.data_dir,
-                                              bind=HOST, appendonly=self.appendonly)]
-        process = _RedisServerProcessProtocol(self)
+        if not failure.check(EmbeddedRedisError):
+            failure = Failure(EmbeddedRedisError(
+                f"cannot run {executable}: {failure.getErrorMessage()}"))
+        self._decide(failure)
+
+    def _spawn(self, answer: tuple[bytes, bytes, int], executable: str) -> None:
+        """Given ``--version``'s answer: refuse a server older than the data
+        directory's, then run it with the protections fed on its stdin."""
+        if self._readiness is not None:  # stopped meanwhile
+            return
+        said = (answer[0] + answer[1]).decode("utf-8", "replace")
+        try:
+            version = parse_version(said)
+        except ValueError as e:
+            raise EmbeddedRedisError(f"cannot tell which version {executable} is: {e}") from None
+        shown = ".".join(map(str, version))
+        try:
+            config = protected_config(version, self.password)
+            made_by = datadir.recorded_version(self.data_dir)
+            if made_by is not None and version < made_by:
+                raise EmbeddedRedisError(
+                    f"the data directory {self.data_dir} was written by redis-server "
+                    f"{'.'.join(map(str, made_by))}, and {executable} is {shown}: an older "
+                    "one would not read its files and would start empty, hiding the "
+                    f"messages stored there. Put redis-server {made_by[0]} or newer first "
+                    "on PATH (or install it), or pass another --data-dir")
+            datadir.record(self.data_dir, version, self.port)
+        except datadir.DataDirError as e:
+            raise EmbeddedRedisError(str(e)) from None
+        args = [executable, "-", *server_arguments(self.port, self.data_dir,
+                                                   bind=HOST, appendonly=self.appendonly)]
+        process = _RedisServerProcessProtocol(self, config.encode())
         try:
             # redis-server changes to data_dir itself (--dir). It runs in a
             # session of its own: a Ctrl-C at the terminal must reach only
@@ -152,10 +219,10 @@ class EmbeddedRedis(Service):
                                        [sys.executable, "-c", _SETSID_EXEC, *args],
                                        env=dict(os.environ))
         except OSError as e:
-            self._decide(Failure(EmbeddedRedisError(f"cannot run {executable}: {e}")))
-            return
+            raise EmbeddedRedisError(f"cannot run {executable}: {e}") from None
         self._process = process
-        self.log.info("started redis-server[{pid}] on {host}:{port}, data in {dataDir}",
+        self.log.info("started {executable} (version {version}) as redis-server[{pid}] on "
+                      "{host}:{port}, data in {dataDir}", executable=executable, version=shown,
                       pid=process.transport.pid, host=HOST, port=self.port,
                       dataDir=str(self.data_dir))
         self._deadline = self._reactor.seconds() + self.ready_timeout
@@ -206,7 +273,7 @@ class EmbeddedRedis(Service):
         ``"+PONG"`` only if the server is this child."""
         timeout = max(self.probe_interval, 1.0)
         endpoint = TCP4ClientEndpoint(self._reactor, HOST, self.port, timeout=int(timeout))
-        protocol = _ProbeProtocol()
+        protocol = _ProbeProtocol(self.password)
         connecting = connectProtocol(endpoint, protocol)
 
         def connected(_: object) -> Deferred[tuple[str, int | None]]:
@@ -214,6 +281,8 @@ class EmbeddedRedis(Service):
 
         def checked(answer: tuple[str, int | None]) -> str:
             reply, serverPid = answer
+            if reply.startswith("AUTH refused") or (reply == "+PONG" and serverPid != self.pid):
+                self._passwordSeen = True
             if reply == "+PONG" and serverPid != self.pid:
                 return f"+PONG from another redis-server (pid {serverPid})"
             return reply
@@ -255,11 +324,28 @@ class EmbeddedRedis(Service):
         if isinstance(outcome, Failure):
             self.log.error("embedded redis-server on {host}:{port} is not available: {why}",
                            host=HOST, port=self.port, why=outcome.getErrorMessage())
+            if self._passwordSeen:
+                self._forgetPassword()
         for d in waiters:
             if isinstance(outcome, Failure):
                 d.errback(outcome)
             else:
                 d.callback(None)
+
+    def _forgetPassword(self) -> None:
+        """Another server on our port was sent the password: the next start
+        makes a new one, so what it learnt opens nothing."""
+        self._passwordSeen = False
+        self._password = None
+        try:
+            (self.data_dir / datadir.PASSWORD_FILE).unlink()
+        except OSError as e:
+            self.log.error("could not delete {path}, which another server on port {port} was "
+                           "sent: {why}", path=str(self.data_dir / datadir.PASSWORD_FILE),
+                           port=self.port, why=str(e))
+        else:
+            self.log.warn("another server answered on port {port} and was sent the password: "
+                          "the next start makes a new one", port=self.port)
 
     # The child
 
@@ -303,24 +389,28 @@ class EmbeddedRedis(Service):
         return f"redis-server exited {how} before it answered PING on {HOST}:{self.port}: {said}"
 
 
-#: Starts a new session, then becomes the program named by its arguments
+#: Starts a new session, with a umask that keeps whatever redis-server
+#: creates to this user, then becomes the program named by its arguments
 #: (the pid stays the same, so signals reach redis-server itself).
-_SETSID_EXEC = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
+_SETSID_EXEC = ("import os, sys; os.setsid(); os.umask(0o077); "
+                "os.execv(sys.argv[1], sys.argv[1:])")
 
 
 class _RedisServerProcessProtocol(ProcessProtocol):
     """Logs what the child says, line by line, keeping the last lines for
     error messages, and tells its owner when it exits."""
 
-    def __init__(self, owner: EmbeddedRedis) -> None:
+    def __init__(self, owner: EmbeddedRedis, config: bytes) -> None:
         self.owner = owner
+        self.config = config
         self.pid: int | None = None
         self.lastLines: deque[str] = deque(maxlen=_KEPT_LINES)
         self._partial: dict[int, bytes] = {}
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
-        self.transport.closeStdin()  # redis-server reads nothing from it
+        self.transport.write(self.config)  # redis-server - reads it, up to EOF
+        self.transport.closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         *lines, self._partial[childFD] = (self._partial.get(childFD, b"") + data).split(b"\n")
@@ -341,6 +431,8 @@ class _RedisServerProcessProtocol(ProcessProtocol):
         match = _REDIS_LOG_LINE.match(line)
         if match and childFD == 1:
             level = _REDIS_LEVELS[match.group(1)]
+            if level is LogLevel.warn and _BANNER.match(match.group(2).decode("utf-8", "replace")):
+                level = LogLevel.info
         text = line.decode("utf-8", "replace")
         self.lastLines.append(text)
         self.owner.log.emit(level, "redis-server[{pid}]: {line}", pid=self.pid, line=text,
@@ -348,22 +440,29 @@ class _RedisServerProcessProtocol(ProcessProtocol):
 
 
 class _ProbeProtocol(Protocol):
-    """Sends ``PING`` and ``INFO server`` in one go; ``result`` fires with
-    the PING reply line and, after a ``+PONG``, the answering server's
-    ``process_id``."""
+    """Sends ``AUTH``, ``PING`` and ``INFO server`` in one go; ``result``
+    fires with the first reply line that is not ``AUTH``'s ``+OK`` and,
+    after a ``+PONG``, the answering server's ``process_id``."""
 
-    def __init__(self) -> None:
+    def __init__(self, password: str) -> None:
         self.result: Deferred[tuple[str, int | None]] = Deferred(self._cancel)
+        self._password = password
         self._buffer = b""
 
     def connectionMade(self) -> None:
-        self.transport.write(b"PING\r\nINFO server\r\n")
+        self.transport.write(b"AUTH %s\r\nPING\r\nINFO server\r\n" % self._password.encode())
 
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data
         if self.result.called:
             return
-        head, found, rest = self._buffer.partition(b"\r\n")
+        authorized, found, rest = self._buffer.partition(b"\r\n")
+        if not found:
+            return
+        if authorized != b"+OK":
+            self._finish(("AUTH refused: " + authorized.decode("utf-8", "replace"), None))
+            return
+        head, found, rest = rest.partition(b"\r\n")
         if not found:
             return
         reply = head.decode("utf-8", "replace")

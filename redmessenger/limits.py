@@ -7,12 +7,20 @@ from collections import Counter
 from collections.abc import Callable
 
 
+def address_of(peer) -> str:
+    """What the per-address limits count a peer (a Twisted address) as."""
+    return getattr(peer, "host", None) or "local"
+
+
 class Limits:
     def __init__(self, max_connections: int = 0, max_per_address: int = 0,
                  hello_rate: float = 0, clock: Callable[[], float] | None = None) -> None:
         self.max_connections = max_connections
         self.max_per_address = max_per_address
         self.hello_rate = hello_rate
+        #: A bucket holds at least one whole hello, or a rate below 1 would
+        #: never let one through.
+        self.hello_burst = max(1.0, hello_rate)
         self._clock = clock
         self._open: Counter[str] = Counter()
         self._total = 0
@@ -36,15 +44,17 @@ class Limits:
             del self._open[address]
 
     def hello_allowed(self, address: str) -> bool:
-        """A burst of up to ``hello_rate`` hellos, refilled at that rate."""
+        """A burst of up to ``hello_burst`` hellos, refilled at ``hello_rate``
+        per second: at 0.2, one hello every 5 s."""
         if not self.hello_rate:
             return True
         now = self._clock()
-        tokens, then = self._buckets.get(address, (self.hello_rate, now))
-        tokens = min(self.hello_rate, tokens + (now - then) * self.hello_rate)
+        burst = self.hello_burst
+        tokens, then = self._buckets.get(address, (burst, now))
+        tokens = min(burst, tokens + (now - then) * self.hello_rate)
         if len(self._buckets) > 100_000:  # forget addresses that have refilled
             self._buckets = {a: b for a, b in self._buckets.items()
-                             if b[0] + (now - b[1]) * self.hello_rate < self.hello_rate}
+                             if b[0] + (now - b[1]) * self.hello_rate < burst}
         if tokens < 1:
             self._buckets[address] = (tokens, now)
             return False

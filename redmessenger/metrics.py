@@ -18,18 +18,27 @@ _COUNTERS = (
     ("messages_redelivered", "redelivered",
      "Unacknowledged messages sent again to another socket of the user"),
     ("ping_timeouts", "ping_timeouts", "Sockets dropped for not answering a ping in time"),
+    ("connections_refused", "connections_refused",
+     "Connections closed at their accept: --max-connections or "
+     "--max-connections-per-address reached"),
+    ("handshake_timeouts", "handshake_timeouts",
+     "Connections closed for not becoming a WebSocket within --handshake-timeout"),
 )
 
 
 class _Collector:
-    def __init__(self, service) -> None:
+    def __init__(self, service, admission) -> None:
         self._service = service
+        self._admission = admission
 
     def collect(self):
         service = self._service
         stats = service.dispatcher.stats
         yield _gauge("connections", "Open WebSocket connections",
                      len(service.factory.connections))
+        yield _gauge("connections_handshaking",
+                     "Connections accepted that are not WebSockets (yet)",
+                     self._admission.handshaking)
         yield _gauge("users_online", "Users with at least one identified socket",
                      service.dispatcher.users)
         for name, attribute, doc in _COUNTERS:
@@ -67,10 +76,10 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"redmessenger_{name}", doc, value=value)
 
 
-def metrics_resource(service):
+def metrics_resource(service, admission):
     # prometheus_client.twisted imports the global reactor: only once serving.
     from prometheus_client.twisted import MetricsResource
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(service))
+    registry.register(_Collector(service, admission))
     return MetricsResource(registry=registry)

@@ -61,9 +61,11 @@ class Options(usage.Options):
         ["jwt-max-age", None, "0",
          "With --auth jwt: refuse tokens valid for longer than this many seconds "
          "(exp - iat; iat is then required). 0: no limit."],
-        ["max-connections", None, "0", "Open WebSockets in total (0: no limit; 4029 past it)."],
+        ["max-connections", None, "0",
+         "Open connections in total, from their accept (0: no limit; HTTP 503 past it)."],
         ["max-connections-per-address", None, "0",
-         "Open WebSockets per remote address (0: no limit; 4029 past it)."],
+         "Open connections per remote address, from their accept (0: no limit; HTTP 503 "
+         "past it)."],
         ["ping-interval", None, f"{_DEFAULTS.ping_interval:g}",
          "Seconds between WebSocket pings (0: none)."],
         ["ping-timeout", None, f"{_DEFAULTS.ping_timeout:g}",
@@ -81,13 +83,17 @@ class Options(usage.Options):
          "Seconds after which inbox entries another process read and did not "
          "acknowledge (it died) are taken over."],
         ["hello-rate", None, "0",
-         "Hellos per second per remote address, in bursts of as many (0: no limit; 4029)."],
+         "Hellos per second per remote address, in bursts of as many, at least one "
+         "(0: no limit; 4029)."],
         ["queue-ttl", None, str(_DEFAULTS.queue_ttl),
          "Seconds a user's stored queue lives after its last store (0: forever)."],
         ["queue-max", None, str(_DEFAULTS.queue_max),
          "Keep only the newest N stored messages per user (0: unbounded)."],
         ["hello-timeout", None, f"{_DEFAULTS.hello_timeout:g}",
          "Seconds a new socket has to send its hello."],
+        ["handshake-timeout", None, f"{_DEFAULTS.handshake_timeout:g}",
+         "Seconds a new connection has, from its accept, to become a WebSocket (TLS "
+         "handshake, HTTP request, upgrade); then it is closed."],
         ["max-sockets-per-user", None, str(_DEFAULTS.max_sockets_per_user),
          "Open sockets per user; one more closes the oldest (4009)."],
         ["max-frame", None, str(_DEFAULTS.max_frame),
@@ -139,6 +145,7 @@ class Options(usage.Options):
             queue_ttl=_number(self, "queue-ttl", int, 0),
             queue_max=_number(self, "queue-max", int, 0),
             hello_timeout=_number(self, "hello-timeout", float, 0.001),
+            handshake_timeout=_number(self, "handshake-timeout", float, 0.001),
             max_sockets_per_user=_number(self, "max-sockets-per-user", int, 1),
             max_frame=_number(self, "max-frame", int, 64),
             drain_chunk=_number(self, "drain-chunk", int, 1, MAX_TAKE),

@@ -8,10 +8,15 @@ start Redis the same way and cannot drift apart.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
-__all__ = ["RedisServerNotFound", "find_redis_server", "server_arguments"]
+__all__ = ["RedisServerNotFound", "find_redis_server", "parse_version", "protected_config",
+           "server_arguments"]
+
+#: ``Redis server v=7.0.15 sha=...`` (``Valkey server v=9.1.2 ...`` alike).
+_VERSION = re.compile(r"\bv=(\d+)\.(\d+)\.(\d+)\b")
 
 
 class RedisServerNotFound(Exception):
@@ -67,3 +72,35 @@ def server_arguments(port: int, data_dir: Path, *, bind: str = "127.0.0.1",
         "--protected-mode", "yes",
         "--unixsocket", "",
     ]
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """The version in ``redis-server --version``'s output (``v=7.0.15``);
+    ``ValueError`` if there is none."""
+    found = _VERSION.search(text)
+    if not found:
+        raise ValueError(f"no version (v=X.Y.Z) in {text.strip()[:200]!r}")
+    major, minor, patch = (int(part) for part in found.groups())
+    return major, minor, patch
+
+
+def protected_config(version: tuple[int, ...], password: str) -> str:
+    """Configuration lines, for redis-server to read on its standard input
+    (``redis-server -``, so that the password never shows in ``ps``), that
+    make a server others on the host can reach safe from them: a password,
+    and no command that could make it write files elsewhere or run code.
+
+    Redis 7 has switches for that (``enable-protected-configs`` and friends,
+    spelt out although ``no`` is their default); older ones get the
+    commands renamed away: ``CONFIG``, ``DEBUG`` and ``MODULE`` do not exist
+    there at all.
+    """
+    if any(c.isspace() or c in "\"'\\" for c in password) or not password:
+        raise ValueError("the password must be non-empty, without spaces or quotes")
+    lines = [f"requirepass {password}"]
+    if version >= (7,):
+        lines += ["enable-protected-configs no", "enable-debug-command no",
+                  "enable-module-command no"]
+    else:
+        lines += [f'rename-command {command} ""' for command in ("CONFIG", "DEBUG", "MODULE")]
+    return "\n".join(lines) + "\n"

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from . import __version__
 from .auth import Authenticator
 from .delivery import Dispatcher
-from .embedded import EmbeddedRedis
+from .embedded import EmbeddedRedis, EmbeddedRedisError
 from .frames import Close
 from .inbox import Inbox
 from .keys import Namespace
@@ -52,18 +52,27 @@ class RedMessengerService(MultiService):
 
     log = Logger()
 
-    def __init__(self, settings: Settings, reactor=None, *, fatal_start: bool = False) -> None:
+    def __init__(self, settings: Settings, reactor=None, *,
+                 fatal_start: bool | None = None) -> None:
+        """``fatal_start``: whether a failed start stops the reactor (and
+        the process, with status 1). By default it does under ``twistd``,
+        where nothing else would notice, and does not in an application
+        that runs its own reactor (it has ``whenListening()``)."""
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.settings = settings
         self.reactor = reactor
-        self._fatal_start = fatal_start
+        self._fatal_start = _under_twistd() if fatal_start is None else fatal_start
         namespace = Namespace(settings.prefix)
         if settings.redis is None:
             self.embedded: EmbeddedRedis | None = EmbeddedRedis(
                 settings.embedded_port, settings.data_dir, reactor)
-            address = RedisAddress(port=settings.embedded_port)
+            try:
+                password = self.embedded.password
+            except EmbeddedRedisError:
+                password = None  # its start fails, for the same reason, and says why
+            address = RedisAddress(port=settings.embedded_port, password=password)
         else:
             self.embedded = None
             address = settings.redis
@@ -102,6 +111,9 @@ class RedMessengerService(MultiService):
         self._starting: defer.Deferred | None = None
         self._start_outcome = None
         self._start_waiters: list[defer.Deferred] = []
+        #: A failed start and stopService may both let go of the parts:
+        #: one after the other, never interleaved.
+        self._letting_go = defer.DeferredLock()
 
     def whenListening(self) -> defer.Deferred:
         """Fires with the listening port once clients can connect, or fails
@@ -175,7 +187,7 @@ class RedMessengerService(MultiService):
         waiters, self._recovery_waiters = self._recovery_waiters, None
         for d in waiters:
             d.callback(None)
-        if self.inbox is not None and self.running:
+        if self.inbox is not None and self.running and self.redis.running:
             self.inbox.startService()
 
     def whenRecovered(self) -> defer.Deferred:
@@ -195,12 +207,22 @@ class RedMessengerService(MultiService):
         return port
 
     def _could_not_start(self, failure):
-        if not failure.check(defer.CancelledError):
-            self.log.critical("RedMessenger could not start: {why}",
-                              why=failure.getErrorMessage())
+        """Log why, then let go of everything started so far (a service
+        that does not listen must not stay subscribed, storing copies of
+        what another RedMessenger delivers), and only then hand the failure
+        on: to ``whenListening``, and to the reactor when ``fatal_start``."""
+        if failure.check(defer.CancelledError):
+            return failure  # stopService is stopping it
+        self.log.critical("RedMessenger could not start: {why}", why=failure.getErrorMessage())
+        undoing = self._letting_go.run(self._let_go)
+        undoing.addErrback(lambda f: self.log.failure("Could not stop what started", f))
+
+        def undone(_):
             if self._fatal_start:
                 _exit_after_shutdown(self.reactor, 1)
-        return failure
+            return failure
+
+        return undoing.addCallback(undone)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -211,6 +233,14 @@ class RedMessengerService(MultiService):
             self._starting.cancel()
         if self.port is not None:
             yield self.port.stopListening()
+        yield self._letting_go.run(self._let_go)
+        _running_here.discard(self.owner)
+        self.log.info("RedMessenger stopped")
+
+    @defer.inlineCallbacks
+    def _let_go(self):
+        """Stop the inbox, subscriber, command connection, heartbeat and
+        embedded Redis, each if it runs, giving back what is undelivered."""
         if self.inbox is not None and self.inbox.running:
             yield self.inbox.stopService()  # what it read and did not ack is read again
         if self.redis.running:
@@ -235,8 +265,6 @@ class RedMessengerService(MultiService):
             yield self.redis.stopService()
         if self.embedded is not None and self.embedded.running:
             yield self.embedded.stopService()
-        _running_here.discard(self.owner)
-        self.log.info("RedMessenger stopped")
 
 
 def _died_here(owner: str, whereabouts: str) -> bool:
@@ -256,6 +284,12 @@ def _died_here(owner: str, whereabouts: str) -> bool:
     except PermissionError:
         pass
     return False
+
+
+def _under_twistd() -> bool:
+    """Whether this process is twistd (or twist) running an application."""
+    return any(name in sys.modules for name in ("twisted.scripts.twistd",
+                                                "twisted.application.twist._twist"))
 
 
 def _exit_after_shutdown(reactor, code: int) -> None:

@@ -111,6 +111,9 @@ class Settings:
     #: Keep only the newest N stored messages per user; 0 is unbounded.
     queue_max: int = 0
     hello_timeout: float = 10.0
+    #: Seconds from a connection's accept to its WebSocket upgrade (the TLS
+    #: handshake and HTTP request included); then it is closed.
+    handshake_timeout: float = 10.0
     max_sockets_per_user: int = 8
     max_frame: int = 64 * 1024
     #: How many stored messages one Redis round trip takes while draining.

@@ -23,6 +23,10 @@ class Stats:
         self.acked = 0
         self.redelivered = 0
         self.ping_timeouts = 0
+        #: Connections closed at their accept by a connection limit, and
+        #: for not becoming a WebSocket in time (slowloris).
+        self.connections_refused = 0
+        self.handshake_timeouts = 0
         #: Sockets we closed, by close code.
         self.closed_by_code: Counter[int] = Counter()
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)

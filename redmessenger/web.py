@@ -14,6 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from . import __version__
+from .admission import Admission, upgrade
 
 
 class Health(Resource):
@@ -22,9 +23,10 @@ class Health(Resource):
 
     isLeaf = True
 
-    def __init__(self, service) -> None:
+    def __init__(self, service, admission: Admission) -> None:
         super().__init__()
         self._service = service
+        self._admission = admission
 
     def render_GET(self, request) -> bytes:
         service = self._service
@@ -38,6 +40,7 @@ class Health(Resource):
             "status": "ok" if ok else "unavailable",
             "redis": {"connected": connected, "subscribed": subscribed},
             "connections": len(service.factory.connections),
+            "handshaking": self._admission.handshaking,
             "users_online": service.dispatcher.users,
             "version": __version__,
         }).encode()
@@ -58,9 +61,9 @@ class Root(Resource):
     def render(self, request):
         if (request.getHeader(b"upgrade") or b"").lower() == b"websocket":
             # The connection is the WebSocket's from now on: the HTTP idle
-            # timeout must not close it later.
+            # timeout and the handshake deadline must not close it later.
             request.channel.setTimeout(None)
-            return self._websocket.render(request)
+            return upgrade(request, self._websocket)
         return self._page.render(request)
 
 
@@ -79,14 +82,17 @@ class Static(Resource):
         return self._data
 
 
-def make_site(service) -> Site:
+def make_site(service) -> Admission:
+    """What listens: the site, behind the limits and the handshake deadline."""
     from .metrics import metrics_resource
 
     root = Root(WebSocketResource(service.factory),
                 Static("index.html", "text/html; charset=utf-8"))
-    root.putChild(b"health", Health(service))
-    root.putChild(b"metrics", metrics_resource(service))
     root.putChild(b"client.js", Static("redmessenger.js", "text/javascript; charset=utf-8"))
     site = Site(root)
     site.noisy = False
-    return site
+    admission = Admission(site, service.factory.limits, service.dispatcher.stats,
+                          service.settings.handshake_timeout, service.reactor)
+    root.putChild(b"health", Health(service, admission))
+    root.putChild(b"metrics", metrics_resource(service, admission))
+    return admission

@@ -29,7 +29,7 @@ from .auth import Authenticator
 from .delivery import Dispatcher
 from .frames import Close, Hello, ProtocolError
 from .keys import Namespace
-from .limits import Limits
+from .limits import Limits, address_of
 from .redisconnection import RedisUnavailable
 from .settings import Settings
 
@@ -57,7 +57,7 @@ class RedMessengerProtocol(WebSocketServerProtocol):
     ack_mode = False
     _hello: Hello | None = None
     _hello_timer = None
-    #: The remote address counted against the limits while this is open.
+    #: The remote address, for the hello rate.
     _address: str | None = None
     #: Below the high-water mark: the dispatcher may write to it.
     writable = True
@@ -182,12 +182,8 @@ class RedMessengerProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         self.factory.connections.add(self)
         _log.info("New connection {peer}! Waiting for ID...", peer=self.peer)
-        self._address = _address(self.transport.getPeer())
-        refusal = self.factory.limits.admit(self._address)
-        if refusal is not None:
-            self._address = None
-            self._refuse(ProtocolError(Close.RATE_LIMITED, "too_many_connections", refusal))
-            return
+        # Counted against the connection limits since its accept (admission.py).
+        self._address = address_of(self.transport.getPeer())
         self._hello_timer = self.factory.reactor.callLater(
             self.factory.hello_timeout, self._no_hello)
         if self.factory.ping_interval:
@@ -225,9 +221,6 @@ class RedMessengerProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.connections.discard(self)
-        if self._address is not None:
-            self.factory.limits.release(self._address)
-            self._address = None
         for call in (self._hello_timer, self._next_ping, self._pong_due):
             if call is not None and call.active():
                 call.cancel()
@@ -399,7 +392,3 @@ class RedMessengerFactory(WebSocketServerFactory):
     def close_all(self, code: int, error: str, reason: str) -> None:
         for connection in list(self.connections):
             connection.close(code, error, reason)
-
-
-def _address(peer) -> str:
-    return getattr(peer, "host", None) or "local"

