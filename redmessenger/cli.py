@@ -33,8 +33,8 @@ from twisted.internet import defer
 
 from . import __version__, datadir, lua
 from .envelope import Envelope
-from .frames import MAX_ID_LENGTH
 from .keys import Namespace
+from .publish import DURABLE_PUBLISH, check_id, durable_publish_arguments
 from .settings import RedisAddress
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -148,8 +148,6 @@ async def group_members(redis: Redis, ns: Namespace, gid: str) -> tuple[str, lis
 
 async def cmd_send(redis: Redis, ns: Namespace, args: argparse.Namespace,
                    out: TextIO) -> int:
-    from .publish import DURABLE_PUBLISH, durable_publish_arguments
-
     payload = sys.stdin.buffer.read() if args.payload == "-" else os.fsencode(args.payload)
     # One atomic script: publish, and if nobody heard it, store it as
     # RedMessenger would have (as the application's durable_publish() does).
@@ -400,11 +398,20 @@ async def cmd_status(reactor: Any, args: argparse.Namespace, out: TextIO) -> int
 def user_id(text: str) -> str:
     """A user id RedMessenger accepts in a hello (docs/protocol.rst), so that
     nothing is stored for a user who could never connect."""
-    if not text or len(text) > MAX_ID_LENGTH or any(
-            c.isspace() or not c.isprintable() for c in text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: a user id is 1 to {MAX_ID_LENGTH} printable characters, no spaces")
-    return text
+    return _checked("user", text)
+
+
+def group_id(text: str) -> str:
+    """A group id by the same rule: ``rm.groups.`` alone is a channel
+    RedMessenger ignores, so ``send --group ""`` would reach nobody."""
+    return _checked("group", text)
+
+
+def _checked(kind: str, text: str) -> str:
+    try:
+        return check_id(kind, text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _non_negative(text: str) -> int:
@@ -472,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "envelope, so it is delivered when they connect.")
     whom = send.add_mutually_exclusive_group(required=True)
     whom.add_argument("--user", "-u", type=user_id, metavar="UID")
-    whom.add_argument("--group", "-g", metavar="GID")
+    whom.add_argument("--group", "-g", type=group_id, metavar="GID")
     send.add_argument("payload", metavar="PAYLOAD",
                       help="what to send; - reads it (any bytes) from standard input")
     send.add_argument("--queue-ttl", type=_non_negative, default=0, metavar="SECONDS",
