@@ -170,7 +170,8 @@ class RedMessengerService(MultiService):
 
     def _beat(self) -> None:
         self.store.heartbeat(HEARTBEAT_TTL, self.whereabouts).addErrback(
-            lambda f: self.log.failure("Could not renew the heartbeat", f))
+            lambda f: self.log.warn("Could not renew the heartbeat: {why}",
+                                    why=f.getErrorMessage()))
 
     def _recover(self, _) -> None:
         """What processes that died held goes back now, before any hello is

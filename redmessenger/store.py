@@ -378,9 +378,16 @@ class RedisStore:
     def heartbeat(self, seconds: int, whereabouts: str) -> defer.Deferred:
         """Say this process is alive for ``seconds`` more: its claims are
         left alone meanwhile. ``whereabouts`` (``"<host> <pid>"``) lets a
-        process started on the same host tell at once that this one died."""
-        return self._redis.execute(b"SET", self._ns.process(self._owner),
-                                   whereabouts.encode(), b"EX", seconds)
+        process started on the same host tell at once that this one died.
+
+        While Redis refuses writes for now (out of memory), a SET would wait
+        behind them, the heartbeat would expire, and this process' claims
+        would be taken for a dead one's: an EXPIRE, which adds no memory and
+        which Redis takes meanwhile, goes ahead instead."""
+        key = self._ns.process(self._owner)
+        if self._redis.refusal is not None:
+            return self._redis.execute_now(b"EXPIRE", key, seconds)
+        return self._redis.execute(b"SET", key, whereabouts.encode(), b"EX", seconds)
 
     async def forget_dead(self, is_dead: Callable[[str, str], bool]) -> list[str]:
         """Delete the heartbeats of processes ``is_dead(owner, whereabouts)``

@@ -160,3 +160,53 @@ async def test_stores_a_read_only_replica_refuses_land_once_it_is_a_primary_agai
         assert payloads(private_redis, "u") == [str(i) for i in range(10)]
     finally:
         await rm.stop()
+
+
+@aiotest
+async def test_unacked_messages_of_a_client_gone_while_redis_is_out_of_memory_are_kept(
+        oom_redis):
+    """The drain claim is their only other copy: it goes only once the
+    recommit is in the queue. (It used to be deleted right behind a recommit
+    Redis refused, and nothing was left.)"""
+    rm = await start_service(oom_redis)
+    try:
+        for i in range(5):
+            rm.publish("rm.users.u", str(i))
+        await eventually(lambda: len(payloads(oom_redis, "u")) == 5)
+        client = await rm.user("u", ack=True)
+        assert [m["payload"] for m in await client.messages(5)] == [str(i) for i in range(5)]
+        [claim] = oom_redis.command("KEYS", "rm:users:u:taking:*")
+        oom_redis.out_of_memory(True)
+        await client.close()  # nothing acknowledged
+        await eventually(lambda: not rm.service.redis.writable, what="the refused recommit")
+        assert oom_redis.command("LLEN", claim) == 5  # still claimed: the only copy
+        oom_redis.out_of_memory(False)
+        await eventually(lambda: payloads(oom_redis, "u") == [str(i) for i in range(5)],
+                         what="the recommit")
+        await eventually(lambda: not oom_redis.command("KEYS", "rm:users:u:taking:*")
+                         and not oom_redis.command("EXISTS", "rm:users:u:claims"),
+                         what="the claim to go")
+    finally:
+        await rm.stop()
+
+
+@aiotest
+async def test_the_heartbeat_is_renewed_while_redis_is_out_of_memory(oom_redis):
+    """Held behind the refused writes, it would expire after 15 s, and this
+    process' own claims would be taken back as a dead process' are."""
+    from redmessenger.service import HEARTBEAT_TTL
+
+    rm = await start_service(oom_redis)
+    try:
+        [key] = oom_redis.command("KEYS", "rm:procs:*")
+        oom_redis.out_of_memory(True)
+        rm.publish("rm.users.u", "refused for now")
+        await eventually(lambda: not rm.service.redis.writable, what="a refusal")
+        oom_redis.command("EXPIRE", key, 2)  # as if the spell had lasted 13 s
+        rm.service.store.heartbeat(HEARTBEAT_TTL, rm.service.whereabouts)
+        await eventually(lambda: oom_redis.command("TTL", key) > 2, what="a renewal")
+        assert not rm.service.redis.writable  # it went ahead of the held writes
+        oom_redis.out_of_memory(False)
+        await eventually(lambda: payloads(oom_redis, "u") == ["refused for now"])
+    finally:
+        await rm.stop()
