@@ -356,7 +356,6 @@ class Dispatcher:
         Redis call for all of them."""
         offline = []
         kick = []
-        stats = self.stats
         for uid in uids:
             session = self._sessions.get(uid)
             if session is None:
@@ -383,7 +382,6 @@ class Dispatcher:
                     log.debug("{uid}: Sending message {id} from {source}", uid=uid,
                               id=envelope.id, source=envelope.source)
         if offline:
-            stats.stored += len(offline)
             if self._trace:
                 for uid in offline:
                     log.debug("Client is not online, queueing message in Redis ({key})",
@@ -627,7 +625,6 @@ class Dispatcher:
         waiting = list(session.waiting)
         session.waiting.clear()
         session.overflowed = True  # later ones follow them, until a drain takes them
-        self.stats.stored += len(waiting)
         if not session.seats:
             log.info("{uid}: Client is not online, queueing {count} messages in Redis ({key})",
                      uid=session.uid, count=len(waiting), key=self._ns.queue(session.uid))

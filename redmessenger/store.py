@@ -280,6 +280,9 @@ class RedisStore:
 
     def _stored(self, reply: list, queues: list[tuple[list[str], Envelope]]):
         cuts, failed = reply
+        # Counted once Redis has them: a counter that went back down for
+        # what Redis refused would read as a restart to Prometheus.
+        self._stats.stored += sum(len(keys) for keys, _ in queues) - len(failed) // 2
         if not cuts and not failed:
             return None
         owners = [(key, envelope) for keys, envelope in queues for key in keys]
@@ -299,13 +302,9 @@ class RedisStore:
         return self._refused([(key, envelope, why) for keys, envelope in queues
                               for key in keys])
 
-    def _refused(self, refused: list[tuple[str, Envelope, str]],
-                 recommitted: bool = False) -> defer.Deferred:
-        """Stores (or, with ``recommitted``, requeues) Redis refused for
-        good: to the dead letters, and counted there rather than as stored.
-        Fires once every one is there."""
-        if not recommitted:
-            self._stats.stored -= len(refused)
+    def _refused(self, refused: list[tuple[str, Envelope, str]]) -> defer.Deferred:
+        """Stores or requeues Redis refused for good: to the dead letters,
+        counted there. Fires once every one is there."""
         self._stats.dead_letters += len(refused)
         return defer.gatherResults([self._dead_letter(*r) for r in refused], consumeErrors=True)
 
@@ -345,7 +344,7 @@ class RedisStore:
         key = self._ns.queue(uid)
         d = self._redis.eval(REQUEUE, [key], [self._ttl, *(e.stored() for e in envelopes)])
         d.addErrback(lambda failure: self._refused(
-            [(key, e, failure.getErrorMessage()) for e in envelopes], recommitted=True))
+            [(key, e, failure.getErrorMessage()) for e in envelopes]))
         self._settling(d)
         return d
 

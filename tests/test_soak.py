@@ -565,6 +565,8 @@ async def test_a_close_the_killed_server_never_answered_counts_as_abrupt(tmp_pat
     messenger = Messenger(tmp_path, redis)
     try:
         await in_thread(messenger.start)
+        await in_thread(wait_for, messenger.healthy, "RedMessenger to be on Redis",
+                        START_TIMEOUT)
         ws = await websockets.connect(messenger.url, max_size=None, max_queue=None,
                                       ping_interval=None, close_timeout=10)
         await ws.send(json.dumps({"id": "user1"}))
