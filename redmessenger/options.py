@@ -73,7 +73,7 @@ class Options(usage.Options):
          "stored."],
         ["max-socket-buffer", None, str(_DEFAULTS.max_socket_buffer),
          "Bytes that may wait for a client beyond what its connection holds (it is "
-         "written to up to 256 KiB unsent, then its messages wait in Redis); past it the "
+         "written to up to 1 MiB unsent, then its messages wait in Redis); past it the "
          "socket is closed with 4010 and its messages go to the user's other sockets or "
          "are stored."],
         ["ack-window", None, str(_DEFAULTS.ack_window),

@@ -34,18 +34,19 @@ def no_claims_left(rm, uid: str) -> bool:
 @pytest.mark.parametrize("ack", [False, True], ids=["plain", "ack"])
 async def test_a_backlog_bigger_than_the_socket_buffer_drains_in_one_connection(messenger,
                                                                                 ack):
-    """600 stored messages of 3 KB (1.8 MB) and a 256 KiB --max-socket-buffer:
-    before, each connection was closed with 4010 part-way and, in ack mode,
-    everything went back to the head, so the queue never shrank."""
+    """1,500 stored messages of 3 KB (4.5 MB: several times the high-water
+    mark) and a 256 KiB --max-socket-buffer: before, each connection was
+    closed with 4010 part-way and, in ack mode, everything went back to the
+    head, so the queue never shrank."""
     rm = await messenger(max_socket_buffer=256 * 1024)
     body = "x" * 3000
     rm.redis.client().pipeline([("PUBLISH", "rm.users.user1", f"{i} {body}")
-                                for i in range(600)])
-    await eventually(lambda: len(rm.queue("user1")) == 600)
+                                for i in range(1500)])
+    await eventually(lambda: len(rm.queue("user1")) == 1500)
     user1 = await rm.user("user1", ack=ack)
-    assert user1.welcome["queued"] == 600
-    received = await read_all(user1, 600, ack)
-    assert [int(p.split()[0]) for p in received] == list(range(600))
+    assert user1.welcome["queued"] == 1500
+    received = await read_all(user1, 1500, ack)
+    assert [int(p.split()[0]) for p in received] == list(range(1500))
     assert rm.dispatcher.stats.closed_by_code[4010] == 0
     assert rm.dispatcher.online("user1")
     await eventually(lambda: no_claims_left(rm, "user1") and not rm.queue("user1"),
