@@ -12,7 +12,8 @@
  * The protocol it speaks is docs/protocol.rst: a hello, a welcome, then
  * message frames; in ack mode, cumulative `{"type": "ack", "tag": N}` frames
  * back. It reconnects by itself (exponential backoff with full jitter) unless
- * the server refused the hello or a frame for good.
+ * the server refused the hello or a frame for good, and asks for `heartbeat`
+ * frames to notice a connection that died without a word (see `idleTimeout`).
  *
  * Messages are handled one at a time, in order: a `message` event, whose
  * listeners may return promises (async functions); the next message waits
