@@ -31,10 +31,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 from twisted.internet import defer
 
-from . import __version__, datadir
+from . import __version__, datadir, lua
 from .envelope import Envelope
-from .frames import MAX_ID_LENGTH
 from .keys import Namespace
+from .publish import DURABLE_PUBLISH, check_id, durable_publish_arguments
 from .settings import RedisAddress
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -44,6 +44,8 @@ DEFAULT_DATA_DIR = "redmessenger-data"
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 #: Shown for a queue entry that is not one of RedMessenger's envelopes.
 RAW = "(raw entry)"
+#: At most this many characters of a dead letter's payload are shown.
+SHOWN_PAYLOAD = 200
 
 
 class CommandFailed(Exception):
@@ -146,8 +148,6 @@ async def group_members(redis: Redis, ns: Namespace, gid: str) -> tuple[str, lis
 
 async def cmd_send(redis: Redis, ns: Namespace, args: argparse.Namespace,
                    out: TextIO) -> int:
-    from .publish import DURABLE_PUBLISH, durable_publish_arguments
-
     payload = sys.stdin.buffer.read() if args.payload == "-" else os.fsencode(args.payload)
     # One atomic script: publish, and if nobody heard it, store it as
     # RedMessenger would have (as the application's durable_publish() does).
@@ -261,6 +261,95 @@ async def cmd_token(redis: Redis, ns: Namespace, args: argparse.Namespace,
     return 0
 
 
+# KEYS: the dead letters, the queue, the entry's parts; ARGV: the entry,
+# its envelope, ttl, max. Only an entry still there is pushed (a concurrent
+# retry does not push it twice), and only one that was pushed leaves.
+DEAD_RETRY = lua.PUSH + """
+if not redis.call('LPOS', KEYS[1], ARGV[1]) then return 0 end
+local _, err = push(KEYS[2], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+if err then return redis.error_reply(err) end
+redis.call('LREM', KEYS[1], 1, ARGV[1])
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
+
+class DeadLetter:
+    """One entry of ``<prefix>:dead``: the envelope Redis refused (in the
+    entry, or in ``parts``, a list, when it is big), the key it was for,
+    Redis's error and when (``time``, seconds since the epoch)."""
+
+    def __init__(self, raw: bytes, ns: Namespace) -> None:
+        self.raw = raw
+        try:
+            doc = json.loads(raw)
+            self.key, self.error, self.time = str(doc["key"]), str(doc["error"]), doc["time"]
+            self.parts = str(doc["parts"]) if "parts" in doc else ns.dead_parts("")
+            self.envelope = b"" if "parts" in doc else doc["envelope"].encode()
+            self._in_parts = "parts" in doc
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CommandFailed(f"a dead letter is not RedMessenger's: {raw[:200]!r}") from None
+        self.id, self.payload = RAW, b""
+
+    async def load(self, redis: Redis) -> DeadLetter:
+        if self._in_parts:
+            self.envelope = b"".join(bytes(p) for p in await redis(b"LRANGE", self.parts, 0, -1))
+        decoded = Envelope.from_stored(self.envelope, "?", lambda: RAW, 0)
+        self.id, self.payload = decoded.id, decoded.payload
+        return self
+
+
+async def dead_letters(redis: Redis, ns: Namespace) -> list[DeadLetter]:
+    return [await DeadLetter(bytes(raw), ns).load(redis)
+            for raw in await redis(b"LRANGE", ns.dead, 0, -1)]
+
+
+async def cmd_dead(redis: Redis, ns: Namespace, args: argparse.Namespace,
+                   out: TextIO) -> int:
+    letters = await dead_letters(redis, ns)
+    chosen = [d for d in letters if not args.ids or d.id in args.ids]
+    if args.ids and (missing := set(args.ids) - {d.id for d in chosen}):
+        raise CommandFailed(f"no dead letter with id {', '.join(sorted(missing))} in {ns.dead}")
+    if args.action == "list":
+        if args.json:
+            for letter in chosen:
+                print(_text(letter.raw), file=out)
+            return 0
+        dropped = int(await redis(b"GET", ns.dead_dropped) or 0)
+        print(f"{ns.dead}: {_count(len(letters), 'dead letter')}"
+              + (f" ({dropped} older ones dropped over --dead-max)" if dropped else "")
+              + (":" if chosen else ""), file=out)
+        for number, letter in enumerate(chosen, 1):
+            when = datetime.fromtimestamp(letter.time, timezone.utc)
+            shown = _show_payload(letter.payload)
+            if len(shown) > SHOWN_PAYLOAD:
+                shown = shown[:SHOWN_PAYLOAD] + f"... ({len(letter.payload)} bytes)"
+            print(f"{number:>4}  {letter.id}  {when.isoformat(timespec='seconds')}  "
+                  f"{letter.key}  {letter.error}\n      {shown}", file=out)
+        return 0
+    if args.action == "drop":
+        if not args.ids and not args.all:
+            raise CommandFailed("say which: dead drop ID... or dead drop --all")
+        for letter in chosen:
+            await redis(b"LREM", ns.dead, 1, letter.raw)
+            await redis(b"DEL", letter.parts)
+        print(f"Dropped {_count(len(chosen), 'dead letter')} from {ns.dead}.", file=out)
+        return 0
+    failed = 0
+    for letter in chosen:
+        try:
+            await redis(b"EVAL", DEAD_RETRY, 3, ns.dead, letter.key, letter.parts, letter.raw,
+                        letter.envelope, args.queue_ttl, args.queue_max)
+        except CommandFailed as e:
+            failed += 1
+            print(f"{letter.id}: still refused: {e}", file=sys.stderr)
+        else:
+            print(f"{letter.id}: back in {letter.key}", file=out)
+    print(f"Pushed {_count(len(chosen) - failed, 'dead letter')} back to their queues; "
+          f"{failed} still refused.", file=out)
+    return 1 if failed else 0
+
+
 async def cmd_status(reactor: Any, args: argparse.Namespace, out: TextIO) -> int:
     from twisted.internet.error import ConnectError
     from twisted.web.client import Agent, readBody
@@ -309,11 +398,20 @@ async def cmd_status(reactor: Any, args: argparse.Namespace, out: TextIO) -> int
 def user_id(text: str) -> str:
     """A user id RedMessenger accepts in a hello (docs/protocol.rst), so that
     nothing is stored for a user who could never connect."""
-    if not text or len(text) > MAX_ID_LENGTH or any(
-            c.isspace() or not c.isprintable() for c in text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: a user id is 1 to {MAX_ID_LENGTH} printable characters, no spaces")
-    return text
+    return _checked("user", text)
+
+
+def group_id(text: str) -> str:
+    """A group id by the same rule: ``rm.groups.`` alone is a channel
+    RedMessenger ignores, so ``send --group ""`` would reach nobody."""
+    return _checked("group", text)
+
+
+def _checked(kind: str, text: str) -> str:
+    try:
+        return check_id(kind, text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _non_negative(text: str) -> int:
@@ -381,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "envelope, so it is delivered when they connect.")
     whom = send.add_mutually_exclusive_group(required=True)
     whom.add_argument("--user", "-u", type=user_id, metavar="UID")
-    whom.add_argument("--group", "-g", metavar="GID")
+    whom.add_argument("--group", "-g", type=group_id, metavar="GID")
     send.add_argument("payload", metavar="PAYLOAD",
                       help="what to send; - reads it (any bytes) from standard input")
     send.add_argument("--queue-ttl", type=_non_negative, default=0, metavar="SECONDS",
@@ -433,6 +531,32 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Print the user's key.")
     showing.add_argument("user", type=user_id, metavar="UID")
     token.set_defaults(run=cmd_token)
+
+    dead = commands.add_parser(
+        "dead", help="show, push back or drop messages Redis refused for good",
+        description="rm:dead holds the messages Redis refused for good (a queue key of "
+                    "another type, a value too big): the envelope, the key it was for, "
+                    "Redis's error and when.")
+    actions = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="show the dead letters, oldest first",
+                                 description="Show the dead letters, oldest first.")
+    listing.add_argument("ids", nargs="*", metavar="ID", help="only these message ids")
+    listing.add_argument("--json", action="store_true", help="one entry per line, as stored")
+    retry = actions.add_parser(
+        "retry", help="push dead letters back to their queues",
+        description="Append each dead letter (or those given) to the queue it was for; "
+                    "those Redis takes leave rm:dead, the others stay. Exit status 1 if "
+                    "any is still refused.")
+    retry.add_argument("ids", nargs="*", metavar="ID", help="only these message ids")
+    retry.add_argument("--queue-ttl", type=_non_negative, default=0, metavar="SECONDS",
+                       help="as RedMessenger's --queue-ttl (default: 0, never)")
+    retry.add_argument("--queue-max", type=_non_negative, default=0, metavar="N",
+                       help="as RedMessenger's --queue-max (default: 0, unbounded)")
+    drop = actions.add_parser("drop", help="delete dead letters",
+                              description="Delete the dead letters given, or all of them.")
+    drop.add_argument("ids", nargs="*", metavar="ID", help="these message ids")
+    drop.add_argument("--all", action="store_true", help="every dead letter")
+    dead.set_defaults(run=cmd_dead)
 
     status = commands.add_parser(
         "status", help="ask a running RedMessenger how it is",

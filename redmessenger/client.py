@@ -7,10 +7,25 @@ once. A refusal that would only be repeated (4000 ``bad_hello``, 4001
 ``unauthorized``, ...) stops the client and is surfaced instead.
 
 Messages are handed to the handler one at a time, in order. In ack mode the
-client acknowledges a message only once the handler has returned (or its
-Deferred has fired), and it remembers the ids it handed over, so that a
-message the server sends again (it was not acknowledged when the socket went
-away) is not handed over twice.
+client acknowledges a message only once the handler has succeeded: returned,
+or its Deferred (or coroutine) has fired with a result. A handler that
+raises, or whose Deferred fails, refuses the message (a nack): the client
+acknowledges what was handled before it, closes the connection and
+reconnects, and the server sends the message again, then the ones after it.
+The client remembers the ids it handled, so that a message the server sends
+again (it was not acknowledged when the socket went away) is not handed
+over twice.
+
+While ``max_pending`` messages or more wait for the handler, the client
+stops reading from the connection, so that a slow handler leaves messages
+with the server (which stores them, or closes the connection with 4010 past
+``--max-socket-buffer``) instead of in this process' memory.
+
+The backoff between attempts only starts again from its shortest delay once
+a connection has stayed up for ``stable_after`` seconds: a server that
+welcomes and then closes is not hammered. ``key`` may be a function that
+returns the key (or a Deferred or coroutine of it), called before every
+attempt, for keys that expire (a JWT).
 
 Usage::
 
@@ -31,7 +46,7 @@ import json
 import random
 from base64 import b64decode
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +70,8 @@ FINAL_CLOSE_CODES = frozenset({4000, 4001, 4002, 4009, 1002, 1003, 1007, 1008, 1
 #: when the close frame itself is lost.
 FINAL_ERRORS = frozenset({"bad_hello", "unauthorized", "bad_frame", "too_many_sockets",
                           "binary_frame", "frame_too_big"})
+#: Seconds a key function may take before the attempt counts as failed.
+KEY_TIMEOUT = 10.0
 
 
 def backoff(initial: float = 0.1, maximum: float = 30.0,
@@ -196,6 +213,8 @@ class _Protocol(WebSocketClientProtocol):
     handled_tag = 0
     acked_tag = 0
     _ack_timer = None
+    #: Not reading, because the handler is behind.
+    paused = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -218,6 +237,35 @@ class _Protocol(WebSocketClientProtocol):
     @property
     def open_now(self) -> bool:
         return self.state == self.STATE_OPEN
+
+    def pause(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.transport.resumeProducing()
+            if self.open_now and self.autoPingInterval and not (
+                    self.autoPingPendingCall or self.autoPingTimeoutCall):
+                self._sendAutoPing()  # the one skipped while paused
+
+    def onAutoPingTimeout(self) -> None:
+        """A pong we do not read is no sign of a dead server: while paused,
+        skip the timeout (a ping follows on resume)."""
+        if self.paused:
+            self.autoPingTimeoutCall = None
+            return
+        super().onAutoPingTimeout()
+
+    def refuse(self, message_id: str) -> None:
+        """Nack: acknowledge what was handled, and close, so that the server
+        sends the rest again, starting with the refused message."""
+        if self.open_now:
+            self.flush_acks()
+            self.resume()
+            self.sendClose(1000, f"the handler refused message {message_id}"[:120])
 
     def handled(self, tag: int | None) -> None:
         """The handler is done with the message tagged ``tag``: acknowledge
@@ -251,16 +299,27 @@ class _Factory(WebSocketClientFactory):
 
 
 _Callback = Callable[[Any], object]
+#: A key, or where to get a fresh one before each attempt.
+KeySource = Callable[[], "str | None | defer.Deferred[str | None] | Awaitable[str | None]"]
 
 
 class RedMessengerClient(Service):
     """A user's connection to RedMessenger that reconnects by itself.
 
     ``on_message(Message)`` may return a Deferred or a coroutine: the next
-    message waits for it and, in ack mode, so does the message's ack.
+    message waits for it and, in ack mode, so does the message's ack. If it
+    raises, or its result fails, the message is refused: in ack mode the
+    connection is closed and the server sends it again (see the module's
+    docstring); in plain mode it is logged, since nothing can be sent again.
     ``on_welcome(Welcome)``, ``on_error(ServerError)`` and
     ``on_state(StateChange)`` are notifications; whatever they raise is
     logged and otherwise ignored.
+
+    ``key`` is the user's key, or a function called before every attempt
+    that returns it, or a Deferred or coroutine of it. Past ``max_pending``
+    messages waiting for the handler the client stops reading until half of
+    them are handled. The backoff starts again from ``retry_policy(1)``
+    only after a connection has stayed up ``stable_after`` seconds.
 
     Acks are batched: the highest handled tag is sent once ``ack_every``
     messages are waiting for it, or ``ack_delay`` seconds after the first
@@ -271,8 +330,8 @@ class RedMessengerClient(Service):
 
     log = Logger()
 
-    def __init__(self, url: str, uid: str, key: str | None = None, ack: bool = False,
-                 reactor: Any = None, *,
+    def __init__(self, url: str, uid: str, key: str | KeySource | None = None,
+                 ack: bool = False, reactor: Any = None, *,
                  on_message: Callable[[Message], object] | None = None,
                  on_welcome: Callable[[Welcome], object] | None = None,
                  on_error: Callable[[ServerError], object] | None = None,
@@ -280,12 +339,16 @@ class RedMessengerClient(Service):
                  ack_every: int = 50, ack_delay: float | None = 0.2,
                  dedup_size: int = 10_000,
                  retry_policy: Callable[[int], float] | None = None,
+                 stable_after: float = 30.0,
+                 max_pending: int = 100,
                  ping_interval: float | None = 30.0,
                  endpoint: IStreamClientEndpoint | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         if ack_every < 1:
             raise ValueError("ack_every must be at least 1")
+        if max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
         self.url = url
         self.uid = uid
         self.key = key
@@ -298,6 +361,8 @@ class RedMessengerClient(Service):
         self.ack_every = ack_every
         self.ack_delay = ack_delay
         self.retry_policy = retry_policy or backoff()
+        self.stable_after = stable_after
+        self.max_pending = max_pending
         self.seen = RecentIds(dedup_size)
         self.state = State.STOPPED
         #: The last welcome received (of this connection or an earlier one).
@@ -314,9 +379,12 @@ class RedMessengerClient(Service):
             options.update(autoPingInterval=ping_interval, autoPingTimeout=ping_interval / 2)
         self._factory.setProtocolOptions(**options)
         self._protocol: _Protocol | None = None
+        self._key: str | None = None
         self._connecting: defer.Deferred | None = None
         self._retry = None
-        self._attempts = 0
+        self._stable_timer = None
+        #: Attempts since the last connection that stayed up ``stable_after``.
+        self.attempts = 0
         self._welcome_waiters: list[defer.Deferred] = []
         self._stop_waiters: list[defer.Deferred] = []
         self._stopping: defer.Deferred | None = None
@@ -324,6 +392,8 @@ class RedMessengerClient(Service):
         # ack them with (no message: a bad frame, acknowledged in its turn).
         self._inbox: deque[tuple[Message | None, _Protocol, int | None]] = deque()
         self._busy = False
+        #: The connection not read from while the handler catches up.
+        self._held: _Protocol | None = None
 
     @staticmethod
     def _endpoint_for(url: str, reactor) -> IStreamClientEndpoint:
@@ -348,7 +418,7 @@ class RedMessengerClient(Service):
             return
         super().startService()
         self.refused = None
-        self._attempts = 0
+        self.attempts = 0
         self._stopping = None
         self._connect()
 
@@ -363,6 +433,7 @@ class RedMessengerClient(Service):
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
+        self._cancel_stable_timer()
         proto = self._protocol
         if self._connecting is not None:
             self._connecting.cancel()
@@ -371,6 +442,7 @@ class RedMessengerClient(Service):
             return defer.succeed(None)
         if proto.open_now:
             proto.flush_acks()
+            proto.resume()  # to read the server's close frame
             proto.sendClose(1000)
         else:
             proto.dropConnection(abort=True)
@@ -415,8 +487,32 @@ class RedMessengerClient(Service):
         self._retry = None
         self._set_state(StateChange(State.CONNECTING))
         self.log.debug("Connecting to {url} as {uid}", url=self.url, uid=self.uid)
-        d = self._connecting = self._endpoint.connect(self._factory)
+        d = self._connecting = self._fetch_key()
+        d.addCallback(self._key_ready)
         d.addCallbacks(self._transport_up, self._connect_failed)
+
+    def _fetch_key(self) -> defer.Deferred[str | None]:
+        """The key for this attempt: ``key`` itself, or what its function
+        gives now (a fresh JWT, say)."""
+        if not callable(self.key):
+            return defer.succeed(self.key)
+        d = defer.maybeDeferred(self.key)
+        d.addCallback(lambda key: defer.ensureDeferred(key) if inspect.isawaitable(key)
+                      and not isinstance(key, defer.Deferred) else key)
+        d.addTimeout(KEY_TIMEOUT, self.reactor)
+        return d.addErrback(self._key_failed)
+
+    def _key_failed(self, failure: Failure) -> Failure:
+        if self.running:  # not cancelled by stopService
+            self.log.error("Could not get the key for {uid}: {why}; the attempt failed",
+                           uid=self.uid, why=failure.getErrorMessage() or failure.type.__name__)
+        return failure
+
+    def _key_ready(self, key: object) -> defer.Deferred[_Protocol]:
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"the key function returned {type(key).__name__}, not a string")
+        self._key = key
+        return self._endpoint.connect(self._factory)
 
     def _transport_up(self, proto: _Protocol) -> None:
         self._connecting = None
@@ -430,8 +526,8 @@ class RedMessengerClient(Service):
 
     def _opened(self, proto: _Protocol) -> None:
         hello: dict[str, Any] = {"id": self.uid}
-        if self.key is not None:
-            hello["key"] = self.key
+        if self._key is not None:
+            hello["key"] = self._key
         if self.ack:
             hello["ack"] = True
         proto.sendMessage(json.dumps(hello).encode())
@@ -440,6 +536,9 @@ class RedMessengerClient(Service):
     def _closed(self, proto: _Protocol, code: int | None, reason: str | None) -> None:
         if proto is self._protocol:
             self._protocol = None
+            self._cancel_stable_timer()
+        if proto is self._held:
+            self._held = None
         if not self.running:  # stopService closed it
             self._set_state(StateChange(State.DISCONNECTED, code, reason))
             return
@@ -451,9 +550,10 @@ class RedMessengerClient(Service):
 
     def _disconnected(self, code: int | None, reason: str | None) -> None:
         """Lost or refused for now: try again after a backoff that grows with
-        every attempt that did not end in a welcome."""
-        self._attempts += 1
-        delay = self.retry_policy(self._attempts)
+        every attempt since the last connection that stayed up for
+        ``stable_after`` seconds."""
+        self.attempts += 1
+        delay = self.retry_policy(self.attempts)
         self.log.info("Disconnected from {url} ({code}: {reason}); reconnecting in "
                       "{delay:.2f} s", url=self.url, code=code, reason=reason, delay=delay)
         self._set_state(StateChange(State.DISCONNECTED, code, reason, delay))
@@ -492,6 +592,11 @@ class RedMessengerClient(Service):
                           url=self.url, frame=payload[:200])
             return
         if kind == "message":
+            if self.ack and not proto.open_now:
+                # Sent before our close crossed it: it cannot be acknowledged
+                # any more, so the server sends it again; after a nack, it
+                # must not be handled before the refused one.
+                return
             try:
                 message: Message | None = Message.from_frame(doc)
                 tag = message.tag
@@ -502,6 +607,7 @@ class RedMessengerClient(Service):
                 if not isinstance(tag, int):
                     return
             self._inbox.append((message, proto, tag))
+            self._flow(proto)
             self._process()
         elif kind == "welcome":
             self._welcomed(proto, doc)
@@ -518,7 +624,8 @@ class RedMessengerClient(Service):
         welcome = Welcome(str(doc.get("id")), str(doc.get("channel")),
                           int(doc.get("queued", 0)), bool(doc.get("ack", False)))
         self.welcome = welcome
-        self._attempts = 0
+        self._cancel_stable_timer()
+        self._stable_timer = self.reactor.callLater(self.stable_after, self._stable)
         self.log.info("Welcomed by {url} as {uid} on {channel}; {queued} stored messages "
                       "follow", url=self.url, uid=welcome.id, channel=welcome.channel,
                       queued=welcome.queued)
@@ -528,11 +635,34 @@ class RedMessengerClient(Service):
             d.callback(welcome)
         self._notify(self.on_welcome, welcome)
 
+    def _stable(self) -> None:
+        """This connection stayed up: the next loss starts the backoff over."""
+        self._stable_timer = None
+        self.attempts = 0
+
+    def _cancel_stable_timer(self) -> None:
+        if self._stable_timer is not None and self._stable_timer.active():
+            self._stable_timer.cancel()
+        self._stable_timer = None
+
+    def _flow(self, proto: _Protocol | None = None) -> None:
+        """Stop reading (``proto``, which just brought a message) while the
+        handler is ``max_pending`` messages behind; read again once it has
+        caught up by half."""
+        if len(self._inbox) >= self.max_pending:
+            if proto is not None and proto is not self._held:
+                proto.pause()
+                self._held = proto
+        elif self._held is not None and len(self._inbox) <= self.max_pending // 2:
+            held, self._held = self._held, None
+            held.resume()
+
     def _process(self) -> None:
         """Hand messages over one at a time; a handler's Deferred holds back
         the next message, and the ack, until it fires."""
         while self._inbox and not self._busy:
             message, proto, tag = self._inbox.popleft()
+            self._flow()
             if message is None:
                 proto.handled(tag)
                 continue
@@ -542,23 +672,23 @@ class RedMessengerClient(Service):
                                id=message.id)
                 proto.handled(message.tag)
                 continue
-            self.seen.add(message.id)
             self.delivered += 1
-            waiting = self._hand_over(message)
-            if waiting is not None and not waiting.called:
+            outcome = self._hand_over(message)
+            if not outcome.called:
                 self._busy = True
-                waiting.addBoth(self._handled_later, message, proto)
+                outcome.addBoth(self._handled_later, message, proto)
                 return
-            proto.handled(message.tag)
+            outcome.addBoth(self._settle, message, proto)
 
-    def _hand_over(self, message: Message) -> defer.Deferred | None:
+    def _hand_over(self, message: Message) -> defer.Deferred[None]:
+        """The handler's outcome: ``None`` once it succeeded, failing if it
+        raised or its result failed."""
         if self.on_message is None:
-            return None
+            return defer.succeed(None)
         try:
             result = self.on_message(message)
         except Exception:
-            self.log.failure("The message handler failed on message {id}", id=message.id)
-            return None
+            return defer.fail()
         if isinstance(result, defer.Deferred):
             waiting = result
         elif inspect.iscoroutine(result):
@@ -566,14 +696,27 @@ class RedMessengerClient(Service):
         elif isinstance(result, asyncio.Future):
             waiting = defer.Deferred.fromFuture(result)
         else:
-            return None
-        return waiting.addErrback(
-            lambda f: self.log.failure("The message handler failed on message {id}", f,
-                                       id=message.id))
+            return defer.succeed(None)
+        return waiting.addCallback(lambda _: None)
 
-    def _handled_later(self, _, message: Message, proto: _Protocol) -> None:
+    def _settle(self, failure: Failure | None, message: Message, proto: _Protocol) -> None:
+        if failure is None or not self.ack:
+            if failure is not None:
+                self.log.failure("The message handler failed on message {id}; in plain "
+                                 "mode it cannot be sent again", failure, id=message.id)
+            self.seen.add(message.id)
+            proto.handled(message.tag)
+            return
+        self.log.failure("The message handler refused message {id}: closing, so that it "
+                         "is sent again", failure, id=message.id)
+        # What came after it on this connection comes again after it.
+        self._inbox = deque(entry for entry in self._inbox if entry[1] is not proto)
+        proto.refuse(message.id)
+
+    def _handled_later(self, failure: Failure | None, message: Message,
+                       proto: _Protocol) -> None:
         self._busy = False
-        proto.handled(message.tag)
+        self._settle(failure, message, proto)
         self._process()
 
     # -- notifications -------------------------------------------------------

@@ -11,20 +11,40 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import re
 import uuid
+import weakref
 
 
 class MessageIds:
     """Ids unique across processes and restarts (a random boot id) that cost
-    a counter increment per message."""
+    a counter increment per message. A forked child (gunicorn ``--preload``,
+    celery prefork) gets a boot id of its own: the parent's would give the
+    same ids twice."""
 
     def __init__(self) -> None:
+        self._reseed()
+        _every_generator.add(self)
+
+    def _reseed(self) -> None:
         self._boot = uuid.uuid4().hex[:16]
         self._counter = itertools.count(1)
 
     def __call__(self) -> str:
         return f"{self._boot}-{next(self._counter):x}"
+
+
+_every_generator: weakref.WeakSet[MessageIds] = weakref.WeakSet()
+
+
+def _reseed_after_fork() -> None:
+    for ids in list(_every_generator):
+        ids._reseed()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which cannot fork either
+    os.register_at_fork(after_in_child=_reseed_after_fork)
 
 
 # "Unrolled" so that it never backtracks: linear even on hostile input.

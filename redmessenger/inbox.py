@@ -16,7 +16,7 @@ twice keeps its id (``inbox-<entry id>``), so clients can tell.
 from __future__ import annotations
 
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .keys import Namespace
@@ -28,6 +28,17 @@ log = Logger()
 
 GROUP = b"redmessenger"
 BATCH = 100
+
+#: After an error reply the reader waits this long, then twice as long each
+#: time it fails again, up to RETRY_MAX_DELAY.
+RETRY_FIRST_DELAY = 0.05
+RETRY_MAX_DELAY = 3.0
+
+
+def _gone(why: str) -> bool:
+    """The stream or its group was deleted (``NOGROUP``; ``UNBLOCKED`` for a
+    read blocked on a stream that was deleted): made again at once."""
+    return why.startswith("NOGROUP") or (why.startswith("UNBLOCKED") and "no longer" in why)
 
 
 class Inbox(Service):
@@ -41,7 +52,11 @@ class Inbox(Service):
         self._store = store
         self._consumer = consumer.encode()
         self._claim_after = int(claim_after * 1000)
+        self._reactor = reactor
         self._loop: defer.Deferred | None = None
+        self._pause: defer.Deferred | None = None
+        #: Why the reader cannot read right now (an error reply), or ``None``.
+        self.failing: str | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -51,10 +66,18 @@ class Inbox(Service):
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
+        if self._pause is not None:
+            self._pause.cancel()
         return self._redis.stopService()
+
+    @property
+    def reading(self) -> bool:
+        """False while error replies keep the reader from reading."""
+        return self.failing is None
 
     async def _run(self) -> None:
         dead_taken_over = mine_handled = False
+        delay = RETRY_FIRST_DELAY
         while self.running:
             try:
                 await self._redis.whenConnected()
@@ -67,6 +90,8 @@ class Inbox(Service):
                     mine_handled = True
                 # Entries whose reader died first, then new ones.
                 entries = await self._claim() or await self._read()
+                self._recovered()
+                delay = RETRY_FIRST_DELAY
                 if entries:
                     await self._handle(entries)
             except RedisUnavailable:
@@ -74,6 +99,36 @@ class Inbox(Service):
                 # that read gave this reader is pending here, and older
                 # than anything unread. Wait for Redis, then handle it first.
                 mine_handled = False
+            except Exception as e:  # an error reply, or our own bug: never the end
+                # What was read and not acknowledged is read again first.
+                mine_handled = False
+                why = str(e) if isinstance(e, txredisapi().ResponseError) else repr(e)
+                if _gone(why):
+                    log.warn("The inbox {key} or its group is gone ({why}); making them "
+                             "again", key=self._key, why=why)
+                elif self.failing is None:
+                    log.warn("The inbox cannot read {key} ({why}); trying again with backoff",
+                             key=self._key, why=why)
+                    self.failing = why
+                try:
+                    await self._sleep(delay)
+                except defer.CancelledError:
+                    return
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+
+    def _recovered(self) -> None:
+        if self.failing is not None:
+            log.info("The inbox reads {key} again", key=self._key)
+            self.failing = None
+
+    def _sleep(self, seconds: float) -> defer.Deferred:
+        self._pause = task.deferLater(self._reactor, seconds, lambda: None)
+        self._pause.addBoth(self._paused)
+        return self._pause
+
+    def _paused(self, result):
+        self._pause = None
+        return result
 
     async def _ensure_group(self) -> None:
         """From the stream's beginning: what was added while no RedMessenger
@@ -141,8 +196,10 @@ class Inbox(Service):
             channel = f"{self._ns.prefix}.{to.decode(errors='replace')}" if to else ""
             if payload is None or self._ns.parse_channel(channel) is None:
                 log.error("Inbox entry {id} is not to users.<uid> or groups.<gid> with a "
-                          "payload; dropping it from the inbox: {fields!r}",
-                          id=entry_id.decode(), fields=message)
+                          "payload; dropping it from the inbox (to: {to!r}; field sizes: "
+                          "{sizes})", id=entry_id.decode(), to=(to or b"")[:100],
+                          sizes={bytes(k)[:50].decode(errors="replace"): len(v)
+                                 for k, v in message.items()})
                 continue
             self._router.received_message(channel.encode(), payload,
                                           message_id=f"inbox-{entry_id.decode()}")

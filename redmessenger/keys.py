@@ -69,6 +69,21 @@ class Namespace:
         """The stream applications XADD to (``--inbox``)."""
         return f"{self.prefix}:inbox"
 
+    @property
+    def dead(self) -> str:
+        """Messages Redis refused for good, as JSON entries (``redmessenger
+        dead``)."""
+        return f"{self.prefix}:dead"
+
+    def dead_parts(self, name: str) -> str:
+        """A list holding the envelope of a big dead letter, in parts."""
+        return f"{self.prefix}:dead:parts:{name}"
+
+    @property
+    def dead_dropped(self) -> str:
+        """How many dead letters ``--dead-max`` has dropped."""
+        return f"{self.prefix}:dead:dropped"
+
     def uid_of_claims(self, key: str) -> str:
         return key[len(f"{self.prefix}:users:"):-len(":claims")]
 

@@ -23,6 +23,8 @@ _COUNTERS = (
      "--max-connections-per-address reached"),
     ("handshake_timeouts", "handshake_timeouts",
      "Connections closed for not becoming a WebSocket within --handshake-timeout"),
+    ("dead_letters", "dead_letters",
+     "Messages Redis refused for good, kept in <prefix>:dead instead of stored"),
 )
 
 
@@ -61,6 +63,15 @@ class _Collector:
                      int(service.subscriber.subscribed))
         yield _gauge("redis_pending_commands", "Redis commands not answered yet",
                      service.redis.pending)
+        yield _gauge("redis_pending_bytes", "Bytes held in Redis commands not answered yet",
+                     service.redis.pending_bytes)
+        yield _gauge("redis_writable", "1 while Redis takes writes; 0 while it is away or "
+                     "refuses them (OOM, READONLY...) and they are held and retried",
+                     int(service.redis.writable))
+        yield _gauge("redis_overloaded", "1 while --max-pending-bytes is exceeded: hellos get "
+                     "1013 and the subscriber is paused", int(service.redis.overloaded))
+        yield _gauge("inbox_reading", "0 while error replies keep the inbox reader from "
+                     "reading", int(service.inbox is None or service.inbox.reading))
         cumulative, buckets = 0, []
         for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), stats.latency_counts,
                                 strict=True):

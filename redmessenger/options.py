@@ -89,6 +89,12 @@ class Options(usage.Options):
          "Seconds a user's stored queue lives after its last store (0: forever)."],
         ["queue-max", None, str(_DEFAULTS.queue_max),
          "Keep only the newest N stored messages per user (0: unbounded)."],
+        ["max-pending-bytes", None, str(_DEFAULTS.max_pending_bytes),
+         "Bytes of Redis commands not yet answered (while Redis is slow, away or out of "
+         "memory); past it hellos get 1013 and the subscriber pauses (0: no bound)."],
+        ["dead-max", None, str(_DEFAULTS.dead_max),
+         "Keep only the newest N messages Redis refused for good in <prefix>:dead "
+         "(0: all)."],
         ["hello-timeout", None, f"{_DEFAULTS.hello_timeout:g}",
          "Seconds a new socket has to send its hello."],
         ["handshake-timeout", None, f"{_DEFAULTS.handshake_timeout:g}",
@@ -144,6 +150,8 @@ class Options(usage.Options):
             data_dir=Path(self["data-dir"]), prefix=self["prefix"], auth=auth,
             queue_ttl=_number(self, "queue-ttl", int, 0),
             queue_max=_number(self, "queue-max", int, 0),
+            max_pending_bytes=_number(self, "max-pending-bytes", int, 0),
+            dead_max=_number(self, "dead-max", int, 0),
             hello_timeout=_number(self, "hello-timeout", float, 0.001),
             handshake_timeout=_number(self, "handshake-timeout", float, 0.001),
             max_sockets_per_user=_number(self, "max-sockets-per-user", int, 1),

@@ -11,15 +11,22 @@ _args)``, so it works from the application's own (synchronous) code::
     from redmessenger.publish import durable_publish
 
     durable_publish(redis.Redis(), "Hello!", user="user1")
+
+With an asyncio client (``redis.asyncio``), whose ``eval`` is a coroutine,
+it returns an awaitable: ``await durable_publish(redis.asyncio.Redis(), ...)``.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 from . import lua
 from .envelope import Envelope, MessageIds
+from .frames import MAX_ID_LENGTH
 from .keys import Namespace
 
 # KEYS[1]: the user's queue, or the group's members (a list or a set).
@@ -28,6 +35,9 @@ from .keys import Namespace
 # was stored in and how many old messages each had to drop (--queue-max).
 # Scripts may PUBLISH: doing both in one script leaves no moment in which a
 # RedMessenger could subscribe between the two and miss the message.
+# Every queue's type is checked before the first is written: a group
+# message is stored for all of its members or for none (a retry after a
+# half-done store would give the first members a second copy, new id).
 DURABLE_PUBLISH = lua.MEMBERS + lua.PUSH + """
 local heard = redis.call('PUBLISH', ARGV[1], ARGV[2])
 if heard > 0 then return {heard, {}, {}} end
@@ -43,6 +53,13 @@ else
       seen[uid] = true
       queues[#queues + 1] = ARGV[5] .. ':users:' .. uid .. ':messages'
     end
+  end
+end
+for _, queue in ipairs(queues) do
+  local kind = redis.call('TYPE', queue)['ok']
+  if kind ~= 'list' and kind ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. queue .. ' is a ' .. kind ..
+                             ', not a list: the message was stored for nobody')
   end
 end
 local ttl, max, cuts = tonumber(ARGV[6]), tonumber(ARGV[7]), {}
@@ -69,16 +86,44 @@ class Published:
 
 def durable_publish(redis, payload: bytes | str, *, user: str | None = None,
                     group: str | None = None, prefix: str = "rm", queue_ttl: int = 0,
-                    queue_max: int = 0) -> Published:
+                    queue_max: int = 0) -> Published | Awaitable[Published]:
     """Publish ``payload`` to a user or a group; store it if nobody heard it.
-    ``queue_ttl`` and ``queue_max`` should match RedMessenger's settings."""
+    ``queue_ttl`` and ``queue_max`` should match RedMessenger's settings.
+
+    A Redis error (a queue or members key of the wrong type) raises
+    redis-py's ``ResponseError`` naming the key, and nothing was stored.
+    With a client whose ``eval`` returns an awaitable (``redis.asyncio``),
+    the result is an awaitable of the same ``Published``."""
     if isinstance(payload, str):
         payload = payload.encode("utf-8")
     envelope, script_args = durable_publish_arguments(payload, user=user, group=group,
                                                       prefix=prefix, queue_ttl=queue_ttl,
                                                       queue_max=queue_max)
-    heard, queues, _ = redis.eval(DURABLE_PUBLISH, 1, *script_args)
-    return Published(int(heard), len(queues), envelope.id)
+    reply = redis.eval(DURABLE_PUBLISH, 1, *script_args)
+    if inspect.isawaitable(reply):
+        return _published_later(reply, envelope.id)
+    return _published(reply, envelope.id)
+
+
+def _published(reply: Any, message_id: str) -> Published:
+    heard, queues, _ = reply
+    return Published(int(heard), len(queues), message_id)
+
+
+async def _published_later(reply: Awaitable[Any], message_id: str) -> Published:
+    return _published(await reply, message_id)
+
+
+def check_id(kind: str, name: object) -> str:
+    """``name`` if it is a valid user or group id (as a hello's ``id``: 1 to
+    ``MAX_ID_LENGTH`` printable characters, no whitespace), else
+    ``ValueError``: a message for an id nobody can have would be published
+    on a channel RedMessenger ignores, or stored for nobody."""
+    if not isinstance(name, str) or not name or len(name) > MAX_ID_LENGTH or any(
+            c.isspace() or not c.isprintable() for c in name):
+        raise ValueError(f"{name!r}: a {kind} id is 1 to {MAX_ID_LENGTH} printable "
+                         "characters, no spaces")
+    return name
 
 
 def durable_publish_arguments(payload: bytes, *, user: str | None, group: str | None,
@@ -88,6 +133,10 @@ def durable_publish_arguments(payload: bytes, *, user: str | None, group: str | 
     shared by durable_publish() and ``redmessenger send``."""
     if (user is None) == (group is None):
         raise ValueError("give exactly one of user= and group=")
+    if user is not None:
+        check_id("user", user)
+    else:
+        check_id("group", group)
     ns = Namespace(prefix)
     channel = ns.user_channel(user) if user is not None else ns.group_channel(group)
     key = ns.queue(user) if user is not None else ns.members(group)

@@ -5,6 +5,11 @@ backoff. On top of that, ``RedisConnection`` keeps every command until Redis
 has answered it: commands a lost connection left unanswered are sent again,
 in their original order, as soon as Redis is back. So a store is never
 dropped and never overtaken by a later one.
+
+Redis may also answer "not now" (``OOM`` when ``maxmemory`` is reached,
+``LOADING``, ``READONLY``...). Such a command is held, not failed: nothing
+new is sent while it is tried again with backoff, and once it passes, it
+and everything after it go out in their order.
 """
 
 from __future__ import annotations
@@ -29,6 +34,19 @@ from .settings import RedisAddress
 
 class RedisUnavailable(Exception):
     """Redis cannot be reached right now."""
+
+
+#: Error replies that say "not now" rather than "never": the first word of
+#: the reply, or of the error a script's ``redis.call`` met (Redis 6.2 puts
+#: that after ``: -``). ``BUSY`` is a running script, not ``BUSYGROUP``.
+_TRANSIENT = re.compile(r"(?:^|: -)(OOM|LOADING|READONLY|MASTERDOWN|BUSY|TRYAGAIN|NOREPLICAS"
+                        r"|CLUSTERDOWN|MISCONF)\b")
+
+
+def transient(error: str) -> bool:
+    """Whether an error reply will likely go away by itself (memory freed, a
+    replica promoted, a load finished), so the command is worth retrying."""
+    return _TRANSIENT.search(error) is not None
 
 
 _log = Logger()
@@ -200,8 +218,14 @@ class Script:
         self.sha = hashlib.sha1(self.source).hexdigest().encode()
 
 
+#: A held command is tried again after this long at first, then twice as
+#: long each time, up to HOLD_MAX_DELAY.
+HOLD_FIRST_DELAY = 0.05
+HOLD_MAX_DELAY = 3.0
+
+
 class _Command:
-    __slots__ = ("args", "result", "retry", "script", "sent_on")
+    __slots__ = ("args", "result", "retry", "script", "sent_on", "size")
 
     def __init__(self, args: tuple, retry: bool, script: Script | None = None) -> None:
         self.args = args
@@ -209,6 +233,7 @@ class _Command:
         self.retry = retry
         self.script = script
         self.sent_on = None
+        self.size = sum(len(a) for a in args if isinstance(a, bytes | str))
 
 
 class RedisConnection(Service):
@@ -217,7 +242,7 @@ class RedisConnection(Service):
     log = Logger()
 
     def __init__(self, address: RedisAddress, reactor, scripts: Sequence[Script] = (), *,
-                 role: str = "commands") -> None:
+                 role: str = "commands", max_pending_bytes: int = 0) -> None:
         self.address = address
         self._reactor = reactor
         self._scripts = list(scripts)
@@ -229,6 +254,23 @@ class RedisConnection(Service):
         self._waiters: list[defer.Deferred] = []
         #: How many times the connection came back after being lost.
         self.reconnects = 0
+        #: Why Redis refuses commands right now (``OOM ...``), or ``None``.
+        self.refusal: str | None = None
+        self._holding = False
+        self._probe: _Command | None = None
+        self._retry_timer = None
+        self._retry_delay = HOLD_FIRST_DELAY
+        self._held_since = 0.0
+        self._overtook = 0
+        #: Bytes of arguments held in unanswered commands; past
+        #: ``max_pending_bytes`` (0: no bound) the connection is
+        #: ``overloaded`` until it is back under three quarters of it.
+        self.pending_bytes = 0
+        self.max_pending_bytes = max_pending_bytes
+        self.overloaded = False
+        #: Called with ``True`` when the connection becomes overloaded and
+        #: with ``False`` when it no longer is.
+        self.pressure_observers: list[Callable[[bool], object]] = []
 
     @property
     def connected(self) -> bool:
@@ -238,6 +280,12 @@ class RedisConnection(Service):
     def pending(self) -> int:
         return len(self._pending)
 
+    @property
+    def writable(self) -> bool:
+        """False while Redis is away or refuses writes (out of memory, a
+        replica...)."""
+        return self._protocol is not None and self.refusal is None
+
     def startService(self) -> None:
         super().startService()
         self._client = connect_service(self._reactor, self.address,
@@ -246,10 +294,12 @@ class RedisConnection(Service):
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
-        unanswered = [c.args for c in self._pending]
-        if unanswered:
-            self.log.critical("Stopping with {count} Redis commands unanswered: {commands}",
-                              count=len(unanswered), commands=unanswered)
+        if self._retry_timer is not None and self._retry_timer.active():
+            self._retry_timer.cancel()
+        if self._pending:
+            self.log.critical("Stopping with {count} Redis commands ({bytes} bytes) unanswered: "
+                              "{names}", count=len(self._pending), bytes=self.pending_bytes,
+                              names=sorted({c.args[0].decode() for c in self._pending}))
         return self._client.stopService()
 
     def whenConnected(self) -> defer.Deferred:
@@ -285,7 +335,11 @@ class RedisConnection(Service):
 
     def _submit(self, command: _Command) -> defer.Deferred:
         self._pending.append(command)
-        if self._protocol is not None:
+        self.pending_bytes += command.size
+        self._check_pressure()
+        # While a refused command is held, what comes after it waits behind
+        # it; a command that is pointless later goes now or never.
+        if self._protocol is not None and not (self._holding and command.retry):
             self._write(command)
         return command.result
 
@@ -303,11 +357,42 @@ class RedisConnection(Service):
             self._pending.popleft()
         else:
             self._pending.remove(command)
+        self.pending_bytes -= command.size
+        self._check_pressure()
+        if command is self._probe:
+            self._release()
+
+    def _check_pressure(self) -> None:
+        bound = self.max_pending_bytes
+        if not bound:
+            return
+        if not self.overloaded and self.pending_bytes > bound:
+            self.overloaded = True
+            self.log.warn("{bytes} bytes of Redis commands are unanswered, over "
+                          "--max-pending-bytes {bound}: refusing hellos and pausing the "
+                          "subscriber until Redis catches up", bytes=self.pending_bytes,
+                          bound=bound)
+        elif self.overloaded and self.pending_bytes <= bound * 3 // 4:
+            self.overloaded = False
+            self.log.info("Redis caught up ({bytes} bytes of commands unanswered): taking "
+                          "hellos and reading the subscriber again", bytes=self.pending_bytes)
+        else:
+            return
+        for observer in list(self.pressure_observers):
+            observer(self.overloaded)
 
     def _answered(self, reply, command: _Command, proto) -> None:
         if command.sent_on is not proto:
             return
+        if self._holding and command.retry and command is not self._probe \
+                and command.args[0] in (b"EVALSHA", b"EVAL"):
+            # A script sent before the refusal came back, and taken (one that
+            # writes nothing new, or memory was freed in between): it is
+            # done; say so when the spell ends.
+            self._overtook += 1
         self._forget(command)
+        if self.refusal is not None and not self._holding:
+            self._release()  # held commands went again on a new connection, and passed
         command.result.callback(reply)
 
     def _failed(self, failure: Failure, command: _Command, proto) -> None:
@@ -319,14 +404,81 @@ class RedisConnection(Service):
                 command.result.errback(RedisUnavailable(f"lost the connection to {self.address}"))
             # else: stays pending; _ready sends it again on the next connection
             return
+        why = str(failure.value)
+        if command.retry and failure.check(txredisapi().ResponseError):
+            if command.script is not None and why.startswith("NOSCRIPT"):
+                self.log.warn("Redis forgot a script (SCRIPT FLUSH?); sending its source instead")
+                command.args = (b"EVAL", command.script.source, *command.args[2:])
+                command.script = None
+                self._hold(command, None)
+                return
+            if transient(why):
+                self._hold(command, why)
+                return
         self._forget(command)
-        if command.script is not None and failure.check(txredisapi().ResponseError) \
-                and str(failure.value).startswith("NOSCRIPT"):
-            self.log.warn("Redis forgot a script (SCRIPT FLUSH?); sending its source instead")
-            retry = _Command((b"EVAL", command.script.source, *command.args[2:]), retry=True)
-            self._submit(retry).chainDeferred(command.result)
-            return
         command.result.errback(failure)
+
+    # -- holding the pipeline behind a refused command ---------------------
+
+    def _hold(self, command: _Command, why: str | None) -> None:
+        """Keep ``command`` where it is in the pipeline, to be sent again; the
+        first one held stops new commands until it passes. Commands already
+        sent after it are answered meanwhile: those refused too are held in
+        their place, and go out again after it, in order."""
+        command.sent_on = None
+        if why is not None and self.refusal is None:
+            self.refusal = why
+            self.log.warn("Redis at {address} refuses commands for now ({why}); holding "
+                          "{count} commands, in order, and trying again",
+                          address=str(self.address), why=why, count=len(self._pending))
+        if command is self._probe:
+            self._probe = None
+            self._retry_delay = min(max(self._retry_delay * 2, HOLD_FIRST_DELAY),
+                                    HOLD_MAX_DELAY)
+        elif self._holding:
+            return  # sent before the hold began: waits in its place
+        else:
+            self._holding = True
+            self._held_since = self._reactor.seconds()
+            self._retry_delay = HOLD_FIRST_DELAY if why is not None else 0
+        self._retry_timer = self._reactor.callLater(self._retry_delay, self._try_again)
+
+    def _try_again(self) -> None:
+        """Send the oldest held command alone: the pipeline opens again once
+        Redis takes it."""
+        self._retry_timer = None
+        if self._protocol is None:
+            return  # _ready sends everything again, in order
+        self._probe = next((c for c in self._pending if c.sent_on is None), None)
+        if self._probe is None:
+            self._release()
+        else:
+            self._write(self._probe)
+
+    def _release(self) -> None:
+        self._probe = None
+        self._holding = False
+        if self.refusal is not None:
+            self.log.info("Redis at {address} takes commands again after {seconds:.1f} s; "
+                          "sending the {count} held", address=str(self.address),
+                          seconds=self._reactor.seconds() - self._held_since,
+                          count=len(self._pending))
+            self.refusal = None
+        if self._overtook:
+            self.log.info("{count} scripts sent just after a refused one were taken before "
+                          "it", count=self._overtook)
+            self._overtook = 0
+        if self._protocol is not None:
+            for command in list(self._pending):
+                if command.sent_on is None:
+                    self._write(command)
+
+    def _stop_holding(self) -> None:
+        """A new connection sends everything again: nothing is held."""
+        if self._retry_timer is not None and self._retry_timer.active():
+            self._retry_timer.cancel()
+        self._retry_timer = self._probe = None
+        self._holding = False
 
     def _ready(self, proto) -> None:
         self._protocol = proto
@@ -337,6 +489,7 @@ class RedisConnection(Service):
         self.log.info("Connected to Redis at {address}; {count} commands to (re)send",
                       address=str(self.address), count=len(self._pending))
         name_connection(proto, self._role)
+        self._stop_holding()
         for script in self._scripts:
             proto.execute_command(b"SCRIPT", b"LOAD", script.source).addErrback(
                 _unless_lost, "Could not load a Lua script: {why}")

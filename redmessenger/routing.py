@@ -99,10 +99,10 @@ class Router:
         self._pump()
 
     def _unresolved(self, failure, pending: _Pending, gid: str) -> None:
-        log.failure("Could not read the members of group {gid} ({key}): message {id} "
-                    "reaches nobody; its envelope: {envelope}", failure, gid=gid,
-                    key=self._ns.members(gid), id=pending.envelope.id,
-                    envelope=pending.envelope.stored().decode())
+        log.error("Could not read the members of group {gid} ({key}): {why}; message {id} "
+                  "({size} bytes) reaches nobody", gid=gid, key=self._ns.members(gid),
+                  why=failure.getErrorMessage()[:300], id=pending.envelope.id,
+                  size=len(pending.envelope.stored()))
         pending.uids = []
         self._pump()
 

@@ -25,6 +25,7 @@ from .keys import Namespace
 from .redisconnection import RedisConnection, RedisUnavailable
 from .routing import Router
 from .settings import AuthMode, RedisAddress, Settings
+from .stats import Stats
 from .store import SCRIPTS, RedisStore
 from .subscriber import Subscriber
 from .web import make_site
@@ -76,25 +77,30 @@ class RedMessengerService(MultiService):
         else:
             self.embedded = None
             address = settings.redis
-        self.redis = RedisConnection(address, reactor, SCRIPTS)
+        self.redis = RedisConnection(address, reactor, SCRIPTS,
+                                     max_pending_bytes=settings.max_pending_bytes)
+        stats = Stats()
         #: This process, in Redis: its heartbeat, its claims, its inbox reads.
         self.owner = uuid.uuid4().hex[:12]
         self.store = RedisStore(self.redis, namespace, self.owner,
                                 queue_ttl=settings.queue_ttl, queue_max=settings.queue_max,
-                                reactor=reactor)
+                                dead_max=settings.dead_max, stats=stats, reactor=reactor)
         self.dispatcher = Dispatcher(self.store, namespace,
                                      max_sockets_per_user=settings.max_sockets_per_user,
                                      drain_chunk=settings.drain_chunk,
-                                     ack_window=settings.ack_window, trace=settings.verbose)
+                                     ack_window=settings.ack_window, trace=settings.verbose,
+                                     stats=stats)
         self.router = Router(self.dispatcher, self.store, namespace, trace=settings.verbose)
         self.subscriber = Subscriber(address, namespace, self.router.received_message, reactor)
+        self.redis.pressure_observers.append(self.subscriber.pause)
         self.inbox = (Inbox(address, namespace, self.router, self.store, self.owner, reactor,
                             claim_after=settings.inbox_claim_after)
                       if settings.inbox else None)
         self.factory = RedMessengerFactory(
             self.dispatcher, Authenticator(settings, self.store),
             settings, reactor, server=f"RedMessenger/{__version__}",
-            redis_connected=lambda: self.redis.connected, recovered=self.whenRecovered)
+            redis_connected=lambda: self.redis.connected, recovered=self.whenRecovered,
+            redis_overloaded=lambda: self.redis.overloaded)
         for name, child in (("embedded-redis", self.embedded), ("redis", self.redis),
                             ("subscriber", self.subscriber), ("inbox", self.inbox)):
             if child is not None:
@@ -164,7 +170,8 @@ class RedMessengerService(MultiService):
 
     def _beat(self) -> None:
         self.store.heartbeat(HEARTBEAT_TTL, self.whereabouts).addErrback(
-            lambda f: self.log.failure("Could not renew the heartbeat", f))
+            lambda f: self.log.warn("Could not renew the heartbeat: {why}",
+                                    why=f.getErrorMessage()))
 
     def _recover(self, _) -> None:
         """What processes that died held goes back now, before any hello is

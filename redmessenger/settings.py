@@ -110,6 +110,11 @@ class Settings:
     queue_ttl: int = 0
     #: Keep only the newest N stored messages per user; 0 is unbounded.
     queue_max: int = 0
+    #: Bytes of unanswered Redis commands past which hellos are refused
+    #: (1013) and the subscriber stops reading; 0 is no bound.
+    max_pending_bytes: int = 256 * 1024 * 1024
+    #: Keep only the newest N dead letters (``<prefix>:dead``); 0 keeps all.
+    dead_max: int = 100_000
     hello_timeout: float = 10.0
     #: Seconds from a connection's accept to its WebSocket upgrade (the TLS
     #: handshake and HTTP request included); then it is closed.

@@ -17,7 +17,10 @@ class Stats:
     def __init__(self) -> None:
         self.received = 0
         self.delivered_live = 0
+        #: Less those Redis then refused for good (``dead_letters``).
         self.stored = 0
+        #: Stores and recommits Redis refused for good, kept in ``rm:dead``.
+        self.dead_letters = 0
         self.drained = 0
         self.recommitted = 0
         self.acked = 0

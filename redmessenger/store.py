@@ -8,6 +8,8 @@ next take, never lost between a read and a delete.
 from __future__ import annotations
 
 import itertools
+import json
+import uuid
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -18,16 +20,24 @@ from . import lua
 from .envelope import Envelope
 from .keys import Namespace
 from .redisconnection import RedisConnection, Script
+from .stats import Stats
 
 # Many messages in one call. KEYS: every recipient queue, message after
 # message; ARGV: ttl, max, then per message the number of its keys and the
-# envelope. A key Redis refuses (not a list) does not stop the others.
+# envelope. A key Redis refuses (not a list) does not stop the others. A
+# refusal of every write (OOM, READONLY) comes at the first push, before
+# anything is written (a script may only be refused a write until it has
+# made one): the whole call is then refused, to be sent again as it is.
 STORE = Script(lua.PUSH + """
 local ttl, max = tonumber(ARGV[1]), tonumber(ARGV[2])
-local cuts, failed, k = {}, {}, 1
+local cuts, failed, k, written = {}, {}, 1, false
 for i = 3, #ARGV, 2 do
   for j = k, k + tonumber(ARGV[i]) - 1 do
     local cut, err = push(KEYS[j], ARGV[i + 1], ttl, max)
+    if err and not written and not string.find(err, 'WRONGTYPE', 1, true) then
+      return redis.error_reply(err)
+    end
+    written = written or not err
     if err then
       failed[#failed + 1] = j
       failed[#failed + 1] = err
@@ -53,8 +63,13 @@ def store_arguments(messages: Sequence[tuple[Sequence[str], bytes]], ttl: int,
     return keys, args
 
 
+# The first push is the one Redis may refuse (a key of another type, out
+# of memory): then nothing is written, and the refusal is the reply.
 REQUEUE = Script("""
-for i = #ARGV, 2, -1 do redis.call('LPUSH', KEYS[1], ARGV[i]) end
+if #ARGV < 2 then return redis.call('LLEN', KEYS[1]) end
+local first = redis.pcall('LPUSH', KEYS[1], ARGV[#ARGV])
+if type(first) == 'table' then return first end
+for i = #ARGV - 1, 2, -1 do redis.call('LPUSH', KEYS[1], ARGV[i]) end
 local ttl = tonumber(ARGV[1])
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 return redis.call('LLEN', KEYS[1])
@@ -131,13 +146,39 @@ redis.call('DEL', KEYS[1])
 return redis.call('SREM', KEYS[2], KEYS[1])
 """)
 
+# KEYS: the dead letters, the count of those dropped, where this entry's
+# envelope is kept in parts (when it has any); ARGV: --dead-max, the entry,
+# the parts. The oldest go first (with their parts) when there are too many.
+DEAD = Script("""
+for i = 3, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+local max = tonumber(ARGV[1])
+local over = redis.call('RPUSH', KEYS[1], ARGV[2]) - max
+if max > 0 and over > 0 then
+  for _, old in ipairs(redis.call('LRANGE', KEYS[1], 0, over - 1)) do
+    local ok, doc = pcall(cjson.decode, old)
+    if ok and type(doc) == 'table' and type(doc.parts) == 'string' then
+      redis.call('DEL', doc.parts)
+    end
+  end
+  redis.call('LTRIM', KEYS[1], over, -1)
+  redis.call('INCRBY', KEYS[2], over)
+  return over
+end
+return 0
+""")
+
+#: A dead letter's envelope longer than this is kept in parts of this size
+#: in a list of its own: Redis takes no value over ``proto-max-bulk-len``
+#: (1 MB at the least), which may be why the message is dead.
+DEAD_PART = 256 * 1024
+
 MEMBERS = Script(lua.MEMBERS + """
 local found, err = members(KEYS[1])
 if err then return redis.error_reply(err) end
 return found
 """)
 
-SCRIPTS = (STORE, REQUEUE, TAKE, HOLD, TRIM, RELEASE, RECOVER, MEMBERS)
+SCRIPTS = (STORE, REQUEUE, TAKE, HOLD, TRIM, RELEASE, RECOVER, MEMBERS, DEAD)
 
 #: Lua's unpack() takes at most about 8,000 values.
 MAX_TAKE = 5000
@@ -172,10 +213,15 @@ class RedisStore:
 
 
     def __init__(self, connection: RedisConnection, namespace: Namespace, owner: str, *,
-                 queue_ttl: int = 0, queue_max: int = 0, reactor=None) -> None:
+                 queue_ttl: int = 0, queue_max: int = 0, dead_max: int = 100_000,
+                 stats: Stats | None = None, reactor=None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self._redis = connection
+        self._dead_max = dead_max
+        self._stats = stats or Stats()
+        #: Stores not settled yet (in Redis, or dead-lettered).
+        self._unsettled: set[defer.Deferred] = set()
         self._ns = namespace
         self._owner = owner
         self._ttl = queue_ttl
@@ -217,36 +263,91 @@ class RedisStore:
             return
         batch, self._batch, self._batch_keys = self._batch, [], 0
         queues = [([self._ns.queue(uid) for uid in uids], envelope) for uids, envelope in batch]
+        self._settling(self._send(queues))
+
+    def _send(self, queues: list[tuple[list[str], Envelope]]) -> defer.Deferred:
+        """Refusals that pass (out of memory) are retried by the connection;
+        what is refused for good goes to the dead letters."""
         keys, args = store_arguments([(q, e.stored()) for q, e in queues], self._ttl, self._max)
         d = self._redis.eval(STORE, keys, args)
-        d.addCallbacks(self._stored, self._not_stored, callbackArgs=(queues,),
-                       errbackArgs=(queues,))
+        return d.addCallbacks(self._stored, self._not_stored, callbackArgs=(queues,),
+                              errbackArgs=(queues,))
 
-    def _stored(self, reply: list, queues: list[tuple[list[str], Envelope]]) -> None:
+    def _settling(self, d: defer.Deferred) -> None:
+        """``flushed()`` waits for ``d`` too."""
+        self._unsettled.add(d)
+        d.addBoth(lambda result: (self._unsettled.discard(d), result)[1])
+
+    def _stored(self, reply: list, queues: list[tuple[list[str], Envelope]]):
         cuts, failed = reply
         if not cuts and not failed:
-            return
+            return None
         owners = [(key, envelope) for keys, envelope in queues for key in keys]
         for index, count in zip(cuts[::2], cuts[1::2], strict=True):
             log.warn("Queue {key} is over --queue-max {max}: discarded its {count} "
                      "oldest messages", key=owners[index - 1][0], max=self._max,
                      count=count)
-        for index, why in zip(failed[::2], failed[1::2], strict=True):
-            key, envelope = owners[index - 1]
-            log.error("Could not store message {id} in {key} ({why}); its envelope: "
-                      "{envelope}", id=envelope.id, key=key, why=_text(why),
-                      envelope=envelope.stored().decode())
+        return self._refused([(*owners[index - 1], _text(why))
+                              for index, why in zip(failed[::2], failed[1::2], strict=True)])
 
-    def _not_stored(self, failure, queues: list[tuple[list[str], Envelope]]) -> None:
-        for keys, envelope in queues:
-            log.failure("Could not store message {id} in {keys}; its envelope: "
-                        "{envelope}", failure, id=envelope.id, keys=keys,
-                        envelope=envelope.stored().decode())
+    def _not_stored(self, failure, queues: list[tuple[list[str], Envelope]]):
+        """A whole call refused (one message bigger than Redis takes closes
+        the connection): message by message, so only that one is dead."""
+        if len(queues) > 1:
+            return defer.gatherResults([self._send([q]) for q in queues], consumeErrors=True)
+        why = failure.getErrorMessage()
+        return self._refused([(key, envelope, why) for keys, envelope in queues
+                              for key in keys])
+
+    def _refused(self, refused: list[tuple[str, Envelope, str]],
+                 recommitted: bool = False) -> defer.Deferred:
+        """Stores (or, with ``recommitted``, requeues) Redis refused for
+        good: to the dead letters, and counted there rather than as stored.
+        Fires once every one is there."""
+        if not recommitted:
+            self._stats.stored -= len(refused)
+        self._stats.dead_letters += len(refused)
+        return defer.gatherResults([self._dead_letter(*r) for r in refused], consumeErrors=True)
+
+    def _dead_letter(self, key: str, envelope: Envelope, why: str) -> defer.Deferred:
+        """One dead letter per command, so that one Redis cannot take does
+        not take others with it."""
+        stored = envelope.stored()
+        log.error("Redis refused message {id} ({size} bytes) for {key}: {why}; it is kept in "
+                  "{dead}", id=envelope.id, size=len(stored), key=key, why=_short(why),
+                  dead=self._ns.dead)
+        entry: dict = {"key": key, "error": why, "time": self._reactor.seconds()}
+        parts = [stored[i:i + DEAD_PART] for i in range(0, len(stored), DEAD_PART)]
+        if len(parts) > 1:
+            entry["parts"] = parts_key = self._ns.dead_parts(uuid.uuid4().hex)
+        else:
+            entry["envelope"], parts, parts_key = stored.decode(), [], self._ns.dead_parts("")
+        d = self._redis.eval(DEAD, [self._ns.dead, self._ns.dead_dropped, parts_key],
+                             [self._dead_max, json.dumps(entry, ensure_ascii=False).encode(),
+                              *parts])
+
+        def dropped(count: int) -> None:
+            if count:
+                log.warn("{dead} is over --dead-max {max}: dropped its {count} oldest",
+                         dead=self._ns.dead, max=self._dead_max, count=count)
+
+        def lost(failure) -> None:
+            log.critical("Could not keep message {id} ({size} bytes) in {dead} either "
+                         "({why}): it is lost", id=envelope.id, size=len(stored),
+                         dead=self._ns.dead, why=_short(failure.getErrorMessage()))
+
+        return d.addCallbacks(dropped, lost)
 
     def requeue(self, uid: str, envelopes: Sequence[Envelope]) -> defer.Deferred:
+        """Fires once the envelopes are back at the head of the queue, or,
+        when Redis refuses that for good, in the dead letters."""
         self._flush()
-        return self._redis.eval(REQUEUE, [self._ns.queue(uid)],
-                                [self._ttl, *(e.stored() for e in envelopes)])
+        key = self._ns.queue(uid)
+        d = self._redis.eval(REQUEUE, [key], [self._ttl, *(e.stored() for e in envelopes)])
+        d.addErrback(lambda failure: self._refused(
+            [(key, e, failure.getErrorMessage()) for e in envelopes], recommitted=True))
+        self._settling(d)
+        return d
 
     def take(self, uid: str, count: int) -> defer.Deferred:
         """Each take keeps what it took under a claim of its own, so a drain
@@ -277,9 +378,16 @@ class RedisStore:
     def heartbeat(self, seconds: int, whereabouts: str) -> defer.Deferred:
         """Say this process is alive for ``seconds`` more: its claims are
         left alone meanwhile. ``whereabouts`` (``"<host> <pid>"``) lets a
-        process started on the same host tell at once that this one died."""
-        return self._redis.execute(b"SET", self._ns.process(self._owner),
-                                   whereabouts.encode(), b"EX", seconds)
+        process started on the same host tell at once that this one died.
+
+        While Redis refuses writes for now (out of memory), a SET would wait
+        behind them, the heartbeat would expire, and this process' claims
+        would be taken for a dead one's: an EXPIRE, which adds no memory and
+        which Redis takes meanwhile, goes ahead instead."""
+        key = self._ns.process(self._owner)
+        if self._redis.refusal is not None:
+            return self._redis.execute_now(b"EXPIRE", key, seconds)
+        return self._redis.execute(b"SET", key, whereabouts.encode(), b"EX", seconds)
 
     async def forget_dead(self, is_dead: Callable[[str, str], bool]) -> list[str]:
         """Delete the heartbeats of processes ``is_dead(owner, whereabouts)``
@@ -322,8 +430,11 @@ class RedisStore:
                 return recovered
 
     def flushed(self) -> defer.Deferred:
+        """Fires once every store handed over before is settled: in Redis, or
+        in the dead letters."""
         self._flush()
-        return self._redis.flushed()
+        return defer.DeferredList([*self._unsettled, self._redis.flushed()]).addCallback(
+            lambda _: None)
 
     def token(self, uid: str) -> defer.Deferred:
         """The user's stored key, or ``None``. Fails at once with
@@ -350,3 +461,9 @@ class RedisStore:
 
 def _text(value) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _short(text: str, limit: int = 300) -> str:
+    """At most ``limit`` characters of an error for a log line (an error may
+    quote what it refused)."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"

@@ -52,6 +52,9 @@ class Subscriber(Service):
         self.subscribed = False
         self.reconnects = 0
         self._connections = 0
+        #: True while reading is paused (``pause``).
+        self.paused = False
+        self._proto = None
 
     def startService(self) -> None:
         super().startService()
@@ -73,9 +76,23 @@ class Subscriber(Service):
         self._waiters.append(d)
         return d
 
+    def pause(self, paused: bool) -> None:
+        """Stop (or go on) reading messages: Redis keeps what is published
+        meanwhile in its output buffer for us, within its
+        ``client-output-buffer-limit pubsub``."""
+        self.paused = paused
+        if self._proto is not None and self._proto.transport is not None:
+            if paused:
+                self._proto.transport.pauseProducing()
+            else:
+                self._proto.transport.resumeProducing()
+
     @defer.inlineCallbacks
     def _ready(self, proto):
         proto.whenDisconnected().addCallback(lambda _: self._lost(proto))
+        self._proto = proto
+        if self.paused:
+            proto.transport.pauseProducing()
         if self._connections:
             self.reconnects += 1
         self._connections += 1
@@ -99,6 +116,8 @@ class Subscriber(Service):
             d.callback(None)
 
     def _lost(self, proto) -> None:
+        if self._proto is proto:
+            self._proto = None
         self.subscribed = False
         if self.running:
             self.log.warn("Lost the subscriber connection to Redis at {address} ({why}); "

@@ -18,8 +18,9 @@ from .admission import Admission, upgrade
 
 
 class Health(Resource):
-    """200 when Redis is connected and subscribed, 503 otherwise, so a load
-    balancer sends users only where messages can reach them."""
+    """200 when Redis is connected, subscribed and takes writes, 503
+    otherwise, so a load balancer sends users only where messages can reach
+    them."""
 
     isLeaf = True
 
@@ -30,20 +31,26 @@ class Health(Resource):
 
     def render_GET(self, request) -> bytes:
         service = self._service
-        connected = service.redis.connected
+        redis = service.redis
+        connected = redis.connected
         subscribed = service.subscriber.subscribed
-        ok = connected and subscribed
+        inbox = service.inbox
+        ok = subscribed and redis.writable and (inbox is None or inbox.reading)
         request.setResponseCode(200 if ok else 503)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
-        return json.dumps({
+        report = {
             "status": "ok" if ok else "unavailable",
-            "redis": {"connected": connected, "subscribed": subscribed},
+            "redis": {"connected": connected, "subscribed": subscribed,
+                      "writable": redis.writable, "refusal": redis.refusal},
             "connections": len(service.factory.connections),
             "handshaking": self._admission.handshaking,
             "users_online": service.dispatcher.users,
             "version": __version__,
-        }).encode()
+        }
+        if inbox is not None:
+            report["inbox"] = {"reading": inbox.reading, "error": inbox.failing}
+        return json.dumps(report).encode()
 
 
 class Root(Resource):

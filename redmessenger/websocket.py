@@ -282,6 +282,10 @@ class RedMessengerProtocol(WebSocketServerProtocol):
             self._refuse(ProtocolError(Close.TRY_AGAIN_LATER, "redis_unavailable",
                                        "Redis is unavailable; try again later"))
             return
+        if self.factory.redis_overloaded():  # --max-pending-bytes; see RedisConnection
+            self._refuse(ProtocolError(Close.TRY_AGAIN_LATER, "redis_busy",
+                                       "Redis is behind; try again later"))
+            return
         if not self.factory.limits.hello_allowed(self._address):
             self._refuse(ProtocolError(Close.RATE_LIMITED, "hello_rate",
                                        "too many hellos from this address; slow down"))
@@ -367,12 +371,14 @@ class RedMessengerFactory(WebSocketServerFactory):
     def __init__(self, dispatcher: Dispatcher, authenticator: Authenticator,
                  settings: Settings, reactor, server: str,
                  redis_connected: Callable[[], bool],
-                 recovered: Callable[[], defer.Deferred]) -> None:
+                 recovered: Callable[[], defer.Deferred],
+                 redis_overloaded: Callable[[], bool] = lambda: False) -> None:
         super().__init__(server=server)
         _defer_autobahn_pformat()
         self.dispatcher = dispatcher
         self.redis_connected = redis_connected
         self.recovered = recovered
+        self.redis_overloaded = redis_overloaded
         self.authenticator = authenticator
         self.namespace = Namespace(settings.prefix)
         self.hello_timeout = settings.hello_timeout

@@ -65,6 +65,8 @@ def ok(result: subprocess.CompletedProcess) -> str:
     ["group", "add", "--help"], ["group", "remove", "--help"], ["group", "list", "--help"],
     ["token", "--help"], ["token", "set", "--help"], ["token", "show", "--help"],
     ["status", "--help"],
+    ["dead", "--help"], ["dead", "list", "--help"], ["dead", "retry", "--help"],
+    ["dead", "drop", "--help"],
 ])
 def test_every_command_has_help(argv, capsys):
     assert main(argv) == 0
@@ -76,6 +78,9 @@ def test_every_command_has_help(argv, capsys):
     (["send", "hello"], "one of the arguments --user/-u --group/-g is required"),
     (["send", "--user", "a", "--group", "g", "hello"], "not allowed with"),
     (["send", "--user", "has space", "hello"], "no spaces"),
+    (["send", "--group", "", "hello"], "'': a group id is 1 to 256 printable characters"),
+    (["send", "--group", "two words", "hello"], "a group id is 1 to 256"),
+    (["send", "--group", "x" * 257, "hello"], "a group id is 1 to 256"),
     (["queue", "user1", "--count", "-1"], "negative"),
     (["group", "add", "cats"], "required: UID"),
     (["token"], "required: ACTION"),
@@ -138,6 +143,17 @@ def test_send_to_a_group_stores_once_for_each_member(redis):
     result = cli(redis.url, "send", "--group", "bad", "x")
     assert result.returncode == 1
     assert "rm:groups:bad:members is a string, not a list or a set" in result.stderr
+
+
+def test_send_to_a_group_with_a_member_redis_refuses_stores_for_nobody(redis):
+    """All or nothing: a retry must not give the first members a second copy."""
+    redis.command("RPUSH", "rm:groups:cats:members", "a", "b", "c", "d")
+    redis.command("SET", "rm:users:c:messages", "not a list")
+    result = cli(redis.url, "send", "--group", "cats", "Meow!")
+    assert result.returncode == 1, result
+    assert "rm:users:c:messages is a string, not a list" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert [queue(redis, uid) for uid in "abd"] == [[], [], []]
 
 
 def test_send_honours_the_prefix_and_the_queue_limits(redis):

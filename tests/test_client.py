@@ -4,14 +4,17 @@ refusals."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import jwt
 import pytest
 import pytest_twisted
 from harness import RunningService, aiotest, eventually, run, start_service, tw
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from redmessenger.client import (
     Message,
@@ -273,6 +276,104 @@ async def test_a_handler_deferred_holds_back_the_next_message_and_the_ack(messen
     await eventually(lambda: client.acked == 2)
 
 
+@pytest.mark.parametrize("how", ["raises", "coroutine fails", "deferred fails"])
+@aiotest
+async def test_a_message_whose_handler_fails_is_not_acked_and_comes_again(
+        how, messenger, clients):
+    """A nack: what was handled before it is acknowledged, the connection is
+    closed, and the server sends the refused message again, then the rest."""
+    rm = await messenger()
+    for i in range(5):
+        rm.publish("rm.users.user1", str(i))
+    await eventually(lambda: len(rm.queue("user1")) == 5)
+    calls: list[bytes] = []
+
+    def handler(message: Message) -> Any:
+        calls.append(message.payload)
+        fails = calls == [b"0", b"1", b"2"]  # the first time only
+        if how == "raises" and fails:
+            raise RuntimeError("not now")
+        if how == "deferred fails":
+            return defer.fail(RuntimeError("not now")) if fails else defer.succeed(None)
+
+        async def later() -> None:
+            await asyncio.sleep(0)
+            if fails:
+                raise RuntimeError("not now")
+        return later()
+
+    client, seen = clients(rm.url, "user1", ack=True, ack_every=1, on_message=handler)
+    await eventually(lambda: b"4" in calls, what="the rest after the redelivery")
+    assert calls == [b"0", b"1", b"2", b"2", b"3", b"4"]
+    assert len(seen.welcomes) == 2 and client.duplicates == 0
+    assert seen.close_codes()[0] == 1000
+    await eventually(lambda: client.acked == 3, what="the acks of 2, 3 and 4")
+    await tw(client.stopService())
+    await eventually(lambda: rm.dispatcher.sockets == 0)
+    assert rm.queue("user1") == []
+
+
+@aiotest
+async def test_a_slow_handler_leaves_messages_with_the_server_not_in_memory(
+        messenger, clients):
+    """The client stops reading while its handler is behind, so the server's
+    slow-client policy applies (past --max-socket-buffer: stored, 4010);
+    nothing is lost or handed over twice, and everything comes in order."""
+    rm = await messenger(max_socket_buffer=256 * 1024)
+    gate: defer.Deferred[None] = defer.Deferred()
+    handled: list[int] = []
+
+    def stuck_on_the_first(message: Message) -> defer.Deferred[None] | None:
+        handled.append(int(message.payload[:5]))
+        return None if gate.called else gate
+
+    max_pending = 20
+    client, seen = clients(rm.url, "user1", max_pending=max_pending,
+                           on_message=stuck_on_the_first)
+    await tw(client.whenWelcomed())
+    count, pad = 3000, "x" * 2000  # 6 MB: more than the kernel's buffers hold
+
+    def publish() -> None:
+        """In batches much smaller than --max-socket-buffer, so that only a
+        client that stops reading can fill it."""
+        for start in range(0, count, 50):
+            rm.redis.client().pipeline([("PUBLISH", "rm.users.user1", f"{i:05d}{pad}")
+                                        for i in range(start, start + 50)])
+
+    await asyncio.get_running_loop().run_in_executor(None, publish)
+    # What one read of the socket (64 KiB) brings may come on top of max_pending.
+    bound = max_pending + 64 * 1024 // len(pad) + 1
+
+    def stored_by_the_server() -> bool:
+        assert client.pending <= bound, f"{client.pending} messages held in memory"
+        return bool(rm.redis.command("LLEN", "rm:users:user1:messages"))
+
+    await eventually(stored_by_the_server, what="the server to store what it could not send")
+    assert handled == [0]
+    gate.callback(None)
+    await eventually(lambda: len(handled) == count, timeout=30, what="every message")
+    assert handled == list(range(count))
+    assert seen.close_codes()[0] == 4010 and client.duplicates == 0
+    assert rm.queue("user1") == []
+
+
+@aiotest
+async def test_a_client_stopped_while_not_reading_closes_cleanly_and_gives_all_back(
+        messenger, clients):
+    rm = await messenger()
+    never: defer.Deferred[None] = defer.Deferred()
+    client, seen = clients(rm.url, "user1", ack=True, max_pending=2,
+                           on_message=lambda message: never)
+    await tw(client.whenWelcomed())
+    for i in range(50):
+        rm.publish("rm.users.user1", f"{i:02d}" + "x" * 20_000)  # 1 MB: more than one read
+    await eventually(lambda: client.pending >= 2, what="the client to stop reading")
+    await tw(client.stopService())
+    assert seen.close_codes() == [1000]  # the server's close frame was read, not timed out
+    await eventually(lambda: len(rm.queue("user1")) == 50, what="everything given back")
+    assert [e["payload"][:2] for e in rm.queue("user1")] == [f"{i:02d}" for i in range(50)]
+
+
 def test_the_dedup_memory_is_bounded():
     seen = RecentIds(3)
     for message_id in "abcd":
@@ -333,6 +434,106 @@ async def test_it_retries_a_hello_refused_while_redis_is_away(private_redis, cli
         assert welcome.id == "user1"
     finally:
         await rm.stop()
+
+
+def kick_after_every_welcome(rm: RunningService, times: int) -> Callable[[Welcome], None]:
+    """An ``on_welcome`` after which the server closes the connection (4010),
+    the first ``times`` times: a server that welcomes, then closes."""
+    kicked: list[Welcome] = []
+
+    def kick(welcome: Welcome) -> None:
+        if len(kicked) < times:
+            kicked.append(welcome)
+            for connection in list(rm.service.factory.connections):
+                connection.close(4010, "too_slow", "closed by the test")
+
+    return kick
+
+
+@aiotest
+async def test_the_backoff_grows_while_connections_close_soon_after_their_welcome(
+        messenger, clients):
+    rm = await messenger()
+    attempts: list[int] = []
+
+    def policy(attempt: int) -> float:
+        attempts.append(attempt)
+        return 0.01
+
+    client, seen = clients(rm.url, "user1", retry_policy=policy, stable_after=60.0,
+                           on_welcome=kick_after_every_welcome(rm, 4))
+    await eventually(lambda: len(attempts) == 4 and client.state is State.WELCOMED)
+    assert attempts == [1, 2, 3, 4]  # was [1, 1, 1, 1]: a reconnect storm
+    assert seen.close_codes() == [4010] * 4 and client.attempts == 4
+
+
+@aiotest
+async def test_the_backoff_starts_over_after_a_connection_stayed_up(messenger, clients):
+    rm = await messenger()
+    attempts: list[int] = []
+
+    def policy(attempt: int) -> float:
+        attempts.append(attempt)
+        return 0.01
+
+    client, _ = clients(rm.url, "user1", retry_policy=policy, stable_after=1.0,
+                        on_welcome=kick_after_every_welcome(rm, 2))
+    await eventually(lambda: attempts == [1, 2] and client.state is State.WELCOMED)
+    await eventually(lambda: client.attempts == 0, what="the connection to count as up")
+    for connection in list(rm.service.factory.connections):
+        connection.close(4010, "too_slow", "closed by the test")
+    await eventually(lambda: len(attempts) == 3)
+    assert attempts == [1, 2, 1]
+
+
+JWT_SECRET = "a test secret that is long enough: 32+ bytes"
+
+
+@aiotest
+async def test_a_key_function_gives_a_fresh_jwt_after_the_first_expired(
+        messenger, clients, same_port):
+    """An expired token and a server restart used to stop the client for
+    good (4001 is final): a key function is asked before every attempt."""
+    rm = await messenger(auth=AuthMode.JWT, jwt_secret=JWT_SECRET)
+    expiries: list[int] = []
+
+    def fresh_token() -> str | defer.Deferred[str]:
+        expiries.append(int(time.time()) + 3)
+        token = jwt.encode({"sub": "user1", "exp": expiries[-1]}, JWT_SECRET,
+                           algorithm="HS256")
+        # Every other time a Deferred of one, as from an HTTP call.
+        return token if len(expiries) % 2 else task.deferLater(rm.service.reactor, 0,
+                                                                 lambda: token)
+
+    client, seen = clients(rm.url, "user1", key=fresh_token)
+    await tw(client.whenWelcomed())
+    first_expiry = expiries[0]
+    port = port_of(rm)
+    await rm.stop()
+    await eventually(lambda: time.time() > first_expiry + 1, what="the first token to expire")
+    await same_port(port, auth=AuthMode.JWT, jwt_secret=JWT_SECRET)
+    await eventually(lambda: len(seen.welcomes) == 2, what="the welcome with a fresh token")
+    assert client.running and client.refused is None and len(expiries) >= 2
+    assert "unauthorized" not in [e.code for e in seen.errors]
+
+
+@aiotest
+async def test_a_key_function_that_fails_fails_that_attempt_only(messenger, clients, logged):
+    rm = await messenger(auth=AuthMode.REQUIRED)
+    rm.redis.command("SET", "rm:users:user1:key", "s3cret")
+    calls: list[int] = []
+
+    async def key() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("the key service is down")
+        return "s3cret"
+
+    client, seen = clients(rm.url, "user1", key=key)
+    assert (await tw(client.whenWelcomed())).id == "user1"
+    assert len(calls) == 2 and seen.close_codes() == [None]
+    assert [line for line in logged if "Could not get the key" in line] == [
+        "Could not get the key for user1: the key service is down; the attempt failed"]
 
 
 @aiotest

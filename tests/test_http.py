@@ -40,7 +40,9 @@ async def test_health_says_ok_while_redis_is_connected_and_subscribed(messenger)
     from redmessenger import __version__
 
     # "handshaking": this request's own connection, not a WebSocket.
-    assert json.loads(body) == {"status": "ok", "redis": {"connected": True, "subscribed": True},
+    assert json.loads(body) == {"status": "ok",
+                                "redis": {"connected": True, "subscribed": True,
+                                          "writable": True, "refusal": None},
                                 "connections": 1, "handshaking": 1, "users_online": 1,
                                 "version": __version__}
 

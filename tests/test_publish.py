@@ -3,11 +3,18 @@ running RedMessenger, or stored when none is running, and drained later."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import time
+
 import pytest
 import redis as redis_py
+import redis.asyncio as redis_asyncio
 from harness import aiotest, eventually
 
-from redmessenger.publish import durable_publish
+from redmessenger.envelope import MessageIds
+from redmessenger.publish import Published, durable_publish
 
 
 @pytest.fixture
@@ -50,11 +57,110 @@ def test_a_group_whose_members_key_is_not_a_list_or_a_set_is_an_error(redis, app
         durable_publish(app_redis, b"x", user="user1")
 
 
+def test_a_group_message_is_stored_for_every_member_or_for_none(redis, app_redis):
+    """The third member's queue is not a list: before, the first two kept a
+    copy and a retry gave them another one under a new id."""
+    redis.command("RPUSH", "rm:groups:cats:members", "a", "b", "c", "d")
+    redis.command("RPUSH", "rm:users:a:messages", "older")
+    redis.command("SET", "rm:users:c:messages", "not a list")
+    with pytest.raises(redis_py.ResponseError,
+                       match="rm:users:c:messages is a string, not a list"):
+        durable_publish(app_redis, b"Meow!", group="cats")
+    assert queue(redis, "a") == [b"older"]
+    assert queue(redis, "b") == queue(redis, "d") == []
+    assert redis.command("GET", "rm:users:c:messages") == b"not a list"
+
+    redis.command("DEL", "rm:users:c:messages")  # repaired: the retry stores one copy each
+    assert durable_publish(app_redis, b"Meow!", group="cats").stored == 4
+    assert [len(queue(redis, uid)) for uid in "abcd"] == [2, 1, 1, 1]
+
+
 def test_exactly_one_recipient_kind():
     with pytest.raises(ValueError):
         durable_publish(None, "x")
     with pytest.raises(ValueError):
         durable_publish(None, "x", user="a", group="b")
+
+
+@pytest.mark.parametrize("kind", ["user", "group"])
+@pytest.mark.parametrize("name", ["", "two words", "tab\there", "x" * 257, "bell\a", 7])
+def test_an_id_nobody_can_have_is_refused_before_redis_is_asked(kind, name):
+    """``rm.groups.`` alone is a channel RedMessenger ignores: the PUBLISH
+    would reach nobody while saying it reached a subscriber."""
+    with pytest.raises(ValueError, match=f"a {kind} id is 1 to 256 printable characters"):
+        durable_publish(None, "x", **{kind: name})
+
+
+def wait_for_child(pid: int, timeout: float = 30.0) -> int:
+    """Its exit code; killed (and failing the test) if it hangs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"child {pid} did not finish within {timeout} s")
+
+
+def test_forked_workers_give_out_ids_of_their_own(redis, app_redis):
+    """As gunicorn --preload or celery prefork workers: the module (and its
+    id generator) was imported, and used, before the fork."""
+    first = durable_publish(app_redis, "from the parent", user="user1").id
+    children = []
+    for worker in range(2):
+        pid = os.fork()
+        if pid == 0:  # the child: publish with its own connection, never return to pytest
+            status = 1
+            try:
+                with redis_py.Redis(host="127.0.0.1", port=redis.port) as own:
+                    for i in range(5):
+                        durable_publish(own, f"worker {worker} message {i}", user="user1")
+                status = 0
+            finally:
+                os._exit(status)
+        children.append(pid)
+    for pid in children:
+        assert wait_for_child(pid) == 0
+    ids = [json.loads(raw)["id"] for raw in queue(redis, "user1")]
+    assert len(ids) == 11 and ids[0] == first
+    assert len(set(ids)) == 11, sorted(ids)
+
+
+def test_every_id_generator_is_reseeded_in_a_forked_child():
+    """The server's (each Delivery has one) as well as durable_publish()'s."""
+    ids = MessageIds()
+    ids()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write_end, ids().encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    assert wait_for_child(pid) == 0
+    with os.fdopen(read_end, "rb") as pipe:
+        in_the_child = pipe.read().decode()
+    in_the_parent = ids()
+    assert in_the_parent.endswith("-2") and in_the_child.endswith("-1")
+    assert in_the_child.split("-")[0] != in_the_parent.split("-")[0]
+
+
+@aiotest
+async def test_an_asyncio_redis_client_is_awaited(redis):
+    app = redis_asyncio.Redis(host="127.0.0.1", port=redis.port)
+    try:
+        result = await durable_publish(app, "from asyncio", user="user1")
+        assert isinstance(result, Published) and (result.subscribers, result.stored) == (0, 1)
+        [stored] = queue(redis, "user1")
+        assert json.loads(stored)["id"] == result.id
+        redis.command("SET", "rm:users:user2:messages", "oops")
+        with pytest.raises(redis_py.ResponseError, match="rm:users:user2:messages"):
+            await durable_publish(app, "x", user="user2")
+    finally:
+        await app.aclose()
 
 
 @aiotest

@@ -11,12 +11,14 @@ def payloads(frames):
 
 
 @aiotest
-async def test_a_store_redis_refuses_is_logged_with_its_envelope(messenger, logged):
+async def test_a_store_redis_refuses_is_logged_with_its_id_and_size_not_its_payload(
+        messenger, logged):
     rm = await messenger()
     rm.redis.command("SET", "rm:users:broken:messages", "not a list")
-    rm.publish("rm.users.broken", "cannot be stored")
-    line = await eventually(lambda: [x for x in logged if "Could not store message" in x])
-    assert "cannot be stored" in line[0] and "WRONGTYPE" in line[0]
+    rm.publish("rm.users.broken", "cannot be stored" + "x" * 1000)
+    line = await eventually(lambda: [x for x in logged if "Redis refused message" in x])
+    assert "WRONGTYPE" in line[0] and "rm:dead" in line[0] and "bytes" in line[0]
+    assert "cannot be stored" not in "".join(logged)
     rm.publish("rm.users.fine", "stored")
     await eventually(lambda: rm.queue("fine"))
 
@@ -30,7 +32,8 @@ async def test_a_group_whose_members_cannot_be_read_does_not_hold_up_others(mess
     rm.publish("rm.users.user1", "after")
     assert payloads(await user1.messages(1)) == ["after"]
     line = await eventually(lambda: [x for x in logged if "members of group bad" in x])
-    assert "lost to a broken group" in line[0] and "WRONGTYPE" in line[0]
+    assert "WRONGTYPE" in line[0] and "bytes" in line[0]
+    assert "lost to a broken group" not in "".join(logged)
 
 
 @aiotest

@@ -1,7 +1,8 @@
 """The soak test: about a thousand clients connect, vanish and come back at
 random while direct and group messages flow in through the inbox; Redis is
-restarted once and the RedMessenger process is killed (``kill -9``) and
-started again once. Then every user connects a last time and drains.
+restarted once, then refuses every write for 2 s (out of memory), and the
+RedMessenger process is killed (``kill -9``) and started again once. Then
+every user connects a last time and drains.
 
 Bounded for CI; larger by hand, for instance::
 
@@ -159,7 +160,7 @@ def _xadd_until_taken(redis, batch) -> None:
                       and "equal or smaller" not in str(r)]  # taken by an earlier try
             if not errors:
                 return
-            if not all("LOADING" in str(e) for e in errors):
+            if not all(str(e).startswith(("LOADING", "OOM")) for e in errors):
                 raise errors[0]
         if time.monotonic() > deadline:
             raise AssertionError("Redis did not take the publisher's entries in time")
@@ -401,7 +402,22 @@ async def soak(plan: Plan, redis, messenger: Messenger, users: dict[str, bool],
         messenger.kill()
         messenger.start()
 
+    def out_of_memory_for_a_while() -> None:
+        """Redis refuses every write for 2 s (``maxmemory`` far below what
+        it holds, ``noeviction``): RedMessenger holds its writes, in order."""
+        redis.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        redis.command("CONFIG", "SET", "maxmemory", 1)
+        try:
+            wait_for(lambda: not messenger.healthy(), "RedMessenger to see the refusals",
+                     START_TIMEOUT, messenger.runs[-1].alive)
+            time.sleep(2.0)  # the spell itself, not a wait for an event
+        finally:
+            redis.command("CONFIG", "SET", "maxmemory", 0)
+        wait_for(messenger.healthy, "RedMessenger to write again", START_TIMEOUT,
+                 messenger.runs[-1].alive)
+
     await fault_at(0.3, restart_redis)
+    await fault_at(0.45, out_of_memory_for_a_while)
     await fault_at(0.6, kill_and_restart)
     await asyncio.sleep(max(0.0, started + plan.seconds - time.monotonic()))
 
@@ -513,7 +529,8 @@ def judge(plan: Plan, users: dict[str, bool], ledger: Ledger, swarm: Swarm,
         f"  lost at an abrupt end (plain, by design): "
         f"{counts['lost at an abrupt end (plain, by design)']}",
         f"  lost: {len([p for p in problems if 'never got' in p])}",
-        f"  faults: Redis restart and kill -9, taking {[round(e - b, 2) for b, e in faults]} s",
+        f"  faults: Redis restart, Redis out of memory and kill -9, taking "
+        f"{[round(e - b, 2) for b, e in faults]} s",
     ])
     assert not problems and not counts["unexpected"], \
         report + "\n" + "\n".join(problems[:30])

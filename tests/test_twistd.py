@@ -503,6 +503,8 @@ OPTIONS = {
     "ack-window": "1000",
     "inbox": None,
     "inbox-claim-after": "30",
+    "max-pending-bytes": "268435456",
+    "dead-max": "100000",
 }
 
 
