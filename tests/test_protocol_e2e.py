@@ -211,7 +211,7 @@ async def test_heartbeats_come_every_ping_interval_only_to_sockets_that_asked(me
         assert await asking.recv(timeout=2) == {"type": "heartbeat"}
         arrivals.append(loop.time())
     gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
-    assert all(0.15 < gap < 1.0 for gap in gaps), gaps
+    assert all(0.15 < gap < 2.0 for gap in gaps), gaps
     # Not messages: no tag is used up, nothing waits for an ack.
     rm.publish("rm.users.beating", "after the beats")
     frame = await asking.recv()
