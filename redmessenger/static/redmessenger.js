@@ -49,7 +49,8 @@ const OUTCOMES = new WeakMap();
  * nothing arrived for 2.5 of the intervals its welcome announced is dead.
  * The server's next heartbeat waits for the pong of its last ping, so they
  * come a round trip later than the interval; 2.5 leaves room for that and
- * for one late heartbeat (a busy server, a slow network), not for two.
+ * for one heartbeat that is missing or late (a busy server, a slow
+ * network), not for two.
  * @type {number}
  */
 export const HEARTBEATS_MISSED = 2.5;
