@@ -53,31 +53,35 @@ class Hello:
     id: str
     key: str | None = None
     ack: bool = False
+    #: Send ``heartbeat`` frames: a browser's script cannot see pings.
+    heartbeat: bool = False
 
 
 def parse_hello(data: bytes) -> Hello:
-    """The first frame: ``{"id": ..., "key": ..., "ack": ...}``, or the original
-    project's plain ``user1`` / ``user1:token``."""
+    """The first frame: ``{"id": ..., "key": ..., "ack": ..., "heartbeat": ...}``,
+    or the original project's plain ``user1`` / ``user1:token``."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise _bad_hello("hello is not valid UTF-8") from None
     if text.lstrip().startswith("{"):
         doc = _load(text, _bad_hello, "hello")
-        uid, key, ack = doc.get("id"), doc.get("key"), doc.get("ack", False)
+        uid, key = doc.get("id"), doc.get("key")
+        ack, heartbeat = doc.get("ack", False), doc.get("heartbeat", False)
         if key is not None and not isinstance(key, str):
             raise _bad_hello('"key" must be a string')
-        if not isinstance(ack, bool):
-            raise _bad_hello('"ack" must be true or false')
+        for name, value in (("ack", ack), ("heartbeat", heartbeat)):
+            if not isinstance(value, bool):
+                raise _bad_hello(f'"{name}" must be true or false')
     else:
         uid, _, key = text.partition(":")
-        key, ack = (key if _ else None), False
+        key, ack, heartbeat = (key if _ else None), False, False
     if not isinstance(uid, str) or not uid:
         raise _bad_hello('hello needs a non-empty string "id"')
     if len(uid) > MAX_ID_LENGTH or any(c.isspace() or not c.isprintable() for c in uid):
         raise _bad_hello(f'"id" must be at most {MAX_ID_LENGTH} printable characters '
                          "without spaces")
-    return Hello(uid, key, ack)
+    return Hello(uid, key, ack, heartbeat)
 
 
 def parse_ack(data: bytes) -> int:
@@ -110,9 +114,18 @@ def _bad_frame(reason: str) -> ProtocolError:
     return ProtocolError(Close.BAD_FRAME, "bad_frame", reason)
 
 
-def welcome(uid: str, channel: str, queued: int, ack: bool) -> bytes:
-    return _dump({"type": "welcome", "id": uid, "channel": channel,
-                  "queued": queued, "ack": ack})
+def welcome(uid: str, channel: str, queued: int, ack: bool,
+            heartbeat: float | None = None) -> bytes:
+    """``heartbeat`` (seconds between heartbeats, 0 for none) only for a
+    hello that asked: other clients get the welcome they always got."""
+    doc = {"type": "welcome", "id": uid, "channel": channel, "queued": queued, "ack": ack}
+    if heartbeat is not None:
+        doc["heartbeat"] = int(heartbeat) if float(heartbeat).is_integer() else heartbeat
+    return _dump(doc)
+
+
+#: Sent every --ping-interval to a socket whose hello asked for it.
+HEARTBEAT = b'{"type":"heartbeat"}'
 
 
 def error(code: str, reason: str) -> bytes:

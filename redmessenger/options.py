@@ -67,7 +67,7 @@ class Options(usage.Options):
          "Open connections per remote address, from their accept (0: no limit; HTTP 503 "
          "past it)."],
         ["ping-interval", None, f"{_DEFAULTS.ping_interval:g}",
-         "Seconds between WebSocket pings (0: none)."],
+         "Seconds between WebSocket pings, and heartbeat frames to clients that ask (0: none)."],
         ["ping-timeout", None, f"{_DEFAULTS.ping_timeout:g}",
          "Seconds a pong may take before the peer counts as gone and its messages are "
          "stored."],

@@ -69,11 +69,17 @@ class RedMessengerProtocol(WebSocketServerProtocol):
     _too_slow = False
     _next_ping = None
     _pong_due = None
+    #: Welcomed, and its hello asked for heartbeat frames.
+    _heartbeat = False
 
     # Our own pings rather than Autobahn's autoPing*, whose timers (txaio's)
     # misfire on Twisted's asyncio reactor.
     def _ping(self) -> None:
         self.sendPing()
+        # A page cannot see pings: what it sees is this frame. A socket
+        # that is not writable has bytes on their way to it already.
+        if self._heartbeat and self.writable:
+            self.send(frames.HEARTBEAT)
         self._pong_due = self.factory.reactor.callLater(self.factory.ping_timeout,
                                                         self._no_pong)
 
@@ -142,8 +148,10 @@ class RedMessengerProtocol(WebSocketServerProtocol):
         _log.info("You're subscribed to {channel}! ({peer}, {queued} stored messages "
                   "follow)", channel=self.factory.namespace.user_channel(self.uid),
                   peer=self.peer, queued=queued)
-        self.sendMessage(frames.welcome(self.uid, self.factory.namespace.user_channel(self.uid),
-                                        queued, self.ack_mode))
+        self._heartbeat = self._hello.heartbeat
+        self.sendMessage(frames.welcome(
+            self.uid, self.factory.namespace.user_channel(self.uid), queued, self.ack_mode,
+            self.factory.ping_interval if self._heartbeat else None))
 
     def send(self, frame: bytes) -> bool:
         if self.state != self.STATE_OPEN or self._too_slow:

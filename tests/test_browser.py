@@ -351,8 +351,9 @@ async def test_a_page_receives_a_message_published_while_it_is_open(messenger, t
     await tab.start(id="alice")  # the URL comes from the page's location
     assert await tab.recorded("url") == rm.url
     welcome = await tab.welcomed()
+    # The page asked for heartbeats: every --ping-interval (30 s by default).
     assert welcome == {"type": "welcome", "id": "alice", "channel": "rm.users.alice",
-                       "queued": 0, "ack": False}
+                       "queued": 0, "ack": False, "heartbeat": 30}
     assert [s["state"] for s in await tab.recorded("states")] == [
         "connecting", "open", "welcomed"]
 
@@ -856,3 +857,67 @@ async def test_an_idle_timeout_gives_up_a_dead_connection_and_its_message_comes_
     await eventually(lambda: not rm.dispatcher.online("pia"), what="pia to go offline")
     assert rm.queue("pia") == []
     assert tab.problems == []
+
+
+#: The page's view of time, to compare with its recorded states.
+PAGE_NOW = "() => performance.now()"
+
+
+@aiotest
+async def test_by_default_missing_heartbeats_give_up_a_dead_connection_and_lose_nothing(
+        messenger, tabs, gate):
+    interval = 0.5
+    rm = await messenger(ping_interval=interval, ping_timeout=0.5)
+    relay = await gate(rm)
+    tab = await tabs()
+    await tab.open(rm)
+    await tab.start(relay.url, id="hugo", ack=True, ackDelay=0, **FAST)
+    welcome = await tab.welcomed()
+    assert welcome["heartbeat"] == interval
+    idle_ms = 2.5 * interval * 1000
+    assert await tab.evaluate("() => window.rm.client._idleLimit()") == idle_ms
+
+    # Quiet for twice the idle timeout: the heartbeats keep the connection up.
+    await tab.wait("(rm, ms) => performance.now() - rm.states.at(-1).at >= ms", 2 * idle_ms,
+                   what="a quiet spell of twice the idle timeout")
+    assert len(await tab.recorded("welcomes")) == 1 and await tab.recorded("errors") == []
+    assert await tab.recorded("messages") == []  # heartbeats are not messages
+
+    # The connection dies without a word: noticed within the idle timeout,
+    # and the message sent into it arrives once, on the next connection.
+    relay.freeze()
+    frozen_at = await tab.evaluate(PAGE_NOW)
+    rm.publish("rm.users.hugo", "into the void")
+    await tab.messages(1)
+    rm.publish("rm.users.hugo", "after it")
+    messages = await tab.messages(2)
+    assert [m["payload"] for m in messages] == ["into the void", "after it"]
+    assert await tab.recorded("duplicates") == []
+    [error] = await tab.recorded("errors")
+    assert error["code"] == "idle_timeout"
+    assert int(error["reason"].split(" for ")[1].split()[0]) >= idle_ms, error
+    closed = next(s for s in await tab.recorded("states") if s["state"] == "closed")
+    assert closed["code"] == 1006 and closed["final"] is False
+    assert closed["at"] - frozen_at <= idle_ms + 1000, (closed, frozen_at)
+    await eventually(lambda: rm.dispatcher.stats.acked == 2, what="two acks")
+    await tab.evaluate("() => window.rm.client.close()")
+    await eventually(lambda: not rm.dispatcher.online("hugo"), what="hugo to go offline")
+    assert rm.queue("hugo") == []
+    assert tab.problems == []
+
+
+@pytest.mark.parametrize(("idle_timeout", "heartbeat", "limit"),
+                         [(4000, 0.5, 4000), (0, None, 0)])
+@aiotest
+async def test_an_idle_timeout_the_page_sets_wins_and_0_asks_for_no_heartbeats(
+        messenger, tabs, idle_timeout, heartbeat, limit):
+    rm = await messenger(ping_interval=0.5)
+    tab = await tabs()
+    await tab.open(rm)
+    await tab.start(id="ida", idleTimeout=idle_timeout)
+    welcome = await tab.welcomed()
+    assert welcome.get("heartbeat") == heartbeat
+    assert await tab.evaluate("() => window.rm.client._idleLimit()") == limit
+    rm.publish("rm.users.ida", "still here")
+    assert [m["payload"] for m in await tab.messages(1)] == ["still here"]
+    assert await tab.recorded("errors") == [] and tab.problems == []

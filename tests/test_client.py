@@ -5,6 +5,7 @@ refusals."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -64,10 +65,11 @@ def clients() -> Iterator[Callable[..., tuple[RedMessengerClient, Recorder]]]:
     are stopped after the test."""
     started: list[RedMessengerClient] = []
 
-    def start(url: str, uid: str, **options: Any) -> tuple[RedMessengerClient, Recorder]:
+    def start(url: str, uid: str, client_class: type[RedMessengerClient] = RedMessengerClient,
+              **options: Any) -> tuple[RedMessengerClient, Recorder]:
         seen = Recorder()
         options = {"retry_policy": fast, **seen.callbacks(), **options}
-        client = RedMessengerClient(url, uid, **options)
+        client = client_class(url, uid, **options)
         started.append(client)
         client.startService()
         return client, seen
@@ -153,6 +155,49 @@ async def test_a_group_message_arrives_with_the_group_as_its_source(messenger, c
     rm.publish("rm.groups.cats", "Meow!")
     [meow] = await eventually(lambda: seen.messages)
     assert (meow.source, meow.payload, meow.queued) == ("rm.groups.cats", b"Meow!", False)
+
+
+class AsksForHeartbeats(RedMessengerClient):
+    """The client, except that its hello asks for heartbeat frames (which
+    the Python client does not need: Twisted sees the pings), and that it
+    notes the type of every frame it gets."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.frame_types: list[str] = []
+
+    def _opened(self, proto) -> None:
+        send = proto.sendMessage
+        proto.sendMessage = lambda hello: send(
+            json.dumps({**json.loads(hello), "heartbeat": True}).encode())
+        try:
+            super()._opened(proto)
+        finally:
+            del proto.sendMessage
+
+    def _frame(self, proto, payload: bytes, is_binary: bool) -> None:
+        self.frame_types.append(json.loads(payload)["type"])
+        super()._frame(proto, payload, is_binary)
+
+
+@aiotest
+async def test_a_frame_of_an_unknown_type_such_as_a_heartbeat_is_ignored(messenger, clients):
+    rm = await messenger(ping_interval=0.1, ping_timeout=1)
+    client, seen = clients(rm.url, "user1", ack=True, ack_delay=0.01,
+                           client_class=AsksForHeartbeats)
+    await tw(client.whenWelcomed())
+    await eventually(lambda: client.frame_types.count("heartbeat") >= 3, what="heartbeats")
+    rm.publish("rm.users.user1", "one")
+    rm.publish("rm.users.user1", "two")
+    await eventually(lambda: len(seen.messages) == 2, what="two messages")
+    assert [(m.payload, m.tag) for m in seen.messages] == [(b"one", 1), (b"two", 2)]
+    await eventually(lambda: client.acked == 2, what="the ack")
+    beats = client.frame_types.count("heartbeat")
+    await eventually(lambda: client.frame_types.count("heartbeat") >= beats + 3,
+                     what="more heartbeats")
+    assert seen.errors == [] and len(seen.messages) == 2
+    assert [c.state for c in seen.states] == [State.CONNECTING, State.CONNECTED,
+                                              State.WELCOMED]
 
 
 # -- ack mode ------------------------------------------------------------------

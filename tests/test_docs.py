@@ -200,6 +200,8 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "readme-log-refused": ("README.rst", "[redmessenger.websocket"),
     "protocol-hello-json": ("docs/protocol.rst", '{"id": "user1", "key"'),
     "protocol-hello-text": ("docs/protocol.rst", "user1\nuser1:"),
+    "protocol-hello-heartbeat": ("docs/protocol.rst", '{"id": "user1", "heartbeat"'),
+    "protocol-heartbeat": ("docs/protocol.rst", '{"type": "heartbeat"'),
     "protocol-ack": ("docs/protocol.rst", '{"type": "ack"'),
     "protocol-welcome": ("docs/protocol.rst", '{"type": "welcome"'),
     "protocol-message": ("docs/protocol.rst", '{"type": "message"'),
@@ -1065,6 +1067,20 @@ async def test_protocol_frames_are_what_the_server_sends_and_takes(messenger, re
     error, code = await client.refused()
     assert error == json.loads(sample("protocol-error"))
     assert code == 4001
+
+
+@claims("protocol-hello-heartbeat", "protocol-heartbeat")
+@aiotest
+async def test_protocol_heartbeats_are_what_the_server_sends(messenger):
+    rm = await messenger(ping_interval=0.2)
+    client = await rm.connect()
+    await client.send(sample("protocol-hello-heartbeat"))
+    # The documented welcome, with nothing queued, and the interval last.
+    shown = {**json.loads(sample("protocol-welcome")), "queued": 0, "heartbeat": 0.2}
+    welcome = await client.recv()
+    assert list(welcome.items()) == list(shown.items())
+    assert await client.recv() == json.loads(sample("protocol-heartbeat"))
+    await client.close()
 
 
 # --------------------------------------------------------------------------

@@ -53,6 +53,8 @@ def test_ids_are_unique_across_generators():
 @pytest.mark.parametrize("text, hello", [
     ('{"id": "user1"}', Hello("user1")),
     ('{"id": "user1", "key": "k", "ack": true}', Hello("user1", "k", True)),
+    ('{"id": "user1", "heartbeat": true}', Hello("user1", heartbeat=True)),
+    ('{"id": "user1", "heartbeat": false}', Hello("user1")),
     ("user1", Hello("user1")),
     ("user1:token:with:colons", Hello("user1", "token:with:colons")),
     ('{"id": "a.b.c"}', Hello("a.b.c")),
@@ -63,6 +65,7 @@ def test_hellos(text, hello):
 
 @pytest.mark.parametrize("data", [b"{oops", b'{"id": 5}', b'{"id": ""}', b'{"id": "a b"}',
                                   b'{"id": "u", "key": 1}', b'{"id": "u", "ack": "yes"}',
+                                  b'{"id": "u", "heartbeat": 1}',
                                   b"", b"\xff", b'{"key": "k"}', b"a" * 300, b"a\x00b",
                                   b'{"x":' + b"[" * 20000])
 def test_bad_hellos(data):

@@ -125,11 +125,12 @@ good_ids = st.text(st.characters(exclude_categories=("C", "Z")), min_size=1, max
 ids = st.one_of(good_ids, st.text(max_size=20), st.sampled_from([KEYED, "user1", ""]),
                 st.text(min_size=250, max_size=260), json_values)
 hello_docs = st.one_of(
-    st.dictionaries(st.sampled_from(["id", "key", "ack"]) | st.text(max_size=8), json_values,
-                    max_size=5),
+    st.dictionaries(st.sampled_from(["id", "key", "ack", "heartbeat"]) | st.text(max_size=8),
+                    json_values, max_size=5),
     st.fixed_dictionaries({"id": ids}, optional={
         "key": st.none() | st.sampled_from([KEY, "wrong"]) | json_values,
-        "ack": st.booleans() | st.booleans() | json_values}),
+        "ack": st.booleans() | st.booleans() | json_values,
+        "heartbeat": st.booleans() | json_values}),
 )
 #: (kind, data): "text" and "json" go in text frames, "binary" in binary
 #: frames, and "raw" is bytes in a text frame (so possibly not UTF-8).
@@ -167,7 +168,7 @@ def valid_id(uid) -> bool:
 
 
 def expected_hello(kind: str, data) -> tuple:
-    """``("welcome", uid, ack)``, ``("refused", close code)`` or
+    """``("welcome", uid, ack, heartbeat)``, ``("refused", close code)`` or
     ``("autobahn", 1007)``, from docs/protocol.rst."""
     if len(frame_bytes(kind, data)) > MAX_FRAME:
         return ("refused", 1009)
@@ -183,17 +184,19 @@ def expected_hello(kind: str, data) -> tuple:
             doc = json.loads(data)
         except ValueError:
             return ("refused", 4000)
-        uid, key, ack = doc.get("id"), doc.get("key"), doc.get("ack", False)
-        if (key is not None and not isinstance(key, str)) or not isinstance(ack, bool):
+        uid, key = doc.get("id"), doc.get("key")
+        ack, heartbeat = doc.get("ack", False), doc.get("heartbeat", False)
+        if ((key is not None and not isinstance(key, str)) or not isinstance(ack, bool)
+                or not isinstance(heartbeat, bool)):
             return ("refused", 4000)
     else:
         uid, colon, key = data.partition(":")
-        key, ack = (key if colon else None), False
+        key, ack, heartbeat = (key if colon else None), False, False
     if not valid_id(uid):
         return ("refused", 4000)
     if uid == KEYED and key != KEY:
         return ("refused", 4001)
-    return ("welcome", uid, ack)
+    return ("welcome", uid, ack, heartbeat)
 
 
 def expected_follow_up(kind: str, data, ack_mode: bool) -> int | None:
@@ -255,11 +258,14 @@ async def test_any_hello_is_welcomed_or_refused_as_documented(fuzzed, hello, fol
 
 
 async def welcomed_then(fuzzed: Fuzzed, client: Client, uid: str, ack: bool,
-                        follow_up: tuple | None) -> None:
+                        heartbeat: bool, follow_up: tuple | None) -> None:
     rm = fuzzed.rm
     welcome = await client.recv()
-    assert welcome == {"type": "welcome", "id": uid, "channel": f"rm.users.{uid}",
-                       "queued": 0, "ack": ack}
+    expected = {"type": "welcome", "id": uid, "channel": f"rm.users.{uid}", "queued": 0,
+                "ack": ack}
+    if heartbeat:  # the default --ping-interval: no heartbeat comes during the example
+        expected["heartbeat"] = 30
+    assert welcome == expected
     refusal = None if follow_up is None else expected_follow_up(*follow_up, ack)
     event(f"then {'nothing' if follow_up is None else refusal or 'a good ack'}")
     if follow_up is not None:

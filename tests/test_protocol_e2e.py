@@ -119,6 +119,9 @@ BAD_HELLOS = [
     ('{"id": "user1", "ack": "yes"}', '"ack" must be true or false'),
     ('{"id": "user1", "ack": 1}', '"ack" must be true or false'),
     ('{"id": "user1", "ack": null}', '"ack" must be true or false'),
+    ('{"id": "user1", "heartbeat": "yes"}', '"heartbeat" must be true or false'),
+    ('{"id": "user1", "heartbeat": 1}', '"heartbeat" must be true or false'),
+    ('{"id": "user1", "heartbeat": null}', '"heartbeat" must be true or false'),
     # Legacy plain-text hellos: ``user`` or ``user:key``.
     ("", NEEDS_ID),
     (":token", NEEDS_ID),
@@ -147,6 +150,8 @@ GOOD_HELLOS = [
     ('{"id": "user1"}', "user1", False),
     ('{"id": "user1", "ack": true}', "user1", True),
     ('{"id": "user1", "ack": false, "key": null}', "user1", False),
+    # Not asking for heartbeats is today's hello, welcomed as today.
+    ('{"id": "user1", "heartbeat": false}', "user1", False),
     (' \n {"id": "user1"}', "user1", False),
     ('{"id": "user1", "type": "hello", "extra": {"x": [1]}}', "user1", False),
     ('{"id": "team.alice"}', "team.alice", False),
@@ -186,6 +191,44 @@ async def test_a_text_frame_that_is_not_utf8_is_closed_by_autobahn_with_1007(mes
     assert (frames, code) == ([], 1007)
     await still_served(rm, other)
     await eventually(lambda: rm.dispatcher.sockets == 1)
+
+
+# -- heartbeats -----------------------------------------------------------------
+
+
+@aiotest
+async def test_heartbeats_come_every_ping_interval_only_to_sockets_that_asked(messenger):
+    rm = await messenger(ping_interval=0.2, ping_timeout=1)
+    quiet = await rm.user("quiet")  # did not ask: its welcome is today's
+    assert quiet.welcome == welcome("quiet")
+    asking = await rm.connect()
+    await asking.send_json({"id": "beating", "ack": True, "heartbeat": True})
+    assert await asking.recv() == {**welcome("beating", ack=True), "heartbeat": 0.2}
+
+    loop = asyncio.get_running_loop()
+    arrivals = []
+    for _ in range(4):
+        assert await asking.recv(timeout=2) == {"type": "heartbeat"}
+        arrivals.append(loop.time())
+    gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
+    assert all(0.15 < gap < 2.0 for gap in gaps), gaps
+    # Not messages: no tag is used up, nothing waits for an ack.
+    rm.publish("rm.users.beating", "after the beats")
+    frame = await asking.recv()
+    while frame["type"] == "heartbeat":
+        frame = await asking.recv()
+    assert (frame["payload"], frame["tag"]) == ("after the beats", 1)
+    # Four intervals went by: the socket that did not ask got nothing.
+    await still_served(rm, quiet, "quiet")
+
+
+@aiotest
+async def test_with_pings_off_the_welcome_says_heartbeat_0(messenger):
+    rm = await messenger(ping_interval=0)
+    client = await rm.connect()
+    await client.send_json({"id": "user1", "heartbeat": True})
+    assert await client.recv() == {**welcome("user1"), "heartbeat": 0}
+    await still_served(rm, client, "user1")
 
 
 # -- 4001 unauthorized ----------------------------------------------------------

@@ -12,7 +12,8 @@
  * The protocol it speaks is docs/protocol.rst: a hello, a welcome, then
  * message frames; in ack mode, cumulative `{"type": "ack", "tag": N}` frames
  * back. It reconnects by itself (exponential backoff with full jitter) unless
- * the server refused the hello or a frame for good.
+ * the server refused the hello or a frame for good, and asks for `heartbeat`
+ * frames to notice a connection that died without a word (see `idleTimeout`).
  *
  * Messages are handled one at a time, in order: a `message` event, whose
  * listeners may return promises (async functions); the next message waits
@@ -42,6 +43,17 @@ export const FINAL_CLOSE_CODES = new Set([4000, 4001, 4002, 4009]);
  * @type {WeakMap<Event, {failure: {error: unknown} | undefined, pending: PromiseLike<unknown>[]}>}
  */
 const OUTCOMES = new WeakMap();
+
+/**
+ * The automatic idle timeout, in heartbeat intervals: a connection on which
+ * nothing arrived for 2.5 of the intervals its welcome announced is dead.
+ * The server's next heartbeat waits for the pong of its last ping, so they
+ * come a round trip later than the interval; 2.5 leaves room for that and
+ * for one heartbeat that is missing or late (a busy server, a slow
+ * network), not for two.
+ * @type {number}
+ */
+export const HEARTBEATS_MISSED = 2.5;
 
 /**
  * The WebSocket URL of the RedMessenger that served the current page:
@@ -77,12 +89,16 @@ export function defaultUrl() {
  * @property {number} [stableAfter=30000] Milliseconds a connection must stay
  *   up after its welcome for the backoff to start over from `minDelay`; a
  *   server that welcomes and soon closes is retried less and less often.
- * @property {number} [idleTimeout=0] Milliseconds without any frame from the
- *   server after which the connection counts as dead: the client drops it
- *   (an `error` event `idle_timeout`, close code 1006) and reconnects.
- *   Browsers hide WebSocket pings from scripts, so set it above the longest
- *   quiet spell the application expects (or above the interval of any
- *   frame the server sends regularly). 0: never.
+ * @property {number | null} [idleTimeout=null] Milliseconds without any frame
+ *   from the server after which the connection counts as dead: the client
+ *   drops it (an `error` event `idle_timeout`, close code 1006) and
+ *   reconnects. Browsers hide WebSocket pings from scripts, so the client
+ *   asks the server for `heartbeat` frames, which it sends every
+ *   `--ping-interval`. Left out (`null`): automatic, {@link HEARTBEATS_MISSED}
+ *   times the interval the welcome announces (75 s for the default 30 s),
+ *   none before the welcome or from a server that sends no heartbeats. A
+ *   number sets it instead (still asking for heartbeats); 0: never, and
+ *   no heartbeats are asked for.
  * @property {number} [ackDelay=50] Milliseconds to gather acks into one
  *   frame; 0 acks after every message.
  * @property {number} [dedupSize=10000] How many message ids are remembered
@@ -130,7 +146,8 @@ export function defaultUrl() {
  * Events (all `CustomEvent`s; the payload is in `event.detail`):
  *
  * - `state`: {@link StateDetail}, on every change of {@link RedMessengerClient#state}.
- * - `welcome`: the server's welcome frame (`{type, id, channel, queued, ack}`).
+ * - `welcome`: the server's welcome frame (`{type, id, channel, queued, ack,
+ *   heartbeat}`).
  * - `message`: {@link MessageDetail}, for every message (once per id), in
  *   its turn. A listener may return a promise (be an async function): the
  *   next message waits for it. The message is settled well once every
@@ -146,7 +163,7 @@ export function defaultUrl() {
  *   before it closes the socket; or one of the client's own, of the same
  *   shape: `key_failed`, `key_timeout` (the key function threw, rejected or
  *   took longer than `keyTimeout`), `idle_timeout` (nothing from the server
- *   for `idleTimeout`), `handler_failed` (a `message` listener failed on
+ *   for the idle timeout), `handler_failed` (a `message` listener failed on
  *   message `id`, also given; in ack mode the message is refused).
  *
  * @extends EventTarget
@@ -166,7 +183,7 @@ export class RedMessengerClient extends EventTarget {
     }
     const {
       id, key, keyTimeout = 10000, ack = false, reconnect = true, minDelay = 250,
-      maxDelay = 30000, stableAfter = 30000, idleTimeout = 0, ackDelay = 50, dedupSize = 10000,
+      maxDelay = 30000, stableAfter = 30000, idleTimeout = null, ackDelay = 50, dedupSize = 10000,
     } = options ?? {};
     url = url ?? defaultUrl();
     if (!url) throw new TypeError("RedMessengerClient needs a url outside a page RedMessenger served");
@@ -185,7 +202,12 @@ export class RedMessengerClient extends EventTarget {
     /** @type {number} */ this.minDelay = minDelay;
     /** @type {number} */ this.maxDelay = maxDelay;
     /** @type {number} */ this.stableAfter = stableAfter;
-    /** @type {number} */ this.idleTimeout = idleTimeout;
+    /**
+     * Milliseconds of silence that drop a connection; `null`: from the
+     * server's heartbeats (see {@link ClientOptions}); 0: never.
+     * @type {number | null}
+     */
+    this.idleTimeout = idleTimeout;
     /** Milliseconds to gather acks; may be changed at any time. @type {number} */
     this.ackDelay = ackDelay;
     /** @type {number} */ this.dedupSize = dedupSize;
@@ -208,6 +230,7 @@ export class RedMessengerClient extends EventTarget {
     this._wanted = false; // connect() called and close() not since
     this._welcomedAt = null; // performance.now() at this socket's welcome
     this._heardAt = 0; // performance.now() at this socket's last frame
+    this._heartbeatIdle = 0; // the automatic idle timeout from this socket's welcome
     this._lastTag = 0; // highest tag handled on the current socket
     this._ackedTag = 0; // highest tag acknowledged on the current socket
     /** Messages waiting for their turn: `{detail, socket}`. */
@@ -330,13 +353,15 @@ export class RedMessengerClient extends EventTarget {
     this._lastTag = 0;
     this._ackedTag = 0;
     this._welcomedAt = null;
+    this._heartbeatIdle = 0;
     this._heard();
     socket.onopen = () => {
       this._heard();
-      /** @type {{id: string, key?: string, ack?: boolean}} */
+      /** @type {{id: string, key?: string, ack?: boolean, heartbeat?: boolean}} */
       const hello = { id: this.id };
       if (key !== undefined && key !== null) hello.key = String(key);
       if (this.ack) hello.ack = true;
+      if (this.idleTimeout !== 0) hello.heartbeat = true;
       socket.send(JSON.stringify(hello));
       this._setState("open", {});
     };
@@ -396,7 +421,17 @@ export class RedMessengerClient extends EventTarget {
    */
   _heard() {
     this._heardAt = performance.now();
-    if (this.idleTimeout > 0 && this._idleTimer === null) this._armIdle(this.idleTimeout);
+    const limit = this._idleLimit();
+    if (limit > 0 && this._idleTimer === null) this._armIdle(limit);
+  }
+
+  /**
+   * The idle timeout in force: the page's, or the one from the heartbeats.
+   * @private
+   * @returns {number}
+   */
+  _idleLimit() {
+    return this.idleTimeout ?? this._heartbeatIdle;
   }
 
   /** @private */
@@ -404,10 +439,11 @@ export class RedMessengerClient extends EventTarget {
     const socket = this._socket;
     this._idleTimer = setTimeout(() => {
       this._idleTimer = null;
-      if (this._socket !== socket || this.idleTimeout <= 0) return;
+      const limit = this._idleLimit();
+      if (this._socket !== socket || limit <= 0) return;
       const quiet = performance.now() - this._heardAt;
-      if (quiet < this.idleTimeout) {
-        this._armIdle(this.idleTimeout - quiet); // heard meanwhile: wait from then
+      if (quiet < limit) {
+        this._armIdle(limit - quiet); // heard meanwhile: wait from then
         return;
       }
       const reason = `idle timeout: nothing from the server for ${Math.round(quiet)} ms`;
@@ -471,6 +507,10 @@ export class RedMessengerClient extends EventTarget {
       case "welcome":
         this._welcomedAt = performance.now();
         this.welcome = frame;
+        if (typeof frame.heartbeat === "number" && frame.heartbeat > 0) {
+          this._heartbeatIdle = HEARTBEATS_MISSED * frame.heartbeat * 1000;
+          this._heard(); // the countdown starts now
+        }
         this._setState("welcomed", {});
         this._emit("welcome", frame);
         break;
@@ -480,6 +520,8 @@ export class RedMessengerClient extends EventTarget {
       case "error":
         this._emit("error", frame);
         break;
+      case "heartbeat":
+        break; // not a message: it only showed that the connection lives
       default:
         break; // unknown frames are for newer clients
     }
