@@ -866,8 +866,8 @@ PAGE_NOW = "() => performance.now()"
 @aiotest
 async def test_by_default_missing_heartbeats_give_up_a_dead_connection_and_lose_nothing(
         messenger, tabs, gate):
-    interval = 0.5
-    rm = await messenger(ping_interval=interval, ping_timeout=0.5)
+    interval = 1.0  # a heartbeat late by 1.5 intervals (a loaded machine) is not a loss
+    rm = await messenger(ping_interval=interval, ping_timeout=1.0)
     relay = await gate(rm)
     tab = await tabs()
     await tab.open(rm)
@@ -898,7 +898,7 @@ async def test_by_default_missing_heartbeats_give_up_a_dead_connection_and_lose_
     assert int(error["reason"].split(" for ")[1].split()[0]) >= idle_ms, error
     closed = next(s for s in await tab.recorded("states") if s["state"] == "closed")
     assert closed["code"] == 1006 and closed["final"] is False
-    assert closed["at"] - frozen_at <= idle_ms + 1000, (closed, frozen_at)
+    assert closed["at"] - frozen_at <= idle_ms + 3000, (closed, frozen_at)
     await eventually(lambda: rm.dispatcher.stats.acked == 2, what="two acks")
     await tab.evaluate("() => window.rm.client.close()")
     await eventually(lambda: not rm.dispatcher.online("hugo"), what="hugo to go offline")

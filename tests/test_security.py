@@ -227,7 +227,7 @@ async def test_connections_count_from_accept_and_slow_handshakes_are_closed(mess
     """50 connections that trickle an HTTP request (slowloris) hold the 3
     places of their address, not 50, and only for --handshake-timeout; the
     rest are refused at once; a WebSocket that upgraded in time stays."""
-    deadline = 1.5
+    deadline = 3.0  # room for the checks below on a loaded machine (they take 0.05 s)
     rm = await messenger(max_connections=5, max_connections_per_address=3,
                          handshake_timeout=deadline)
     opened = time.monotonic()
@@ -281,7 +281,7 @@ async def test_connections_count_from_accept_and_slow_handshakes_are_closed(mess
     for _, writer in [*slow, idle]:
         writer.close()
     assert len([line for line in logged if line.startswith("Refusing tcp4:")]) == 48
-    assert len([line for line in logged if "no WebSocket within 1.5 s" in line]) == 3
+    assert len([line for line in logged if f"no WebSocket within {deadline:g} s" in line]) == 3
     assert not [line for line in logged if "Unhandled" in line or "Traceback" in line]
 
 
