@@ -92,9 +92,11 @@ def memory(pid: int) -> dict[str, int]:
 
 
 def wait_until(check: Callable[[], object], what: str, timeout: float,
-               alive: Callable[[], None] | None = None, interval: float = POLL):
-    """Poll ``check`` until it returns something true, or fail after
-    ``timeout`` (or as soon as ``alive`` raises)."""
+               alive: Callable[[], None] | None = None, interval: float = POLL,
+               error: type[Exception] = BenchError):
+    """Poll ``check`` until it returns something true, or raise ``error``
+    after ``timeout`` (or as soon as ``alive`` raises). The test suite waits
+    with it too (tests/deployed.py), failing with an AssertionError."""
     deadline = time.monotonic() + timeout
     while True:
         if alive is not None:
@@ -103,7 +105,7 @@ def wait_until(check: Callable[[], object], what: str, timeout: float,
         if value:
             return value
         if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
+            raise error(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
 
 

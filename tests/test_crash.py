@@ -12,10 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from deployed import START_TIMEOUT, TwistdProcess, client, hello, recv_json, wait_for
 from harness import aiotest, eventually
-from test_twistd import START_TIMEOUT, TwistdProcess, client, hello, recv_json, wait_for
-
-from conftest import HOST, pick_free_port
+from network import HOST, pick_free_port
 
 QUEUE = "rm:users:user1:messages"
 

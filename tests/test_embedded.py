@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from test_twistd import EmbeddedRedisClient
+from resp import EmbeddedRedisClient, RedisReplyError, RespClient
 from twisted.internet import reactor
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import deferLater
@@ -23,8 +23,6 @@ from twisted.logger import LogLevel, globalLogPublisher
 from redmessenger import embedded
 from redmessenger.embedded import EmbeddedRedis, EmbeddedRedisError
 from redmessenger.redisserver import RedisServerNotFound, parse_version
-
-from conftest import RedisReplyError, RespClient
 
 
 @asynccontextmanager

@@ -14,25 +14,24 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from harness import Client, aiotest, eventually, loop, tw
-from test_twistd import (
+from deployed import (
     FAIL_TIMEOUT,
     GIVE_UP_TIMEOUT,
     TwistdProcess,
-    accepting,
     client,
     deployed_env,
     hello,
     numpat,
     recv_json,
 )
+from harness import Client, aiotest, eventually, loop, tw
+from network import HOST, accepting, pick_free_port
+from resp import RespClient
 from twisted.application.service import IService, MultiService
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 
 from redmessenger import AuthMode, RedMessengerService, Settings
-
-from conftest import HOST, RespClient, pick_free_port
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "docs" / "example.tac"

@@ -9,8 +9,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import RedisReplyError, encode_command, read_reply
+from resp import RedisReplyError, encode_command, read_reply
 
 
 def reply(data: bytes):

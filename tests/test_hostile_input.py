@@ -10,12 +10,11 @@ import json
 import subprocess
 
 import pytest
+from deployed import FAIL_TIMEOUT, TWISTD, assert_refused, deployed_env
 from harness import aiotest, eventually
-from test_twistd import FAIL_TIMEOUT, TWISTD, assert_refused, deployed_env
+from network import HOST, pick_free_port
 
 from redmessenger.envelope import Envelope, MessageIds
-
-from conftest import HOST, pick_free_port
 
 #: Entries another program could RPUSH into a queue, none of them an
 #: envelope we can use: each must come out as it is, in its place.

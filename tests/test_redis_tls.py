@@ -12,17 +12,13 @@ import ssl
 import subprocess
 
 import pytest
+from certificates import make_certificate
 from harness import aiotest, eventually, start_service
+from network import pick_free_port
+from redisservers import spawned_redis
+from resp import encode_command, read_reply
 
 from redmessenger.settings import RedisAddress
-
-from conftest import (
-    encode_command,
-    make_certificate,
-    pick_free_port,
-    read_reply,
-    spawned_redis,
-)
 
 
 def tls_redis_server() -> str | None:

@@ -6,8 +6,8 @@ import socket
 
 import pytest
 from harness import aiotest, eventually, start_service
-
-from conftest import encode_command, read_reply, spawned_redis
+from redisservers import spawned_redis
+from resp import encode_command, read_reply
 
 
 class UnixRedis:

@@ -49,10 +49,10 @@ from pathlib import Path
 
 import pytest
 import websockets
+from deployed import START_TIMEOUT, TwistdProcess, wait_for
 from harness import aiotest, loop
-from test_twistd import START_TIMEOUT, TwistdProcess, wait_for
-
-from conftest import HOST, RedisReplyError, pick_free_port
+from network import HOST, pick_free_port
+from resp import RedisReplyError
 
 INBOX = "rm:inbox"
 #: Clients in ack mode: every other user.
