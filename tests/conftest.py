@@ -21,6 +21,7 @@ default reactor first and pytest would stop with an INTERNALERROR.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 import pytest
 from certificates import make_certificate
 from network import pick_free_port
-from redisservers import RedisServerProcess
+from redisservers import RedisServerProcess, TlsRedis, spawned_redis, tls_redis_server
 from resp import RespClient
 
 
@@ -146,3 +147,118 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
 def free_port() -> int:
     """A port of 127.0.0.1 that was free when the test started."""
     return pick_free_port()
+
+
+@pytest.fixture
+def oom_redis(tmp_path, redis_factory):
+    """A redis-server of the test's own, with ``out_of_memory(True)`` to
+    fill it past ``maxmemory`` (noeviction) and ``out_of_memory(False)``
+    to free it."""
+    server = redis_factory(tmp_path / "oom-redis")
+    server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+
+    def out_of_memory(on: bool) -> None:
+        if on:
+            server.command("SETRANGE", "ballast", 4 * 1024 * 1024, "x")
+            server.command("CONFIG", "SET", "maxmemory", 1024 * 1024)
+        else:
+            server.command("CONFIG", "SET", "maxmemory", 0)
+
+    server.out_of_memory = out_of_memory
+    return server
+
+
+@pytest.fixture
+def tls_redis(tmp_path, certificate):
+    """A redis-server of the test's own that speaks only TLS, with the
+    ``certificate`` fixture's certificate (skipped without a redis-server
+    built with TLS, unless REDMESSENGER_REQUIRE_TLS_REDIS=1)."""
+    from redmessenger.settings import RedisAddress
+
+    executable = tls_redis_server()
+    if executable is None:
+        if os.environ.get("REDMESSENGER_REQUIRE_TLS_REDIS") == "1":
+            pytest.fail("no redis-server built with TLS on PATH (apt-get install redis-server)")
+        pytest.skip("no redis-server built with TLS on PATH (apt-get install redis-server)")
+    key, cert = certificate
+    port = pick_free_port()
+    redis = TlsRedis(port, cert)
+    with spawned_redis([executable, "--port", "0", "--tls-port", str(port),
+                        "--bind", "127.0.0.1", "--tls-cert-file", str(cert),
+                        "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+                        "--tls-auth-clients", "no", "--dir", str(tmp_path), "--save", "",
+                        "--appendonly", "no"], lambda: redis.command("PING")):
+        # A CA bundle: some other CA first, then the one that signed Redis's.
+        bundle = tmp_path / "bundle.pem"
+        bundle.write_bytes(make_certificate(tmp_path, "other", "Another CA")[1].read_bytes()
+                           + cert.read_bytes())
+        redis.address = RedisAddress.from_url(f"rediss://127.0.0.1:{port}/0?ca={bundle}")
+        yield redis
+
+
+# One browser for the module, a fresh context (no shared storage, no shared
+# sockets) for each test; both closed afterwards.
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One headless Chromium for the test module, closed after it (skipped
+    without Playwright or Chromium: see :func:`chromium.missing`)."""
+    from chromium import CHROMIUM_ARGS, find_chromium, missing
+    from harness import run
+
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:
+        missing("Python Playwright is not installed: pip install playwright "
+                "(and no 'playwright install': the system's Chromium is used)")
+    executable = find_chromium()
+    if executable is None:
+        missing("Chromium is not installed: apt-get install -y chromium "
+                "(or set REDMESSENGER_CHROMIUM to a Chromium/Chrome executable)")
+
+    async def launch():
+        playwright = await async_playwright().start()
+        try:
+            return playwright, await playwright.chromium.launch(
+                executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        except BaseException:
+            await playwright.stop()
+            raise
+
+    playwright, chromium = run(launch())
+
+    async def shut():
+        try:
+            await chromium.close()
+        finally:
+            await playwright.stop()
+
+    try:
+        yield chromium
+    finally:
+        run(shut())
+
+
+@pytest.fixture
+def tabs(browser) -> Iterator[Any]:
+    """``tab = await tabs()``: a page in a fresh browser context; every
+    context is closed after the test (which closes its sockets)."""
+    from chromium import Tab
+    from harness import run
+
+    contexts = []
+
+    async def new_tab() -> Tab:
+        context = await browser.new_context()
+        contexts.append(context)
+        return Tab(await context.new_page())
+
+    async def close_all():
+        for context in contexts:
+            await context.close()
+
+    try:
+        yield new_tab
+    finally:
+        run(close_all())

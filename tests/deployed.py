@@ -228,6 +228,12 @@ def client(port: int) -> Iterator[ClientConnection]:
         yield ws
 
 
+def ws(url: str, **kwargs: Any) -> ClientConnection:
+    """A connection to ``url``, bounded in time like :func:`client`."""
+    return connect(url, open_timeout=RECV_TIMEOUT, close_timeout=RECV_TIMEOUT,
+                   max_size=None, **kwargs)
+
+
 def closed(ws: ClientConnection) -> tuple[list[dict], int | None]:
     """Read until the server closes: the frames before its close, its code."""
     frames = []

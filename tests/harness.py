@@ -13,6 +13,8 @@ import asyncio
 import functools
 import json
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -198,3 +200,34 @@ class Client:
     def abort(self) -> None:
         """Drop the TCP connection with no closing handshake."""
         self.connection.transport.abort()
+
+
+async def get(url: str) -> tuple[int, dict[str, str], bytes]:
+    """An HTTP GET from a coroutine (in a thread): status, headers (lower
+    case names) and body, whatever the status."""
+    def fetch():
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.status, _lower(response.headers), response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, _lower(error.headers), error.read()
+
+    return await asyncio.get_running_loop().run_in_executor(None, fetch)
+
+
+def _lower(headers) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers.items()}
+
+
+def http_url(rm: RunningService, path: str = "/") -> str:
+    """The URL of ``path`` on a running service's port (HTTP beside the
+    WebSocket)."""
+    return rm.url.replace("ws://", "http://", 1) + path.lstrip("/")
+
+
+def metric(text: str, name: str) -> float:
+    """A sample's value in a /metrics text (the first, whatever its labels)."""
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")

@@ -11,7 +11,10 @@ the reactor is installed).
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from network import HOST, pick_free_port
-from resp import RedisReplyError, RespClient
+from resp import RedisReplyError, RespClient, encode_command, read_reply
 
 if TYPE_CHECKING:
     from redmessenger.settings import RedisAddress
@@ -213,3 +216,37 @@ def spawned_redis(argv: list[str], ping: Callable[[], Any]) -> Iterator[subproce
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def tls_redis_server() -> str | None:
+    """A redis-server that accepts --tls-port, or None."""
+    found = shutil.which("redis-server")
+    if found is None:
+        return None
+    probe = subprocess.run([found, "--tls-port", "0", "--port", "0", "--test-memory", "1"],
+                           capture_output=True, text=True, timeout=30)
+    return None if "tls-port" in probe.stdout + probe.stderr else found
+
+
+class TlsRedis:
+    def __init__(self, port: int, cert) -> None:
+        self.port = port
+        self._context = ssl.create_default_context(cafile=str(cert))
+
+    def command(self, *args):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as raw:
+            with self._context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                sock.sendall(encode_command(*args))
+                with sock.makefile("rb") as stream:
+                    return read_reply(stream)
+
+
+def kill_connection(redis, name: str) -> int:
+    """Cut RedMessenger's connection called ``name`` (CLIENT SETNAME)."""
+    listing = redis.command("CLIENT", "LIST", decode=True)
+    ids = [dict(field.split("=", 1) for field in line.split())["id"]
+           for line in listing.splitlines() if f"name=redmessenger:{name} " in line]
+    assert ids, listing
+    for ident in ids:
+        redis.command("CLIENT", "KILL", "ID", ident)
+    return len(ids)

@@ -5,57 +5,20 @@ the reactor (``--help``, usage errors) is called in-process."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import functools
 import json
-import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from commandline import CLI_TIMEOUT, cli, cli_async, ok, queue
 from harness import aiotest, eventually, start_service
 
 from redmessenger.cli import health_url, main
-
-#: Seconds one command line may take (it starts a Python, Twisted and txredisapi).
-CLI_TIMEOUT = 60.0
-CLI = [sys.executable, "-m", "redmessenger.cli"]
-
-
-def cli(redis_url: str, *args: str, stdin: bytes | None = None, cwd: Path | None = None,
-        **env: str) -> subprocess.CompletedProcess[str]:
-    """Run one command line, away from the repository (so the installed
-    package runs), with REDMESSENGER_REDIS pointing at ``redis_url``."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("REDMESSENGER_")}
-    environment.update(REDMESSENGER_REDIS=redis_url, **env)
-    result = subprocess.run(
-        [*CLI, *args], input=stdin, capture_output=True, env=environment,
-        cwd=cwd or tempfile.gettempdir(), timeout=CLI_TIMEOUT)
-    return subprocess.CompletedProcess(result.args, result.returncode,
-                                       result.stdout.decode(), result.stderr.decode())
-
-
-async def cli_async(redis_url: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
-    """``cli`` from a coroutine: in a thread, so the reactor keeps serving."""
-    return await asyncio.get_running_loop().run_in_executor(
-        None, functools.partial(cli, redis_url, *args, **kwargs))
-
-
-def queue(redis, uid: str, prefix: str = "rm") -> list[dict]:
-    return [json.loads(raw) for raw in redis.command(
-        "LRANGE", f"{prefix}:users:{uid}:messages", 0, -1)]
-
-
-def ok(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    return result.stdout
-
 
 # -- in-process: arguments only -------------------------------------------------
 

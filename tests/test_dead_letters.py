@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import json
 
-from harness import aiotest, eventually, start_service, tw
-from test_cli import cli_async, ok, queue
-from test_http import get, http_url, metric
+from commandline import cli_async, ok, queue
+from harness import aiotest, eventually, get, http_url, metric, start_service, tw
 
 
 def dead(redis) -> list[dict]:

@@ -3,32 +3,10 @@ script and the demo page, and origin checks on the WebSocket handshake."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import urllib.error
-import urllib.request
 
 import websockets
-from harness import aiotest, eventually, start_service
-
-
-async def get(url: str) -> tuple[int, dict[str, str], bytes]:
-    def fetch():
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                return response.status, _lower(response.headers), response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, _lower(error.headers), error.read()
-
-    return await asyncio.get_running_loop().run_in_executor(None, fetch)
-
-
-def _lower(headers) -> dict[str, str]:
-    return {name.lower(): value for name, value in headers.items()}
-
-
-def http_url(rm, path: str) -> str:
-    return rm.url.replace("ws://", "http://") + path.lstrip("/")
+from harness import aiotest, eventually, get, http_url, metric, start_service
 
 
 @aiotest
@@ -60,13 +38,6 @@ async def test_health_says_unavailable_while_redis_is_away(private_redis):
         assert (await get(http_url(rm, "/health")))[0] == 200
     finally:
         await rm.stop()
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 @aiotest

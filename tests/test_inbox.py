@@ -4,6 +4,7 @@ down or dying between reading and acknowledging them."""
 from __future__ import annotations
 
 from harness import aiotest, eventually, tw
+from redisservers import kill_connection
 
 
 def pending(redis) -> int:
@@ -127,8 +128,6 @@ async def test_entries_a_lost_read_left_pending_come_first_once_the_reader_is_ba
     """A read whose reply was lost with the connection leaves its entries
     pending for this very reader: they are handled as soon as it is back,
     before newer ones, not ``--inbox-claim-after`` (30 s) later."""
-    from test_outages import kill_connection
-
     rm = await messenger(inbox=True)
     user1 = await rm.user("user1")
     reader = rm.service.owner

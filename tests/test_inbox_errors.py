@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 
-from harness import aiotest, eventually, start_service, tw
-from test_http import get, http_url
-from test_redis_oom import oom_redis  # noqa: F401  (a fixture)
+from harness import aiotest, eventually, get, http_url, start_service, tw
 
 
 def blocked_reader(redis) -> bool:
@@ -28,7 +26,7 @@ def oom_errors(redis) -> int:
 
 @aiotest
 async def test_an_inbox_that_cannot_make_its_group_for_lack_of_memory_reads_once_it_can(
-        oom_redis):  # noqa: F811
+        oom_redis):
     from twisted.internet import reactor
 
     from redmessenger.inbox import Inbox
@@ -64,7 +62,7 @@ async def test_an_inbox_deleted_while_the_reader_is_blocked_is_made_again(redis,
 
 
 @aiotest
-async def test_health_is_503_while_the_inbox_cannot_read(oom_redis):  # noqa: F811
+async def test_health_is_503_while_the_inbox_cannot_read(oom_redis):
     rm = await start_service(oom_redis, inbox=True)
     try:
         await eventually(lambda: blocked_reader(oom_redis), what="the reader to block")

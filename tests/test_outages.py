@@ -9,23 +9,13 @@ import ssl
 
 import pytest
 from harness import aiotest, eventually, start_service, tw
+from redisservers import kill_connection
 
 from redmessenger.envelope import Envelope
 
 
 def payloads(frames):
     return [f["payload"] for f in frames]
-
-
-def kill_connection(redis, name: str) -> int:
-    """Cut RedMessenger's connection called ``name`` (CLIENT SETNAME)."""
-    listing = redis.command("CLIENT", "LIST", decode=True)
-    ids = [dict(field.split("=", 1) for field in line.split())["id"]
-           for line in listing.splitlines() if f"name=redmessenger:{name} " in line]
-    assert ids, listing
-    for ident in ids:
-        redis.command("CLIENT", "KILL", "ID", ident)
-    return len(ids)
 
 
 @aiotest

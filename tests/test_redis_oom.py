@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from harness import aiotest, eventually, start_service
-from test_http import get, http_url, metric
+from harness import aiotest, eventually, get, http_url, metric, start_service
 
 
 @pytest.mark.parametrize(("reply", "passes"), [
@@ -32,25 +31,6 @@ def test_which_error_replies_are_worth_retrying(reply, passes):
     from redmessenger.redisconnection import transient
 
     assert transient(reply) is passes
-
-
-@pytest.fixture
-def oom_redis(tmp_path, redis_factory):
-    """A redis-server of the test's own, with ``out_of_memory(True)`` to
-    fill it past ``maxmemory`` (noeviction) and ``out_of_memory(False)``
-    to free it."""
-    server = redis_factory(tmp_path / "oom-redis")
-    server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
-
-    def out_of_memory(on: bool) -> None:
-        if on:
-            server.command("SETRANGE", "ballast", 4 * 1024 * 1024, "x")
-            server.command("CONFIG", "SET", "maxmemory", 1024 * 1024)
-        else:
-            server.command("CONFIG", "SET", "maxmemory", 0)
-
-    server.out_of_memory = out_of_memory
-    return server
 
 
 def payloads(server, uid: str) -> list[str]:

@@ -11,8 +11,7 @@ import time
 import jwt
 import pytest
 import websockets
-from harness import RECV_TIMEOUT, Client, aiotest, eventually, start_service, tw
-from test_http import metric
+from harness import RECV_TIMEOUT, Client, aiotest, eventually, metric, start_service, tw
 
 from redmessenger.settings import AuthMode
 
