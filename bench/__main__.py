@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from . import report, wire
-from .runner import BENCH_DIR, FULL, SCENARIOS, SMOKE, Bench, sizes_dict, with_needs
+from .runner import BENCH_DIR, Bench
+from .scenarios import FULL, SCENARIOS, SMOKE, sizes_dict, with_needs
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

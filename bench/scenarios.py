@@ -1,0 +1,489 @@
+"""The scenarios and baselines of the suite, how big each one is, and which
+baselines each one's ratios need."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
+
+from . import wire
+from .checks import (
+    check_clients,
+    check_published,
+    check_rm_log,
+    deadline,
+    leftovers,
+    queue_contents,
+    result,
+    spread,
+)
+from .proc import BenchError, free_port, wait_until
+from .resp import Redis
+from .stage import START_TIMEOUT, Stage
+
+if TYPE_CHECKING:
+    from .runner import Bench
+
+#: How long the coordinator polls Redis between checks while waiting.
+POLL = 0.002
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each scenario is; ``--smoke`` and ``--scale`` change them."""
+
+    raw: int = 200_000
+    live: int = 200_000
+    live_users: int = 100
+    group_members: int = 1_000
+    group_online: int = 500
+    group_messages: int = 1_000
+    store: int = 200_000
+    store_users: int = 100
+    drain: int = 100_000
+    drain_big: int = 1_000_000
+    latency_rate: int = 10_000
+    latency_seconds: float = 10.0
+    latency_users: int = 100
+    connections: int = 10_000
+    payload_size: int = wire.PAYLOAD_SIZE
+    #: Handshakes a client keeps in flight (Twisted listens with a backlog of 50).
+    concurrency: int = 50
+
+    def scaled(self, factor: float) -> Sizes:
+        def s(value: int) -> int:
+            return max(1, int(value * factor))
+        return replace(self, raw=s(self.raw), live=s(self.live), store=s(self.store),
+                       group_messages=s(self.group_messages), drain=s(self.drain),
+                       drain_big=s(self.drain_big), connections=s(self.connections),
+                       latency_seconds=max(0.5, self.latency_seconds * factor))
+
+
+FULL = Sizes()
+
+
+SMOKE = Sizes(raw=2_000, live=2_000, live_users=10, group_members=40, group_online=20,
+              group_messages=50, store=2_000, store_users=10, drain=2_000, drain_big=5_000,
+              latency_rate=1_000, latency_seconds=1.0, latency_users=10, connections=200)
+
+
+def sizes_dict(sizes: Sizes) -> dict:
+    return asdict(sizes)
+
+
+@dataclass
+class Scenario:
+    name: str
+    kind: str  # "baseline" or "scenario"
+    description: str
+    run: Callable[[Bench], dict]
+    needs: tuple[str, ...] = ()
+
+
+def uids_of(kind: str, count: int) -> list[str]:
+    return [f"bench-{kind}-{index}" for index in range(count)]
+
+
+def raw_recv(bench: Bench) -> dict:
+    n = bench.sizes.raw
+    with Stage(bench, "raw-recv") as stage:
+        stage.start_redis()
+        subscriber = stage.start_worker("rawsub", subject=True)
+        subscriber.call({"cmd": "subscribe", "port": stage.redis_port,
+                         "patterns": [f"{wire.PREFIX}.users.*", f"{wire.PREFIX}.groups.*"]},
+                        "subscribed", START_TIMEOUT)
+        publisher = stage.start_publisher({
+            "port": stage.redis_port, "n": n, "targets": [wire.user_channel("bench-u-0")],
+            "payload_size": bench.sizes.payload_size, "timeout": deadline(n)})
+        snap0 = stage.snapshot()
+        publisher.send({"cmd": "go"})
+        published = publisher.receive("published", deadline(n) + 5)
+        waited = subscriber.call({"cmd": "wait", "total": n, "timeout": deadline(n)},
+                                 "waited", deadline(n) + 5)
+        snap1 = stage.snapshot()
+        checks: list[str] = []
+        check_published(checks, published)
+        if waited["seqsum"] != n * (n - 1) // 2 or waited["order_errors"]:
+            checks.append("the subscriber got other messages than were published")
+        return result("raw-recv", sent=n, received=waited["received"], checks=checks,
+                      seconds=waited["t_target"] - published["t_start"], count=n,
+                      unit="msg/s", snap0=snap0, snap1=snap1, subject="rawsub",
+                      publish_rate=n / (published["t_sent"] - published["t_start"]))
+
+
+def raw_send(users: int) -> Callable[[Bench], dict]:
+    def run(bench: Bench) -> dict:
+        n = bench.sizes.raw
+        name = f"raw-send-{users}"
+        uids = uids_of("u", users)
+        with Stage(bench, name) as stage:
+            server = stage.start_worker("rawws", subject=True)
+            port = free_port()
+            server.call({"cmd": "listen", "port": port}, "listening", START_TIMEOUT)
+            client = stage.start_worker("wsclient")
+            opened = client.call({"cmd": "open", "port": port, "uids": uids,
+                                  "concurrency": bench.sizes.concurrency},
+                                 "opened", START_TIMEOUT + 5)
+            if opened["welcomed"] != users:
+                raise BenchError(f"only {opened['welcomed']} of {users} connected: "
+                                 f"{opened['errors']}")
+            snap0 = stage.snapshot()
+            server.send({"cmd": "send", "uids": uids, "n": n,
+                         "payload_size": bench.sizes.payload_size})
+            sent = server.receive("sent", deadline(n))
+            waited = client.call({"cmd": "wait", "total": n, "timeout": deadline(n),
+                                  "settle": bench.settle}, "waited", deadline(n) + 5)
+            snap1 = stage.snapshot()
+            checks: list[str] = []
+            expected = dict(zip(uids, spread(n, users), strict=True))
+            received = check_clients(checks, waited, expected)
+            return result(name, sent=n, received=received, checks=checks,
+                          seconds=waited["t_target"] - sent["t_start"], count=n, unit="msg/s",
+                          snap0=snap0, snap1=snap1, subject="rawws",
+                          send_loop_rate=n / (sent["t_end"] - sent["t_start"]))
+    return run
+
+
+def live(users: int, ack: bool = False) -> Callable[[Bench], dict]:
+    def run(bench: Bench) -> dict:
+        n = bench.sizes.live
+        users_now = bench.sizes.live_users if users != 1 else 1
+        name = f"live-{users}" + ("-ack" if ack else "")
+        uids = uids_of("u", users_now)
+        with Stage(bench, name) as stage:
+            redis = stage.start_redis()
+            rm = stage.start_rm()
+            client = stage.start_worker("wsclient")
+            opened = client.call({"cmd": "open", "port": stage.rm_port, "uids": uids,
+                                  "ack": ack, "concurrency": bench.sizes.concurrency},
+                                 "opened", START_TIMEOUT + 5)
+            if opened["welcomed"] != users_now:
+                raise BenchError(f"only {opened['welcomed']} of {users_now} connected: "
+                                 f"{opened['errors']}")
+            publisher = stage.start_publisher({
+                "port": stage.redis_port, "n": n,
+                "targets": [wire.user_channel(uid) for uid in uids],
+                "payload_size": bench.sizes.payload_size, "timeout": deadline(n)})
+            snap0 = stage.begin(rm)
+            publisher.send({"cmd": "go"})
+            published = publisher.receive("published", deadline(n) + 5)
+            waited = client.call({"cmd": "wait", "total": n, "timeout": deadline(n),
+                                  "settle": bench.settle}, "waited", deadline(n) + 5)
+            snap1 = stage.snapshot()
+            stage.profile_stop()
+            checks: list[str] = []
+            check_published(checks, published)
+            expected = dict(zip(uids, spread(n, users_now), strict=True))
+            received = check_clients(checks, waited, expected)
+            client.call({"cmd": "close"}, "closed", 15)
+            stage.stop_rm()
+            left = leftovers(redis, uids)
+            if left:
+                checks.append(f"{left} messages were stored or given back to Redis "
+                              "though every one was delivered" + (" and acked" if ack else ""))
+            check_rm_log(checks, stage)
+            return result(name, sent=n, received=received, checks=checks,
+                          seconds=waited["t_target"] - published["t_start"], count=n,
+                          unit="msg/s", snap0=snap0, snap1=snap1, users=users_now, ack=ack,
+                          publish_rate=n / (published["t_sent"] - published["t_start"]))
+    return run
+
+
+def group(bench: Bench) -> dict:
+    sizes = bench.sizes
+    n, gid = sizes.group_messages, "bench-g"
+    members = uids_of("m", sizes.group_members)
+    online = members[:sizes.group_online]
+    offline = members[sizes.group_online:]
+    with Stage(bench, "group") as stage:
+        redis = stage.start_redis()
+        redis.command("RPUSH", wire.members_key(gid), *members)
+        rm = stage.start_rm()
+        client = stage.start_worker("wsclient")
+        opened = client.call({"cmd": "open", "port": stage.rm_port, "uids": online,
+                              "concurrency": sizes.concurrency}, "opened", START_TIMEOUT + 5)
+        if opened["welcomed"] != len(online):
+            raise BenchError(f"only {opened['welcomed']} of {len(online)} connected: "
+                             f"{opened['errors']}")
+        deliveries, stores = n * len(online), n * len(offline)
+        limit = deadline(deliveries + stores)
+        publisher = stage.start_publisher({
+            "port": stage.redis_port, "n": n, "targets": [wire.group_channel(gid)],
+            "payload_size": sizes.payload_size, "timeout": limit})
+        snap0 = stage.begin(rm)
+        publisher.send({"cmd": "go"})
+        client.send({"cmd": "wait", "total": deliveries, "timeout": limit,
+                     "settle": bench.settle})
+        # Stores are done when the last offline member has the last message
+        # (RedMessenger writes in order on one connection): watch for that
+        # while the client counts deliveries.
+        last_queue = wire.queue_key(offline[-1]) if offline else None
+        t_stores = 0.0 if last_queue else time.monotonic()
+        end = time.monotonic() + limit
+        waited = None
+        while waited is None or not t_stores:
+            if time.monotonic() > end:
+                raise BenchError("timed out waiting for group deliveries and stores")
+            if waited is None and client.ready():
+                waited = client.receive("waited", 1)
+            if not t_stores and redis.command("LLEN", last_queue) >= n:
+                t_stores = time.monotonic()
+            time.sleep(POLL)
+        published = publisher.receive("published", limit)
+        snap1 = stage.snapshot()
+        stage.profile_stop()
+        checks: list[str] = []
+        check_published(checks, published)
+        received = check_clients(checks, waited, {uid: (n, n * (n - 1) // 2) for uid in online})
+        stored = queue_contents(redis, offline)
+        wrong = [uid for uid in offline if stored[uid] != list(range(n))]
+        if wrong:
+            checks.append(f"{len(wrong)} offline members' queues are not the {n} messages "
+                          f"in order (e.g. {wrong[0]}: {len(stored[wrong[0]])} entries)")
+        stored_ok = sum(len(stored[uid]) for uid in offline)
+        client.call({"cmd": "close"}, "closed", 15)
+        check_rm_log(checks, stage)
+        t_start = published["t_start"]
+        t_end = max(waited["t_target"], t_stores)
+        found = result("group", sent=deliveries + stores, received=received + stored_ok,
+                       checks=checks, seconds=t_end - t_start, count=deliveries + stores,
+                       unit="copies/s", snap0=snap0, snap1=snap1, messages=n,
+                       members=len(members), online=len(online), deliveries=deliveries,
+                       stores=stores, delivered=received, stored=stored_ok)
+        found["deliveries_per_s"] = (deliveries / (waited["t_target"] - t_start)
+                                     if waited["t_target"] > t_start else None)
+        found["stores_per_s"] = stores / (t_stores - t_start) if stores else None
+        return found
+
+
+def store(bench: Bench) -> dict:
+    n, users = bench.sizes.store, bench.sizes.store_users
+    uids = uids_of("s", users)
+    expected = spread(n, users)
+    last_uid = uids[(n - 1) % users]
+    with Stage(bench, "store") as stage:
+        redis = stage.start_redis()
+        rm = stage.start_rm()
+        publisher = stage.start_publisher({
+            "port": stage.redis_port, "n": n, "targets": [wire.user_channel(uid) for uid in uids],
+            "payload_size": bench.sizes.payload_size, "timeout": deadline(n)})
+        snap0 = stage.begin(rm)
+        publisher.send({"cmd": "go"})
+        want = expected[(n - 1) % users][0]
+        key = wire.queue_key(last_uid)
+        wait_until(lambda: redis.command("LLEN", key) >= want, "the last store",
+                   deadline(n), rm.alive, interval=POLL)
+        t_end = time.monotonic()
+        snap1 = stage.snapshot()
+        stage.profile_stop()
+        published = publisher.receive("published", deadline(n))
+        checks: list[str] = []
+        check_published(checks, published)
+        stored = queue_contents(redis, uids)
+        wrong = [uid for index, uid in enumerate(uids)
+                 if stored[uid] != list(range(index, n, users))]
+        if wrong:
+            checks.append(f"{len(wrong)} queues are not their messages in order "
+                          f"(e.g. {wrong[0]}: {len(stored[wrong[0]])} entries)")
+        check_rm_log(checks, stage)
+        return result("store", sent=n, received=sum(len(v) for v in stored.values()),
+                      checks=checks, seconds=t_end - published["t_start"], count=n,
+                      unit="stores/s", snap0=snap0, snap1=snap1, users=users)
+
+
+def fill_queue(redis: Redis, uid: str, n: int, size: int) -> None:
+    """n envelopes in the user's queue, as RedMessenger would have stored them."""
+    source = wire.user_channel(uid).encode()
+    boot = os.urandom(8).hex().encode()
+    timestamp = int(time.time() * 1000)
+    key = wire.queue_key(uid)
+    for first in range(0, n, 100_000):
+        commands = []
+        for start in range(first, min(n, first + 100_000), 1000):
+            commands.append(("RPUSH", key, *(
+                wire.ENVELOPE % (boot, seq + 1, source, timestamp, wire.payload(seq, 0, size))
+                for seq in range(start, min(n, start + 1000)))))
+        redis.pipeline(commands)
+
+
+def drain(name: str, big: bool = False, ack: bool = False) -> Callable[[Bench], dict]:
+    def run(bench: Bench) -> dict:
+        n = bench.sizes.drain_big if big else bench.sizes.drain
+        uid = "bench-d-0"
+        with Stage(bench, name) as stage:
+            redis = stage.start_redis()
+            fill_queue(redis, uid, n, bench.sizes.payload_size)
+            rm = stage.start_rm()
+            time.sleep(bench.settle)
+            before = rm.memory()
+            client = stage.start_worker("wsclient")
+            snap0 = stage.begin(rm)
+            opened = client.call({"cmd": "open", "port": stage.rm_port, "uids": [uid],
+                                  "ack": ack}, "opened", START_TIMEOUT)
+            if opened["welcomed"] != 1:
+                raise BenchError(f"could not connect: {opened['errors']}")
+            waited = client.call({"cmd": "wait", "total": n, "timeout": deadline(n),
+                                  "settle": bench.settle}, "waited", deadline(n) + 5)
+            snap1 = stage.snapshot()
+            stage.profile_stop()
+            after = rm.memory()
+            checks: list[str] = []
+            if opened["queued"] != n:
+                checks.append(f"the welcome said {opened['queued']} queued, not {n}")
+            received = check_clients(checks, waited, {uid: (n, n * (n - 1) // 2)})
+            client.call({"cmd": "close"}, "closed", 15)
+            stage.stop_rm()
+            left = leftovers(redis, [uid])
+            if left:
+                checks.append(f"{left} messages left in Redis after the drain")
+            check_rm_log(checks, stage)
+            return result(name, sent=n, received=received, checks=checks,
+                          seconds=waited["t_target"] - opened["t_first_hello"], count=n,
+                          unit="msg/s", snap0=snap0, snap1=snap1, ack=ack,
+                          rss_before=before["VmRSS"], rss_after=after["VmRSS"],
+                          rss_peak=after["VmHWM"],
+                          rss_growth=after["VmHWM"] - before["VmRSS"])
+    return run
+
+
+def latency(bench: Bench) -> dict:
+    sizes = bench.sizes
+    rate, users = sizes.latency_rate, sizes.latency_users
+    n = int(rate * sizes.latency_seconds)
+    uids = uids_of("l", users)
+    with Stage(bench, "latency") as stage:
+        stage.start_redis()
+        rm = stage.start_rm()
+        client = stage.start_worker("wsclient")
+        opened = client.call({"cmd": "open", "port": stage.rm_port, "uids": uids,
+                              "latency": True, "concurrency": sizes.concurrency},
+                             "opened", START_TIMEOUT + 5)
+        if opened["welcomed"] != users:
+            raise BenchError(f"only {opened['welcomed']} of {users} connected: "
+                             f"{opened['errors']}")
+        limit = sizes.latency_seconds + deadline(n)
+        publisher = stage.start_publisher({
+            "port": stage.redis_port, "n": n, "rate": rate,
+            "targets": [wire.user_channel(uid) for uid in uids],
+            "payload_size": sizes.payload_size, "timeout": limit})
+        snap0 = stage.begin(rm)
+        publisher.send({"cmd": "go"})
+        published = publisher.receive("published", limit + 5)
+        samples_path = bench.out / f"latency-samples{bench.suffix}.bin"
+        waited = client.call({"cmd": "wait", "total": n, "timeout": deadline(n),
+                              "settle": bench.settle, "latency_file": str(samples_path)},
+                             "waited", deadline(n) + 5)
+        snap1 = stage.snapshot()
+        stage.profile_stop()
+        checks: list[str] = []
+        check_published(checks, published)
+        received = check_clients(checks, waited, dict(zip(uids, spread(n, users), strict=True)))
+        samples = array("q")
+        with open(samples_path, "rb") as f:
+            samples.frombytes(f.read())
+        ordered = sorted(samples)
+        client.call({"cmd": "close"}, "closed", 15)
+        check_rm_log(checks, stage)
+        seconds = waited["t_target"] - published["t_start"]
+        return result("latency", sent=n, received=received, checks=checks, seconds=seconds,
+                      count=n, unit="msg/s", snap0=snap0, snap1=snap1, users=users,
+                      requested_rate=rate, samples=len(ordered),
+                      **{f"p{label}_ms": percentile(ordered, q) / 1e6
+                         for label, q in PERCENTILES},
+                      max_ms=ordered[-1] / 1e6 if ordered else None,
+                      samples_file=samples_path.name)
+
+
+PERCENTILES = (("50", 0.50), ("90", 0.90), ("99", 0.99), ("99.9", 0.999))
+
+
+def percentile(ordered: list[int], q: float) -> float:
+    if not ordered:
+        return math.nan
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def connections(bench: Bench) -> dict:
+    n = bench.sizes.connections
+    uids = uids_of("c", n)
+    with Stage(bench, "connections") as stage:
+        stage.start_redis()
+        rm = stage.start_rm()
+        time.sleep(bench.settle)
+        before = rm.memory()
+        client = stage.start_worker("wsclient")
+        snap0 = stage.begin(rm)
+        limit = deadline(n, least_rate=100)
+        opened = client.call({"cmd": "open", "port": stage.rm_port, "uids": uids,
+                              "concurrency": bench.sizes.concurrency, "timeout": limit},
+                             "opened", limit + 5)
+        snap1 = stage.snapshot()
+        stage.profile_stop()
+        time.sleep(max(bench.settle, 0.5))
+        after = rm.memory()
+        checks: list[str] = []
+        if opened["failed"]:
+            checks.append(f"{opened['failed']} connections failed: {opened['errors'][:3]}")
+        welcomed = opened["welcomed"]
+        client.call({"cmd": "close"}, "closed", 30)
+        check_rm_log(checks, stage)
+        found = result("connections", sent=n, received=welcomed, checks=checks,
+                       seconds=opened["t_last"] - opened["t_first"], count=welcomed,
+                       unit="conn/s", snap0=snap0, snap1=snap1, rss_before=before["VmRSS"],
+                       rss_after=after["VmRSS"])
+        found["rss_per_connection"] = ((after["VmRSS"] - before["VmRSS"]) / welcomed
+                                       if welcomed else None)
+        return found
+
+
+SCENARIOS = [
+    Scenario("raw-recv", "baseline", "hiredis subscriber (txredisapi) counting PUBLISHes, "
+             "no RedMessenger", raw_recv),
+    Scenario("raw-send-1", "baseline", "bare Autobahn server sending message-sized frames "
+             "to 1 client, no Redis", raw_send(1)),
+    Scenario("raw-send-100", "baseline", "bare Autobahn server sending message-sized frames "
+             "round-robin to 100 clients, no Redis", raw_send(100)),
+    Scenario("live-1", "scenario", "1 online user, direct messages published as fast as "
+             "possible", live(1), ("raw-recv", "raw-send-1")),
+    Scenario("live-100", "scenario", "100 online users, direct messages round-robin",
+             live(100), ("raw-recv", "raw-send-100")),
+    Scenario("live-1-ack", "scenario", "live-1 in ack mode (one cumulative ack per read)",
+             live(1, ack=True), ("live-1",)),
+    Scenario("group", "scenario", "one group of 1,000 members, half online: live "
+             "deliveries and stores", group),
+    Scenario("store", "scenario", "messages for 100 offline users, stored in Redis",
+             store),
+    Scenario("drain", "scenario", "stored messages drained to a user who connects "
+             "(hello to last message)", drain("drain"), ("raw-send-1",)),
+    Scenario("drain-ack", "scenario", "drain in ack mode", drain("drain-ack", ack=True),
+             ("drain",)),
+    Scenario("drain-1m", "scenario", "drain of a 1,000,000-message queue: peak memory",
+             drain("drain-1m", big=True), ("drain",)),
+    Scenario("latency", "scenario", "a steady rate to 100 online users: PUBLISH to "
+             "receipt", latency),
+    Scenario("connections", "scenario", "idle identified WebSocket connections: memory "
+             "and connects+hellos per second", connections),
+]
+
+
+BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
+
+
+def with_needs(names: list[str]) -> list[str]:
+    """The scenarios asked for plus those their ratios need, in suite order."""
+    wanted: set[str] = set()
+
+    def add(name: str) -> None:
+        if name not in wanted:
+            wanted.add(name)
+            for need in BY_NAME[name].needs:
+                add(need)
+
+    for name in names:
+        add(name)
+    return [scenario.name for scenario in SCENARIOS if scenario.name in wanted]
