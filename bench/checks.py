@@ -25,12 +25,16 @@ def check_clients(checks: list[str], waited: dict, expected: dict[str, tuple[int
     wrong = [uid for uid, want in expected.items() if tuple(per_user.get(uid, (0, 0))) != want]
     if wrong:
         uid = wrong[0]
-        checks.append(f"{len(wrong)} users got other messages than were sent to them "
-                      f"(e.g. {uid}: count, seqsum {per_user.get(uid)} instead of "
-                      f"{list(expected[uid])})")
-    for key, what in (("order_errors", "messages out of order or twice"),
-                      ("other_frames", "unexpected frames"),
-                      ("lost", "connections lost")):
+        checks.append(
+            f"{len(wrong)} users got other messages than were sent to them "
+            f"(e.g. {uid}: count, seqsum {per_user.get(uid)} instead of "
+            f"{list(expected[uid])})"
+        )
+    for key, what in (
+        ("order_errors", "messages out of order or twice"),
+        ("other_frames", "unexpected frames"),
+        ("lost", "connections lost"),
+    ):
         if waited.get(key):
             checks.append(f"{waited[key]} {what}")
     if waited.get("errors"):
@@ -51,8 +55,11 @@ def check_rm_log(checks: list[str], stage: Stage) -> None:
     path = stage.bench.logs / f"{stage.name}.redmessenger.log"
     if not path.exists():
         return
-    bad = [line for line in path.read_text(errors="replace").splitlines()
-           if "Traceback" in line or "#critical]" in line or "#error]" in line]
+    bad = [
+        line
+        for line in path.read_text(errors="replace").splitlines()
+        if "Traceback" in line or "#critical]" in line or "#error]" in line
+    ]
     if bad:
         checks.append(f"RedMessenger logged {len(bad)} errors, first: {bad[0][:200]}")
 
@@ -63,11 +70,10 @@ def queue_contents(redis: Redis, uids: list[str]) -> dict[str, list[int]]:
 
     found = {}
     for start in range(0, len(uids), 50):
-        batch = uids[start:start + 50]
+        batch = uids[start : start + 50]
         replies = redis.pipeline([("LRANGE", wire.queue_key(uid), 0, -1) for uid in batch])
         for uid, entries in zip(batch, replies, strict=True):
-            found[uid] = [wire.seq_of(json.loads(entry)["payload"].encode())
-                          for entry in entries]
+            found[uid] = [wire.seq_of(json.loads(entry)["payload"].encode()) for entry in entries]
     return found
 
 
@@ -76,8 +82,9 @@ def leftovers(redis: Redis, uids: list[str]) -> int:
     total = sum(redis.pipeline([("LLEN", wire.queue_key(uid)) for uid in uids]))
     cursor = b"0"
     while True:
-        cursor, keys = redis.command("SCAN", cursor, "MATCH", f"{wire.PREFIX}:users:*:taking:*",
-                                     "COUNT", 1000)
+        cursor, keys = redis.command(
+            "SCAN", cursor, "MATCH", f"{wire.PREFIX}:users:*:taking:*", "COUNT", 1000
+        )
         for key in keys:
             total += redis.command("LLEN", key)
         if cursor == b"0":
@@ -85,32 +92,65 @@ def leftovers(redis: Redis, uids: list[str]) -> int:
 
 
 def measure(snap0: dict, snap1: dict, seconds: float, subject: str) -> dict:
-    cpu = {name: round(snap1["cpu"][name] - value, 3)
-           for name, value in snap0["cpu"].items() if name in snap1["cpu"]}
-    busy = {name: round(value / seconds, 3) if seconds > 0 else None
-            for name, value in cpu.items()}
-    waited = {name: round(snap1["waited"][name] - value, 3)
-              for name, value in snap0["waited"].items() if name in snap1["waited"]}
-    return {"cpu": cpu, "util": busy, "runqueue_wait": waited, "subject": subject,
-            "subject_cpu": cpu.get(subject), "subject_util": busy.get(subject),
-            # The share of the interval the measured process was runnable
-            # but another process had its CPU: a busy machine, not a slow
-            # program.
-            "subject_stolen": (round(waited[subject] / seconds, 3)
-                               if subject in waited and seconds > 0 else None)}
+    cpu = {
+        name: round(snap1["cpu"][name] - value, 3)
+        for name, value in snap0["cpu"].items()
+        if name in snap1["cpu"]
+    }
+    busy = {name: round(value / seconds, 3) if seconds > 0 else None for name, value in cpu.items()}
+    waited = {
+        name: round(snap1["waited"][name] - value, 3)
+        for name, value in snap0["waited"].items()
+        if name in snap1["waited"]
+    }
+    return {
+        "cpu": cpu,
+        "util": busy,
+        "runqueue_wait": waited,
+        "subject": subject,
+        "subject_cpu": cpu.get(subject),
+        "subject_util": busy.get(subject),
+        # The share of the interval the measured process was runnable
+        # but another process had its CPU: a busy machine, not a slow
+        # program.
+        "subject_stolen": (
+            round(waited[subject] / seconds, 3) if subject in waited and seconds > 0 else None
+        ),
+    }
 
 
-def result(name: str, *, sent: int, received: int, checks: list[str], seconds: float,
-           count: int, unit: str, snap0: dict, snap1: dict, subject: str = "redmessenger",
-           **extra) -> dict:
+def result(
+    name: str,
+    *,
+    sent: int,
+    received: int,
+    checks: list[str],
+    seconds: float,
+    count: int,
+    unit: str,
+    snap0: dict,
+    snap1: dict,
+    subject: str = "redmessenger",
+    **extra,
+) -> dict:
     rate = count / seconds if seconds > 0 else None
-    found = {"name": name, "sent": sent, "received": received,
-             "ok": sent == received and not checks, "checks": checks,
-             "seconds": round(seconds, 4), "count": count, "rate": rate, "unit": unit,
-             **measure(snap0, snap1, seconds, subject), **extra}
+    found = {
+        "name": name,
+        "sent": sent,
+        "received": received,
+        "ok": sent == received and not checks,
+        "checks": checks,
+        "seconds": round(seconds, 4),
+        "count": count,
+        "rate": rate,
+        "unit": unit,
+        **measure(snap0, snap1, seconds, subject),
+        **extra,
+    }
     subject_cpu = found["subject_cpu"]
-    found["subject_us_per_item"] = (subject_cpu / count * 1e6
-                                    if subject_cpu is not None and count else None)
+    found["subject_us_per_item"] = (
+        subject_cpu / count * 1e6 if subject_cpu is not None and count else None
+    )
     return found
 
 

@@ -58,18 +58,39 @@ class Sizes:
     def scaled(self, factor: float) -> Sizes:
         def s(value: int) -> int:
             return max(1, int(value * factor))
-        return replace(self, raw=s(self.raw), live=s(self.live), store=s(self.store),
-                       group_messages=s(self.group_messages), drain=s(self.drain),
-                       drain_big=s(self.drain_big), connections=s(self.connections),
-                       latency_seconds=max(0.5, self.latency_seconds * factor))
+
+        return replace(
+            self,
+            raw=s(self.raw),
+            live=s(self.live),
+            store=s(self.store),
+            group_messages=s(self.group_messages),
+            drain=s(self.drain),
+            drain_big=s(self.drain_big),
+            connections=s(self.connections),
+            latency_seconds=max(0.5, self.latency_seconds * factor),
+        )
 
 
 FULL = Sizes()
 
 
-SMOKE = Sizes(raw=2_000, live=2_000, live_users=10, group_members=40, group_online=20,
-              group_messages=50, store=2_000, store_users=10, drain=2_000, drain_big=5_000,
-              latency_rate=1_000, latency_seconds=1.0, latency_users=10, connections=200)
+SMOKE = Sizes(
+    raw=2_000,
+    live=2_000,
+    live_users=10,
+    group_members=40,
+    group_online=20,
+    group_messages=50,
+    store=2_000,
+    store_users=10,
+    drain=2_000,
+    drain_big=5_000,
+    latency_rate=1_000,
+    latency_seconds=1.0,
+    latency_users=10,
+    connections=200,
+)
 
 
 def sizes_dict(sizes: Sizes) -> dict:
@@ -94,26 +115,48 @@ def raw_recv(bench: Bench) -> dict:
     with Stage(bench, "raw-recv") as stage:
         stage.start_redis()
         subscriber = stage.start_worker("rawsub", subject=True)
-        subscriber.call({"cmd": "subscribe", "port": stage.redis_port,
-                         "patterns": [f"{wire.PREFIX}.users.*", f"{wire.PREFIX}.groups.*"]},
-                        "subscribed", START_TIMEOUT)
-        publisher = stage.start_publisher({
-            "port": stage.redis_port, "n": n, "targets": [wire.user_channel("bench-u-0")],
-            "payload_size": bench.sizes.payload_size, "timeout": deadline(n)})
+        subscriber.call(
+            {
+                "cmd": "subscribe",
+                "port": stage.redis_port,
+                "patterns": [f"{wire.PREFIX}.users.*", f"{wire.PREFIX}.groups.*"],
+            },
+            "subscribed",
+            START_TIMEOUT,
+        )
+        publisher = stage.start_publisher(
+            {
+                "port": stage.redis_port,
+                "n": n,
+                "targets": [wire.user_channel("bench-u-0")],
+                "payload_size": bench.sizes.payload_size,
+                "timeout": deadline(n),
+            }
+        )
         snap0 = stage.snapshot()
         publisher.send({"cmd": "go"})
         published = publisher.receive("published", deadline(n) + 5)
-        waited = subscriber.call({"cmd": "wait", "total": n, "timeout": deadline(n)},
-                                 "waited", deadline(n) + 5)
+        waited = subscriber.call(
+            {"cmd": "wait", "total": n, "timeout": deadline(n)}, "waited", deadline(n) + 5
+        )
         snap1 = stage.snapshot()
         checks: list[str] = []
         check_published(checks, published)
         if waited["seqsum"] != n * (n - 1) // 2 or waited["order_errors"]:
             checks.append("the subscriber got other messages than were published")
-        return result("raw-recv", sent=n, received=waited["received"], checks=checks,
-                      seconds=waited["t_target"] - published["t_start"], count=n,
-                      unit="msg/s", snap0=snap0, snap1=snap1, subject="rawsub",
-                      publish_rate=n / (published["t_sent"] - published["t_start"]))
+        return result(
+            "raw-recv",
+            sent=n,
+            received=waited["received"],
+            checks=checks,
+            seconds=waited["t_target"] - published["t_start"],
+            count=n,
+            unit="msg/s",
+            snap0=snap0,
+            snap1=snap1,
+            subject="rawsub",
+            publish_rate=n / (published["t_sent"] - published["t_start"]),
+        )
 
 
 def raw_send(users: int) -> Callable[[Bench], dict]:
@@ -126,26 +169,43 @@ def raw_send(users: int) -> Callable[[Bench], dict]:
             port = free_port()
             server.call({"cmd": "listen", "port": port}, "listening", START_TIMEOUT)
             client = stage.start_worker("wsclient")
-            opened = client.call({"cmd": "open", "port": port, "uids": uids,
-                                  "concurrency": bench.sizes.concurrency},
-                                 "opened", START_TIMEOUT + 5)
+            opened = client.call(
+                {"cmd": "open", "port": port, "uids": uids, "concurrency": bench.sizes.concurrency},
+                "opened",
+                START_TIMEOUT + 5,
+            )
             if opened["welcomed"] != users:
-                raise BenchError(f"only {opened['welcomed']} of {users} connected: "
-                                 f"{opened['errors']}")
+                raise BenchError(
+                    f"only {opened['welcomed']} of {users} connected: {opened['errors']}"
+                )
             snap0 = stage.snapshot()
-            server.send({"cmd": "send", "uids": uids, "n": n,
-                         "payload_size": bench.sizes.payload_size})
+            server.send(
+                {"cmd": "send", "uids": uids, "n": n, "payload_size": bench.sizes.payload_size}
+            )
             sent = server.receive("sent", deadline(n))
-            waited = client.call({"cmd": "wait", "total": n, "timeout": deadline(n),
-                                  "settle": bench.settle}, "waited", deadline(n) + 5)
+            waited = client.call(
+                {"cmd": "wait", "total": n, "timeout": deadline(n), "settle": bench.settle},
+                "waited",
+                deadline(n) + 5,
+            )
             snap1 = stage.snapshot()
             checks: list[str] = []
             expected = dict(zip(uids, spread(n, users), strict=True))
             received = check_clients(checks, waited, expected)
-            return result(name, sent=n, received=received, checks=checks,
-                          seconds=waited["t_target"] - sent["t_start"], count=n, unit="msg/s",
-                          snap0=snap0, snap1=snap1, subject="rawws",
-                          send_loop_rate=n / (sent["t_end"] - sent["t_start"]))
+            return result(
+                name,
+                sent=n,
+                received=received,
+                checks=checks,
+                seconds=waited["t_target"] - sent["t_start"],
+                count=n,
+                unit="msg/s",
+                snap0=snap0,
+                snap1=snap1,
+                subject="rawws",
+                send_loop_rate=n / (sent["t_end"] - sent["t_start"]),
+            )
+
     return run
 
 
@@ -159,21 +219,38 @@ def live(users: int, ack: bool = False) -> Callable[[Bench], dict]:
             redis = stage.start_redis()
             rm = stage.start_rm()
             client = stage.start_worker("wsclient")
-            opened = client.call({"cmd": "open", "port": stage.rm_port, "uids": uids,
-                                  "ack": ack, "concurrency": bench.sizes.concurrency},
-                                 "opened", START_TIMEOUT + 5)
+            opened = client.call(
+                {
+                    "cmd": "open",
+                    "port": stage.rm_port,
+                    "uids": uids,
+                    "ack": ack,
+                    "concurrency": bench.sizes.concurrency,
+                },
+                "opened",
+                START_TIMEOUT + 5,
+            )
             if opened["welcomed"] != users_now:
-                raise BenchError(f"only {opened['welcomed']} of {users_now} connected: "
-                                 f"{opened['errors']}")
-            publisher = stage.start_publisher({
-                "port": stage.redis_port, "n": n,
-                "targets": [wire.user_channel(uid) for uid in uids],
-                "payload_size": bench.sizes.payload_size, "timeout": deadline(n)})
+                raise BenchError(
+                    f"only {opened['welcomed']} of {users_now} connected: {opened['errors']}"
+                )
+            publisher = stage.start_publisher(
+                {
+                    "port": stage.redis_port,
+                    "n": n,
+                    "targets": [wire.user_channel(uid) for uid in uids],
+                    "payload_size": bench.sizes.payload_size,
+                    "timeout": deadline(n),
+                }
+            )
             snap0 = stage.begin(rm)
             publisher.send({"cmd": "go"})
             published = publisher.receive("published", deadline(n) + 5)
-            waited = client.call({"cmd": "wait", "total": n, "timeout": deadline(n),
-                                  "settle": bench.settle}, "waited", deadline(n) + 5)
+            waited = client.call(
+                {"cmd": "wait", "total": n, "timeout": deadline(n), "settle": bench.settle},
+                "waited",
+                deadline(n) + 5,
+            )
             snap1 = stage.snapshot()
             stage.profile_stop()
             checks: list[str] = []
@@ -184,13 +261,26 @@ def live(users: int, ack: bool = False) -> Callable[[Bench], dict]:
             stage.stop_rm()
             left = leftovers(redis, uids)
             if left:
-                checks.append(f"{left} messages were stored or given back to Redis "
-                              "though every one was delivered" + (" and acked" if ack else ""))
+                checks.append(
+                    f"{left} messages were stored or given back to Redis "
+                    "though every one was delivered" + (" and acked" if ack else "")
+                )
             check_rm_log(checks, stage)
-            return result(name, sent=n, received=received, checks=checks,
-                          seconds=waited["t_target"] - published["t_start"], count=n,
-                          unit="msg/s", snap0=snap0, snap1=snap1, users=users_now, ack=ack,
-                          publish_rate=n / (published["t_sent"] - published["t_start"]))
+            return result(
+                name,
+                sent=n,
+                received=received,
+                checks=checks,
+                seconds=waited["t_target"] - published["t_start"],
+                count=n,
+                unit="msg/s",
+                snap0=snap0,
+                snap1=snap1,
+                users=users_now,
+                ack=ack,
+                publish_rate=n / (published["t_sent"] - published["t_start"]),
+            )
+
     return run
 
 
@@ -198,27 +288,41 @@ def group(bench: Bench) -> dict:
     sizes = bench.sizes
     n, gid = sizes.group_messages, "bench-g"
     members = uids_of("m", sizes.group_members)
-    online = members[:sizes.group_online]
-    offline = members[sizes.group_online:]
+    online = members[: sizes.group_online]
+    offline = members[sizes.group_online :]
     with Stage(bench, "group") as stage:
         redis = stage.start_redis()
         redis.command("RPUSH", wire.members_key(gid), *members)
         rm = stage.start_rm()
         client = stage.start_worker("wsclient")
-        opened = client.call({"cmd": "open", "port": stage.rm_port, "uids": online,
-                              "concurrency": sizes.concurrency}, "opened", START_TIMEOUT + 5)
+        opened = client.call(
+            {
+                "cmd": "open",
+                "port": stage.rm_port,
+                "uids": online,
+                "concurrency": sizes.concurrency,
+            },
+            "opened",
+            START_TIMEOUT + 5,
+        )
         if opened["welcomed"] != len(online):
-            raise BenchError(f"only {opened['welcomed']} of {len(online)} connected: "
-                             f"{opened['errors']}")
+            raise BenchError(
+                f"only {opened['welcomed']} of {len(online)} connected: {opened['errors']}"
+            )
         deliveries, stores = n * len(online), n * len(offline)
         limit = deadline(deliveries + stores)
-        publisher = stage.start_publisher({
-            "port": stage.redis_port, "n": n, "targets": [wire.group_channel(gid)],
-            "payload_size": sizes.payload_size, "timeout": limit})
+        publisher = stage.start_publisher(
+            {
+                "port": stage.redis_port,
+                "n": n,
+                "targets": [wire.group_channel(gid)],
+                "payload_size": sizes.payload_size,
+                "timeout": limit,
+            }
+        )
         snap0 = stage.begin(rm)
         publisher.send({"cmd": "go"})
-        client.send({"cmd": "wait", "total": deliveries, "timeout": limit,
-                     "settle": bench.settle})
+        client.send({"cmd": "wait", "total": deliveries, "timeout": limit, "settle": bench.settle})
         # Stores are done when the last offline member has the last message
         # (RedMessenger writes in order on one connection): watch for that
         # while the client counts deliveries.
@@ -243,20 +347,36 @@ def group(bench: Bench) -> dict:
         stored = queue_contents(redis, offline)
         wrong = [uid for uid in offline if stored[uid] != list(range(n))]
         if wrong:
-            checks.append(f"{len(wrong)} offline members' queues are not the {n} messages "
-                          f"in order (e.g. {wrong[0]}: {len(stored[wrong[0]])} entries)")
+            checks.append(
+                f"{len(wrong)} offline members' queues are not the {n} messages "
+                f"in order (e.g. {wrong[0]}: {len(stored[wrong[0]])} entries)"
+            )
         stored_ok = sum(len(stored[uid]) for uid in offline)
         client.call({"cmd": "close"}, "closed", 15)
         check_rm_log(checks, stage)
         t_start = published["t_start"]
         t_end = max(waited["t_target"], t_stores)
-        found = result("group", sent=deliveries + stores, received=received + stored_ok,
-                       checks=checks, seconds=t_end - t_start, count=deliveries + stores,
-                       unit="copies/s", snap0=snap0, snap1=snap1, messages=n,
-                       members=len(members), online=len(online), deliveries=deliveries,
-                       stores=stores, delivered=received, stored=stored_ok)
-        found["deliveries_per_s"] = (deliveries / (waited["t_target"] - t_start)
-                                     if waited["t_target"] > t_start else None)
+        found = result(
+            "group",
+            sent=deliveries + stores,
+            received=received + stored_ok,
+            checks=checks,
+            seconds=t_end - t_start,
+            count=deliveries + stores,
+            unit="copies/s",
+            snap0=snap0,
+            snap1=snap1,
+            messages=n,
+            members=len(members),
+            online=len(online),
+            deliveries=deliveries,
+            stores=stores,
+            delivered=received,
+            stored=stored_ok,
+        )
+        found["deliveries_per_s"] = (
+            deliveries / (waited["t_target"] - t_start) if waited["t_target"] > t_start else None
+        )
         found["stores_per_s"] = stores / (t_stores - t_start) if stores else None
         return found
 
@@ -269,15 +389,26 @@ def store(bench: Bench) -> dict:
     with Stage(bench, "store") as stage:
         redis = stage.start_redis()
         rm = stage.start_rm()
-        publisher = stage.start_publisher({
-            "port": stage.redis_port, "n": n, "targets": [wire.user_channel(uid) for uid in uids],
-            "payload_size": bench.sizes.payload_size, "timeout": deadline(n)})
+        publisher = stage.start_publisher(
+            {
+                "port": stage.redis_port,
+                "n": n,
+                "targets": [wire.user_channel(uid) for uid in uids],
+                "payload_size": bench.sizes.payload_size,
+                "timeout": deadline(n),
+            }
+        )
         snap0 = stage.begin(rm)
         publisher.send({"cmd": "go"})
         want = expected[(n - 1) % users][0]
         key = wire.queue_key(last_uid)
-        wait_until(lambda: redis.command("LLEN", key) >= want, "the last store",
-                   deadline(n), rm.alive, interval=POLL)
+        wait_until(
+            lambda: redis.command("LLEN", key) >= want,
+            "the last store",
+            deadline(n),
+            rm.alive,
+            interval=POLL,
+        )
         t_end = time.monotonic()
         snap1 = stage.snapshot()
         stage.profile_stop()
@@ -285,15 +416,27 @@ def store(bench: Bench) -> dict:
         checks: list[str] = []
         check_published(checks, published)
         stored = queue_contents(redis, uids)
-        wrong = [uid for index, uid in enumerate(uids)
-                 if stored[uid] != list(range(index, n, users))]
+        wrong = [
+            uid for index, uid in enumerate(uids) if stored[uid] != list(range(index, n, users))
+        ]
         if wrong:
-            checks.append(f"{len(wrong)} queues are not their messages in order "
-                          f"(e.g. {wrong[0]}: {len(stored[wrong[0]])} entries)")
+            checks.append(
+                f"{len(wrong)} queues are not their messages in order "
+                f"(e.g. {wrong[0]}: {len(stored[wrong[0]])} entries)"
+            )
         check_rm_log(checks, stage)
-        return result("store", sent=n, received=sum(len(v) for v in stored.values()),
-                      checks=checks, seconds=t_end - published["t_start"], count=n,
-                      unit="stores/s", snap0=snap0, snap1=snap1, users=users)
+        return result(
+            "store",
+            sent=n,
+            received=sum(len(v) for v in stored.values()),
+            checks=checks,
+            seconds=t_end - published["t_start"],
+            count=n,
+            unit="stores/s",
+            snap0=snap0,
+            snap1=snap1,
+            users=users,
+        )
 
 
 def fill_queue(redis: Redis, uid: str, n: int, size: int) -> None:
@@ -305,9 +448,17 @@ def fill_queue(redis: Redis, uid: str, n: int, size: int) -> None:
     for first in range(0, n, 100_000):
         commands = []
         for start in range(first, min(n, first + 100_000), 1000):
-            commands.append(("RPUSH", key, *(
-                wire.ENVELOPE % (boot, seq + 1, source, timestamp, wire.payload(seq, 0, size))
-                for seq in range(start, min(n, start + 1000)))))
+            commands.append(
+                (
+                    "RPUSH",
+                    key,
+                    *(
+                        wire.ENVELOPE
+                        % (boot, seq + 1, source, timestamp, wire.payload(seq, 0, size))
+                        for seq in range(start, min(n, start + 1000))
+                    ),
+                )
+            )
         redis.pipeline(commands)
 
 
@@ -323,12 +474,18 @@ def drain(name: str, big: bool = False, ack: bool = False) -> Callable[[Bench], 
             before = rm.memory()
             client = stage.start_worker("wsclient")
             snap0 = stage.begin(rm)
-            opened = client.call({"cmd": "open", "port": stage.rm_port, "uids": [uid],
-                                  "ack": ack}, "opened", START_TIMEOUT)
+            opened = client.call(
+                {"cmd": "open", "port": stage.rm_port, "uids": [uid], "ack": ack},
+                "opened",
+                START_TIMEOUT,
+            )
             if opened["welcomed"] != 1:
                 raise BenchError(f"could not connect: {opened['errors']}")
-            waited = client.call({"cmd": "wait", "total": n, "timeout": deadline(n),
-                                  "settle": bench.settle}, "waited", deadline(n) + 5)
+            waited = client.call(
+                {"cmd": "wait", "total": n, "timeout": deadline(n), "settle": bench.settle},
+                "waited",
+                deadline(n) + 5,
+            )
             snap1 = stage.snapshot()
             stage.profile_stop()
             after = rm.memory()
@@ -342,12 +499,23 @@ def drain(name: str, big: bool = False, ack: bool = False) -> Callable[[Bench], 
             if left:
                 checks.append(f"{left} messages left in Redis after the drain")
             check_rm_log(checks, stage)
-            return result(name, sent=n, received=received, checks=checks,
-                          seconds=waited["t_target"] - opened["t_first_hello"], count=n,
-                          unit="msg/s", snap0=snap0, snap1=snap1, ack=ack,
-                          rss_before=before["VmRSS"], rss_after=after["VmRSS"],
-                          rss_peak=after["VmHWM"],
-                          rss_growth=after["VmHWM"] - before["VmRSS"])
+            return result(
+                name,
+                sent=n,
+                received=received,
+                checks=checks,
+                seconds=waited["t_target"] - opened["t_first_hello"],
+                count=n,
+                unit="msg/s",
+                snap0=snap0,
+                snap1=snap1,
+                ack=ack,
+                rss_before=before["VmRSS"],
+                rss_after=after["VmRSS"],
+                rss_peak=after["VmHWM"],
+                rss_growth=after["VmHWM"] - before["VmRSS"],
+            )
+
     return run
 
 
@@ -360,24 +528,45 @@ def latency(bench: Bench) -> dict:
         stage.start_redis()
         rm = stage.start_rm()
         client = stage.start_worker("wsclient")
-        opened = client.call({"cmd": "open", "port": stage.rm_port, "uids": uids,
-                              "latency": True, "concurrency": sizes.concurrency},
-                             "opened", START_TIMEOUT + 5)
+        opened = client.call(
+            {
+                "cmd": "open",
+                "port": stage.rm_port,
+                "uids": uids,
+                "latency": True,
+                "concurrency": sizes.concurrency,
+            },
+            "opened",
+            START_TIMEOUT + 5,
+        )
         if opened["welcomed"] != users:
-            raise BenchError(f"only {opened['welcomed']} of {users} connected: "
-                             f"{opened['errors']}")
+            raise BenchError(f"only {opened['welcomed']} of {users} connected: {opened['errors']}")
         limit = sizes.latency_seconds + deadline(n)
-        publisher = stage.start_publisher({
-            "port": stage.redis_port, "n": n, "rate": rate,
-            "targets": [wire.user_channel(uid) for uid in uids],
-            "payload_size": sizes.payload_size, "timeout": limit})
+        publisher = stage.start_publisher(
+            {
+                "port": stage.redis_port,
+                "n": n,
+                "rate": rate,
+                "targets": [wire.user_channel(uid) for uid in uids],
+                "payload_size": sizes.payload_size,
+                "timeout": limit,
+            }
+        )
         snap0 = stage.begin(rm)
         publisher.send({"cmd": "go"})
         published = publisher.receive("published", limit + 5)
         samples_path = bench.out / f"latency-samples{bench.suffix}.bin"
-        waited = client.call({"cmd": "wait", "total": n, "timeout": deadline(n),
-                              "settle": bench.settle, "latency_file": str(samples_path)},
-                             "waited", deadline(n) + 5)
+        waited = client.call(
+            {
+                "cmd": "wait",
+                "total": n,
+                "timeout": deadline(n),
+                "settle": bench.settle,
+                "latency_file": str(samples_path),
+            },
+            "waited",
+            deadline(n) + 5,
+        )
         snap1 = stage.snapshot()
         stage.profile_stop()
         checks: list[str] = []
@@ -390,13 +579,23 @@ def latency(bench: Bench) -> dict:
         client.call({"cmd": "close"}, "closed", 15)
         check_rm_log(checks, stage)
         seconds = waited["t_target"] - published["t_start"]
-        return result("latency", sent=n, received=received, checks=checks, seconds=seconds,
-                      count=n, unit="msg/s", snap0=snap0, snap1=snap1, users=users,
-                      requested_rate=rate, samples=len(ordered),
-                      **{f"p{label}_ms": percentile(ordered, q) / 1e6
-                         for label, q in PERCENTILES},
-                      max_ms=ordered[-1] / 1e6 if ordered else None,
-                      samples_file=samples_path.name)
+        return result(
+            "latency",
+            sent=n,
+            received=received,
+            checks=checks,
+            seconds=seconds,
+            count=n,
+            unit="msg/s",
+            snap0=snap0,
+            snap1=snap1,
+            users=users,
+            requested_rate=rate,
+            samples=len(ordered),
+            **{f"p{label}_ms": percentile(ordered, q) / 1e6 for label, q in PERCENTILES},
+            max_ms=ordered[-1] / 1e6 if ordered else None,
+            samples_file=samples_path.name,
+        )
 
 
 PERCENTILES = (("50", 0.50), ("90", 0.90), ("99", 0.99), ("99.9", 0.999))
@@ -419,9 +618,17 @@ def connections(bench: Bench) -> dict:
         client = stage.start_worker("wsclient")
         snap0 = stage.begin(rm)
         limit = deadline(n, least_rate=100)
-        opened = client.call({"cmd": "open", "port": stage.rm_port, "uids": uids,
-                              "concurrency": bench.sizes.concurrency, "timeout": limit},
-                             "opened", limit + 5)
+        opened = client.call(
+            {
+                "cmd": "open",
+                "port": stage.rm_port,
+                "uids": uids,
+                "concurrency": bench.sizes.concurrency,
+                "timeout": limit,
+            },
+            "opened",
+            limit + 5,
+        )
         snap1 = stage.snapshot()
         stage.profile_stop()
         time.sleep(max(bench.settle, 0.5))
@@ -432,42 +639,98 @@ def connections(bench: Bench) -> dict:
         welcomed = opened["welcomed"]
         client.call({"cmd": "close"}, "closed", 30)
         check_rm_log(checks, stage)
-        found = result("connections", sent=n, received=welcomed, checks=checks,
-                       seconds=opened["t_last"] - opened["t_first"], count=welcomed,
-                       unit="conn/s", snap0=snap0, snap1=snap1, rss_before=before["VmRSS"],
-                       rss_after=after["VmRSS"])
-        found["rss_per_connection"] = ((after["VmRSS"] - before["VmRSS"]) / welcomed
-                                       if welcomed else None)
+        found = result(
+            "connections",
+            sent=n,
+            received=welcomed,
+            checks=checks,
+            seconds=opened["t_last"] - opened["t_first"],
+            count=welcomed,
+            unit="conn/s",
+            snap0=snap0,
+            snap1=snap1,
+            rss_before=before["VmRSS"],
+            rss_after=after["VmRSS"],
+        )
+        found["rss_per_connection"] = (
+            (after["VmRSS"] - before["VmRSS"]) / welcomed if welcomed else None
+        )
         return found
 
 
 SCENARIOS = [
-    Scenario("raw-recv", "baseline", "hiredis subscriber (txredisapi) counting PUBLISHes, "
-             "no RedMessenger", raw_recv),
-    Scenario("raw-send-1", "baseline", "bare Autobahn server sending message-sized frames "
-             "to 1 client, no Redis", raw_send(1)),
-    Scenario("raw-send-100", "baseline", "bare Autobahn server sending message-sized frames "
-             "round-robin to 100 clients, no Redis", raw_send(100)),
-    Scenario("live-1", "scenario", "1 online user, direct messages published as fast as "
-             "possible", live(1), ("raw-recv", "raw-send-1")),
-    Scenario("live-100", "scenario", "100 online users, direct messages round-robin",
-             live(100), ("raw-recv", "raw-send-100")),
-    Scenario("live-1-ack", "scenario", "live-1 in ack mode (one cumulative ack per read)",
-             live(1, ack=True), ("live-1",)),
-    Scenario("group", "scenario", "one group of 1,000 members, half online: live "
-             "deliveries and stores", group),
-    Scenario("store", "scenario", "messages for 100 offline users, stored in Redis",
-             store),
-    Scenario("drain", "scenario", "stored messages drained to a user who connects "
-             "(hello to last message)", drain("drain"), ("raw-send-1",)),
-    Scenario("drain-ack", "scenario", "drain in ack mode", drain("drain-ack", ack=True),
-             ("drain",)),
-    Scenario("drain-1m", "scenario", "drain of a 1,000,000-message queue: peak memory",
-             drain("drain-1m", big=True), ("drain",)),
-    Scenario("latency", "scenario", "a steady rate to 100 online users: PUBLISH to "
-             "receipt", latency),
-    Scenario("connections", "scenario", "idle identified WebSocket connections: memory "
-             "and connects+hellos per second", connections),
+    Scenario(
+        "raw-recv",
+        "baseline",
+        "hiredis subscriber (txredisapi) counting PUBLISHes, no RedMessenger",
+        raw_recv,
+    ),
+    Scenario(
+        "raw-send-1",
+        "baseline",
+        "bare Autobahn server sending message-sized frames to 1 client, no Redis",
+        raw_send(1),
+    ),
+    Scenario(
+        "raw-send-100",
+        "baseline",
+        "bare Autobahn server sending message-sized frames round-robin to 100 clients, no Redis",
+        raw_send(100),
+    ),
+    Scenario(
+        "live-1",
+        "scenario",
+        "1 online user, direct messages published as fast as possible",
+        live(1),
+        ("raw-recv", "raw-send-1"),
+    ),
+    Scenario(
+        "live-100",
+        "scenario",
+        "100 online users, direct messages round-robin",
+        live(100),
+        ("raw-recv", "raw-send-100"),
+    ),
+    Scenario(
+        "live-1-ack",
+        "scenario",
+        "live-1 in ack mode (one cumulative ack per read)",
+        live(1, ack=True),
+        ("live-1",),
+    ),
+    Scenario(
+        "group",
+        "scenario",
+        "one group of 1,000 members, half online: live deliveries and stores",
+        group,
+    ),
+    Scenario("store", "scenario", "messages for 100 offline users, stored in Redis", store),
+    Scenario(
+        "drain",
+        "scenario",
+        "stored messages drained to a user who connects (hello to last message)",
+        drain("drain"),
+        ("raw-send-1",),
+    ),
+    Scenario(
+        "drain-ack", "scenario", "drain in ack mode", drain("drain-ack", ack=True), ("drain",)
+    ),
+    Scenario(
+        "drain-1m",
+        "scenario",
+        "drain of a 1,000,000-message queue: peak memory",
+        drain("drain-1m", big=True),
+        ("drain",),
+    ),
+    Scenario(
+        "latency", "scenario", "a steady rate to 100 online users: PUBLISH to receipt", latency
+    ),
+    Scenario(
+        "connections",
+        "scenario",
+        "idle identified WebSocket connections: memory and connects+hellos per second",
+        connections,
+    ),
 ]
 
 

@@ -50,18 +50,33 @@ class Stage:
                 try:
                     self.stop(process)
                 except Exception as e:  # stop the others all the same
-                    print(f"  ! could not stop {process.name} (pid {process.pid}): {e}",
-                          file=sys.stderr)
+                    print(
+                        f"  ! could not stop {process.name} (pid {process.pid}): {e}",
+                        file=sys.stderr,
+                    )
         finally:
             if self.redis is not None:
                 self.redis.close()
             shutil.rmtree(self.work, ignore_errors=True)
 
-    def _spawn(self, name: str, argv: list[str], *, control: bool = False,
-               subject: bool = False, cwd: Path | None = None) -> Process:
-        process = Process(name, argv, log_path=self.bench.logs / f"{self.name}.{name}.log",
-                          env=self.bench.env, cwd=cwd or self.work, control=control,
-                          cpus=self.bench.subject_cpus if subject else None)
+    def _spawn(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        control: bool = False,
+        subject: bool = False,
+        cwd: Path | None = None,
+    ) -> Process:
+        process = Process(
+            name,
+            argv,
+            log_path=self.bench.logs / f"{self.name}.{name}.log",
+            env=self.bench.env,
+            cwd=cwd or self.work,
+            control=control,
+            cpus=self.bench.subject_cpus if subject else None,
+        )
         self.processes.append(process)
         return process
 
@@ -77,30 +92,54 @@ class Stage:
         from redmessenger.redisserver import find_redis_server, server_arguments
 
         self.redis_port = free_port()
-        argv = [find_redis_server(), *server_arguments(self.redis_port, self.work,
-                                                       appendonly=False),
-                # The bench publishes faster than anyone can read: lift the
-                # pub/sub output buffer limit (32 MB hard by default), or
-                # Redis would drop the subscriber mid-scenario.
-                "--client-output-buffer-limit", "pubsub", "0", "0", "0"]
+        argv = [
+            find_redis_server(),
+            *server_arguments(self.redis_port, self.work, appendonly=False),
+            # The bench publishes faster than anyone can read: lift the
+            # pub/sub output buffer limit (32 MB hard by default), or
+            # Redis would drop the subscriber mid-scenario.
+            "--client-output-buffer-limit",
+            "pubsub",
+            "0",
+            "0",
+            "0",
+        ]
         process = self._spawn("redis", argv)
-        wait_until(lambda: accepting(self.redis_port), "redis-server to listen",
-                   START_TIMEOUT, process.alive)
+        wait_until(
+            lambda: accepting(self.redis_port),
+            "redis-server to listen",
+            START_TIMEOUT,
+            process.alive,
+        )
         self.redis = Redis(self.redis_port)
         self.redis.command("PING")
         return self.redis
 
     def start_rm(self, *extra: str) -> Process:
         self.rm_port = free_port()
-        argv = [str(self.bench.twistd), "-n", "redmessenger",
-                "--port", f"tcp:{self.rm_port}:interface={HOST}",
-                "--redis", f"redis://{HOST}:{self.redis_port}", "--auth", "off",
-                *self.bench.rm_args, *extra]
+        argv = [
+            str(self.bench.twistd),
+            "-n",
+            "redmessenger",
+            "--port",
+            f"tcp:{self.rm_port}:interface={HOST}",
+            "--redis",
+            f"redis://{HOST}:{self.redis_port}",
+            "--auth",
+            "off",
+            *self.bench.rm_args,
+            *extra,
+        ]
         self.rm = self._spawn("redmessenger", argv, subject=True)
-        wait_until(lambda: accepting(self.rm_port), "RedMessenger to listen",
-                   START_TIMEOUT, self.rm.alive)
-        wait_until(lambda: self.redis.command("PUBSUB", "NUMPAT") >= 2,
-                   "RedMessenger to PSUBSCRIBE", START_TIMEOUT, self.rm.alive)
+        wait_until(
+            lambda: accepting(self.rm_port), "RedMessenger to listen", START_TIMEOUT, self.rm.alive
+        )
+        wait_until(
+            lambda: self.redis.command("PUBSUB", "NUMPAT") >= 2,
+            "RedMessenger to PSUBSCRIBE",
+            START_TIMEOUT,
+            self.rm.alive,
+        )
         return self.rm
 
     def stop_rm(self) -> None:
@@ -109,8 +148,9 @@ class Stage:
             self.stop(self.rm)
 
     def start_worker(self, module: str, *, subject: bool = False) -> Process:
-        return self._spawn(module, [sys.executable, "-m", f"bench.{module}"],
-                           control=True, subject=subject)
+        return self._spawn(
+            module, [sys.executable, "-m", f"bench.{module}"], control=True, subject=subject
+        )
 
     def start_publisher(self, prepare: dict) -> Process:
         """A publisher, connected and with its commands built: ``go`` starts it."""
@@ -143,10 +183,23 @@ class Stage:
             return
         path = self.bench.out / f"profile-{self.name}.txt"
         self.profiler = Process(
-            "py-spy", [self.bench.pyspy, "record", "--pid", str(process.pid), "--rate", "250",
-                       "--format", "raw", "--function", "--nonblocking",
-                       "--output", str(path) + ".raw"],
-            log_path=self.bench.logs / f"{self.name}.py-spy.log")
+            "py-spy",
+            [
+                self.bench.pyspy,
+                "record",
+                "--pid",
+                str(process.pid),
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--function",
+                "--nonblocking",
+                "--output",
+                str(path) + ".raw",
+            ],
+            log_path=self.bench.logs / f"{self.name}.py-spy.log",
+        )
         time.sleep(0.5)  # py-spy attaches
 
     def profile_stop(self) -> None:

@@ -17,8 +17,13 @@ WAIT_MS = 10_000
 #: Chromium flags for a headless run as root in a container, with nothing
 #: reaching out to the network on its own.
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
     "--disable-dev-shm-usage",
 ]
 
@@ -52,22 +57,19 @@ class Tab:
         #: The console, for failure messages (failed reconnects log there).
         self.console: list[str] = []
         page.on("pageerror", lambda error: self.problems.append(str(error)))
-        page.on("console", lambda message: self.console.append(
-            f"{message.type}: {message.text}"))
+        page.on("console", lambda message: self.console.append(f"{message.type}: {message.text}"))
 
     async def open(self, rm: RunningService) -> None:
         """Load the demo page from RedMessenger itself."""
         response = await self.page.goto(http_url(rm), wait_until="load")
         assert response is not None and response.ok, response
 
-    async def start(self, url: str | None = None, setup: str | None = None,
-                    **options) -> None:
+    async def start(self, url: str | None = None, setup: str | None = None, **options) -> None:
         """Import ``/client.js`` from the page's origin, make a client
         (``url`` None: the default, derived from the page's location),
         record its events, run ``setup`` (JS source of a function of the
         client and ``rm``, to add handlers) and connect."""
-        await self.page.evaluate(START_CLIENT, {"url": url, "options": options,
-                                                "setup": setup})
+        await self.page.evaluate(START_CLIENT, {"url": url, "options": options, "setup": setup})
 
     async def wait(self, predicate: str, arg: Any = None, what: str = "") -> Any:
         """Poll ``predicate`` (a JS function of ``rm`` and ``arg``) in the
@@ -75,23 +77,32 @@ class Tab:
         try:
             handle = await self.page.wait_for_function(
                 f"([arg]) => {{ const rm = window.rm; return ({predicate})(rm, arg); }}",
-                arg=[arg], polling=20, timeout=WAIT_MS)
+                arg=[arg],
+                polling=20,
+                timeout=WAIT_MS,
+            )
         except Exception as error:
             seen = await self.page.evaluate("JSON.stringify(window.rm ?? null)")
-            raise AssertionError(f"the page did not see {what or predicate}: {error}\n"
-                                 f"it saw: {seen}\nerrors: {self.problems}\n"
-                                 f"console: {self.console}") from None
+            raise AssertionError(
+                f"the page did not see {what or predicate}: {error}\n"
+                f"it saw: {seen}\nerrors: {self.problems}\n"
+                f"console: {self.console}"
+            ) from None
         return await handle.json_value()
 
     async def welcomed(self, count: int = 1) -> dict:
         """Wait for the ``count``-th welcome; return it."""
-        return await self.wait("(rm, n) => rm.welcomes.length >= n && rm.welcomes[n - 1]",
-                               count, f"welcome number {count}")
+        return await self.wait(
+            "(rm, n) => rm.welcomes.length >= n && rm.welcomes[n - 1]",
+            count,
+            f"welcome number {count}",
+        )
 
     async def messages(self, count: int) -> list[dict]:
         """Wait until ``count`` messages were dispatched; return them all."""
-        return await self.wait("(rm, n) => rm.messages.length >= n && rm.messages",
-                               count, f"{count} messages")
+        return await self.wait(
+            "(rm, n) => rm.messages.length >= n && rm.messages", count, f"{count} messages"
+        )
 
     async def recorded(self, name: str) -> Any:
         return await self.page.evaluate("(name) => window.rm[name]", name)

@@ -58,8 +58,12 @@ def deployed_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def wait_for(check: Callable[[], Any], what: str, timeout: float = RECV_TIMEOUT,
-             alive: Callable[[], None] | None = None) -> Any:
+def wait_for(
+    check: Callable[[], Any],
+    what: str,
+    timeout: float = RECV_TIMEOUT,
+    alive: Callable[[], None] | None = None,
+) -> Any:
     """Poll ``check`` until it returns something true; fail after ``timeout``
     (or as soon as ``alive`` raises, for a process that died meanwhile)."""
     return wait_until(check, what, timeout, alive, interval=POLL_INTERVAL, error=AssertionError)
@@ -129,15 +133,21 @@ class TwistdProcess:
     and always stopped (SIGTERM, then SIGKILL after a deadline) and reaped
     when the ``with`` block ends."""
 
-    def __init__(self, args: list[str], cwd: Path, log_path: Path,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], cwd: Path, log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.args = args
         self.log_path = log_path
         self._terminated = False
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [str(TWISTD), *args], cwd=cwd, env=env or deployed_env(),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                [str(TWISTD), *args],
+                cwd=cwd,
+                env=env or deployed_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def __enter__(self) -> TwistdProcess:
         return self
@@ -157,12 +167,15 @@ class TwistdProcess:
     def alive(self) -> None:
         """Fail, showing the log, if twistd has exited."""
         if self.process.poll() is not None:
-            raise AssertionError(f"twistd {' '.join(self.args)} exited with code "
-                                 f"{self.process.returncode}:\n{self.log()}")
+            raise AssertionError(
+                f"twistd {' '.join(self.args)} exited with code "
+                f"{self.process.returncode}:\n{self.log()}"
+            )
 
     def wait_accepting(self, port: int) -> None:
-        wait_for(lambda: accepting(port), f"twistd to accept on port {port}",
-                 START_TIMEOUT, self.alive)
+        wait_for(
+            lambda: accepting(port), f"twistd to accept on port {port}", START_TIMEOUT, self.alive
+        )
 
     def wait_subscribed(self, redis: RespClient | None = None) -> None:
         """Until its PSUBSCRIBE is confirmed (a PUBLISH before that is lost):
@@ -170,11 +183,16 @@ class TwistdProcess:
         shared one, whose count other subscribers may change, until twistd
         logs it."""
         if redis is not None:
-            wait_for(lambda: numpat(redis) == 2, "RedMessenger to PSUBSCRIBE",
-                     START_TIMEOUT, self.alive)
+            wait_for(
+                lambda: numpat(redis) == 2, "RedMessenger to PSUBSCRIBE", START_TIMEOUT, self.alive
+            )
         else:
-            wait_for(lambda: SUBSCRIBED in self.log(), "RedMessenger to PSUBSCRIBE",
-                     START_TIMEOUT, self.alive)
+            wait_for(
+                lambda: SUBSCRIBED in self.log(),
+                "RedMessenger to PSUBSCRIBE",
+                START_TIMEOUT,
+                self.alive,
+            )
 
     def terminate(self) -> None:
         """SIGTERM, once: a second one, while the first stop is under way,
@@ -191,8 +209,9 @@ class TwistdProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-            raise AssertionError(f"twistd did not exit within {STOP_TIMEOUT:g} s of "
-                                 f"SIGTERM:\n{self.log()}") from None
+            raise AssertionError(
+                f"twistd did not exit within {STOP_TIMEOUT:g} s of SIGTERM:\n{self.log()}"
+            ) from None
 
     def assert_stopped_cleanly(self) -> None:
         """Exited after SIGTERM having stopped every part of the service.
@@ -223,15 +242,17 @@ def hello(ws: ClientConnection, doc: dict | str) -> dict:
 
 @contextmanager
 def client(port: int) -> Iterator[ClientConnection]:
-    with connect(f"ws://{HOST}:{port}/", open_timeout=RECV_TIMEOUT,
-                 close_timeout=RECV_TIMEOUT, max_size=None) as ws:
+    with connect(
+        f"ws://{HOST}:{port}/", open_timeout=RECV_TIMEOUT, close_timeout=RECV_TIMEOUT, max_size=None
+    ) as ws:
         yield ws
 
 
 def ws(url: str, **kwargs: Any) -> ClientConnection:
     """A connection to ``url``, bounded in time like :func:`client`."""
-    return connect(url, open_timeout=RECV_TIMEOUT, close_timeout=RECV_TIMEOUT,
-                   max_size=None, **kwargs)
+    return connect(
+        url, open_timeout=RECV_TIMEOUT, close_timeout=RECV_TIMEOUT, max_size=None, **kwargs
+    )
 
 
 def closed(ws: ClientConnection) -> tuple[list[dict], int | None]:
@@ -246,9 +267,15 @@ def closed(ws: ClientConnection) -> tuple[list[dict], int | None]:
 
 def run_twistd(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run twistd to completion (killed and reaped by ``run`` on timeout)."""
-    return subprocess.run([str(TWISTD), *args], cwd=cwd, env=deployed_env(),
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=FAIL_TIMEOUT)
+    return subprocess.run(
+        [str(TWISTD), *args],
+        cwd=cwd,
+        env=deployed_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=FAIL_TIMEOUT,
+    )
 
 
 def assert_refused(result: subprocess.CompletedProcess[str], *needles: str) -> None:

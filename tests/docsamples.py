@@ -119,8 +119,9 @@ def literal_blocks(text: str, path: str = "<text>") -> list[Block]:
         if directive:
             indent, language = len(directive.group(1)), directive.group(2) or None
             i += 1
-            while i < len(lines) and lines[i].strip().startswith(":") \
-                    and _indent(lines[i]) > indent:
+            while (
+                i < len(lines) and lines[i].strip().startswith(":") and _indent(lines[i]) > indent
+            ):
                 i += 1  # the directive's options
         elif line.rstrip().endswith("::") and not _OTHER_DIRECTIVE.match(line):
             bullet = _BULLET.match(line)
@@ -141,8 +142,10 @@ def literal_blocks(text: str, path: str = "<text>") -> list[Block]:
         while body and not body[-1].strip():
             body.pop()
         if not body:
-            raise ValueError(f"{path}:{start + 1}: a literal block that is not indented "
-                             "(quoted literal blocks are not supported here)")
+            raise ValueError(
+                f"{path}:{start + 1}: a literal block that is not indented "
+                "(quoted literal blocks are not supported here)"
+            )
         cut = min(_indent(b) for b in body if b.strip())
         blocks.append(Block(path, start + 1, language, "\n".join(b[cut:] for b in body)))
     return blocks
@@ -150,8 +153,9 @@ def literal_blocks(text: str, path: str = "<text>") -> list[Block]:
 
 @functools.cache
 def all_blocks() -> tuple[Block, ...]:
-    return tuple(block for path in DOCS
-                 for block in literal_blocks((REPO / path).read_text(), path))
+    return tuple(
+        block for path in DOCS for block in literal_blocks((REPO / path).read_text(), path)
+    )
 
 
 #: Every sample, by name: its file and how its text starts.
@@ -186,11 +190,15 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "ops-systemd": ("docs/operations.rst", "# /etc/systemd/system/redmessenger.service"),
     "ops-envfile": ("docs/operations.rst", "# /etc/redmessenger/redmessenger.env"),
     "ops-tls": ("docs/operations.rst", "twistd -n --pidfile= redmessenger --port ssl:"),
-    "ops-json-log": ("docs/operations.rst", "$ twistd -n --pidfile= redmessenger --log-format "
-                                            "json"),
+    "ops-json-log": (
+        "docs/operations.rst",
+        "$ twistd -n --pidfile= redmessenger --log-format json",
+    ),
     "ops-acl": ("docs/operations.rst", "$ redis-cli ACL SETUSER messenger"),
-    "ops-acl-twistd": ("docs/operations.rst", "twistd -n --pidfile= redmessenger --redis "
-                                              "'redis://messenger:"),
+    "ops-acl-twistd": (
+        "docs/operations.rst",
+        "twistd -n --pidfile= redmessenger --redis 'redis://messenger:",
+    ),
     "ops-redis-inspect": ("docs/operations.rst", "$ redis-cli CONFIG GET maxmemory-policy"),
 }
 
@@ -252,14 +260,16 @@ def transcript(text: str) -> list[tuple[str, list[str]]]:
     return steps
 
 
-def run_in_terminal(argv: list[str], timeout: float = COMMAND_TIMEOUT,
-                    env: dict[str, str] | None = None) -> str:
+def run_in_terminal(
+    argv: list[str], timeout: float = COMMAND_TIMEOUT, env: dict[str, str] | None = None
+) -> str:
     """Run a command on a pseudo-terminal (where redis-cli formats replies as
     the transcripts show them); what it printed, with ``\\n`` line ends."""
     master, slave = pty.openpty()
     try:
-        process = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
-                                   start_new_session=True, env=env)
+        process = subprocess.Popen(
+            argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True, env=env
+        )
     finally:
         os.close(slave)
     chunks = []
@@ -288,8 +298,13 @@ def run_in_terminal(argv: list[str], timeout: float = COMMAND_TIMEOUT,
 
 def run_shell(command: str, timeout: float = COMMAND_TIMEOUT) -> str:
     """A shell command line (pipes and all), its standard output."""
-    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True,
-                            text=True, timeout=timeout, env=deployed_env())
+    result = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=deployed_env(),
+    )
     assert result.returncode == 0, f"{command}: {result.returncode}\n{result.stderr}"
     return result.stdout
 
@@ -341,8 +356,9 @@ def twistd_args(command: str, replacements: dict[str, str], port: int) -> list[s
 
 
 @contextmanager
-def twistd_run(args: list[str], tmp_path: Path, name: str, port: int,
-               env: dict[str, str] | None = None) -> Iterator[TwistdProcess]:
+def twistd_run(
+    args: list[str], tmp_path: Path, name: str, port: int, env: dict[str, str] | None = None
+) -> Iterator[TwistdProcess]:
     """twistd started in a directory of its own, accepting on ``port``;
     killed (if a test failed) and reaped at the end."""
     workdir = tmp_path / name
@@ -362,7 +378,8 @@ def stop_cleanly(twistd: TwistdProcess) -> None:
 
 def require(tool: str, package: str) -> str:
     found = shutil.which(tool) or next(
-        (str(p) for p in (Path("/usr/sbin") / tool, Path("/sbin") / tool) if p.exists()), None)
+        (str(p) for p in (Path("/usr/sbin") / tool, Path("/sbin") / tool) if p.exists()), None
+    )
     if found:
         return found
     why = f"{tool} is not installed (apt-get install {package})"
@@ -391,7 +408,7 @@ class ShapeMatch:
     def regex(self, shown: str) -> re.Pattern:
         parts, end = [], 0
         for token in self.TOKENS.finditer(shown):
-            parts.append(re.escape(shown[end:token.start()]))
+            parts.append(re.escape(shown[end : token.start()]))
             parts.append(f"({MESSAGE_ID if token.group().count('-') else PEER})")
             end = token.end()
         parts.append(re.escape(shown[end:]))

@@ -154,11 +154,16 @@ class RedisServerProcess:
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # closed by stop()
-        args = [*server_arguments(port, self.data_dir, bind=HOST, appendonly=self.appendonly),
-                *self.extra_args]
+        args = [
+            *server_arguments(port, self.data_dir, bind=HOST, appendonly=self.appendonly),
+            *self.extra_args,
+        ]
         self._process = subprocess.Popen(
-            [self.executable, *args], stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT)
+            [self.executable, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             self._wait_until_ready(port)
         except BaseException:
@@ -176,7 +181,8 @@ class RedisServerProcess:
             if self._process.poll() is not None:
                 raise RedisServerNotReady(
                     f"redis-server exited with code {self._process.returncode} on port "
-                    f"{port}:\n{self.log_tail()}")
+                    f"{port}:\n{self.log_tail()}"
+                )
             try:
                 if client.command("PING") == "PONG":
                     info = client.command("INFO", "server", decode=True)
@@ -188,7 +194,8 @@ class RedisServerProcess:
             time.sleep(POLL_INTERVAL)
         raise RedisServerNotReady(
             f"redis-server did not get ready on port {port} within {START_TIMEOUT:g} s "
-            f"({why}):\n{self.log_tail()}")
+            f"({why}):\n{self.log_tail()}"
+        )
 
 
 @contextlib.contextmanager
@@ -223,8 +230,12 @@ def tls_redis_server() -> str | None:
     found = shutil.which("redis-server")
     if found is None:
         return None
-    probe = subprocess.run([found, "--tls-port", "0", "--port", "0", "--test-memory", "1"],
-                           capture_output=True, text=True, timeout=30)
+    probe = subprocess.run(
+        [found, "--tls-port", "0", "--port", "0", "--test-memory", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return None if "tls-port" in probe.stdout + probe.stderr else found
 
 
@@ -244,8 +255,11 @@ class TlsRedis:
 def kill_connection(redis, name: str) -> int:
     """Cut RedMessenger's connection called ``name`` (CLIENT SETNAME)."""
     listing = redis.command("CLIENT", "LIST", decode=True)
-    ids = [dict(field.split("=", 1) for field in line.split())["id"]
-           for line in listing.splitlines() if f"name=redmessenger:{name} " in line]
+    ids = [
+        dict(field.split("=", 1) for field in line.split())["id"]
+        for line in listing.splitlines()
+        if f"name=redmessenger:{name} " in line
+    ]
     assert ids, listing
     for ident in ids:
         redis.command("CLIENT", "KILL", "ID", ident)

@@ -103,8 +103,17 @@ def test_operations_health_and_metrics(tmp_path: Path, private_redis) -> None:
     require("curl", "curl")
     port = pick_free_port()
     local = {"8080": str(port)}
-    args = ["-n", "--pidfile=", "redmessenger", "--port", f"tcp:{port}:interface={HOST}",
-            "--redis", private_redis.url, "--auth", "off"]
+    args = [
+        "-n",
+        "--pidfile=",
+        "redmessenger",
+        "--port",
+        f"tcp:{port}:interface={HOST}",
+        "--redis",
+        private_redis.url,
+        "--auth",
+        "off",
+    ]
     from redmessenger import __version__
 
     with twistd_run(args, tmp_path, "health", port) as twistd:
@@ -119,7 +128,7 @@ def test_operations_health_and_metrics(tmp_path: Path, private_redis) -> None:
         assert shown[0] == head.splitlines()[0]
         for line in shown[1:blank]:
             assert line == "..." or line.lower() in real_headers, (line, head)
-        [shown_body] = shown[blank + 1:]
+        [shown_body] = shown[blank + 1 :]
         real = json.loads(body)
         assert real.pop("version") == __version__
         documented = json.loads(shown_body)
@@ -153,21 +162,26 @@ def test_operations_health_and_metrics(tmp_path: Path, private_redis) -> None:
             assert status == 200
             table = list_table(operations(), "Metric")
             exposed = scrape(text.decode())
-            assert [row[:2] for row in table] == [[n, t] for n, t, _, _ in exposed], \
-                "\n".join(f"{n} {t} {h} {sorted(labels)}" for n, t, h, labels in exposed)
+            assert [row[:2] for row in table] == [[n, t] for n, t, _, _ in exposed], "\n".join(
+                f"{n} {t} {h} {sorted(labels)}" for n, t, h, labels in exposed
+            )
             for (name, _, labels, meaning), (_, _, doc, real_labels) in zip(
-                    table, exposed, strict=True):
+                table, exposed, strict=True
+            ):
                 assert set(labels.replace(",", " ").split()) == real_labels, name
                 assert meaning.startswith(doc), f"{name}: {meaning!r} does not start {doc!r}"
 
         # 503 while Redis is away, with the body shown; 200 again by itself.
         [(command, [shown_body])] = transcript(sample("ops-health-503"))
         command = substitute(command, local)
-        wait_for(lambda: json.loads(run_shell(command))["connections"] == 0,
-                 "the sockets to be gone")
+        wait_for(
+            lambda: json.loads(run_shell(command))["connections"] == 0, "the sockets to be gone"
+        )
         private_redis.stop()
-        wait_for(lambda: not any(json.loads(run_shell(command))["redis"].values()),
-                 "/health to see Redis gone")
+        wait_for(
+            lambda: not any(json.loads(run_shell(command))["redis"].values()),
+            "/health to see Redis gone",
+        )
         assert http_get(f"http://{HOST}:{port}/health")[0] == 503
         with ws(f"ws://{HOST}:{port}/") as client:  # "new hellos are refused with 1013"
             client.send(json.dumps({"id": "user1"}))
@@ -178,8 +192,11 @@ def test_operations_health_and_metrics(tmp_path: Path, private_redis) -> None:
         assert isinstance(real.pop("version"), str) and isinstance(documented.pop("version"), str)
         assert real == documented
         private_redis.start()
-        wait_for(lambda: http_get(f"http://{HOST}:{port}/health")[0] == 200,
-                 "/health to be 200 again", timeout=20)
+        wait_for(
+            lambda: http_get(f"http://{HOST}:{port}/health")[0] == 200,
+            "/health to be 200 again",
+            timeout=20,
+        )
         stop_cleanly(twistd)
 
 
@@ -209,15 +226,29 @@ def nginx(executable: str, directory: Path, site: str, port: int) -> Iterator[No
     log = directory / "nginx.out"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [executable, "-p", str(directory), "-e", str(directory / "error.log"),
-             "-c", str(conf), "-g", f"daemon off; master_process off; "
-             f"pid {directory}/nginx.pid; error_log {directory}/error.log info;"],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            [
+                executable,
+                "-p",
+                str(directory),
+                "-e",
+                str(directory / "error.log"),
+                "-c",
+                str(conf),
+                "-g",
+                f"daemon off; master_process off; "
+                f"pid {directory}/nginx.pid; error_log {directory}/error.log info;",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
     def alive() -> None:
         if process.poll() is not None:
-            raise AssertionError(f"nginx exited with {process.returncode}:\n{log.read_text()}"
-                                 f"\n{(directory / 'error.log').read_text()}")
+            raise AssertionError(
+                f"nginx exited with {process.returncode}:\n{log.read_text()}"
+                f"\n{(directory / 'error.log').read_text()}"
+            )
 
     try:
         wait_for(lambda: accepting(port), "nginx to accept", alive=alive)
@@ -233,23 +264,36 @@ def nginx(executable: str, directory: Path, site: str, port: int) -> Iterator[No
 
 
 @claims("ops-nginx")
-def test_operations_nginx_site_proxies_websockets_and_http(tmp_path: Path, redis,
-                                                           certificate) -> None:
+def test_operations_nginx_site_proxies_websockets_and_http(
+    tmp_path: Path, redis, certificate
+) -> None:
     executable = require("nginx", "nginx")
     key, cert = certificate
     port, proxy = free_ports(2)
-    site = substitute(sample("ops-nginx"), {
-        "listen 443": f"listen {HOST}:{proxy}",
-        "8080": str(port),
-        "/etc/ssl/messages.example.com/fullchain.pem": str(cert),
-        "/etc/ssl/messages.example.com/privkey.pem": str(key),
-    })
+    site = substitute(
+        sample("ops-nginx"),
+        {
+            "listen 443": f"listen {HOST}:{proxy}",
+            "8080": str(port),
+            "/etc/ssl/messages.example.com/fullchain.pem": str(cert),
+            "/etc/ssl/messages.example.com/privkey.pem": str(key),
+        },
+    )
     trust = ssl.create_default_context(cafile=str(cert))
-    args = ["-n", "--pidfile=", "redmessenger", "--port", f"tcp:{port}:interface={HOST}",
-            "--redis", redis.url]
+    args = [
+        "-n",
+        "--pidfile=",
+        "redmessenger",
+        "--port",
+        f"tcp:{port}:interface={HOST}",
+        "--redis",
+        redis.url,
+    ]
     redis.command("SET", "rm:users:user1:key", "s3cret")
-    with twistd_run(args, tmp_path, "backend", port) as twistd, \
-            nginx(executable, tmp_path / "nginx", site, proxy):
+    with (
+        twistd_run(args, tmp_path, "backend", port) as twistd,
+        nginx(executable, tmp_path / "nginx", site, proxy),
+    ):
         twistd.wait_subscribed()
         redis.command("PUBLISH", "rm.users.user1", "stored")
         wait_for(lambda: redis.command("LLEN", "rm:users:user1:messages"), "a stored message")
@@ -270,13 +314,16 @@ def test_operations_nginx_site_proxies_websockets_and_http(tmp_path: Path, redis
 
         # What the text says of the Upgrade and Connection lines: without
         # them, the demo page instead of a WebSocket.
-        bare = "\n".join(line for line in site.splitlines()
-                         if "proxy_set_header Upgrade" not in line
-                         and "proxy_set_header Connection" not in line)
+        bare = "\n".join(
+            line
+            for line in site.splitlines()
+            if "proxy_set_header Upgrade" not in line and "proxy_set_header Connection" not in line
+        )
         assert bare != site
         other = pick_free_port()
-        with nginx(executable, tmp_path / "bare-nginx", bare.replace(str(proxy), str(other)),
-                   other):
+        with nginx(
+            executable, tmp_path / "bare-nginx", bare.replace(str(proxy), str(other)), other
+        ):
             with pytest.raises(websockets.InvalidStatus) as refused:
                 with ws(f"wss://{HOST}:{other}/", ssl=trust):
                     pass
@@ -314,8 +361,7 @@ def parse_environment_file(text: str) -> dict[str, str]:
 
 
 @claims("ops-systemd", "ops-envfile")
-def test_operations_systemd_unit_runs_and_stops_as_systemd_would(tmp_path: Path,
-                                                                 redis) -> None:
+def test_operations_systemd_unit_runs_and_stops_as_systemd_would(tmp_path: Path, redis) -> None:
     import jwt
 
     unit = parse_unit(sample("ops-systemd"))
@@ -334,9 +380,16 @@ def test_operations_systemd_unit_runs_and_stops_as_systemd_would(tmp_path: Path,
     env.update(from_file)
 
     port = pick_free_port()
-    argv = shlex.split(substitute(service["ExecStart"], {
-        "/opt/redmessenger/.venv/bin/twistd": str(TWISTD), "8080": str(port),
-        "6379": str(redis.port)}))
+    argv = shlex.split(
+        substitute(
+            service["ExecStart"],
+            {
+                "/opt/redmessenger/.venv/bin/twistd": str(TWISTD),
+                "8080": str(port),
+                "6379": str(redis.port),
+            },
+        )
+    )
     assert argv[0] == str(TWISTD) and argv[1] == "-n" and "--pidfile=" in argv
     shutdown_timeout = float(env.get("REDMESSENGER_SHUTDOWN_TIMEOUT", 10))
     stop_timeout = float(service["TimeoutStopSec"])
@@ -385,8 +438,7 @@ def test_operations_systemd_unit_runs_and_stops_as_systemd_would(tmp_path: Path,
         try:
             status = twistd.process.wait(timeout=stop_timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"not stopped within TimeoutStopSec:\n{twistd.log()}") \
-                from None
+            raise AssertionError(f"not stopped within TimeoutStopSec:\n{twistd.log()}") from None
         assert time.monotonic() - started < stop_timeout
         assert status == -signal.SIGTERM, twistd.log()
         assert STOPPED in twistd.log()
@@ -401,14 +453,18 @@ def test_operations_tls_on_both_sides(tmp_path: Path, tls_redis, certificate) ->
     chain = certificate_chain(tmp_path / "chain")
     redis_ca = certificate[1]  # tls_redis' certificate is its own CA
     port = pick_free_port()
-    args = twistd_args(sample("ops-tls"), {
-        "8443": str(port),
-        "/etc/redmessenger/tls/privkey.pem": str(chain["key"]),
-        "/etc/redmessenger/tls/cert.pem": str(chain["cert"]),
-        "/etc/redmessenger/tls/chain.pem": str(chain["chain"]),
-        "redis.example.com:6380": f"127.0.0.1:{tls_redis.port}",
-        "/etc/redmessenger/redis-ca.pem": str(redis_ca),
-    }, port)
+    args = twistd_args(
+        sample("ops-tls"),
+        {
+            "8443": str(port),
+            "/etc/redmessenger/tls/privkey.pem": str(chain["key"]),
+            "/etc/redmessenger/tls/cert.pem": str(chain["cert"]),
+            "/etc/redmessenger/tls/chain.pem": str(chain["chain"]),
+            "redis.example.com:6380": f"127.0.0.1:{tls_redis.port}",
+            "/etc/redmessenger/redis-ca.pem": str(redis_ca),
+        },
+        port,
+    )
     tls_redis.command("SET", "rm:users:user1:key", "s3cret")
     trust = ssl.create_default_context(cafile=str(chain["root"]))
     with twistd_run(args, tmp_path, "tls", port) as twistd:
@@ -452,8 +508,12 @@ def test_operations_json_log_lines_are_what_twistd_writes(tmp_path: Path, redis)
     shape = ShapeMatch()
     for line in shown[1:]:
         documented = json.loads(line)
-        candidates = [r for r in real if r["namespace"] == documented["namespace"]
-                      and shape.regex(documented["message"]).fullmatch(r["message"])]
+        candidates = [
+            r
+            for r in real
+            if r["namespace"] == documented["namespace"]
+            and shape.regex(documented["message"]).fullmatch(r["message"])
+        ]
         assert candidates, f"not logged: {line}"
         found = candidates[0]
         assert shape.match(documented["message"], found["message"])
@@ -515,9 +575,17 @@ async def test_operations_claim_that_a_database_does_not_separate_two(private_re
         redis.command("PUBLISH", "rm.users.user1", "heard twice")
 
         def stored() -> list[int]:
-            return [reply for reply in redis.client().pipeline([
-                ("LLEN", "rm:users:user1:messages"), ("SELECT", 1),
-                ("LLEN", "rm:users:user1:messages")]) if isinstance(reply, int)]
+            return [
+                reply
+                for reply in redis.client().pipeline(
+                    [
+                        ("LLEN", "rm:users:user1:messages"),
+                        ("SELECT", 1),
+                        ("LLEN", "rm:users:user1:messages"),
+                    ]
+                )
+                if isinstance(reply, int)
+            ]
 
         await eventually(lambda: stored() == [1, 1])
     finally:

@@ -25,8 +25,15 @@ def same_shape(shown: dict, real: dict, vary: tuple[str, ...] = ("id", "timestam
         assert abs(real["timestamp"] / 1000 - time.time()) < 60
 
 
-@claims("protocol-hello-json", "protocol-hello-text", "protocol-ack", "protocol-welcome",
-        "protocol-message", "protocol-error", "protocol-envelope")
+@claims(
+    "protocol-hello-json",
+    "protocol-hello-text",
+    "protocol-ack",
+    "protocol-welcome",
+    "protocol-message",
+    "protocol-error",
+    "protocol-envelope",
+)
 @aiotest
 async def test_protocol_frames_are_what_the_server_sends_and_takes(messenger, redis):
     from redmessenger.settings import AuthMode

@@ -96,34 +96,48 @@ def test_readme_two_commands_and_the_tour(tmp_path: Path) -> None:
             # $ export REDISCLI_AUTH=...: run by the shell, in twistd's directory.
             [(export, nothing), *cli_steps] = transcript(sample("readme-key"))
             assert export.startswith("export REDISCLI_AUTH=") and not nothing
-            shell = subprocess.run(["bash", "-c", f'{export} && printf %s "$REDISCLI_AUTH"'],
-                                   cwd=workdir, capture_output=True, text=True, check=True)
-            assert shell.stdout == (workdir / "redmessenger-data" / "redis-password").read_text(
-                ).strip()
+            shell = subprocess.run(
+                ["bash", "-c", f'{export} && printf %s "$REDISCLI_AUTH"'],
+                cwd=workdir,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            assert (
+                shell.stdout
+                == (workdir / "redmessenger-data" / "redis-password").read_text().strip()
+            )
             authed = deployed_env(REDISCLI_AUTH=shell.stdout)
             # Without it, the embedded Redis lets nobody in.
             unauthed = {k: v for k, v in authed.items() if k != "REDISCLI_AUTH"}
-            assert "NOAUTH" in run_in_terminal(redis_cli("redis-cli PING", embedded_port),
-                                               env=unauthed)
+            assert "NOAUTH" in run_in_terminal(
+                redis_cli("redis-cli PING", embedded_port), env=unauthed
+            )
 
             # $ redis-cli SET ...: OK
-            replay("\n".join(f"$ {c}\n" + "\n".join(o) for c, o in cli_steps), embedded_port,
-                   authed)
+            replay(
+                "\n".join(f"$ {c}\n" + "\n".join(o) for c, o in cli_steps), embedded_port, authed
+            )
 
             # $ redis-cli PUBLISH ... (1: RedMessenger's subscription), then LRANGE.
             (publish, published), (lrange, shown) = transcript(sample("readme-publish"))
             t0 = int(time.time() * 1000)
-            assert run_in_terminal(redis_cli(publish, embedded_port),
-                                   env=authed).splitlines() == published
-            wait_for(lambda: redis.command("LLEN", "rm:users:user1:messages") == 1,
-                     "the message to be stored")
+            assert (
+                run_in_terminal(redis_cli(publish, embedded_port), env=authed).splitlines()
+                == published
+            )
+            wait_for(
+                lambda: redis.command("LLEN", "rm:users:user1:messages") == 1,
+                "the message to be stored",
+            )
             output = run_in_terminal(redis_cli(lrange, embedded_port), env=authed).splitlines()
             assert len(output) == len(shown) == 1, output
             real = ast.literal_eval("b" + output[0].removeprefix("1) ")).decode()
             doc = ast.literal_eval("b" + shown[0].removeprefix("1) ")).decode()
             stored = json.loads(real)
             assert re.fullmatch(MESSAGE_ID, stored["id"]) and re.fullmatch(
-                MESSAGE_ID, json.loads(doc)["id"])
+                MESSAGE_ID, json.loads(doc)["id"]
+            )
             assert t0 <= stored["timestamp"] <= time.time() * 1000
             expected = json.loads(doc) | {"id": stored["id"], "timestamp": stored["timestamp"]}
             assert real == json.dumps(expected, separators=(",", ":")), (real, doc)
@@ -133,10 +147,13 @@ def test_readme_two_commands_and_the_tour(tmp_path: Path) -> None:
             (pip, pip_output), (cli, session) = steps
             pip_argv = shlex.split(pip)
             assert pip_argv[0] == ".venv/bin/pip"
-            result = subprocess.run([str(VENV_BIN / "pip"), *pip_argv[1:]], capture_output=True,
-                                    text=True, timeout=COMMAND_TIMEOUT,
-                                    env=deployed_env(PIP_NO_INDEX="1",
-                                                     PIP_DISABLE_PIP_VERSION_CHECK="1"))
+            result = subprocess.run(
+                [str(VENV_BIN / "pip"), *pip_argv[1:]],
+                capture_output=True,
+                text=True,
+                timeout=COMMAND_TIMEOUT,
+                env=deployed_env(PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1"),
+            )
             assert result.returncode == 0 and result.stdout.splitlines() == pip_output, result
             cli_argv = shlex.split(substitute(cli, {"8080": str(port)}))
             assert cli_argv[0] == ".venv/bin/python"
@@ -151,7 +168,9 @@ def test_readme_two_commands_and_the_tour(tmp_path: Path) -> None:
                 drained = json.loads(frames[1])
                 assert drained["id"] == stored["id"]
                 documented = json.loads(shown_frames[1]) | {
-                    "id": stored["id"], "timestamp": stored["timestamp"]}
+                    "id": stored["id"],
+                    "timestamp": stored["timestamp"],
+                }
                 assert frames[1] == json.dumps(documented, separators=(",", ":"))
                 # "its queue is gone. Publish again ... it arrives at once"
                 assert redis.command("EXISTS", "rm:users:user1:messages") == 0
@@ -179,11 +198,14 @@ class InteractiveClient:
     ESCAPES = re.compile(r"\x1b(?:\[[0-9;]*[A-Za-z]|[78])|\r")
 
     def __init__(self, argv: list[str]) -> None:
-        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT,
-                                        env=deployed_env(PYTHONUNBUFFERED="1",
-                                                         PYTHONFAULTHANDLER="1"),
-                                        preexec_fn=_ctrl_c_as_at_a_terminal)
+        self.process = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=deployed_env(PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1"),
+            preexec_fn=_ctrl_c_as_at_a_terminal,
+        )
         self._output = bytearray()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -200,8 +222,7 @@ class InteractiveClient:
         try:
             return wait_for(check, what)
         except AssertionError as timeout:
-            raise AssertionError(f"{timeout}; it printed:\n" + "\n".join(self.lines())) \
-                from None
+            raise AssertionError(f"{timeout}; it printed:\n" + "\n".join(self.lines())) from None
 
     def wait_for_line(self, line: str) -> None:
         self._wait(lambda: line in self.lines(), repr(line))
@@ -238,13 +259,16 @@ class InteractiveClient:
 @claims("readme-embedding")
 def test_readme_embedding_example_runs_under_twistd(tmp_path: Path, redis) -> None:
     shown = sample("readme-embedding")
-    assert shown in (REPO / "docs" / "example.tac").read_text(), \
+    assert shown in (REPO / "docs" / "example.tac").read_text(), (
         "README.rst says it shows docs/example.tac"
+    )
     tac = tmp_path / "my-app.tac"
     tac.write_text(shown + "\n")
     port = pick_free_port()
-    env = deployed_env(REDMESSENGER_EXAMPLE_PORT=f"tcp:{port}:interface={HOST}",
-                       REDMESSENGER_EXAMPLE_REDIS=redis.url)
+    env = deployed_env(
+        REDMESSENGER_EXAMPLE_PORT=f"tcp:{port}:interface={HOST}",
+        REDMESSENGER_EXAMPLE_REDIS=redis.url,
+    )
     redis.command("SET", "rm:users:user1:key", "s3cret")
     with twistd_run(["-ny", str(tac)], tmp_path, "tac", port, env=env) as twistd:
         twistd.wait_subscribed()
@@ -273,15 +297,14 @@ WEB_PAGE = """\
 
 async def page_log(tab, lines: list[str]) -> None:
     """Until the page has logged (console.log) exactly ``lines``."""
+
     def logged() -> list[str]:
-        return [entry.removeprefix("log: ") for entry in tab.console
-                if entry.startswith("log: ")]
+        return [entry.removeprefix("log: ") for entry in tab.console if entry.startswith("log: ")]
 
     try:
         await eventually(lambda: logged() == lines, what=f"the page to log {lines}")
     except AssertionError as timeout:
-        raise AssertionError(f"{timeout}; console: {tab.console}; errors: {tab.problems}") \
-            from None
+        raise AssertionError(f"{timeout}; console: {tab.console}; errors: {tab.problems}") from None
 
 
 @claims("readme-web-page")
@@ -321,8 +344,7 @@ async def test_readme_claims_about_a_page_from_another_origin(messenger, tabs, r
     rm = await messenger(auth=AuthMode.REQUIRED, allowed_origins=("http://localhost:*",))
     redis.command("SET", "rm:users:user1:key", "s3cret")
     client_js = http_url(rm, "/client.js")
-    status, headers, _ = await asyncio.get_running_loop().run_in_executor(
-        None, http_get, client_js)
+    status, headers, _ = await asyncio.get_running_loop().run_in_executor(None, http_get, client_js)
     assert status == 200
     assert "access-control-allow-origin" not in {name.lower() for name in headers}
 
@@ -333,27 +355,37 @@ async def test_readme_claims_about_a_page_from_another_origin(messenger, tabs, r
     copy = (REPO / "redmessenger" / "static" / "redmessenger.js").read_text()
     tab = await tabs()
     page = tab.page
-    await page.route(origin + "redmessenger.js", lambda route: route.fulfill(
-        status=200, content_type="text/javascript; charset=utf-8", body=copy))
+    await page.route(
+        origin + "redmessenger.js",
+        lambda route: route.fulfill(
+            status=200, content_type="text/javascript; charset=utf-8", body=copy
+        ),
+    )
     assert (await page.goto(origin, wait_until="load")).ok
     await page.set_content(WEB_PAGE.format(snippet="<p>Another origin</p>"))
     assert page.url == origin
 
     refused = await page.evaluate(
         "async (url) => { try { await import(url); return null; } "
-        "catch (error) { return String(error); } }", client_js)
+        "catch (error) { return String(error); } }",
+        client_js,
+    )
     assert refused is not None, "a page of another origin imported /client.js"
     cors = "No 'Access-Control-Allow-Origin' header"
-    await eventually(lambda: any(cors in entry for entry in tab.console),
-                     what="Chromium to say why (CORS)")
+    await eventually(
+        lambda: any(cors in entry for entry in tab.console), what="Chromium to say why (CORS)"
+    )
 
-    await page.evaluate("""async (url) => {
+    await page.evaluate(
+        """async (url) => {
       const { RedMessengerClient } = await import("/redmessenger.js");
       window.seen = [];
       const client = new RedMessengerClient(url, { id: "user1", key: "s3cret" });
       client.addEventListener("message", (event) => window.seen.push(event.detail.payload));
       client.connect();
-    }""", rm.url)
+    }""",
+        rm.url,
+    )
     await eventually(lambda: rm.dispatcher.online("user1"), what="user1 to connect")
     assert rm.publish("rm.users.user1", "across origins") == 1
     await page.wait_for_function("() => window.seen.length === 1", timeout=WAIT_MS)
@@ -366,8 +398,15 @@ def test_readme_python_program_prints_messages_until_ctrl_c(tmp_path: Path, redi
     port = pick_free_port()
     program = tmp_path / "listen.py"
     program.write_text(substitute(sample("readme-python"), {"8080": str(port)}) + "\n")
-    args = ["-n", "--pidfile=", "redmessenger", "--port", f"tcp:{port}:interface={HOST}",
-            "--redis", redis.url]
+    args = [
+        "-n",
+        "--pidfile=",
+        "redmessenger",
+        "--port",
+        f"tcp:{port}:interface={HOST}",
+        "--redis",
+        redis.url,
+    ]
     redis.command("SET", "rm:users:user1:key", "s3cret")
     with twistd_run(args, tmp_path, "python", port) as twistd:
         twistd.wait_subscribed()
@@ -386,9 +425,12 @@ def test_readme_python_program_prints_messages_until_ctrl_c(tmp_path: Path, redi
             except subprocess.TimeoutExpired:
                 listen.process.send_signal(signal.SIGABRT)  # faulthandler: where it hangs
                 listen.process.wait(timeout=COMMAND_TIMEOUT)
-                raise AssertionError("still running after Ctrl-C; it printed:\n" +
-                                     "\n".join(listen.lines()) + "\nRedMessenger's log:\n" +
-                                     twistd.log()[-3000:]) from None
+                raise AssertionError(
+                    "still running after Ctrl-C; it printed:\n"
+                    + "\n".join(listen.lines())
+                    + "\nRedMessenger's log:\n"
+                    + twistd.log()[-3000:]
+                ) from None
         wait_for(lambda: "(user1) closed (code 1000)" in twistd.log(), "a close with 1000")
         assert redis.command("EXISTS", "rm:users:user1:messages") == 0
 
@@ -396,8 +438,10 @@ def test_readme_python_program_prints_messages_until_ctrl_c(tmp_path: Path, redi
         redis.command("SET", "rm:users:user1:key", "another")
         with InteractiveClient([sys.executable, str(program)]) as listen:
             assert listen.process.wait(timeout=COMMAND_TIMEOUT) == 1, listen.lines()
-        assert "redmessenger.client.Refused: refused with close code 4001 (unauthorized: " \
-            "wrong key)" in listen.lines(), listen.lines()
+        assert (
+            "redmessenger.client.Refused: refused with close code 4001 (unauthorized: "
+            "wrong key)" in listen.lines()
+        ), listen.lines()
         wait_for(lambda: "(user1): unauthorized: wrong key" in twistd.log(), "the refusal")
         stop_cleanly(twistd)
 
@@ -421,7 +465,7 @@ class OutputShape:
     def match(self, shown: str, real: str) -> bool:
         parts, tokens, end = [], [], 0
         for token in self.TOKENS.finditer(shown):
-            parts += [re.escape(shown[end:token.start()]), f"({self.VARYING[token.lastgroup]})"]
+            parts += [re.escape(shown[end : token.start()]), f"({self.VARYING[token.lastgroup]})"]
             tokens.append(token.group())
             end = token.end()
         found = re.fullmatch("".join(parts) + re.escape(shown[end:]), real)
@@ -443,12 +487,21 @@ def test_readme_redmessenger_command_transcript(tmp_path: Path, redis) -> None:
     env = {n: v for n, v in deployed_env().items() if not n.startswith("REDMESSENGER_")}
     env["REDMESSENGER_REDIS"] = redis.url
     port = pick_free_port()
-    args = ["-n", "--pidfile=", "redmessenger", "--port", f"tcp:{port}:interface={HOST}",
-            "--redis", redis.url]
+    args = [
+        "-n",
+        "--pidfile=",
+        "redmessenger",
+        "--port",
+        f"tcp:{port}:interface={HOST}",
+        "--redis",
+        redis.url,
+    ]
 
     def lengths() -> dict[str, int]:
-        return {key.decode(): redis.command("LLEN", key)
-                for key in redis.command("KEYS", "rm:users:*:messages")}
+        return {
+            key.decode(): redis.command("LLEN", key)
+            for key in redis.command("KEYS", "rm:users:*:messages")
+        }
 
     shape = OutputShape()
     with twistd_run(args, tmp_path, "cli", port) as twistd:
@@ -460,8 +513,8 @@ def test_readme_redmessenger_command_transcript(tmp_path: Path, redis) -> None:
             output = run_in_terminal([str(VENV_BIN / "redmessenger"), *argv[1:]], env=env)
             real = output.splitlines()
             assert len(real) == len(shown) and all(
-                shape.match(s, r) for s, r in zip(shown, real, strict=True)), \
-                f"$ {command}\n{output}\nshown:\n" + "\n".join(shown)
+                shape.match(s, r) for s, r in zip(shown, real, strict=True)
+            ), f"$ {command}\n{output}\nshown:\n" + "\n".join(shown)
             if argv[1:3] == ["token", "set"]:
                 assert redis.command("GET", f"rm:users:{argv[3]}:key", decode=True) == real[-1]
             if argv[1] == "send":  # RedMessenger (the 1 subscriber) stores it: wait for it
@@ -469,13 +522,19 @@ def test_readme_redmessenger_command_transcript(tmp_path: Path, redis) -> None:
                     users = [argv[3]]
                 else:
                     users = redis.command("SMEMBERS", f"rm:groups:{argv[3]}:members", decode=True)
-                wait_for(lambda users=users, before=before: all(
-                    lengths().get(f"rm:users:{u}:messages", 0)
-                    == before.get(f"rm:users:{u}:messages", 0) + 1 for u in users),
-                    f"RedMessenger to store what {command} sent")
+                wait_for(
+                    lambda users=users, before=before: all(
+                        lengths().get(f"rm:users:{u}:messages", 0)
+                        == before.get(f"rm:users:{u}:messages", 0) + 1
+                        for u in users
+                    ),
+                    f"RedMessenger to store what {command} sent",
+                )
             if argv[1] == "queue":  # the ids shown are those stored
-                stored = [json.loads(e)["id"] for e in redis.command(
-                    "LRANGE", f"rm:users:{argv[2]}:messages", 0, -1)]
+                stored = [
+                    json.loads(e)["id"]
+                    for e in redis.command("LRANGE", f"rm:users:{argv[2]}:messages", 0, -1)
+                ]
                 assert [line.split()[1] for line in real[1:]] == stored
         stop_cleanly(twistd)
 
@@ -492,8 +551,15 @@ def log_lines(log: str) -> list[str]:
 @claims("readme-log", "readme-log-recommit", "readme-log-refused")
 def test_readme_log_story_is_what_a_verbose_run_logs(tmp_path: Path, redis) -> None:
     port = pick_free_port()
-    args = ["-n", "redmessenger", "--port", f"tcp:{port}:interface={HOST}",
-            "--redis", redis.url, "--verbose"]
+    args = [
+        "-n",
+        "redmessenger",
+        "--port",
+        f"tcp:{port}:interface={HOST}",
+        "--redis",
+        redis.url,
+        "--verbose",
+    ]
     redis.command("SET", "rm:users:user1:key", "s3cret")
     redis.command("RPUSH", "rm:groups:cats:members", "user1", "user2")
     queue = "rm:users:user1:messages"
@@ -503,8 +569,13 @@ def test_readme_log_story_is_what_a_verbose_run_logs(tmp_path: Path, redis) -> N
         redis.command("PUBLISH", "rm.users.user1", "one")
         redis.command("PUBLISH", "rm.users.user1", "two")
         redis.command("PUBLISH", "rm.groups.cats", "Meow!")
-        wait_for(lambda: redis.command("LLEN", queue) == 3
-                 and redis.command("LLEN", "rm:users:user2:messages") == 1, "three stored")
+        wait_for(
+            lambda: (
+                redis.command("LLEN", queue) == 3
+                and redis.command("LLEN", "rm:users:user2:messages") == 1
+            ),
+            "three stored",
+        )
         # ... then user1 connects, gets all three, and one more live.
         with ws(f"ws://{HOST}:{port}/") as client:
             assert hello(client, {"id": "user1", "key": "s3cret"})["queued"] == 3
@@ -535,12 +606,14 @@ def test_readme_log_story_is_what_a_verbose_run_logs(tmp_path: Path, redis) -> N
                 at = index + 1
                 break
         else:
-            raise AssertionError(f"not logged (in this order):\n{shown}\n\nlog:\n"
-                                 + "\n".join(real))
+            raise AssertionError(
+                f"not logged (in this order):\n{shown}\n\nlog:\n" + "\n".join(real)
+            )
     for name in ("readme-log-recommit", "readme-log-refused"):
         [shown] = sample(name).splitlines()
-        assert any(ShapeMatch().match(shown, line) for line in real), \
+        assert any(ShapeMatch().match(shown, line) for line in real), (
             f"not logged:\n{shown}\n\nlog:\n" + "\n".join(real)
+        )
 
 
 @claims("readme-durable-publish")
@@ -548,10 +621,17 @@ def test_readme_durable_publish_stores_when_nobody_listens(tmp_path: Path, redis
     """Run as written (port substituted), with no RedMessenger subscribed:
     it prints ``0 1`` and the message is in user1's queue, as an envelope."""
     program = tmp_path / "publish.py"
-    program.write_text(substitute(sample("readme-durable-publish"),
-                                  {"6379": str(redis.port)}) + "\n")
-    done = subprocess.run([sys.executable, str(program)], capture_output=True, text=True,
-                          timeout=60, cwd=tmp_path, env=deployed_env())
+    program.write_text(
+        substitute(sample("readme-durable-publish"), {"6379": str(redis.port)}) + "\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(program)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=deployed_env(),
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0", "1"]
     [stored] = redis.command("LRANGE", "rm:users:user1:messages", 0, -1)
