@@ -4,19 +4,23 @@ This is the one place that knows which users have sockets in this process
 and decides, per message, between sending it and storing it. It does no I/O
 of its own: sockets and the Redis queues are handed in behind the two small
 interfaces below, so scale-out (several processes sharing one Redis) changes
-this module and nothing around it.
+this module and nothing around it. What each ack-mode socket holds
+unacknowledged is kept in ``acks``; when everything handed over has left
+memory, in ``barrier``.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from .acks import Acks, Claim, Outstanding, Ref, Seat
+from .barrier import WriteBarrier
 from .envelope import Envelope, MessageIds
 from .frames import Close
 from .keys import Namespace
@@ -86,87 +90,69 @@ class MessageStore(Protocol):
         """Fires when every write handed over so far is in Redis."""
 
 
-class _Claim:
-    """A drain's take, kept in Redis until each of its messages is settled:
-    acknowledged, taken by a plain socket, or back in the queue. So a
-    process killed meanwhile loses none of them (its claims come back).
-    Its settled head is trimmed as it grows, so that after a crash only
-    what was not settled comes back."""
-
-    __slots__ = ("taken", "pending", "settled", "head")
-
-    def __init__(self, taken, count: int) -> None:
-        self.taken = taken
-        self.pending = count
-        #: Which of its messages are settled, by their place in the claim.
-        self.settled = bytearray(count)
-        #: How many at its head are settled.
-        self.head = 0
-
-    def settle(self, index: int) -> bool:
-        """Mark one settled; true if the settled head grew."""
-        self.pending -= 1
-        self.settled[index] = 1
-        if index != self.head:
-            return False
-        settled, head, size = self.settled, self.head + 1, len(self.settled)
-        while head < size and settled[head]:
-            head += 1
-        self.head = head
-        return True
-
-
-#: A message's place in a claim (``None``: it is in no claim).
-_Ref = tuple[_Claim, int] | None
-
-
-class _Outstanding:
-    """One message sent to one user's ack-mode sockets, until one acks it."""
-
-    __slots__ = ("envelope", "seq", "holders", "done", "claim")
-
-    def __init__(self, envelope: Envelope, seq: int, claim: _Ref) -> None:
-        self.envelope = envelope
-        #: The order in which the user's messages were sent.
-        self.seq = seq
-        self.holders = 0
-        self.done = False
-        #: Where it is in the take it came from, settled with it.
-        self.claim = claim
-
-
-class _Seat:
-    """A socket as the dispatcher sees it: its ack bookkeeping."""
-
-    __slots__ = ("socket", "next_tag", "unacked", "started")
-
-    def __init__(self, socket: Socket) -> None:
-        self.socket = socket
-        self.next_tag = 1
-        self.unacked: OrderedDict[int, _Outstanding] = OrderedDict()
-        self.started = False
-
-
 class _Session:
     """One user's presence here: sockets oldest first, and whether stored
-    messages are being drained (live ones wait behind them meanwhile)."""
+    messages are being drained (live ones wait behind them meanwhile).
+
+    Its states, as they stand whenever the dispatcher has returned::
+
+        state     seats  draining  may also hold
+        --------  -----  --------  ---------------------------------------------
+        live      1+     no        overflowed, refused
+        draining  1+     yes       waiting, returned, unsent, window, overflowed,
+                                   refused; remaining is None until the first
+                                   take answers, and sockets that joined before
+                                   it are not welcomed (``started``) until then
+        left      0      yes       returned, unsent, overflowed
+        gone      0      no        (no session: it is deleted)
+
+    So, whatever the state:
+
+    - ``waiting``, ``returned``, ``unsent`` and ``window`` are empty (None)
+      outside a drain, and ``remaining`` is known;
+    - ``waiting`` is empty while ``overflowed`` (newer messages follow the
+      older ones into Redis) and while no socket is here;
+    - ``window`` (a drain paused until an ack) and ``refused`` need a
+      socket: a departure fires ``window``, and any change of sockets
+      clears ``refused``;
+    - a plain seat holds nothing unacknowledged; an ack-mode seat holds at
+      most --ack-window, tags ascending below its ``next_tag``; a message's
+      ``holders`` is how many seats hold it, and what is ``returned`` is
+      held by none and not yet done.
+
+    What moves it:
+
+    - gone -> draining: a socket joins (``attach``);
+    - live -> draining: what overflowed into Redis is drained once a socket
+      can take more (``ack``, ``writable``), or live messages for an
+      ack-mode socket are claimed first (``deliver``);
+    - draining -> live: the drain ends (``_drain_done``), unless what came
+      meanwhile starts the next one;
+    - draining -> left, live -> gone: the last socket leaves (``detach``);
+    - left -> draining: a socket joins before the drain ends (``attach``);
+    - left -> gone: the drain ends.
+
+    (tests/test_delivery_unit.py checks all of this after every step of
+    its random walks.)
+    """
 
     __slots__ = ("uid", "seats", "draining", "waiting", "let_go", "returned", "unsent",
                  "remaining", "sent", "overflowed", "refused", "window")
 
     def __init__(self, uid: str) -> None:
         self.uid = uid
-        self.seats: list[_Seat] = []
+        self.seats: list[Seat] = []
         self.draining = False
         #: Live messages that arrived during the drain, in order.
         self.waiting: deque[Envelope] = deque()
-        #: How many have left ``waiting`` so far (see ``Dispatcher.written``).
+        #: How many have left ``waiting`` so far (for the ``WriteBarrier``).
         self.let_go = 0
         #: While a drain's take is in flight: what a departed socket left
         #: unacknowledged, and then the drained messages (with their claim)
         #: no socket would take; both go before whatever that take brings.
-        self.returned: list[_Outstanding] = []
-        self.unsent: list[tuple[Envelope, _Ref]] = []
+        self.returned: list[Outstanding] = []
+        self.unsent: list[tuple[Envelope, Ref]] = []
+        #: How many messages were sent so far: ``Outstanding.seq``.
         self.sent = 0
         #: Live messages were stored because every socket's ack window was
         #: full; later ones follow them into the queue until a drain.
@@ -200,25 +186,22 @@ class Dispatcher:
         self.stats = stats or Stats()
         self.ids = ids or MessageIds()
         self._sessions: dict[str, _Session] = {}
-        self._seats: dict[Socket, _Seat] = {}
+        self._seats: dict[Socket, Seat] = {}
         self._drains: set[defer.Deferred] = set()
         #: Requeues whose claims are released once Redis has answered them.
         self._recommits: set[defer.Deferred] = set()
-        self._barriers: list[tuple[list[tuple[_Session, int]], defer.Deferred]] = []
+        self._acks = Acks(store, self.stats)
+        self._barrier = WriteBarrier()
+        # Bound once: both are called per message.
+        self._settled = self._acks.settled
+        self._let_go = self._barrier.let_go
         self.stopping = False
 
     # -- who is online ---------------------------------------------------
 
-    def online(self, uid: str) -> bool:
-        session = self._sessions.get(uid)
-        return bool(session and session.seats)
-
-    @property
-    def sockets(self) -> int:
-        return len(self._seats)
-
     @property
     def users(self) -> int:
+        """Users with at least one socket here (``/health``, ``/metrics``)."""
         return sum(1 for s in self._sessions.values() if s.seats)
 
     def attach(self, socket: Socket) -> None:
@@ -239,7 +222,7 @@ class Dispatcher:
             session = self._sessions.get(socket.uid)
         if session is None:
             session = self._sessions[socket.uid] = _Session(socket.uid)
-        seat = self._seats[socket] = _Seat(socket)
+        seat = self._seats[socket] = Seat(socket)
         session.seats.append(seat)
         session.refused = False
         log.info("Assigning id {uid} to socket {peer}.", uid=socket.uid, peer=socket.peer)
@@ -258,12 +241,7 @@ class Dispatcher:
         session = self._sessions[socket.uid]
         session.seats.remove(seat)
         session.refused = False
-        orphans = []
-        for outstanding in seat.unacked.values():
-            outstanding.holders -= 1
-            if not outstanding.done and outstanding.holders == 0:
-                orphans.append(outstanding)
-        seat.unacked.clear()
+        orphans = seat.leave()
         if orphans:
             if session.draining:
                 session.returned.extend(orphans)
@@ -285,17 +263,7 @@ class Dispatcher:
         seat = self._seats.get(socket)
         if seat is None:
             return
-        unacked = seat.unacked
-        while unacked:
-            first = next(iter(unacked))
-            if first > tag:
-                break
-            outstanding = unacked.pop(first)
-            outstanding.holders -= 1
-            if not outstanding.done:
-                outstanding.done = True
-                self.stats.acked += 1
-                self._settled(outstanding.claim)
+        self._acks.ack(seat, tag)
         self._may_go_on(self._sessions[socket.uid])
 
     def writable(self, socket: Socket) -> None:
@@ -331,23 +299,7 @@ class Dispatcher:
         this process' memory: written to a socket, or handed to the store,
         whose ``flushed()`` then says when Redis has it. (Live messages wait
         in memory behind a drain.) The inbox acknowledges after both."""
-        marks = [(s, s.let_go + len(s.waiting)) for s in self._sessions.values() if s.waiting]
-        if not marks:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._barriers.append((marks, d))
-        return d
-
-    def _let_go(self, session: _Session, count: int) -> None:
-        session.let_go += count
-        if not self._barriers:
-            return
-        done = [d for marks, d in self._barriers
-                if all(s.let_go >= mark for s, mark in marks)]
-        if done:
-            self._barriers = [(m, d) for m, d in self._barriers if d not in done]
-            for d in done:
-                d.callback(None)
+        return self._barrier.written(self._sessions.values())
 
     # -- deliver or store ------------------------------------------------
 
@@ -404,7 +356,7 @@ class Dispatcher:
         releases them, so a process killed meanwhile loses none of them."""
         return any(seat.socket.ack_mode for seat in session.seats)
 
-    def _send(self, session: _Session, envelope: Envelope, claim: _Ref = None) -> bool:
+    def _send(self, session: _Session, envelope: Envelope, claim: Ref = None) -> bool:
         """Send to all of the user's sockets, the newest one bubbling; true
         if at least one connection took it. A drained message's claim is
         settled now if a plain socket took it, else when it is acked."""
@@ -422,7 +374,7 @@ class Dispatcher:
             tag = seat.next_tag
             if seat.socket.send(envelope.frame(bubble, tag)):
                 if outstanding is None:
-                    outstanding = _Outstanding(envelope, session.sent, claim)
+                    outstanding = Outstanding(envelope, session.sent, claim)
                 seat.next_tag += 1
                 seat.unacked[tag] = outstanding
                 outstanding.holders += 1
@@ -432,21 +384,7 @@ class Dispatcher:
             self._settled(claim)
         return taken_plain or outstanding is not None
 
-    def _settled(self, ref: _Ref) -> None:
-        """One message of a claim is done with: the claim's settled head is
-        trimmed, and the last one releases it."""
-        if ref is None:
-            return
-        claim, index = ref
-        if not claim.settle(index):
-            return
-        if claim.pending == 0:
-            self._store.release(claim.taken).addErrback(
-                lambda f: log.failure("Could not release a drain claim", f))
-        elif claim.head < len(claim.settled):
-            self._store.trim(claim.taken, len(claim.settled) - claim.head)
-
-    def _recommit(self, session: _Session, items: list[tuple[Envelope, _Ref]]) -> None:
+    def _recommit(self, session: _Session, items: list[tuple[Envelope, Ref]]) -> None:
         """Back to the head of the queue; only once Redis has them there may
         their claims go, so that no moment holds them nowhere, not even when
         Redis refuses the requeue. Newer messages follow them through the
@@ -464,7 +402,7 @@ class Dispatcher:
                        errbackArgs=(uid, envelopes))
         d.addBoth(lambda _: self._recommits.discard(d))
 
-    def _recommitted(self, _, items: list[tuple[Envelope, _Ref]]) -> None:
+    def _recommitted(self, _, items: list[tuple[Envelope, Ref]]) -> None:
         for _, ref in items:
             self._settled(ref)
 
@@ -478,7 +416,7 @@ class Dispatcher:
 
     # -- drain -------------------------------------------------------------
 
-    def _start(self, seat: _Seat, queued: int) -> None:
+    def _start(self, seat: Seat, queued: int) -> None:
         seat.started = True
         seat.socket.start(queued)
 
@@ -518,7 +456,7 @@ class Dispatcher:
                     self._start(seat, session.remaining)
             orphans, unsent = self._returned(session)
             now_ms = int(self._clock() * 1000)
-            claim = _Claim(taken, len(held) + len(taken.items))
+            claim = Claim(taken, len(held) + len(taken.items))
             channel = self._ns.user_channel(uid)
             items = orphans + unsent + [(envelope, (claim, i)) for i, envelope in enumerate(
                 held or (Envelope.from_stored(raw, channel, self.ids, now_ms)
@@ -550,19 +488,19 @@ class Dispatcher:
             session.remaining = taken.left
 
     @staticmethod
-    def _orphans(session: _Session) -> list[tuple[Envelope, _Ref]]:
+    def _orphans(session: _Session) -> list[tuple[Envelope, Ref]]:
         """What departed sockets left unacknowledged, in the order it was sent."""
         orphans = [(o.envelope, o.claim) for o in sorted(session.returned, key=lambda o: o.seq)]
         session.returned = []
         return orphans
 
-    def _returned(self, session: _Session) -> tuple[list[tuple[Envelope, _Ref]],
-                                                    list[tuple[Envelope, _Ref]]]:
+    def _returned(self, session: _Session) -> tuple[list[tuple[Envelope, Ref]],
+                                                    list[tuple[Envelope, Ref]]]:
         """What waits to go before the next take's messages, in send order."""
         unsent, session.unsent = session.unsent, []
         return self._orphans(session), unsent
 
-    def _hand_over(self, session: _Session, items: list[tuple[Envelope, _Ref]],
+    def _hand_over(self, session: _Session, items: list[tuple[Envelope, Ref]],
                    hold: bool = False, wait: bool = False) -> int:
         """Send stored or returned messages in order; if the user is gone, put
         the rest back at the head of the queue (or, with ``hold``, keep them
