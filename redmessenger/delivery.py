@@ -136,8 +136,20 @@ class _Session:
     its random walks.)
     """
 
-    __slots__ = ("uid", "seats", "draining", "waiting", "let_go", "returned", "unsent",
-                 "remaining", "sent", "overflowed", "refused", "window")
+    __slots__ = (
+        "uid",
+        "seats",
+        "draining",
+        "waiting",
+        "let_go",
+        "returned",
+        "unsent",
+        "remaining",
+        "sent",
+        "overflowed",
+        "refused",
+        "window",
+    )
 
     def __init__(self, uid: str) -> None:
         self.uid = uid
@@ -170,12 +182,19 @@ class _Session:
 class Dispatcher:
     """Who is online here, and deliver-or-store for every message."""
 
-
-    def __init__(self, store: MessageStore, namespace: Namespace, *,
-                 max_sockets_per_user: int = 8, drain_chunk: int = 500,
-                 ack_window: int = 1000, trace: bool = False,
-                 clock: Callable[[], float] = time.time, ids: MessageIds | None = None,
-                 stats: Stats | None = None) -> None:
+    def __init__(
+        self,
+        store: MessageStore,
+        namespace: Namespace,
+        *,
+        max_sockets_per_user: int = 8,
+        drain_chunk: int = 500,
+        ack_window: int = 1000,
+        trace: bool = False,
+        clock: Callable[[], float] = time.time,
+        ids: MessageIds | None = None,
+        stats: Stats | None = None,
+    ) -> None:
         self._store = store
         self._ns = namespace
         self._max_sockets = max_sockets_per_user
@@ -213,12 +232,18 @@ class Dispatcher:
         session = self._sessions.get(socket.uid)
         if session is not None and len(session.seats) >= self._max_sockets:
             oldest = session.seats[0].socket
-            log.info("{uid} has more than {max} sockets, closing the oldest ({peer})",
-                     uid=socket.uid, max=self._max_sockets, peer=oldest.peer)
+            log.info(
+                "{uid} has more than {max} sockets, closing the oldest ({peer})",
+                uid=socket.uid,
+                max=self._max_sockets,
+                peer=oldest.peer,
+            )
             self.detach(oldest)  # which may end the session
-            oldest.close(Close.TOO_MANY_SOCKETS, "too_many_sockets",
-                         f"more than {self._max_sockets} sockets for this user; "
-                         "this one was the oldest")
+            oldest.close(
+                Close.TOO_MANY_SOCKETS,
+                "too_many_sockets",
+                f"more than {self._max_sockets} sockets for this user; this one was the oldest",
+            )
             session = self._sessions.get(socket.uid)
         if session is None:
             session = self._sessions[socket.uid] = _Session(socket.uid)
@@ -247,11 +272,16 @@ class Dispatcher:
                 session.returned.extend(orphans)
             else:
                 if session.seats:
-                    log.info("{uid}: socket {peer} left {count} unacknowledged messages, "
-                             "sending them to the user's other sockets",
-                             uid=session.uid, peer=socket.peer, count=len(orphans))
+                    log.info(
+                        "{uid}: socket {peer} left {count} unacknowledged messages, "
+                        "sending them to the user's other sockets",
+                        uid=session.uid,
+                        peer=socket.peer,
+                        count=len(orphans),
+                    )
                 self.stats.redelivered += self._hand_over(
-                    session, [(o.envelope, o.claim) for o in orphans])
+                    session, [(o.envelope, o.claim) for o in orphans]
+                )
         if not session.seats:
             self._store_waiting(session)
             if not session.draining:
@@ -285,9 +315,10 @@ class Dispatcher:
         each one is above its high-water mark (back-pressure) or in ack
         mode with --ack-window messages unacknowledged."""
         window = self._window
-        return all(not seat.socket.writable
-                   or (seat.socket.ack_mode and len(seat.unacked) >= window)
-                   for seat in session.seats)
+        return all(
+            not seat.socket.writable or (seat.socket.ack_mode and len(seat.unacked) >= window)
+            for seat in session.seats
+        )
 
     def _window_may_open(self, session: _Session) -> None:
         waiter, session.window = session.window, None
@@ -331,13 +362,19 @@ class Dispatcher:
             else:
                 self._delivered_live(envelope)
                 if self._trace:
-                    log.debug("{uid}: Sending message {id} from {source}", uid=uid,
-                              id=envelope.id, source=envelope.source)
+                    log.debug(
+                        "{uid}: Sending message {id} from {source}",
+                        uid=uid,
+                        id=envelope.id,
+                        source=envelope.source,
+                    )
         if offline:
             if self._trace:
                 for uid in offline:
-                    log.debug("Client is not online, queueing message in Redis ({key})",
-                              key=self._ns.queue(uid))
+                    log.debug(
+                        "Client is not online, queueing message in Redis ({key})",
+                        key=self._ns.queue(uid),
+                    )
             self._store.store(offline, envelope)
         for session in kick:  # after the stores: the claim comes behind them
             if not session.draining:
@@ -394,12 +431,20 @@ class Dispatcher:
         uid = session.uid
         envelopes = [envelope for envelope, _ in items]
         self.stats.recommitted += len(envelopes)
-        log.info("{uid}: Client is no longer online, recommitting {count} messages to "
-                 "the head of {key}", uid=uid, count=len(envelopes), key=self._ns.queue(uid))
+        log.info(
+            "{uid}: Client is no longer online, recommitting {count} messages to the head of {key}",
+            uid=uid,
+            count=len(envelopes),
+            key=self._ns.queue(uid),
+        )
         d = self._store.requeue(uid, envelopes)
         self._recommits.add(d)
-        d.addCallbacks(self._recommitted, self._not_recommitted, callbackArgs=(items,),
-                       errbackArgs=(uid, envelopes))
+        d.addCallbacks(
+            self._recommitted,
+            self._not_recommitted,
+            callbackArgs=(items,),
+            errbackArgs=(uid, envelopes),
+        )
         d.addBoth(lambda _: self._recommits.discard(d))
 
     def _recommitted(self, _, items: list[tuple[Envelope, Ref]]) -> None:
@@ -410,9 +455,15 @@ class Dispatcher:
     def _not_recommitted(failure, uid: str, envelopes: list[Envelope]) -> None:
         """Their claims stay in Redis: they come back when this process is
         gone (its heartbeat expires), rather than never."""
-        log.failure("Could not recommit {count} messages for {uid} (ids {first} to {last}); "
-                    "they stay claimed", failure, count=len(envelopes), uid=uid,
-                    first=envelopes[0].id, last=envelopes[-1].id)
+        log.failure(
+            "Could not recommit {count} messages for {uid} (ids {first} to {last}); "
+            "they stay claimed",
+            failure,
+            count=len(envelopes),
+            uid=uid,
+            first=envelopes[0].id,
+            last=envelopes[-1].id,
+        )
 
     # -- drain -------------------------------------------------------------
 
@@ -447,9 +498,11 @@ class Dispatcher:
                 raise
             taking = self._store.take(uid, self._chunk) if taken.left and session.seats else None
             if session.remaining is None and taken.items:
-                log.info("{channel} has {count} messages enqueued, purging!",
-                         channel=self._ns.user_channel(uid),
-                         count=len(taken.items) + taken.left)
+                log.info(
+                    "{channel} has {count} messages enqueued, purging!",
+                    channel=self._ns.user_channel(uid),
+                    count=len(taken.items) + taken.left,
+                )
             session.remaining = len(taken.items) + taken.left
             for seat in session.seats:
                 if not seat.started:
@@ -458,9 +511,20 @@ class Dispatcher:
             now_ms = int(self._clock() * 1000)
             claim = Claim(taken, len(held) + len(taken.items))
             channel = self._ns.user_channel(uid)
-            items = orphans + unsent + [(envelope, (claim, i)) for i, envelope in enumerate(
-                held or (Envelope.from_stored(raw, channel, self.ids, now_ms)
-                         for raw in taken.items))]
+            items = (
+                orphans
+                + unsent
+                + [
+                    (envelope, (claim, i))
+                    for i, envelope in enumerate(
+                        held
+                        or (
+                            Envelope.from_stored(raw, channel, self.ids, now_ms)
+                            for raw in taken.items
+                        )
+                    )
+                ]
+            )
             live, held = bool(held), []
             resend = len(orphans)  # the first ones were sent before
             while True:
@@ -494,14 +558,20 @@ class Dispatcher:
         session.returned = []
         return orphans
 
-    def _returned(self, session: _Session) -> tuple[list[tuple[Envelope, Ref]],
-                                                    list[tuple[Envelope, Ref]]]:
+    def _returned(
+        self, session: _Session
+    ) -> tuple[list[tuple[Envelope, Ref]], list[tuple[Envelope, Ref]]]:
         """What waits to go before the next take's messages, in send order."""
         unsent, session.unsent = session.unsent, []
         return self._orphans(session), unsent
 
-    def _hand_over(self, session: _Session, items: list[tuple[Envelope, Ref]],
-                   hold: bool = False, wait: bool = False) -> int:
+    def _hand_over(
+        self,
+        session: _Session,
+        items: list[tuple[Envelope, Ref]],
+        hold: bool = False,
+        wait: bool = False,
+    ) -> int:
         """Send stored or returned messages in order; if the user is gone, put
         the rest back at the head of the queue (or, with ``hold``, keep them
         to go before the take in flight). When every ack window is full,
@@ -520,16 +590,19 @@ class Dispatcher:
                     self._recommit(session, items[index:])
                 return index
             if self._trace:
-                log.debug("{uid}: Purging message {id} from {source}", uid=session.uid,
-                          id=envelope.id, source=envelope.source)
+                log.debug(
+                    "{uid}: Purging message {id} from {source}",
+                    uid=session.uid,
+                    id=envelope.id,
+                    source=envelope.source,
+                )
         return len(items)
 
     def _drain_done(self, result, session: _Session, d: defer.Deferred) -> None:
         self._drains.discard(d)
         session.draining = False
         if isinstance(result, defer.Failure):
-            log.failure("Could not drain the stored messages of {uid}", result,
-                        uid=session.uid)
+            log.failure("Could not drain the stored messages of {uid}", result, uid=session.uid)
             for seat in session.seats:
                 if not seat.started:
                     self._start(seat, 0)
@@ -539,12 +612,24 @@ class Dispatcher:
             self.stats.redelivered += min(sent, len(orphans))
         waiting = session.waiting
         durable = self._durable(session)
-        if (waiting and durable and session.seats and not session.overflowed
-                and not self._blocked(session) and not isinstance(result, defer.Failure)):
+        if (
+            waiting
+            and durable
+            and session.seats
+            and not session.overflowed
+            and not self._blocked(session)
+            and not isinstance(result, defer.Failure)
+        ):
             self._begin_drain(session, held=True)  # what came meanwhile, claimed next
             return
-        while (waiting and session.seats and not session.overflowed and not durable
-               and not self._blocked(session) and self._send(session, waiting[0])):
+        while (
+            waiting
+            and session.seats
+            and not session.overflowed
+            and not durable
+            and not self._blocked(session)
+            and self._send(session, waiting[0])
+        ):
             self._delivered_live(waiting.popleft())
             self._let_go(session, 1)
         self._store_waiting(session)  # what cannot go now waits in Redis, in order
@@ -564,11 +649,19 @@ class Dispatcher:
         session.waiting.clear()
         session.overflowed = True  # later ones follow them, until a drain takes them
         if not session.seats:
-            log.info("{uid}: Client is not online, queueing {count} messages in Redis ({key})",
-                     uid=session.uid, count=len(waiting), key=self._ns.queue(session.uid))
+            log.info(
+                "{uid}: Client is not online, queueing {count} messages in Redis ({key})",
+                uid=session.uid,
+                count=len(waiting),
+                key=self._ns.queue(session.uid),
+            )
         elif self._trace:  # ack mode or a full window: the everyday way, not news
-            log.debug("{uid}: queueing {count} messages in Redis ({key}) until acked",
-                      uid=session.uid, count=len(waiting), key=self._ns.queue(session.uid))
+            log.debug(
+                "{uid}: queueing {count} messages in Redis ({key}) until acked",
+                uid=session.uid,
+                count=len(waiting),
+                key=self._ns.queue(session.uid),
+            )
         for envelope in waiting:
             self._store.store([session.uid], envelope)
         self._let_go(session, len(waiting))
@@ -584,6 +677,6 @@ class Dispatcher:
         # (a DeferredList that has fired ignores cancel()).
         done: defer.Deferred = defer.Deferred()
         defer.DeferredList(list(self._drains)).addCallback(
-            lambda _: defer.DeferredList(list(self._recommits))).addCallback(
-            lambda _: self._store.flushed()).chainDeferred(done)
+            lambda _: defer.DeferredList(list(self._recommits))
+        ).addCallback(lambda _: self._store.flushed()).chainDeferred(done)
         return done

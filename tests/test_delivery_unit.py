@@ -110,13 +110,20 @@ class Sock:
 
 def make(chunk: int = 2, window: int = 1000):
     queues = Queues()
-    dispatcher = Dispatcher(queues, Namespace(), drain_chunk=chunk, max_sockets_per_user=2,
-                            ack_window=window, clock=lambda: 0.001)
+    dispatcher = Dispatcher(
+        queues,
+        Namespace(),
+        drain_chunk=chunk,
+        max_sockets_per_user=2,
+        ack_window=window,
+        clock=lambda: 0.001,
+    )
     count = iter(range(1, 10_000))
 
     def publish(payload: str, *uids: str) -> None:
-        dispatcher.deliver(uids or ("u",), Envelope(f"m{next(count)}", "rm.users.u", 1,
-                                                    payload.encode()))
+        dispatcher.deliver(
+            uids or ("u",), Envelope(f"m{next(count)}", "rm.users.u", 1, payload.encode())
+        )
 
     return queues, dispatcher, publish
 
@@ -592,6 +599,7 @@ def broken_invariants(dispatcher: Dispatcher) -> list[str]:
         if seat not in dispatcher._sessions[socket.uid].seats:
             problems.append(f"{socket.peer} is seated outside its session")
     for uid, session in dispatcher._sessions.items():
+
         def wrong(why: str, uid: str = uid) -> None:
             problems.append(f"{uid}: {why}")
 
@@ -627,8 +635,10 @@ def broken_invariants(dispatcher: Dispatcher) -> list[str]:
         for seat in session.seats:
             for outstanding in seat.unacked.values():
                 if outstanding.holders != holders[id(outstanding)]:
-                    wrong(f"message {outstanding.envelope.id} counts {outstanding.holders} "
-                          f"holders, {holders[id(outstanding)]} hold it")
+                    wrong(
+                        f"message {outstanding.envelope.id} counts {outstanding.holders} "
+                        f"holders, {holders[id(outstanding)]} hold it"
+                    )
                 if outstanding.seq > session.sent:
                     wrong(f"message {outstanding.envelope.id} was sent after the last one")
         for outstanding in session.returned:
@@ -645,8 +655,13 @@ def random_walk(seed: int, steps: int = 150) -> list[str]:
     is answered and a last socket drains. What went wrong, if anything."""
     rng = random.Random(seed)
     queues = Queues()
-    dispatcher = Dispatcher(queues, Namespace(), drain_chunk=rng.choice([1, 2, 3]),
-                            ack_window=rng.choice([1, 2, 3, 5]), clock=lambda: 0.001)
+    dispatcher = Dispatcher(
+        queues,
+        Namespace(),
+        drain_chunk=rng.choice([1, 2, 3]),
+        ack_window=rng.choice([1, 2, 3, 5]),
+        clock=lambda: 0.001,
+    )
     sockets: list[Sock] = []
     live: Sock | None = None
     closing: Sock | None = None
@@ -655,8 +670,9 @@ def random_walk(seed: int, steps: int = 150) -> list[str]:
         r = rng.random()
         if r < 0.35:
             published += 1
-            dispatcher.deliver(("u",), Envelope(f"m{published}", "rm.users.u", 1,
-                                                str(published).encode()))
+            dispatcher.deliver(
+                ("u",), Envelope(f"m{published}", "rm.users.u", 1, str(published).encode())
+            )
         elif r < 0.45 and live is None and closing is None:
             live = Sock("u", ack_mode=rng.random() < 0.7, name=f"s{len(sockets)}")
             live.acks = rng.random() < 0.7  # or stops acknowledging, as a hung client
