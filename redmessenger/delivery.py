@@ -4,19 +4,23 @@ This is the one place that knows which users have sockets in this process
 and decides, per message, between sending it and storing it. It does no I/O
 of its own: sockets and the Redis queues are handed in behind the two small
 interfaces below, so scale-out (several processes sharing one Redis) changes
-this module and nothing around it.
+this module and nothing around it. What each ack-mode socket holds
+unacknowledged is kept in ``acks``; when everything handed over has left
+memory, in ``barrier``.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from .acks import Acks, Claim, Outstanding, Ref, Seat
+from .barrier import WriteBarrier
 from .envelope import Envelope, MessageIds
 from .frames import Close
 from .keys import Namespace
@@ -86,87 +90,81 @@ class MessageStore(Protocol):
         """Fires when every write handed over so far is in Redis."""
 
 
-class _Claim:
-    """A drain's take, kept in Redis until each of its messages is settled:
-    acknowledged, taken by a plain socket, or back in the queue. So a
-    process killed meanwhile loses none of them (its claims come back).
-    Its settled head is trimmed as it grows, so that after a crash only
-    what was not settled comes back."""
-
-    __slots__ = ("taken", "pending", "settled", "head")
-
-    def __init__(self, taken, count: int) -> None:
-        self.taken = taken
-        self.pending = count
-        #: Which of its messages are settled, by their place in the claim.
-        self.settled = bytearray(count)
-        #: How many at its head are settled.
-        self.head = 0
-
-    def settle(self, index: int) -> bool:
-        """Mark one settled; true if the settled head grew."""
-        self.pending -= 1
-        self.settled[index] = 1
-        if index != self.head:
-            return False
-        settled, head, size = self.settled, self.head + 1, len(self.settled)
-        while head < size and settled[head]:
-            head += 1
-        self.head = head
-        return True
-
-
-#: A message's place in a claim (``None``: it is in no claim).
-_Ref = tuple[_Claim, int] | None
-
-
-class _Outstanding:
-    """One message sent to one user's ack-mode sockets, until one acks it."""
-
-    __slots__ = ("envelope", "seq", "holders", "done", "claim")
-
-    def __init__(self, envelope: Envelope, seq: int, claim: _Ref) -> None:
-        self.envelope = envelope
-        #: The order in which the user's messages were sent.
-        self.seq = seq
-        self.holders = 0
-        self.done = False
-        #: Where it is in the take it came from, settled with it.
-        self.claim = claim
-
-
-class _Seat:
-    """A socket as the dispatcher sees it: its ack bookkeeping."""
-
-    __slots__ = ("socket", "next_tag", "unacked", "started")
-
-    def __init__(self, socket: Socket) -> None:
-        self.socket = socket
-        self.next_tag = 1
-        self.unacked: OrderedDict[int, _Outstanding] = OrderedDict()
-        self.started = False
-
-
 class _Session:
     """One user's presence here: sockets oldest first, and whether stored
-    messages are being drained (live ones wait behind them meanwhile)."""
+    messages are being drained (live ones wait behind them meanwhile).
 
-    __slots__ = ("uid", "seats", "draining", "waiting", "let_go", "returned", "unsent",
-                 "remaining", "sent", "overflowed", "refused", "window")
+    Its states, as they stand whenever the dispatcher has returned::
+
+        state     seats  draining  may also hold
+        --------  -----  --------  ---------------------------------------------
+        live      1+     no        overflowed, refused
+        draining  1+     yes       waiting, returned, unsent, window, overflowed,
+                                   refused; remaining is None until the first
+                                   take answers, and sockets that joined before
+                                   it are not welcomed (``started``) until then
+        left      0      yes       returned, unsent, overflowed
+        gone      0      no        (no session: it is deleted)
+
+    So, whatever the state:
+
+    - ``waiting``, ``returned``, ``unsent`` and ``window`` are empty (None)
+      outside a drain, and ``remaining`` is known;
+    - ``waiting`` is empty while ``overflowed`` (newer messages follow the
+      older ones into Redis) and while no socket is here;
+    - ``window`` (a drain paused until an ack) and ``refused`` need a
+      socket: a departure fires ``window``, and any change of sockets
+      clears ``refused``;
+    - a plain seat holds nothing unacknowledged; an ack-mode seat holds at
+      most --ack-window, tags ascending below its ``next_tag``; a message's
+      ``holders`` is how many seats hold it, and what is ``returned`` is
+      held by none and not yet done.
+
+    What moves it:
+
+    - gone -> draining: a socket joins (``attach``);
+    - live -> draining: what overflowed into Redis is drained once a socket
+      can take more (``ack``, ``writable``), or live messages for an
+      ack-mode socket are claimed first (``deliver``);
+    - draining -> live: the drain ends (``_drain_done``), unless what came
+      meanwhile starts the next one;
+    - draining -> left, live -> gone: the last socket leaves (``detach``);
+    - left -> draining: a socket joins before the drain ends (``attach``);
+    - left -> gone: the drain ends.
+
+    (tests/test_delivery_unit.py checks all of this after every step of
+    its random walks.)
+    """
+
+    __slots__ = (
+        "uid",
+        "seats",
+        "draining",
+        "waiting",
+        "let_go",
+        "returned",
+        "unsent",
+        "remaining",
+        "sent",
+        "overflowed",
+        "refused",
+        "window",
+    )
 
     def __init__(self, uid: str) -> None:
         self.uid = uid
-        self.seats: list[_Seat] = []
+        self.seats: list[Seat] = []
         self.draining = False
         #: Live messages that arrived during the drain, in order.
         self.waiting: deque[Envelope] = deque()
-        #: How many have left ``waiting`` so far (see ``Dispatcher.written``).
+        #: How many have left ``waiting`` so far (for the ``WriteBarrier``).
         self.let_go = 0
         #: While a drain's take is in flight: what a departed socket left
         #: unacknowledged, and then the drained messages (with their claim)
         #: no socket would take; both go before whatever that take brings.
-        self.returned: list[_Outstanding] = []
-        self.unsent: list[tuple[Envelope, _Ref]] = []
+        self.returned: list[Outstanding] = []
+        self.unsent: list[tuple[Envelope, Ref]] = []
+        #: How many messages were sent so far: ``Outstanding.seq``.
         self.sent = 0
         #: Live messages were stored because every socket's ack window was
         #: full; later ones follow them into the queue until a drain.
@@ -184,12 +182,19 @@ class _Session:
 class Dispatcher:
     """Who is online here, and deliver-or-store for every message."""
 
-
-    def __init__(self, store: MessageStore, namespace: Namespace, *,
-                 max_sockets_per_user: int = 8, drain_chunk: int = 500,
-                 ack_window: int = 1000, trace: bool = False,
-                 clock: Callable[[], float] = time.time, ids: MessageIds | None = None,
-                 stats: Stats | None = None) -> None:
+    def __init__(
+        self,
+        store: MessageStore,
+        namespace: Namespace,
+        *,
+        max_sockets_per_user: int = 8,
+        drain_chunk: int = 500,
+        ack_window: int = 1000,
+        trace: bool = False,
+        clock: Callable[[], float] = time.time,
+        ids: MessageIds | None = None,
+        stats: Stats | None = None,
+    ) -> None:
         self._store = store
         self._ns = namespace
         self._max_sockets = max_sockets_per_user
@@ -200,25 +205,22 @@ class Dispatcher:
         self.stats = stats or Stats()
         self.ids = ids or MessageIds()
         self._sessions: dict[str, _Session] = {}
-        self._seats: dict[Socket, _Seat] = {}
+        self._seats: dict[Socket, Seat] = {}
         self._drains: set[defer.Deferred] = set()
         #: Requeues whose claims are released once Redis has answered them.
         self._recommits: set[defer.Deferred] = set()
-        self._barriers: list[tuple[list[tuple[_Session, int]], defer.Deferred]] = []
+        self._acks = Acks(store, self.stats)
+        self._barrier = WriteBarrier()
+        # Bound once: both are called per message.
+        self._settled = self._acks.settled
+        self._let_go = self._barrier.let_go
         self.stopping = False
 
     # -- who is online ---------------------------------------------------
 
-    def online(self, uid: str) -> bool:
-        session = self._sessions.get(uid)
-        return bool(session and session.seats)
-
-    @property
-    def sockets(self) -> int:
-        return len(self._seats)
-
     @property
     def users(self) -> int:
+        """Users with at least one socket here (``/health``, ``/metrics``)."""
         return sum(1 for s in self._sessions.values() if s.seats)
 
     def attach(self, socket: Socket) -> None:
@@ -230,16 +232,22 @@ class Dispatcher:
         session = self._sessions.get(socket.uid)
         if session is not None and len(session.seats) >= self._max_sockets:
             oldest = session.seats[0].socket
-            log.info("{uid} has more than {max} sockets, closing the oldest ({peer})",
-                     uid=socket.uid, max=self._max_sockets, peer=oldest.peer)
+            log.info(
+                "{uid} has more than {max} sockets, closing the oldest ({peer})",
+                uid=socket.uid,
+                max=self._max_sockets,
+                peer=oldest.peer,
+            )
             self.detach(oldest)  # which may end the session
-            oldest.close(Close.TOO_MANY_SOCKETS, "too_many_sockets",
-                         f"more than {self._max_sockets} sockets for this user; "
-                         "this one was the oldest")
+            oldest.close(
+                Close.TOO_MANY_SOCKETS,
+                "too_many_sockets",
+                f"more than {self._max_sockets} sockets for this user; this one was the oldest",
+            )
             session = self._sessions.get(socket.uid)
         if session is None:
             session = self._sessions[socket.uid] = _Session(socket.uid)
-        seat = self._seats[socket] = _Seat(socket)
+        seat = self._seats[socket] = Seat(socket)
         session.seats.append(seat)
         session.refused = False
         log.info("Assigning id {uid} to socket {peer}.", uid=socket.uid, peer=socket.peer)
@@ -258,22 +266,22 @@ class Dispatcher:
         session = self._sessions[socket.uid]
         session.seats.remove(seat)
         session.refused = False
-        orphans = []
-        for outstanding in seat.unacked.values():
-            outstanding.holders -= 1
-            if not outstanding.done and outstanding.holders == 0:
-                orphans.append(outstanding)
-        seat.unacked.clear()
+        orphans = seat.leave()
         if orphans:
             if session.draining:
                 session.returned.extend(orphans)
             else:
                 if session.seats:
-                    log.info("{uid}: socket {peer} left {count} unacknowledged messages, "
-                             "sending them to the user's other sockets",
-                             uid=session.uid, peer=socket.peer, count=len(orphans))
+                    log.info(
+                        "{uid}: socket {peer} left {count} unacknowledged messages, "
+                        "sending them to the user's other sockets",
+                        uid=session.uid,
+                        peer=socket.peer,
+                        count=len(orphans),
+                    )
                 self.stats.redelivered += self._hand_over(
-                    session, [(o.envelope, o.claim) for o in orphans])
+                    session, [(o.envelope, o.claim) for o in orphans]
+                )
         if not session.seats:
             self._store_waiting(session)
             if not session.draining:
@@ -285,17 +293,7 @@ class Dispatcher:
         seat = self._seats.get(socket)
         if seat is None:
             return
-        unacked = seat.unacked
-        while unacked:
-            first = next(iter(unacked))
-            if first > tag:
-                break
-            outstanding = unacked.pop(first)
-            outstanding.holders -= 1
-            if not outstanding.done:
-                outstanding.done = True
-                self.stats.acked += 1
-                self._settled(outstanding.claim)
+        self._acks.ack(seat, tag)
         self._may_go_on(self._sessions[socket.uid])
 
     def writable(self, socket: Socket) -> None:
@@ -317,9 +315,10 @@ class Dispatcher:
         each one is above its high-water mark (back-pressure) or in ack
         mode with --ack-window messages unacknowledged."""
         window = self._window
-        return all(not seat.socket.writable
-                   or (seat.socket.ack_mode and len(seat.unacked) >= window)
-                   for seat in session.seats)
+        return all(
+            not seat.socket.writable or (seat.socket.ack_mode and len(seat.unacked) >= window)
+            for seat in session.seats
+        )
 
     def _window_may_open(self, session: _Session) -> None:
         waiter, session.window = session.window, None
@@ -331,23 +330,7 @@ class Dispatcher:
         this process' memory: written to a socket, or handed to the store,
         whose ``flushed()`` then says when Redis has it. (Live messages wait
         in memory behind a drain.) The inbox acknowledges after both."""
-        marks = [(s, s.let_go + len(s.waiting)) for s in self._sessions.values() if s.waiting]
-        if not marks:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._barriers.append((marks, d))
-        return d
-
-    def _let_go(self, session: _Session, count: int) -> None:
-        session.let_go += count
-        if not self._barriers:
-            return
-        done = [d for marks, d in self._barriers
-                if all(s.let_go >= mark for s, mark in marks)]
-        if done:
-            self._barriers = [(m, d) for m, d in self._barriers if d not in done]
-            for d in done:
-                d.callback(None)
+        return self._barrier.written(self._sessions.values())
 
     # -- deliver or store ------------------------------------------------
 
@@ -379,13 +362,19 @@ class Dispatcher:
             else:
                 self._delivered_live(envelope)
                 if self._trace:
-                    log.debug("{uid}: Sending message {id} from {source}", uid=uid,
-                              id=envelope.id, source=envelope.source)
+                    log.debug(
+                        "{uid}: Sending message {id} from {source}",
+                        uid=uid,
+                        id=envelope.id,
+                        source=envelope.source,
+                    )
         if offline:
             if self._trace:
                 for uid in offline:
-                    log.debug("Client is not online, queueing message in Redis ({key})",
-                              key=self._ns.queue(uid))
+                    log.debug(
+                        "Client is not online, queueing message in Redis ({key})",
+                        key=self._ns.queue(uid),
+                    )
             self._store.store(offline, envelope)
         for session in kick:  # after the stores: the claim comes behind them
             if not session.draining:
@@ -404,7 +393,7 @@ class Dispatcher:
         releases them, so a process killed meanwhile loses none of them."""
         return any(seat.socket.ack_mode for seat in session.seats)
 
-    def _send(self, session: _Session, envelope: Envelope, claim: _Ref = None) -> bool:
+    def _send(self, session: _Session, envelope: Envelope, claim: Ref = None) -> bool:
         """Send to all of the user's sockets, the newest one bubbling; true
         if at least one connection took it. A drained message's claim is
         settled now if a plain socket took it, else when it is acked."""
@@ -422,7 +411,7 @@ class Dispatcher:
             tag = seat.next_tag
             if seat.socket.send(envelope.frame(bubble, tag)):
                 if outstanding is None:
-                    outstanding = _Outstanding(envelope, session.sent, claim)
+                    outstanding = Outstanding(envelope, session.sent, claim)
                 seat.next_tag += 1
                 seat.unacked[tag] = outstanding
                 outstanding.holders += 1
@@ -432,21 +421,7 @@ class Dispatcher:
             self._settled(claim)
         return taken_plain or outstanding is not None
 
-    def _settled(self, ref: _Ref) -> None:
-        """One message of a claim is done with: the claim's settled head is
-        trimmed, and the last one releases it."""
-        if ref is None:
-            return
-        claim, index = ref
-        if not claim.settle(index):
-            return
-        if claim.pending == 0:
-            self._store.release(claim.taken).addErrback(
-                lambda f: log.failure("Could not release a drain claim", f))
-        elif claim.head < len(claim.settled):
-            self._store.trim(claim.taken, len(claim.settled) - claim.head)
-
-    def _recommit(self, session: _Session, items: list[tuple[Envelope, _Ref]]) -> None:
+    def _recommit(self, session: _Session, items: list[tuple[Envelope, Ref]]) -> None:
         """Back to the head of the queue; only once Redis has them there may
         their claims go, so that no moment holds them nowhere, not even when
         Redis refuses the requeue. Newer messages follow them through the
@@ -456,15 +431,23 @@ class Dispatcher:
         uid = session.uid
         envelopes = [envelope for envelope, _ in items]
         self.stats.recommitted += len(envelopes)
-        log.info("{uid}: Client is no longer online, recommitting {count} messages to "
-                 "the head of {key}", uid=uid, count=len(envelopes), key=self._ns.queue(uid))
+        log.info(
+            "{uid}: Client is no longer online, recommitting {count} messages to the head of {key}",
+            uid=uid,
+            count=len(envelopes),
+            key=self._ns.queue(uid),
+        )
         d = self._store.requeue(uid, envelopes)
         self._recommits.add(d)
-        d.addCallbacks(self._recommitted, self._not_recommitted, callbackArgs=(items,),
-                       errbackArgs=(uid, envelopes))
+        d.addCallbacks(
+            self._recommitted,
+            self._not_recommitted,
+            callbackArgs=(items,),
+            errbackArgs=(uid, envelopes),
+        )
         d.addBoth(lambda _: self._recommits.discard(d))
 
-    def _recommitted(self, _, items: list[tuple[Envelope, _Ref]]) -> None:
+    def _recommitted(self, _, items: list[tuple[Envelope, Ref]]) -> None:
         for _, ref in items:
             self._settled(ref)
 
@@ -472,13 +455,19 @@ class Dispatcher:
     def _not_recommitted(failure, uid: str, envelopes: list[Envelope]) -> None:
         """Their claims stay in Redis: they come back when this process is
         gone (its heartbeat expires), rather than never."""
-        log.failure("Could not recommit {count} messages for {uid} (ids {first} to {last}); "
-                    "they stay claimed", failure, count=len(envelopes), uid=uid,
-                    first=envelopes[0].id, last=envelopes[-1].id)
+        log.failure(
+            "Could not recommit {count} messages for {uid} (ids {first} to {last}); "
+            "they stay claimed",
+            failure,
+            count=len(envelopes),
+            uid=uid,
+            first=envelopes[0].id,
+            last=envelopes[-1].id,
+        )
 
     # -- drain -------------------------------------------------------------
 
-    def _start(self, seat: _Seat, queued: int) -> None:
+    def _start(self, seat: Seat, queued: int) -> None:
         seat.started = True
         seat.socket.start(queued)
 
@@ -509,20 +498,33 @@ class Dispatcher:
                 raise
             taking = self._store.take(uid, self._chunk) if taken.left and session.seats else None
             if session.remaining is None and taken.items:
-                log.info("{channel} has {count} messages enqueued, purging!",
-                         channel=self._ns.user_channel(uid),
-                         count=len(taken.items) + taken.left)
+                log.info(
+                    "{channel} has {count} messages enqueued, purging!",
+                    channel=self._ns.user_channel(uid),
+                    count=len(taken.items) + taken.left,
+                )
             session.remaining = len(taken.items) + taken.left
             for seat in session.seats:
                 if not seat.started:
                     self._start(seat, session.remaining)
             orphans, unsent = self._returned(session)
             now_ms = int(self._clock() * 1000)
-            claim = _Claim(taken, len(held) + len(taken.items))
+            claim = Claim(taken, len(held) + len(taken.items))
             channel = self._ns.user_channel(uid)
-            items = orphans + unsent + [(envelope, (claim, i)) for i, envelope in enumerate(
-                held or (Envelope.from_stored(raw, channel, self.ids, now_ms)
-                         for raw in taken.items))]
+            items = (
+                orphans
+                + unsent
+                + [
+                    (envelope, (claim, i))
+                    for i, envelope in enumerate(
+                        held
+                        or (
+                            Envelope.from_stored(raw, channel, self.ids, now_ms)
+                            for raw in taken.items
+                        )
+                    )
+                ]
+            )
             live, held = bool(held), []
             resend = len(orphans)  # the first ones were sent before
             while True:
@@ -550,20 +552,26 @@ class Dispatcher:
             session.remaining = taken.left
 
     @staticmethod
-    def _orphans(session: _Session) -> list[tuple[Envelope, _Ref]]:
+    def _orphans(session: _Session) -> list[tuple[Envelope, Ref]]:
         """What departed sockets left unacknowledged, in the order it was sent."""
         orphans = [(o.envelope, o.claim) for o in sorted(session.returned, key=lambda o: o.seq)]
         session.returned = []
         return orphans
 
-    def _returned(self, session: _Session) -> tuple[list[tuple[Envelope, _Ref]],
-                                                    list[tuple[Envelope, _Ref]]]:
+    def _returned(
+        self, session: _Session
+    ) -> tuple[list[tuple[Envelope, Ref]], list[tuple[Envelope, Ref]]]:
         """What waits to go before the next take's messages, in send order."""
         unsent, session.unsent = session.unsent, []
         return self._orphans(session), unsent
 
-    def _hand_over(self, session: _Session, items: list[tuple[Envelope, _Ref]],
-                   hold: bool = False, wait: bool = False) -> int:
+    def _hand_over(
+        self,
+        session: _Session,
+        items: list[tuple[Envelope, Ref]],
+        hold: bool = False,
+        wait: bool = False,
+    ) -> int:
         """Send stored or returned messages in order; if the user is gone, put
         the rest back at the head of the queue (or, with ``hold``, keep them
         to go before the take in flight). When every ack window is full,
@@ -582,16 +590,19 @@ class Dispatcher:
                     self._recommit(session, items[index:])
                 return index
             if self._trace:
-                log.debug("{uid}: Purging message {id} from {source}", uid=session.uid,
-                          id=envelope.id, source=envelope.source)
+                log.debug(
+                    "{uid}: Purging message {id} from {source}",
+                    uid=session.uid,
+                    id=envelope.id,
+                    source=envelope.source,
+                )
         return len(items)
 
     def _drain_done(self, result, session: _Session, d: defer.Deferred) -> None:
         self._drains.discard(d)
         session.draining = False
         if isinstance(result, defer.Failure):
-            log.failure("Could not drain the stored messages of {uid}", result,
-                        uid=session.uid)
+            log.failure("Could not drain the stored messages of {uid}", result, uid=session.uid)
             for seat in session.seats:
                 if not seat.started:
                     self._start(seat, 0)
@@ -601,12 +612,24 @@ class Dispatcher:
             self.stats.redelivered += min(sent, len(orphans))
         waiting = session.waiting
         durable = self._durable(session)
-        if (waiting and durable and session.seats and not session.overflowed
-                and not self._blocked(session) and not isinstance(result, defer.Failure)):
+        if (
+            waiting
+            and durable
+            and session.seats
+            and not session.overflowed
+            and not self._blocked(session)
+            and not isinstance(result, defer.Failure)
+        ):
             self._begin_drain(session, held=True)  # what came meanwhile, claimed next
             return
-        while (waiting and session.seats and not session.overflowed and not durable
-               and not self._blocked(session) and self._send(session, waiting[0])):
+        while (
+            waiting
+            and session.seats
+            and not session.overflowed
+            and not durable
+            and not self._blocked(session)
+            and self._send(session, waiting[0])
+        ):
             self._delivered_live(waiting.popleft())
             self._let_go(session, 1)
         self._store_waiting(session)  # what cannot go now waits in Redis, in order
@@ -626,11 +649,19 @@ class Dispatcher:
         session.waiting.clear()
         session.overflowed = True  # later ones follow them, until a drain takes them
         if not session.seats:
-            log.info("{uid}: Client is not online, queueing {count} messages in Redis ({key})",
-                     uid=session.uid, count=len(waiting), key=self._ns.queue(session.uid))
+            log.info(
+                "{uid}: Client is not online, queueing {count} messages in Redis ({key})",
+                uid=session.uid,
+                count=len(waiting),
+                key=self._ns.queue(session.uid),
+            )
         elif self._trace:  # ack mode or a full window: the everyday way, not news
-            log.debug("{uid}: queueing {count} messages in Redis ({key}) until acked",
-                      uid=session.uid, count=len(waiting), key=self._ns.queue(session.uid))
+            log.debug(
+                "{uid}: queueing {count} messages in Redis ({key}) until acked",
+                uid=session.uid,
+                count=len(waiting),
+                key=self._ns.queue(session.uid),
+            )
         for envelope in waiting:
             self._store.store([session.uid], envelope)
         self._let_go(session, len(waiting))
@@ -646,6 +677,6 @@ class Dispatcher:
         # (a DeferredList that has fired ignores cancel()).
         done: defer.Deferred = defer.Deferred()
         defer.DeferredList(list(self._drains)).addCallback(
-            lambda _: defer.DeferredList(list(self._recommits))).addCallback(
-            lambda _: self._store.flushed()).chainDeferred(done)
+            lambda _: defer.DeferredList(list(self._recommits))
+        ).addCallback(lambda _: self._store.flushed()).chainDeferred(done)
         return done

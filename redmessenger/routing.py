@@ -52,11 +52,6 @@ class Router:
         self._settling: list[tuple[_Pending, defer.Deferred]] = []
         self._stats = dispatcher.stats
 
-    @property
-    def received(self) -> int:
-        """Messages received from Redis."""
-        return self._stats.received
-
     def received_message(self, channel: bytes, payload: bytes,
                          message_id: str | None = None) -> None:
         """``message_id``: a source that may hand over the same message again

@@ -189,7 +189,7 @@ async def test_a_message_published_while_the_page_was_closed_arrives_when_it_ope
     await first.start(id="bob")
     await first.welcomed()
     await first.page.close()
-    await eventually(lambda: not rm.dispatcher.online("bob"), what="bob to go offline")
+    await eventually(lambda: not rm.dispatcher.users, what="bob to go offline")
 
     rm.publish("rm.users.bob", "while you were out")
     await eventually(stored(rm, "bob", 1), what="the message to be stored")
@@ -269,7 +269,7 @@ async def test_ack_mode_acknowledges_and_drops_redeliveries(messenger, tabs, res
 
     # Closing acknowledges what is left; nothing comes back to the queue.
     await tab.evaluate("() => window.rm.client.close()")
-    await eventually(lambda: not rm.dispatcher.online("dave"), what="dave to go offline")
+    await eventually(lambda: not rm.dispatcher.users, what="dave to go offline")
     await rm.stop()
     assert rm.queue("dave") == []
     assert len(await tab.recorded("messages")) == 4
@@ -349,7 +349,7 @@ async def test_the_demo_page_shows_published_messages(messenger, tabs):
 
     await page.click("#disconnect")
     await page.wait_for_selector('#status[data-state="closed"]', timeout=WAIT_MS)
-    await eventually(lambda: not rm.dispatcher.online("grace"), what="grace to go offline")
+    await eventually(lambda: not rm.dispatcher.users, what="grace to go offline")
     assert tab.problems == []
 
 
@@ -391,7 +391,7 @@ async def test_ack_mode_refuses_a_message_whose_listener_throws_and_gets_it_agai
     # m1 on the first socket, m2 and m3 on the second: each once, none left.
     await eventually(lambda: rm.dispatcher.stats.acked == 3, what="three acks")
     await tab.evaluate("() => window.rm.client.close()")
-    await eventually(lambda: not rm.dispatcher.online("ivan"), what="ivan to go offline")
+    await eventually(lambda: not rm.dispatcher.users, what="ivan to go offline")
     assert rm.queue("ivan") == []
     assert len(tab.problems) == 1 and "m2 not now" in tab.problems[0]
 
@@ -429,7 +429,7 @@ async def test_ack_mode_refuses_a_message_whose_async_listener_rejects_late(mess
     assert error["code"] == "handler_failed" and "m1 failed" in error["reason"]
     await eventually(lambda: rm.dispatcher.stats.acked == 2, what="the acks of m1 and m2")
     await tab.evaluate("() => window.rm.client.close()")
-    await eventually(lambda: not rm.dispatcher.online("jack"), what="jack to go offline")
+    await eventually(lambda: not rm.dispatcher.users, what="jack to go offline")
     assert rm.queue("jack") == []
     assert tab.problems == []
 
@@ -471,7 +471,7 @@ async def test_ack_mode_acknowledges_only_once_the_listeners_promise_fulfils(
     assert duplicate["payload"] == "m1" and len(await tab.recorded("messages")) == 1
     await eventually(lambda: rm.dispatcher.stats.acked == 1, what="the ack of m1")
     await tab.evaluate("() => window.rm.client.close()")
-    await eventually(lambda: not rm.dispatcher.online("kate"), what="kate to go offline")
+    await eventually(lambda: not rm.dispatcher.users, what="kate to go offline")
     assert rm.queue("kate") == []
     assert tab.problems == []
 
@@ -510,7 +510,7 @@ async def test_a_listener_that_holds_a_message_settles_it_with_ack_or_nack(messe
     await tab.evaluate("() => window.rm.held[2].ack()")
     await eventually(lambda: rm.dispatcher.stats.acked == 2, what="the ack of m2")
     await tab.evaluate("() => window.rm.client.close()")
-    await eventually(lambda: not rm.dispatcher.online("liam"), what="liam to go offline")
+    await eventually(lambda: not rm.dispatcher.users, what="liam to go offline")
     assert rm.queue("liam") == []
     assert tab.problems == []
 
@@ -667,7 +667,7 @@ async def test_an_idle_timeout_gives_up_a_dead_connection_and_its_message_comes_
     assert closed["code"] == 1006 and "idle timeout" in closed["reason"]
     await eventually(lambda: rm.dispatcher.stats.acked == 9, what="nine acks")
     await tab.evaluate("() => window.rm.client.close()")
-    await eventually(lambda: not rm.dispatcher.online("pia"), what="pia to go offline")
+    await eventually(lambda: not rm.dispatcher.users, what="pia to go offline")
     assert rm.queue("pia") == []
     assert tab.problems == []
 
@@ -714,7 +714,7 @@ async def test_by_default_missing_heartbeats_give_up_a_dead_connection_and_lose_
     assert closed["at"] - frozen_at <= idle_ms + 3000, (closed, frozen_at)
     await eventually(lambda: rm.dispatcher.stats.acked == 2, what="two acks")
     await tab.evaluate("() => window.rm.client.close()")
-    await eventually(lambda: not rm.dispatcher.online("hugo"), what="hugo to go offline")
+    await eventually(lambda: not rm.dispatcher.users, what="hugo to go offline")
     assert rm.queue("hugo") == []
     assert tab.problems == []
 

@@ -232,7 +232,7 @@ async def test_ack_mode_acks_in_batches_and_nothing_acked_comes_back(
     assert 1001 in seen.close_codes()
 
     await tw(client.stopService())  # acknowledges the redelivered two on its way out
-    await eventually(lambda: again.dispatcher.sockets == 0)
+    await eventually(lambda: again.dispatcher.users == 0)
     assert again.queue("user1") == []
 
 
@@ -309,7 +309,7 @@ async def test_a_message_whose_handler_fails_is_not_acked_and_comes_again(
     assert seen.close_codes()[0] == 1000
     await eventually(lambda: client.acked == 3, what="the acks of 2, 3 and 4")
     await tw(client.stopService())
-    await eventually(lambda: rm.dispatcher.sockets == 0)
+    await eventually(lambda: rm.dispatcher.users == 0)
     assert rm.queue("user1") == []
 
 
@@ -597,4 +597,4 @@ async def test_a_socket_replaced_by_a_newer_one_does_not_fight_back(messenger, c
     with pytest.raises(Refused) as refused:
         await tw(old.whenStopped())
     assert refused.value.close_code == 4009
-    assert new.state is State.WELCOMED and rm.dispatcher.sockets == 1
+    assert new.state is State.WELCOMED and len(rm.service.factory.connections) == 1

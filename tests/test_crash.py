@@ -173,7 +173,7 @@ async def test_a_hello_waits_for_start_up_recovery(redis, messenger):
     await client.send_json({"id": "user1"})
     [socket] = await eventually(lambda: rm.service.factory.connections)
     await eventually(lambda: socket._hello is not None, what="the hello to be read")
-    assert not rm.dispatcher.online("user1")
+    assert not rm.dispatcher.users
     held.callback(None)
     assert (await client.recv())["queued"] == 1
     assert [m["payload"] for m in await client.messages(1)] == ["recovered"]

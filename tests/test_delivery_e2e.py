@@ -121,10 +121,10 @@ async def test_every_socket_of_a_user_gets_each_message_and_one_bubbles(messenge
     [b] = await second.messages(1)
     assert a["id"] == b["id"] and a["payload"] == b["payload"] == "to both"
     assert (a["bubble"], b["bubble"]) == (False, True)  # the newest socket bubbles
-    assert rm.dispatcher.users == 1 and rm.dispatcher.sockets == 2
+    assert rm.dispatcher.users == 1 and len(rm.service.factory.connections) == 2
 
     await second.close()
-    await eventually(lambda: rm.dispatcher.sockets == 1)
+    await eventually(lambda: len(rm.service.factory.connections) == 1)
     rm.publish("rm.users.user1", "to the one left")
     [left] = await first.messages(1)
     assert left["bubble"] is True
@@ -148,7 +148,7 @@ async def test_publish_order_holds_across_the_stored_to_live_boundary(messenger)
     """0..4999 published while the user connects: seen exactly once each, in
     order, whether they were stored and drained or sent live."""
     rm = await messenger(drain_chunk=100)
-    half_published, hello_sent = threading.Event(), threading.Event()
+    half_published, hello_sent, online = threading.Event(), threading.Event(), threading.Event()
 
     def publish_all():
         client, i = rm.redis.client(), 0
@@ -156,7 +156,7 @@ async def test_publish_order_holds_across_the_stored_to_live_boundary(messenger)
             if i == 2500:
                 half_published.set()
                 hello_sent.wait(TEST_TIMEOUT)
-            step = 50 if i >= 2500 and not rm.dispatcher.online("user1") else 500
+            step = 50 if i >= 2500 and not online.is_set() else 500
             step = min(step, 5000 - i, 2500 - i if i < 2500 else 5000)
             client.pipeline([("PUBLISH", "rm.users.user1", str(n)) for n in range(i, i + step)])
             i += step
@@ -166,6 +166,8 @@ async def test_publish_order_holds_across_the_stored_to_live_boundary(messenger)
     user1 = await rm.connect()
     await user1.send_json({"id": "user1"})
     hello_sent.set()  # publishing goes on while the hello is handled
+    await eventually(lambda: rm.dispatcher.users, what="user1 to be online")
+    online.set()
     user1.welcome = await user1.recv()
     received = await user1.messages(5000, timeout=30)
     await publishing
@@ -208,7 +210,7 @@ async def test_a_user_gone_mid_drain_leaves_the_rest_queued_in_order(messenger):
     client = await rm.connect()
     await client.hello("user1")
     client.abort()
-    await eventually(lambda: rm.dispatcher.sockets == 0 and not rm.dispatcher._drains,
+    await eventually(lambda: rm.dispatcher.users == 0 and not rm.dispatcher._drains,
                      what="the drain to end")
     left = rm.queue("user1")
     # What was handed to the connection counts as delivered; the rest is a
@@ -227,7 +229,7 @@ async def test_ack_mode_sends_unacked_messages_to_another_socket_of_the_user(mes
     assert payloads(await other.messages(1)) == ["one"]
     # The plain socket took it, so it is delivered: nothing comes back.
     await acking.close()
-    await eventually(lambda: rm.dispatcher.sockets == 1)
+    await eventually(lambda: len(rm.service.factory.connections) == 1)
     rm.publish("rm.users.user1", "two")
     assert payloads(await other.messages(1)) == ["two"]
     assert rm.queue("user1") == []

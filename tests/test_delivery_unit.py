@@ -110,13 +110,20 @@ class Sock:
 
 def make(chunk: int = 2, window: int = 1000):
     queues = Queues()
-    dispatcher = Dispatcher(queues, Namespace(), drain_chunk=chunk, max_sockets_per_user=2,
-                            ack_window=window, clock=lambda: 0.001)
+    dispatcher = Dispatcher(
+        queues,
+        Namespace(),
+        drain_chunk=chunk,
+        max_sockets_per_user=2,
+        ack_window=window,
+        clock=lambda: 0.001,
+    )
     count = iter(range(1, 10_000))
 
     def publish(payload: str, *uids: str) -> None:
-        dispatcher.deliver(uids or ("u",), Envelope(f"m{next(count)}", "rm.users.u", 1,
-                                                    payload.encode()))
+        dispatcher.deliver(
+            uids or ("u",), Envelope(f"m{next(count)}", "rm.users.u", 1, payload.encode())
+        )
 
     return queues, dispatcher, publish
 
@@ -153,7 +160,7 @@ def test_leaving_while_a_take_is_in_flight_puts_everything_back_in_order():
     queues.answer_take()  # c, d arrive with nobody to take them
     assert sock.payloads() == ["a", "b"]
     assert queues.payloads("u") == ["c", "d", "live", "after"]
-    assert not dispatcher.online("u") and dispatcher._sessions == {}
+    assert dispatcher._sessions == {}  # gone, its drain ended too
 
 
 def test_a_socket_joining_a_drain_in_flight_is_welcomed_with_what_follows():
@@ -583,6 +590,63 @@ def test_a_full_socket_does_not_hold_up_another_socket_of_the_user():
     assert queues.payloads("u") == []
 
 
+def broken_invariants(dispatcher: Dispatcher) -> list[str]:
+    """The session states ``_Session``'s docstring describes, checked from
+    outside: what holds whenever the dispatcher has returned."""
+    window = dispatcher._window
+    problems = []
+    for socket, seat in dispatcher._seats.items():
+        if seat not in dispatcher._sessions[socket.uid].seats:
+            problems.append(f"{socket.peer} is seated outside its session")
+    for uid, session in dispatcher._sessions.items():
+
+        def wrong(why: str, uid: str = uid) -> None:
+            problems.append(f"{uid}: {why}")
+
+        if not session.seats:
+            if not session.draining:
+                wrong("no sockets and no drain, yet the session is kept")
+            if session.waiting:
+                wrong("live messages wait for no socket")
+        if not session.draining:
+            if session.waiting or session.returned or session.unsent:
+                wrong("messages wait behind a drain that is not running")
+            if session.remaining is None:
+                wrong("no drain has answered, and none is running")
+        if session.window is not None and not (session.draining and session.seats):
+            wrong("a drain is paused for an ack nobody can send")
+        if session.refused and not session.seats:
+            wrong("refused by no socket")
+        if session.overflowed and session.waiting:
+            wrong("live messages wait in memory behind an overflow in Redis")
+        holders: dict[int, int] = {}
+        for seat in session.seats:
+            if dispatcher._seats.get(seat.socket) is not seat:
+                wrong(f"{seat.socket.peer} is not seated")
+            if not seat.started and not (session.draining and session.remaining is None):
+                wrong(f"{seat.socket.peer} is not welcomed, yet the count is known")
+            tags = list(seat.unacked)
+            if not seat.socket.ack_mode and tags:
+                wrong(f"plain socket {seat.socket.peer} holds unacknowledged messages")
+            if len(tags) > window or tags != sorted(tags) or any(t >= seat.next_tag for t in tags):
+                wrong(f"{seat.socket.peer}'s window is broken: {tags}, next {seat.next_tag}")
+            for outstanding in seat.unacked.values():
+                holders[id(outstanding)] = holders.get(id(outstanding), 0) + 1
+        for seat in session.seats:
+            for outstanding in seat.unacked.values():
+                if outstanding.holders != holders[id(outstanding)]:
+                    wrong(
+                        f"message {outstanding.envelope.id} counts {outstanding.holders} "
+                        f"holders, {holders[id(outstanding)]} hold it"
+                    )
+                if outstanding.seq > session.sent:
+                    wrong(f"message {outstanding.envelope.id} was sent after the last one")
+        for outstanding in session.returned:
+            if outstanding.done or outstanding.holders:
+                wrong(f"message {outstanding.envelope.id} was returned, yet is held or done")
+    return problems
+
+
 def random_walk(seed: int, steps: int = 150) -> list[str]:
     """One user, one socket at a time (as one device reconnecting): random
     publishes, acks, Redis replies, arrivals, departures, connections that
@@ -591,18 +655,24 @@ def random_walk(seed: int, steps: int = 150) -> list[str]:
     is answered and a last socket drains. What went wrong, if anything."""
     rng = random.Random(seed)
     queues = Queues()
-    dispatcher = Dispatcher(queues, Namespace(), drain_chunk=rng.choice([1, 2, 3]),
-                            ack_window=rng.choice([1, 2, 3, 5]), clock=lambda: 0.001)
+    dispatcher = Dispatcher(
+        queues,
+        Namespace(),
+        drain_chunk=rng.choice([1, 2, 3]),
+        ack_window=rng.choice([1, 2, 3, 5]),
+        clock=lambda: 0.001,
+    )
     sockets: list[Sock] = []
     live: Sock | None = None
     closing: Sock | None = None
     published = 0
-    for _ in range(steps):
+    for step in range(steps):
         r = rng.random()
         if r < 0.35:
             published += 1
-            dispatcher.deliver(("u",), Envelope(f"m{published}", "rm.users.u", 1,
-                                                str(published).encode()))
+            dispatcher.deliver(
+                ("u",), Envelope(f"m{published}", "rm.users.u", 1, str(published).encode())
+            )
         elif r < 0.45 and live is None and closing is None:
             live = Sock("u", ack_mode=rng.random() < 0.7, name=f"s{len(sockets)}")
             live.acks = rng.random() < 0.7  # or stops acknowledging, as a hung client
@@ -627,6 +697,8 @@ def random_walk(seed: int, steps: int = 150) -> list[str]:
             tags = [f["tag"] for f in live.frames if f["type"] == "message"]
             if tags:
                 dispatcher.ack(live, rng.choice(tags))
+        if broken := broken_invariants(dispatcher):
+            return [f"after step {step}: {problem}" for problem in broken]
     for sock in (live, closing):
         if sock is not None:
             sock.open = False

@@ -386,7 +386,7 @@ async def test_readme_claims_about_a_page_from_another_origin(messenger, tabs, r
     }""",
         rm.url,
     )
-    await eventually(lambda: rm.dispatcher.online("user1"), what="user1 to connect")
+    await eventually(lambda: rm.dispatcher.users, what="user1 to connect")
     assert rm.publish("rm.users.user1", "across origins") == 1
     await page.wait_for_function("() => window.seen.length === 1", timeout=WAIT_MS)
     assert await page.evaluate("() => window.seen") == ["across origins"]

@@ -146,7 +146,7 @@ async def test_stores_cut_off_mid_flight_are_sent_again_in_order(redis, messenge
                          for i in range(batch * 200, batch * 200 + 200)])
         # The moment the last of the batch has been routed, its stores are
         # on the wire: cut the connection under them.
-        await eventually(lambda n=batch * 200 + 200: rm.service.router.received == n)
+        await eventually(lambda n=batch * 200 + 200: rm.dispatcher.stats.received == n)
         kill_connection(redis, "commands")
         await eventually(lambda n=batch + 1: rm.service.redis.reconnects == n,
                          what="reconnect")
@@ -223,7 +223,7 @@ async def test_stop_flushes_stores_of_messages_that_just_arrived(messenger):
     rm = await messenger()
     for i in range(300):
         rm.publish("rm.users.offline", str(i))
-    await eventually(lambda: rm.service.router.received == 300)
+    await eventually(lambda: rm.dispatcher.stats.received == 300)
     await rm.stop()
     assert [e["payload"] for e in rm.queue("offline")] == [str(i) for i in range(300)]
 
@@ -267,7 +267,7 @@ async def test_a_client_too_slow_to_read_is_closed_and_loses_nothing(messenger, 
     slow.connection.transport.pause_reading()  # the client stops reading
     big = "x" * 100_000
     sent = 0
-    while rm.dispatcher.online("user1"):  # until the slow socket is given up
+    while rm.dispatcher.users:  # until the slow socket is given up
         assert sent < 2000, "the slow socket was never given up"
         rm.publish("rm.users.user1", f"{sent} {big}")
         sent += 1
@@ -275,7 +275,7 @@ async def test_a_client_too_slow_to_read_is_closed_and_loses_nothing(messenger, 
     for i in range(sent, sent + 5):
         rm.publish("rm.users.user1", f"{i} {big}")
     sent += 5
-    await eventually(lambda: rm.service.router.received == sent)
+    await eventually(lambda: rm.dispatcher.stats.received == sent)
     await tw(rm.service.store.flushed())
     slow.connection.transport.resume_reading()
     frames, code, _ = await slow.closed()
@@ -296,7 +296,7 @@ async def test_a_client_behind_by_less_than_the_limit_is_kept(messenger, certifi
     big = "x" * 100_000
     for i in range(60):  # 6 MB: more than the kernel's buffers take
         rm.publish("rm.users.user1", f"{i} {big}")
-    await eventually(lambda: rm.service.router.received == 60)
+    await eventually(lambda: rm.dispatcher.stats.received == 60)
     await tw(rm.service.store.flushed())
     behind.connection.transport.resume_reading()
     received = [int(f["payload"].split()[0]) for f in await behind.messages(60)]
@@ -309,9 +309,9 @@ async def test_a_peer_that_stops_answering_pings_is_given_up(messenger):
     rm = await messenger(ping_interval=0.2, ping_timeout=0.3)
     gone = await rm.user("user1")
     await asyncio.sleep(0.5)  # a few pings answered: still online
-    assert rm.dispatcher.online("user1")
+    assert rm.dispatcher.users
     gone.connection.transport.pause_reading()  # a vanished peer answers nothing
-    await eventually(lambda: not rm.dispatcher.online("user1"), what="the ping timeout")
+    await eventually(lambda: not rm.dispatcher.users, what="the ping timeout")
     rm.publish("rm.users.user1", "stored, not written into a dead connection")
     await eventually(lambda: rm.queue("user1"))
 
@@ -353,7 +353,7 @@ async def test_an_ack_mode_peer_that_vanishes_gives_back_what_it_did_not_ack(mes
         rm.publish("rm.users.user1", str(i))
     assert payloads(await gone.messages(5)) == [str(i) for i in range(5)]
     gone.connection.transport.pause_reading()  # vanished: no pong, no ack, no FIN
-    await eventually(lambda: not rm.dispatcher.online("user1"), what="the ping timeout")
+    await eventually(lambda: not rm.dispatcher.users, what="the ping timeout")
     assert [e["payload"] for e in await eventually(lambda: rm.queue("user1"))] == \
         [str(i) for i in range(5)]
 
@@ -365,12 +365,12 @@ async def test_an_ack_mode_client_too_slow_to_read_loses_nothing(messenger):
     slow.connection.transport.pause_reading()
     big = "x" * 100_000
     sent = 0
-    while rm.dispatcher.online("user1"):
+    while rm.dispatcher.users:
         assert sent < 2000, "the slow socket was never given up"
         rm.publish("rm.users.user1", f"{sent} {big}")
         sent += 1
         await asyncio.sleep(0)
-    await eventually(lambda: rm.service.router.received == sent)
+    await eventually(lambda: rm.dispatcher.stats.received == sent)
     await tw(rm.service.store.flushed())
     queued = [int(e["payload"].split()[0]) for e in
               await eventually(lambda: rm.queue("user1") if len(rm.queue("user1")) == sent

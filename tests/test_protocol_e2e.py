@@ -143,7 +143,7 @@ async def test_a_bad_hello_is_refused_with_4000(messenger, log_events, hello, re
     await assert_refused(client, 4000, error("bad_hello", reason))
     assert_refusal_logged(log_events, client, "bad_hello")
     await still_served(rm, other)
-    await eventually(lambda: rm.dispatcher.sockets == 1)
+    await eventually(lambda: len(rm.service.factory.connections) == 1)
 
 
 GOOD_HELLOS = [
@@ -190,7 +190,7 @@ async def test_a_text_frame_that_is_not_utf8_is_closed_by_autobahn_with_1007(mes
     frames, code, _ = await client.closed()
     assert (frames, code) == ([], 1007)
     await still_served(rm, other)
-    await eventually(lambda: rm.dispatcher.sockets == 1)
+    await eventually(lambda: len(rm.service.factory.connections) == 1)
 
 
 # -- heartbeats -----------------------------------------------------------------
@@ -322,7 +322,7 @@ async def test_a_frame_after_the_hello_of_a_plain_client_is_refused_with_4002(
     assert_refusal_logged(log_events, client, "bad_frame")
     assert logged(log_events, "Refusing", "(user1)")
     await still_served(rm, other)
-    await eventually(lambda: rm.dispatcher.sockets == 1)
+    await eventually(lambda: len(rm.service.factory.connections) == 1)
 
 
 BAD_ACKS = [
@@ -388,7 +388,7 @@ async def test_a_second_frame_before_the_welcome_is_refused_with_4002(messenger,
         "bad_frame", "wait for the welcome before sending more frames"))
     assert logged(log_events, "Refusing", "(alice)", "bad_frame")
     await still_served(rm, other)
-    await eventually(lambda: rm.dispatcher.sockets == 1)
+    await eventually(lambda: len(rm.service.factory.connections) == 1)
 
 
 # -- 4008 hello_timeout -------------------------------------------------------------
@@ -431,7 +431,7 @@ async def test_a_binary_frame_after_the_hello_is_refused_with_1003(messenger, lo
     await assert_refused(client, 1003, BINARY)
     assert_refusal_logged(log_events, client, "binary_frame")
     await still_served(rm, other)
-    await eventually(lambda: rm.dispatcher.sockets == 1)
+    await eventually(lambda: len(rm.service.factory.connections) == 1)
 
 
 # -- 1009 frame_too_big -------------------------------------------------------------
@@ -470,7 +470,7 @@ async def test_a_frame_over_max_frame_after_the_hello_is_refused_with_1009(messe
     await client.send(json.dumps({"type": "ack", "tag": 0, "padding": "x" * 2000}))
     await assert_refused(client, 1009, TOO_BIG)
     await still_served(rm, other)
-    await eventually(lambda: rm.dispatcher.sockets == 1)
+    await eventually(lambda: len(rm.service.factory.connections) == 1)
 
 
 # -- 4009 too_many_sockets ------------------------------------------------------------
@@ -501,11 +501,11 @@ async def test_with_one_socket_per_user_the_newest_socket_is_served(messenger):
     newest = await rm.user("user1")
     await assert_refused(oldest, 4009, error(
         "too_many_sockets", "more than 1 sockets for this user; this one was the oldest"))
-    assert rm.dispatcher.online("user1") and rm.dispatcher.sockets == 2
+    assert rm.dispatcher.users == 2  # user1, on its newest socket, and the bystander
     await still_served(rm, newest, "user1")
     assert rm.queue("user1") == []
     await newest.close()
-    await eventually(lambda: rm.dispatcher.sockets == 1 and not rm.dispatcher.online("user1"))
+    await eventually(lambda: rm.dispatcher.users == 1)  # the bystander
     await still_served(rm, other)
 
 
