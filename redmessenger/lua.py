@@ -15,15 +15,16 @@ from __future__ import annotations
 
 from importlib import resources
 
-_FOLDER = resources.files(__package__).joinpath("lua")
+_FOLDER = resources.files(__package__) / "lua"
+_SHARED = _FOLDER / "shared"
 
 
 def source(name: str, *shared: str) -> str:
     """The script ``lua/<name>.lua``, after the ``lua/shared/`` files that
     define the functions it calls, in the order given."""
-    files = [_FOLDER.joinpath("shared", f"{s}.lua") for s in shared]
-    return "".join(f.read_text("utf-8") for f in (*files, _FOLDER.joinpath(f"{name}.lua")))
+    files = [*(_SHARED / f"{s}.lua" for s in shared), _FOLDER / f"{name}.lua"]
+    return "".join(f.read_text("utf-8") for f in files)
 
 
 #: push(), for scripts still written in Python strings (cli.py's).
-PUSH = _FOLDER.joinpath("shared", "push.lua").read_text("utf-8")
+PUSH = (_SHARED / "push.lua").read_text("utf-8")
