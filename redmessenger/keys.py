@@ -40,6 +40,15 @@ class Namespace:
     def queue(self, uid: str) -> str:
         return f"{self.prefix}:users:{uid}:messages"
 
+    @property
+    def queue_affixes(self) -> tuple[str, str]:
+        """What comes before and after a uid in its queue's key, for a script
+        that makes the keys of the uids it reads (a group's members). Cut
+        from ``queue()`` itself (at the last ``*``: none follows the uid),
+        so the layout is written once."""
+        head, _, tail = self.queue("*").rpartition("*")
+        return head, tail
+
     def token(self, uid: str) -> str:
         return f"{self.prefix}:users:{uid}:key"
 
@@ -49,7 +58,12 @@ class Namespace:
     def claim(self, uid: str, owner: str) -> str:
         """Where a drain keeps what it took until its reply has arrived, so a
         reply lost with the connection can be asked for again."""
-        return f"{self.prefix}:users:{uid}:taking:{owner}"
+        return self.claim_head(uid) + owner
+
+    def claim_head(self, uid: str) -> str:
+        """What every claim key of the user starts with: scripts read the
+        owner from what follows."""
+        return f"{self.prefix}:users:{uid}:taking:"
 
     def claims(self, uid: str) -> str:
         """The set of a user's claims, so those of a dead process are found."""

