@@ -239,7 +239,7 @@ async def test_logs_what_redis_says(tmp_path: Path, free_port: int) -> None:
     ready = [e for e in said if "Ready to accept connections" in e["line"]]
     assert ready, said
     assert ready[0]["log_level"] is LogLevel.info
-    assert ready[0]["log_namespace"] == "redmessenger.embedded.EmbeddedRedis"
+    assert ready[0]["log_namespace"] == "redmessenger.embedded"
     banner = [e for e in said if "version=" in e["line"] or "Server initialized" in e["line"]]
     assert len(banner) == 2, said
     assert {e["log_level"] for e in banner} == {LogLevel.info}
