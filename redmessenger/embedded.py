@@ -367,7 +367,7 @@ class EmbeddedRedis(Service):
         if self._kill_call is not None and self._kill_call.active():
             self._kill_call.cancel()
         self._kill_call = None
-        exit_code = getattr(reason.value, "exit_code", None)
+        exit_code = getattr(reason.value, "exitCode", None)
         signal = getattr(reason.value, "signal", None)
         log.info("redis-server[{pid}] exited with code {exit_code}, signal {signal}",
                  pid=process.pid, exit_code=exit_code, signal=signal)

@@ -247,4 +247,6 @@ def _taken(host: str, port: int) -> bool:
 
 
 def makeService(options: Options) -> RedMessengerService:
+    """Under twistd a start that fails ends the process (status 1): nothing
+    else would notice."""
     return RedMessengerService(options.settings, fatal_start=True)
