@@ -17,7 +17,7 @@ from twisted.web.resource import Resource
 from .limits import Limits, address_of
 from .stats import Stats
 
-_log = Logger()
+log = Logger()
 
 
 class _Guard(ProtocolWrapper):
@@ -51,7 +51,7 @@ class _Guard(ProtocolWrapper):
         first take a TLS handshake, which is what a flood wants us to spend."""
         Protocol.makeConnection(self, transport)
         self.factory.stats.connections_refused += 1
-        _log.warn("Refusing {peer}: {reason}", peer=peer2str(transport), reason=refusal)
+        log.warn("Refusing {peer}: {reason}", peer=peer2str(transport), reason=refusal)
         if isinstance(transport, TLSMemoryBIOProtocol):
             transport.abortConnection()
             return
@@ -89,11 +89,11 @@ class _Guard(ProtocolWrapper):
     def _too_late(self) -> None:
         self._end_handshake()
         if self._answered:
-            _log.debug("Closing the idle HTTP connection {peer}", peer=peer2str(self))
+            log.debug("Closing the idle HTTP connection {peer}", peer=peer2str(self))
         else:
             self.factory.stats.handshake_timeouts += 1
-            _log.warn("Closing {peer}: no WebSocket within {timeout:g} s of its accept",
-                      peer=peer2str(self), timeout=self.factory.timeout)
+            log.warn("Closing {peer}: no WebSocket within {timeout:g} s of its accept",
+                     peer=peer2str(self), timeout=self.factory.timeout)
         self.transport.abortConnection()
 
     def write(self, data: bytes) -> None:

@@ -12,6 +12,8 @@ from twisted.logger import Logger
 from .frames import Close, Hello, ProtocolError
 from .settings import AuthMode, Settings
 
+log = Logger()
+
 #: What a key is compared with when no key is stored, so that an unknown id
 #: takes as long to refuse as a known one with a wrong key.
 _NO_KEY = b"\0" * 32
@@ -24,7 +26,7 @@ class Authenticator:
         if mode is AuthMode.JWT and not secret:
             raise ValueError("--auth jwt needs --jwt-secret")
         if mode is AuthMode.JWT and len(secret.encode()) < 32:
-            Logger().warn("--jwt-secret is shorter than 32 bytes: easy to guess (RFC 7518 3.2)")
+            log.warn("--jwt-secret is shorter than 32 bytes: easy to guess (RFC 7518 3.2)")
         self.mode = mode
         self._tokens = tokens
         self._jwt_secret = secret

@@ -31,7 +31,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from twisted.internet import defer
 
-from . import __version__, datadir, lua
+from . import datadir, environment, lua
+from ._version import __version__
 from .envelope import Envelope
 from .keys import Namespace
 from .publish import DURABLE_PUBLISH, check_id, durable_publish_arguments
@@ -85,18 +86,13 @@ class Redis:
     def close(self) -> None:
         self._proto.transport.loseConnection()
 
-    async def kind(self, key: str) -> str:
-        """``TYPE``: "none", "list", "set", ..."""
-        return _text(await self(b"TYPE", key))
-
 
 async def connect_redis(reactor: Any, address: RedisAddress, timeout: float) -> Redis:
     """Connect, authenticate and select the database, or fail with a message
     that names the URL."""
-    from twisted.internet.endpoints import clientFromString, wrapClientTLS
     from twisted.internet.error import ConnectError
 
-    from .redisconnection import ProtocolFactory, _tls_options
+    from .redisconnection import ProtocolFactory, endpoint
 
     class Factory(ProtocolFactory):
         refusal: str | None = None
@@ -105,11 +101,9 @@ async def connect_redis(reactor: Any, address: RedisAddress, timeout: float) -> 
             self.refusal = why
 
     factory = Factory(address)
-    endpoint = clientFromString(reactor, f"{address.client_endpoint()}:timeout={timeout:g}")
-    if address.tls:
-        endpoint = wrapClientTLS(_tls_options(address), endpoint)
     try:
-        proto = await endpoint.connect(factory).addTimeout(timeout, reactor)
+        proto = await endpoint(reactor, address, timeout).connect(factory).addTimeout(
+            timeout, reactor)
     except (ConnectError, OSError, defer.TimeoutError) as e:
         raise CommandFailed(f"cannot reach Redis at {address}: {_why(e)}") from None
     ready = defer.DeferredList([proto.whenConnected(), proto.whenDisconnected()],
@@ -126,20 +120,16 @@ async def connect_redis(reactor: Any, address: RedisAddress, timeout: float) -> 
     return Redis(proto, address, reactor, timeout)
 
 
+GROUP_MEMBERS = lua.source("group_members", "members")
+
+
 async def group_members(redis: Redis, ns: Namespace, gid: str) -> tuple[str, list[str]]:
-    """The key's type and the members, each once, in the list's order (as
-    RedMessenger reads them)."""
-    key = ns.members(gid)
-    kind = await redis.kind(key)
-    if kind == "list":
-        members = await redis(b"LRANGE", key, 0, -1)
-    elif kind == "set":
-        members = sorted(await redis(b"SMEMBERS", key))
-    elif kind == "none":
-        members = []
-    else:
-        raise CommandFailed(f"{key} is a {kind}, not a list or a set: "
-                            "RedMessenger cannot read it either")
+    """The key's type and the members, each once, in the list's order (a
+    set's, sorted)."""
+    kind, members = await redis(b"EVAL", GROUP_MEMBERS, 1, ns.members(gid))
+    kind = _text(kind)
+    if kind == "set":
+        members = sorted(members)
     return kind, list(dict.fromkeys(_text(m) for m in members))
 
 
@@ -261,17 +251,7 @@ async def cmd_token(redis: Redis, ns: Namespace, args: argparse.Namespace,
     return 0
 
 
-# KEYS: the dead letters, the queue, the entry's parts; ARGV: the entry,
-# its envelope, ttl, max. Only an entry still there is pushed (a concurrent
-# retry does not push it twice), and only one that was pushed leaves.
-DEAD_RETRY = lua.PUSH + """
-if not redis.call('LPOS', KEYS[1], ARGV[1]) then return 0 end
-local _, err = push(KEYS[2], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
-if err then return redis.error_reply(err) end
-redis.call('LREM', KEYS[1], 1, ARGV[1])
-redis.call('DEL', KEYS[3])
-return 1
-"""
+DEAD_RETRY = lua.source("dead_retry", "push")
 
 
 class DeadLetter:
@@ -452,18 +432,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--redis", metavar="URL",
-        default=os.environ.get("REDMESSENGER_REDIS", DEFAULT_REDIS),
+        default=environment.value("redis", DEFAULT_REDIS),
         help="redis://[[user]:password@]host[:port][/db] or unix:///path[?db=N] "
              f"(default: $REDMESSENGER_REDIS, else {DEFAULT_REDIS})")
     parser.add_argument(
         "--data-dir", metavar="DIR",
-        default=os.environ.get("REDMESSENGER_DATA_DIR", DEFAULT_DATA_DIR),
+        default=environment.value("data-dir", DEFAULT_DATA_DIR),
         help="the data directory of RedMessenger's embedded Redis, as its --data-dir: "
              "a --redis URL without a password, naming the port that Redis last ran on "
              "here, uses the password kept there (default: $REDMESSENGER_DATA_DIR, "
              f"else {DEFAULT_DATA_DIR})")
     parser.add_argument(
-        "--prefix", default=os.environ.get("REDMESSENGER_PREFIX", "rm"),
+        "--prefix", default=environment.value("prefix", "rm"),
         help="the prefix of every channel and key, as RedMessenger's --prefix "
              "(default: $REDMESSENGER_PREFIX, else rm)")
     parser.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",

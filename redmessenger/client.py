@@ -59,17 +59,11 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import __version__
+from ._version import __version__
+from .frames import FINAL_CLOSE_CODES, FINAL_ERRORS
 
-#: Close codes after which reconnecting would only be refused again (a
-#: malformed hello, a wrong key, frames the server does not accept), or
-#: would fight someone else's decision (4009: another socket of the same
-#: user replaced this one; coming back would close that one in turn).
-FINAL_CLOSE_CODES = frozenset({4000, 4001, 4002, 4009, 1002, 1003, 1007, 1008, 1009, 1010})
-#: ``error`` frame codes that are final whatever the close code says, for
-#: when the close frame itself is lost.
-FINAL_ERRORS = frozenset({"bad_hello", "unauthorized", "bad_frame", "too_many_sockets",
-                          "binary_frame", "frame_too_big"})
+log = Logger()
+
 #: Seconds a key function may take before the attempt counts as failed.
 KEY_TIMEOUT = 10.0
 
@@ -328,8 +322,6 @@ class RedMessengerClient(Service):
     message seen again is acknowledged but not handed over.
     """
 
-    log = Logger()
-
     def __init__(self, url: str, uid: str, key: str | KeySource | None = None,
                  ack: bool = False, reactor: Any = None, *,
                  on_message: Callable[[Message], object] | None = None,
@@ -407,12 +399,6 @@ class RedMessengerClient(Service):
 
     # -- public API ----------------------------------------------------------
 
-    def start(self) -> None:
-        self.startService()
-
-    def stop(self) -> defer.Deferred:
-        return self.stopService()
-
     def startService(self) -> None:
         if self.running:
             return
@@ -486,7 +472,7 @@ class RedMessengerClient(Service):
     def _connect(self) -> None:
         self._retry = None
         self._set_state(StateChange(State.CONNECTING))
-        self.log.debug("Connecting to {url} as {uid}", url=self.url, uid=self.uid)
+        log.debug("Connecting to {url} as {uid}", url=self.url, uid=self.uid)
         d = self._connecting = self._fetch_key()
         d.addCallback(self._key_ready)
         d.addCallbacks(self._transport_up, self._connect_failed)
@@ -504,8 +490,8 @@ class RedMessengerClient(Service):
 
     def _key_failed(self, failure: Failure) -> Failure:
         if self.running:  # not cancelled by stopService
-            self.log.error("Could not get the key for {uid}: {why}; the attempt failed",
-                           uid=self.uid, why=failure.getErrorMessage() or failure.type.__name__)
+            log.error("Could not get the key for {uid}: {why}; the attempt failed",
+                      uid=self.uid, why=failure.getErrorMessage() or failure.type.__name__)
         return failure
 
     def _key_ready(self, key: object) -> defer.Deferred[_Protocol]:
@@ -554,16 +540,16 @@ class RedMessengerClient(Service):
         ``stable_after`` seconds."""
         self.attempts += 1
         delay = self.retry_policy(self.attempts)
-        self.log.info("Disconnected from {url} ({code}: {reason}); reconnecting in "
-                      "{delay:.2f} s", url=self.url, code=code, reason=reason, delay=delay)
+        log.info("Disconnected from {url} ({code}: {reason}); reconnecting in "
+                 "{delay:.2f} s", url=self.url, code=code, reason=reason, delay=delay)
         self._set_state(StateChange(State.DISCONNECTED, code, reason, delay))
         self._retry = self.reactor.callLater(delay, self._connect)
 
     def _give_up(self, code: int | None, error: ServerError | None,
                  reason: str | None) -> None:
         self.refused = Refused(code, error, reason)
-        self.log.error("Refused by {url} as {uid}: {why}; not reconnecting", url=self.url,
-                       uid=self.uid, why=str(self.refused))
+        log.error("Refused by {url} as {uid}: {why}; not reconnecting", url=self.url,
+                  uid=self.uid, why=str(self.refused))
         Service.stopService(self)
         self._set_state(StateChange(State.DISCONNECTED, code, reason))
         self._finish(self.refused)
@@ -588,8 +574,8 @@ class RedMessengerClient(Service):
             doc = json.loads(payload)
             kind = doc.get("type")
         except (ValueError, AttributeError):
-            self.log.warn("Ignoring a frame from {url} that is not a JSON object: {frame!r}",
-                          url=self.url, frame=payload[:200])
+            log.warn("Ignoring a frame from {url} that is not a JSON object: {frame!r}",
+                     url=self.url, frame=payload[:200])
             return
         if kind == "message":
             if self.ack and not proto.open_now:
@@ -601,8 +587,8 @@ class RedMessengerClient(Service):
                 message: Message | None = Message.from_frame(doc)
                 tag = message.tag
             except ValueError as e:
-                self.log.warn("Ignoring a bad message frame from {url}: {why}",
-                              url=self.url, why=str(e))
+                log.warn("Ignoring a bad message frame from {url}: {why}",
+                         url=self.url, why=str(e))
                 message, tag = None, doc.get("tag")
                 if not isinstance(tag, int):
                     return
@@ -614,11 +600,11 @@ class RedMessengerClient(Service):
         elif kind == "error":
             error = ServerError(str(doc.get("code")), str(doc.get("reason")))
             proto.last_error = error
-            self.log.warn("{url} says {code}: {reason}", url=self.url, code=error.code,
-                          reason=error.reason)
+            log.warn("{url} says {code}: {reason}", url=self.url, code=error.code,
+                     reason=error.reason)
             self._notify(self.on_error, error)
         else:
-            self.log.debug("Ignoring a {kind!r} frame from {url}", kind=kind, url=self.url)
+            log.debug("Ignoring a {kind!r} frame from {url}", kind=kind, url=self.url)
 
     def _welcomed(self, proto: _Protocol, doc: dict[str, Any]) -> None:
         welcome = Welcome(str(doc.get("id")), str(doc.get("channel")),
@@ -626,9 +612,9 @@ class RedMessengerClient(Service):
         self.welcome = welcome
         self._cancel_stable_timer()
         self._stable_timer = self.reactor.callLater(self.stable_after, self._stable)
-        self.log.info("Welcomed by {url} as {uid} on {channel}; {queued} stored messages "
-                      "follow", url=self.url, uid=welcome.id, channel=welcome.channel,
-                      queued=welcome.queued)
+        log.info("Welcomed by {url} as {uid} on {channel}; {queued} stored messages "
+                 "follow", url=self.url, uid=welcome.id, channel=welcome.channel,
+                 queued=welcome.queued)
         self._set_state(StateChange(State.WELCOMED))
         waiters, self._welcome_waiters = self._welcome_waiters, []
         for d in waiters:
@@ -668,8 +654,8 @@ class RedMessengerClient(Service):
                 continue
             if message.id in self.seen:
                 self.duplicates += 1
-                self.log.debug("Message {id} was already handled; acknowledging it only",
-                               id=message.id)
+                log.debug("Message {id} was already handled; acknowledging it only",
+                          id=message.id)
                 proto.handled(message.tag)
                 continue
             self.delivered += 1
@@ -702,13 +688,13 @@ class RedMessengerClient(Service):
     def _settle(self, failure: Failure | None, message: Message, proto: _Protocol) -> None:
         if failure is None or not self.ack:
             if failure is not None:
-                self.log.failure("The message handler failed on message {id}; in plain "
-                                 "mode it cannot be sent again", failure, id=message.id)
+                log.failure("The message handler failed on message {id}; in plain "
+                            "mode it cannot be sent again", failure, id=message.id)
             self.seen.add(message.id)
             proto.handled(message.tag)
             return
-        self.log.failure("The message handler refused message {id}: closing, so that it "
-                         "is sent again", failure, id=message.id)
+        log.failure("The message handler refused message {id}: closing, so that it "
+                    "is sent again", failure, id=message.id)
         # What came after it on this connection comes again after it.
         self._inbox = deque(entry for entry in self._inbox if entry[1] is not proto)
         proto.refuse(message.id)
@@ -731,7 +717,7 @@ class RedMessengerClient(Service):
         try:
             callback(value)
         except Exception:
-            self.log.failure("A client callback failed on {value!r}", value=value)
+            log.failure("A client callback failed on {value!r}", value=value)
 
 
 def _chain(d: defer.Deferred) -> defer.Deferred:

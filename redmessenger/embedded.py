@@ -31,8 +31,8 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from redmessenger import datadir
-from redmessenger.redisserver import (
+from . import datadir
+from .redisserver import (
     RedisServerNotFound,
     find_redis_server,
     parse_version,
@@ -41,6 +41,8 @@ from redmessenger.redisserver import (
 )
 
 __all__ = ["EmbeddedRedis", "EmbeddedRedisError"]
+
+log = Logger()
 
 #: The only address the embedded server listens on and is probed at.
 HOST = "127.0.0.1"
@@ -77,8 +79,6 @@ class EmbeddedRedis(Service):
     too, which is why the answering server's process id is checked).
     """
 
-    log = Logger()
-
     def __init__(self, port: int, data_dir: Path, reactor: Any = None, *,
                  executable: str | None = None, appendonly: bool = True,
                  ready_timeout: float = 10.0, stop_timeout: float = 10.0,
@@ -99,15 +99,15 @@ class EmbeddedRedis(Service):
         self._stopping = False
         #: ``None`` while undecided, then ``True`` or the ``Failure``.
         self._readiness: bool | Failure | None = None
-        self._readyWaiters: list[Deferred[None]] = []
-        self._exitWaiters: list[Deferred[Any]] = []
+        self._ready_waiters: list[Deferred[None]] = []
+        self._exit_waiters: list[Deferred[Any]] = []
         self._deadline = 0.0
-        self._pollCall: Any = None
+        self._poll_call: Any = None
         self._probing: Deferred[str] | None = None
-        self._killCall: Any = None
+        self._kill_call: Any = None
         self._password: str | None = None
         #: Whether a probe sent the password to a server that is not ours.
-        self._passwordSeen = False
+        self._password_seen = False
 
     @property
     def password(self) -> str:
@@ -135,7 +135,7 @@ class EmbeddedRedis(Service):
         not answer within ``ready_timeout`` seconds, or is stopped first."""
         if self._readiness is None:
             d: Deferred[None] = Deferred()
-            self._readyWaiters.append(d)
+            self._ready_waiters.append(d)
             return d
         if isinstance(self._readiness, Failure):
             return fail(self._readiness)
@@ -150,7 +150,7 @@ class EmbeddedRedis(Service):
         if self._process is None:
             d.callback(None)
         else:
-            self._exitWaiters.append(d)
+            self._exit_waiters.append(d)
         return d
 
     def startService(self) -> None:
@@ -173,9 +173,9 @@ class EmbeddedRedis(Service):
                                          reactor=self._reactor)
         asked.addTimeout(self.ready_timeout, self._reactor)
         asked.addCallback(self._spawn, executable)
-        asked.addErrback(self._couldNotSpawn, executable)
+        asked.addErrback(self._could_not_spawn, executable)
 
-    def _couldNotSpawn(self, failure: Failure, executable: str) -> None:
+    def _could_not_spawn(self, failure: Failure, executable: str) -> None:
         if self._readiness is not None:  # stopped meanwhile
             return
         if not failure.check(EmbeddedRedisError):
@@ -221,12 +221,12 @@ class EmbeddedRedis(Service):
         except OSError as e:
             raise EmbeddedRedisError(f"cannot run {executable}: {e}") from None
         self._process = process
-        self.log.info("started {executable} (version {version}) as redis-server[{pid}] on "
-                      "{host}:{port}, data in {dataDir}", executable=executable, version=shown,
-                      pid=process.transport.pid, host=HOST, port=self.port,
-                      dataDir=str(self.data_dir))
+        log.info("started {executable} (version {version}) as redis-server[{pid}] on "
+                 "{host}:{port}, data in {data_dir}", executable=executable, version=shown,
+                 pid=process.transport.pid, host=HOST, port=self.port,
+                 data_dir=str(self.data_dir))
         self._deadline = self._reactor.seconds() + self.ready_timeout
-        self._pollCall = self._reactor.callLater(0, self._poll)
+        self._poll_call = self._reactor.callLater(0, self._poll)
 
     def stopService(self) -> Deferred[None]:
         """SIGTERM the child (redis-server then fsyncs its append-only file
@@ -240,7 +240,7 @@ class EmbeddedRedis(Service):
         if process is None:
             return succeed(None)
         d: Deferred[None] = Deferred()
-        self._exitWaiters.append(d)
+        self._exit_waiters.append(d)
         d.addCallback(lambda _: None)
         if not self._stopping:
             self._stopping = True
@@ -249,7 +249,7 @@ class EmbeddedRedis(Service):
             except ProcessExitedAlready:
                 pass  # processEnded is on its way
             else:
-                self._killCall = self._reactor.callLater(self.stop_timeout, self._kill)
+                self._kill_call = self._reactor.callLater(self.stop_timeout, self._kill)
         return d
 
     # Readiness
@@ -257,7 +257,7 @@ class EmbeddedRedis(Service):
     def _poll(self) -> None:
         """Probe the server once, and again after ``probe_interval`` until it
         answers, exits, or ``ready_timeout`` passes."""
-        self._pollCall = None
+        self._poll_call = None
         if self._readiness is not None:
             return
         if self._reactor.seconds() > self._deadline:
@@ -280,11 +280,11 @@ class EmbeddedRedis(Service):
             return protocol.result.addTimeout(timeout, self._reactor)
 
         def checked(answer: tuple[str, int | None]) -> str:
-            reply, serverPid = answer
-            if reply.startswith("AUTH refused") or (reply == "+PONG" and serverPid != self.pid):
-                self._passwordSeen = True
-            if reply == "+PONG" and serverPid != self.pid:
-                return f"+PONG from another redis-server (pid {serverPid})"
+            reply, server_pid = answer
+            if reply.startswith("AUTH refused") or (reply == "+PONG" and server_pid != self.pid):
+                self._password_seen = True
+            if reply == "+PONG" and server_pid != self.pid:
+                return f"+PONG from another redis-server (pid {server_pid})"
             return reply
 
         return connecting.addCallback(connected).addCallback(checked)
@@ -294,23 +294,23 @@ class EmbeddedRedis(Service):
         if self._readiness is not None:
             return
         if result == "+PONG":
-            self.log.info("redis-server[{pid}] is ready on {host}:{port}",
-                          pid=self.pid, host=HOST, port=self.port)
+            log.info("redis-server[{pid}] is ready on {host}:{port}",
+                     pid=self.pid, host=HOST, port=self.port)
             self._decide(True)
             return
         if isinstance(result, str) and result.startswith("-LOADING"):
             # It is reading a big append-only file: alive and progressing,
             # so the deadline is for answering at all, not for loading.
             self._deadline = self._reactor.seconds() + self.ready_timeout
-        self.log.debug("redis-server on {host}:{port} is not ready yet: {why}",
-                       host=HOST, port=self.port,
-                       why=result if isinstance(result, str) else result.getErrorMessage())
-        self._pollCall = self._reactor.callLater(self.probe_interval, self._poll)
+        log.debug("redis-server on {host}:{port} is not ready yet: {why}",
+                  host=HOST, port=self.port,
+                  why=result if isinstance(result, str) else result.getErrorMessage())
+        self._poll_call = self._reactor.callLater(self.probe_interval, self._poll)
 
-    def _stopPolling(self) -> None:
-        if self._pollCall is not None and self._pollCall.active():
-            self._pollCall.cancel()
-        self._pollCall = None
+    def _stop_polling(self) -> None:
+        if self._poll_call is not None and self._poll_call.active():
+            self._poll_call.cancel()
+        self._poll_call = None
         if self._probing is not None:
             probing, self._probing = self._probing, None
             probing.cancel()
@@ -319,73 +319,73 @@ class EmbeddedRedis(Service):
         """Settle readiness once: stop probing (after setting the outcome, so
         a cancelled probe does not schedule another) and tell the waiters."""
         self._readiness = outcome
-        self._stopPolling()
-        waiters, self._readyWaiters = self._readyWaiters, []
+        self._stop_polling()
+        waiters, self._ready_waiters = self._ready_waiters, []
         if isinstance(outcome, Failure):
-            self.log.error("embedded redis-server on {host}:{port} is not available: {why}",
-                           host=HOST, port=self.port, why=outcome.getErrorMessage())
-            if self._passwordSeen:
-                self._forgetPassword()
+            log.error("embedded redis-server on {host}:{port} is not available: {why}",
+                      host=HOST, port=self.port, why=outcome.getErrorMessage())
+            if self._password_seen:
+                self._forget_password()
         for d in waiters:
             if isinstance(outcome, Failure):
                 d.errback(outcome)
             else:
                 d.callback(None)
 
-    def _forgetPassword(self) -> None:
+    def _forget_password(self) -> None:
         """Another server on our port was sent the password: the next start
         makes a new one, so what it learnt opens nothing."""
-        self._passwordSeen = False
+        self._password_seen = False
         self._password = None
         try:
             (self.data_dir / datadir.PASSWORD_FILE).unlink()
         except OSError as e:
-            self.log.error("could not delete {path}, which another server on port {port} was "
-                           "sent: {why}", path=str(self.data_dir / datadir.PASSWORD_FILE),
-                           port=self.port, why=str(e))
+            log.error("could not delete {path}, which another server on port {port} was "
+                      "sent: {why}", path=str(self.data_dir / datadir.PASSWORD_FILE),
+                      port=self.port, why=str(e))
         else:
-            self.log.warn("another server answered on port {port} and was sent the password: "
-                          "the next start makes a new one", port=self.port)
+            log.warn("another server answered on port {port} and was sent the password: "
+                     "the next start makes a new one", port=self.port)
 
     # The child
 
     def _kill(self) -> None:
-        self._killCall = None
+        self._kill_call = None
         if self._process is None:
             return
-        self.log.warn("redis-server[{pid}] still running {timeout:g} s after SIGTERM; killing it",
-                      pid=self.pid, timeout=self.stop_timeout)
+        log.warn("redis-server[{pid}] still running {timeout:g} s after SIGTERM; killing it",
+                 pid=self.pid, timeout=self.stop_timeout)
         try:
             self._process.transport.signalProcess("KILL")
         except ProcessExitedAlready:
             pass
 
-    def _processEnded(self, process: _RedisServerProcessProtocol, reason: Failure) -> None:
+    def _process_ended(self, process: _RedisServerProcessProtocol, reason: Failure) -> None:
         if process is not self._process:
             return
         self._process = None
-        if self._killCall is not None and self._killCall.active():
-            self._killCall.cancel()
-        self._killCall = None
-        exitCode = getattr(reason.value, "exitCode", None)
+        if self._kill_call is not None and self._kill_call.active():
+            self._kill_call.cancel()
+        self._kill_call = None
+        exit_code = getattr(reason.value, "exitCode", None)
         signal = getattr(reason.value, "signal", None)
-        self.log.info("redis-server[{pid}] exited with code {exitCode}, signal {signal}",
-                      pid=process.pid, exitCode=exitCode, signal=signal)
+        log.info("redis-server[{pid}] exited with code {exit_code}, signal {signal}",
+                 pid=process.pid, exit_code=exit_code, signal=signal)
         if self._readiness is None:
-            self._decide(Failure(EmbeddedRedisError(self._whyEnded(process, exitCode, signal))))
+            self._decide(Failure(EmbeddedRedisError(self._why_ended(process, exit_code, signal))))
         elif not self._stopping:
-            self.log.critical("redis-server[{pid}] exited while in use: {lastLines}",
-                              pid=process.pid, lastLines=" | ".join(process.lastLines))
-        waiters, self._exitWaiters = self._exitWaiters, []
+            log.critical("redis-server[{pid}] exited while in use: {last_lines}",
+                         pid=process.pid, last_lines=" | ".join(process.last_lines))
+        waiters, self._exit_waiters = self._exit_waiters, []
         for d in waiters:
             d.callback(reason.value)
 
-    def _whyEnded(self, process: _RedisServerProcessProtocol, exitCode: int | None,
+    def _why_ended(self, process: _RedisServerProcessProtocol, exit_code: int | None,
                   signal: int | None) -> str:
-        if any("Address already in use" in line for line in process.lastLines):
+        if any("Address already in use" in line for line in process.last_lines):
             return f"port {self.port} is taken: pass --embedded-port or --redis URL"
-        how = f"with code {exitCode}" if signal is None else f"on signal {signal}"
-        said = " | ".join(list(process.lastLines)[-5:]) or "(no output)"
+        how = f"with code {exit_code}" if signal is None else f"on signal {signal}"
+        said = " | ".join(list(process.last_lines)[-5:]) or "(no output)"
         return f"redis-server exited {how} before it answered PING on {HOST}:{self.port}: {said}"
 
 
@@ -404,7 +404,7 @@ class _RedisServerProcessProtocol(ProcessProtocol):
         self.owner = owner
         self.config = config
         self.pid: int | None = None
-        self.lastLines: deque[str] = deque(maxlen=_KEPT_LINES)
+        self.last_lines: deque[str] = deque(maxlen=_KEPT_LINES)
         self._partial: dict[int, bytes] = {}
 
     def connectionMade(self) -> None:
@@ -412,31 +412,30 @@ class _RedisServerProcessProtocol(ProcessProtocol):
         self.transport.write(self.config)  # redis-server - reads it, up to EOF
         self.transport.closeStdin()
 
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        *lines, self._partial[childFD] = (self._partial.get(childFD, b"") + data).split(b"\n")
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        *lines, self._partial[fd] = (self._partial.get(fd, b"") + data).split(b"\n")
         for line in lines:
-            self._logLine(childFD, line.rstrip(b"\r"))
+            self._log_line(fd, line.rstrip(b"\r"))
 
     def processEnded(self, reason: Failure) -> None:
-        for childFD, rest in sorted(self._partial.items()):
+        for fd, rest in sorted(self._partial.items()):
             if rest:
-                self._logLine(childFD, rest)
+                self._log_line(fd, rest)
         self._partial.clear()
-        self.owner._processEnded(self, reason)
+        self.owner._process_ended(self, reason)
 
-    def _logLine(self, childFD: int, line: bytes) -> None:
+    def _log_line(self, fd: int, line: bytes) -> None:
         if not line.strip():
             return
-        level = LogLevel.warn if childFD == 2 else LogLevel.info
+        level = LogLevel.warn if fd == 2 else LogLevel.info
         match = _REDIS_LOG_LINE.match(line)
-        if match and childFD == 1:
+        if match and fd == 1:
             level = _REDIS_LEVELS[match.group(1)]
             if level is LogLevel.warn and _BANNER.match(match.group(2).decode("utf-8", "replace")):
                 level = LogLevel.info
         text = line.decode("utf-8", "replace")
-        self.lastLines.append(text)
-        self.owner.log.emit(level, "redis-server[{pid}]: {line}", pid=self.pid, line=text,
-                            fd=childFD)
+        self.last_lines.append(text)
+        log.emit(level, "redis-server[{pid}]: {line}", pid=self.pid, line=text, fd=fd)
 
 
 class _ProbeProtocol(Protocol):

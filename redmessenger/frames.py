@@ -25,6 +25,21 @@ class Close:
     TRY_AGAIN_LATER = 1013
 
 
+#: Close codes after which a client must not reconnect (docs/protocol.rst,
+#: "Clients that behave"): the same hello would be refused again (4000,
+#: 4001), the client broke the protocol (4002, and the WebSocket protocol
+#: errors 1002, 1003, 1007, 1008, 1009, 1010), or another socket of the same
+#: user replaced this one (4009: coming back would close that one in turn).
+#: static/redmessenger.js has the same list (tests/test_formats.py checks).
+FINAL_CLOSE_CODES = frozenset({
+    Close.BAD_HELLO, Close.UNAUTHORIZED, Close.BAD_FRAME, Close.TOO_MANY_SOCKETS,
+    1002, Close.BINARY_FRAME, 1007, 1008, Close.FRAME_TOO_BIG, 1010})
+#: The ``error`` codes sent before those closes: final whatever the close
+#: code says, for when the close frame itself is lost.
+FINAL_ERRORS = frozenset({"bad_hello", "unauthorized", "bad_frame", "too_many_sockets",
+                          "binary_frame", "frame_too_big"})
+
+
 class ProtocolError(Exception):
     """A client frame we refuse; ``code``/``error`` go in the error frame.
     ``detail`` is for the log only: what the client must not learn."""
@@ -48,6 +63,13 @@ class ProtocolError(Exception):
 MAX_ID_LENGTH = 256
 
 
+def valid_id(name: object) -> bool:
+    """Whether ``name`` is a user (or group) id a hello may carry: 1 to
+    ``MAX_ID_LENGTH`` printable characters, no whitespace."""
+    return (isinstance(name, str) and 0 < len(name) <= MAX_ID_LENGTH
+            and not any(c.isspace() or not c.isprintable() for c in name))
+
+
 @dataclass(frozen=True)
 class Hello:
     id: str
@@ -59,7 +81,7 @@ class Hello:
 
 def parse_hello(data: bytes) -> Hello:
     """The first frame: ``{"id": ..., "key": ..., "ack": ..., "heartbeat": ...}``,
-    or the original project's plain ``user1`` / ``user1:token``."""
+    or the plain-text form ``user1`` / ``user1:token`` for simple clients."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -78,7 +100,7 @@ def parse_hello(data: bytes) -> Hello:
         key, ack, heartbeat = (key if _ else None), False, False
     if not isinstance(uid, str) or not uid:
         raise _bad_hello('hello needs a non-empty string "id"')
-    if len(uid) > MAX_ID_LENGTH or any(c.isspace() or not c.isprintable() for c in uid):
+    if not valid_id(uid):
         raise _bad_hello(f'"id" must be at most {MAX_ID_LENGTH} printable characters '
                          "without spaces")
     return Hello(uid, key, ack, heartbeat)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 class Namespace:
     prefix: str = "rm"
 
-    # Channels (dots), as in the original project.
+    # Channels (dots): the names applications PUBLISH to (docs/protocol.rst).
     def user_channel(self, uid: str) -> str:
         return f"{self.prefix}.users.{uid}"
 

@@ -25,6 +25,3 @@ def source(name: str, *shared: str) -> str:
     files = [*(_SHARED / f"{s}.lua" for s in shared), _FOLDER / f"{name}.lua"]
     return "".join(f.read_text("utf-8") for f in files)
 
-
-#: push(), for scripts still written in Python strings (cli.py's).
-PUSH = (_SHARED / "push.lua").read_text("utf-8")

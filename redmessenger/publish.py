@@ -26,7 +26,7 @@ from typing import Any
 
 from . import lua
 from .envelope import Envelope, MessageIds
-from .frames import MAX_ID_LENGTH
+from .frames import MAX_ID_LENGTH, valid_id
 from .keys import Namespace
 
 #: Publish, and store for the recipients if nobody heard it, atomically:
@@ -81,8 +81,7 @@ def check_id(kind: str, name: object) -> str:
     ``MAX_ID_LENGTH`` printable characters, no whitespace), else
     ``ValueError``: a message for an id nobody can have would be published
     on a channel RedMessenger ignores, or stored for nobody."""
-    if not isinstance(name, str) or not name or len(name) > MAX_ID_LENGTH or any(
-            c.isspace() or not c.isprintable() for c in name):
+    if not valid_id(name):
         raise ValueError(f"{name!r}: a {kind} id is 1 to {MAX_ID_LENGTH} printable "
                          "characters, no spaces")
     return name

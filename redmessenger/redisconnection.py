@@ -167,10 +167,8 @@ def connect_service(reactor, address: RedisAddress, factory: ProtocolFactory,
         proto.whenConnected().addCallback(ping)
         proto.whenDisconnected().addCallback(lost)
 
-    endpoint = clientFromString(reactor, address.client_endpoint())
-    if address.tls:
-        endpoint = wrapClientTLS(_tls_options(address), endpoint)
-    return ClientService(endpoint, factory, prepareConnection=prepare, clock=reactor,
+    return ClientService(endpoint(reactor, address), factory, prepareConnection=prepare,
+                         clock=reactor,
                          retryPolicy=lambda attempt: RETRY_POLICY(max(attempt, refused[0])))
 
 
@@ -190,6 +188,16 @@ def _unless_lost(failure: Failure, message: str) -> None:
 def lost_reason(proto) -> str:
     why = getattr(proto, "lost_reason", None)
     return why.getErrorMessage() if why is not None else "closed"
+
+
+def endpoint(reactor, address: RedisAddress, timeout: float | None = None):
+    """How to reach ``address``: TCP or a Unix socket, in TLS for
+    ``rediss://``; ``timeout``: seconds a connection attempt may take."""
+    description = address.client_endpoint()
+    if timeout is not None:
+        description += f":timeout={timeout:g}"
+    reaching = clientFromString(reactor, description)
+    return wrapClientTLS(_tls_options(address), reaching) if address.tls else reaching
 
 
 def _tls_options(address: RedisAddress):

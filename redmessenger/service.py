@@ -15,7 +15,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from . import __version__
+from ._version import __version__
 from .auth import Authenticator
 from .delivery import Dispatcher
 from .embedded import EmbeddedRedis, EmbeddedRedisError
@@ -30,6 +30,8 @@ from .store import SCRIPTS, RedisStore
 from .subscriber import Subscriber
 from .web import make_site
 from .websocket import CLOSE_TIMEOUT, RedMessengerFactory
+
+log = Logger()
 
 #: A process' heartbeat lives HEARTBEAT_TTL seconds and is renewed every
 #: HEARTBEAT_EVERY: a process gone for HEARTBEAT_TTL is taken for dead, and
@@ -50,8 +52,6 @@ class RedMessengerService(MultiService):
     for the one before (Redis ready before clients, writes flushed before
     Redis stops), which ``MultiService``'s all-at-once order cannot do.
     """
-
-    log = Logger()
 
     def __init__(self, settings: Settings, reactor=None, *,
                  fatal_start: bool | None = None) -> None:
@@ -146,10 +146,10 @@ class RedMessengerService(MultiService):
         Service.startService(self)
         _running_here.add(self.owner)
         if self.settings.auth is AuthMode.OFF:
-            self.log.warn("--auth off: any client may claim any user id. Development only!")
+            log.warn("--auth off: any client may claim any user id. Development only!")
             if self.settings.allowed_origins == ("*",):
-                self.log.warn("--auth off and any origin allowed: any web page a user visits "
-                              "can open a socket as any user. Set --allowed-origins.")
+                log.warn("--auth off and any origin allowed: any web page a user visits "
+                         "can open a socket as any user. Set --allowed-origins.")
         if self.embedded is not None:
             self.embedded.startService()
             started = self.embedded.whenReady()
@@ -170,25 +170,25 @@ class RedMessengerService(MultiService):
 
     def _beat(self) -> None:
         self.store.heartbeat(HEARTBEAT_TTL, self.whereabouts).addErrback(
-            lambda f: self.log.warn("Could not renew the heartbeat: {why}",
-                                    why=f.getErrorMessage()))
+            lambda f: log.warn("Could not renew the heartbeat: {why}",
+                               why=f.getErrorMessage()))
 
     def _recover(self, _) -> None:
         """What processes that died held goes back now, before any hello is
         taken or the inbox is read, so that it comes before newer messages:
         not only when each user next connects."""
         d = self.recovery = defer.ensureDeferred(self._put_back_what_the_dead_held())
-        d.addErrback(lambda f: self.log.failure("Could not recover dead processes' claims", f))
+        d.addErrback(lambda f: log.failure("Could not recover dead processes' claims", f))
         d.addCallback(self._recovered)
 
     async def _put_back_what_the_dead_held(self) -> None:
         for owner in await self.store.forget_dead(_died_here):
-            self.log.warn("Process {owner} of this host is gone: what it held comes back now",
-                          owner=owner)
+            log.warn("Process {owner} of this host is gone: what it held comes back now",
+                     owner=owner)
         count = await self.store.recover()
         if count:
-            self.log.warn("Put back {count} messages that processes which died were draining",
-                          count=count)
+            log.warn("Put back {count} messages that processes which died were draining",
+                     count=count)
 
     def _recovered(self, _) -> None:
         waiters, self._recovery_waiters = self._recovery_waiters, None
@@ -208,9 +208,9 @@ class RedMessengerService(MultiService):
 
     def _listening(self, port):
         self.port = port
-        self.log.info("RedMessenger {version} listening on {where} for WebSocket clients; "
-                      "Redis at {redis}", version=__version__, where=str(port.getHost()),
-                      redis=str(self.redis.address))
+        log.info("RedMessenger {version} listening on {where} for WebSocket clients; "
+                 "Redis at {redis}", version=__version__, where=str(port.getHost()),
+                 redis=str(self.redis.address))
         return port
 
     def _could_not_start(self, failure):
@@ -220,9 +220,9 @@ class RedMessengerService(MultiService):
         on: to ``whenListening``, and to the reactor when ``fatal_start``."""
         if failure.check(defer.CancelledError):
             return failure  # stopService is stopping it
-        self.log.critical("RedMessenger could not start: {why}", why=failure.getErrorMessage())
+        log.critical("RedMessenger could not start: {why}", why=failure.getErrorMessage())
         undoing = self._letting_go.run(self._let_go)
-        undoing.addErrback(lambda f: self.log.failure("Could not stop what started", f))
+        undoing.addErrback(lambda f: log.failure("Could not stop what started", f))
 
         def undone(_):
             if self._fatal_start:
@@ -242,7 +242,7 @@ class RedMessengerService(MultiService):
             yield self.port.stopListening()
         yield self._letting_go.run(self._let_go)
         _running_here.discard(self.owner)
-        self.log.info("RedMessenger stopped")
+        log.info("RedMessenger stopped")
 
     @defer.inlineCallbacks
     def _let_go(self):
@@ -256,8 +256,8 @@ class RedMessengerService(MultiService):
             try:
                 yield recommitted.addTimeout(self.settings.shutdown_timeout, self.reactor)
             except defer.TimeoutError:
-                self.log.critical("Redis did not take every pending write within {timeout} s",
-                                  timeout=self.settings.shutdown_timeout)
+                log.critical("Redis did not take every pending write within {timeout} s",
+                             timeout=self.settings.shutdown_timeout)
             if self._heartbeat.running:
                 self._heartbeat.stop()
             try:  # nothing is claimed any more: say so (or let it expire)

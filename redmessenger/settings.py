@@ -125,7 +125,8 @@ class Settings:
     drain_chunk: int = 500
     #: How long a stop waits for Redis to take pending writes.
     shutdown_timeout: float = 10.0
-    #: Log every message's way (debug level), as the original project did.
+    #: Log every message's way (new, sent, queued, purged) at debug level:
+    #: a line per message, to follow one through; off by default.
     verbose: bool = False
     #: Web origins allowed to open a WebSocket (patterns, ``*`` wildcards).
     allowed_origins: tuple[str, ...] = ("*",)

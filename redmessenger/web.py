@@ -13,7 +13,7 @@ from twisted.web import pages
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from . import __version__
+from ._version import __version__
 from .admission import Admission, upgrade
 
 

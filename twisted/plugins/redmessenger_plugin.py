@@ -2,7 +2,7 @@ from twisted.application.service import ServiceMaker
 
 RedMessenger = ServiceMaker(
     "RedMessenger",
-    "redmessenger.options",
+    "redmessenger.tap",
     "Deliver Redis PUBLISHes to WebSocket users, storing them while users are offline.",
     "redmessenger",
 )

@@ -1,25 +1,22 @@
-"""``twistd redmessenger``: its command line, and the service it makes."""
+"""The ``twistd redmessenger`` plugin's module: its command line
+(``Options``) and the service it makes (``makeService``)."""
 
 from __future__ import annotations
 
 import errno
-import os
 import re
 import socket
 from pathlib import Path
 
 from twisted.python import usage
 
+from . import environment
 from .redisserver import RedisServerNotFound, find_redis_server
 from .service import RedMessengerService
 from .settings import AuthMode, RedisAddress, Settings
 from .store import MAX_TAKE
 
 _DEFAULTS = Settings()
-
-
-def _env_name(option: str) -> str:
-    return "REDMESSENGER_" + option.upper().replace("-", "_")
 
 
 class Options(usage.Options):
@@ -114,22 +111,19 @@ class Options(usage.Options):
         ["log-format", None, "text", "text (human-readable) or json (one object per line)."],
     ]
 
-    optFlags = [[long, short, f"{doc} [env: {_env_name(long)}]"]
+    optFlags = [[long, short, f"{doc} [env: {environment.variable(long)}]"]
                 for long, short, doc in optFlags]
-    optParameters = [[long, short, default, f"{doc} [env: {_env_name(long)}]"]
+    optParameters = [[long, short, default, f"{doc} [env: {environment.variable(long)}]"]
                      for long, short, default, doc in optParameters]
 
     def __init__(self) -> None:
         super().__init__()
         # Every option can come from the environment; the command line wins.
-        for long, *_ in self.optParameters:
-            value = os.environ.get(_env_name(long))
+        # A flag's text is judged in postOptions, where a refusal is a usage error.
+        for long, *_ in self.optParameters + self.optFlags:
+            value = environment.value(long)
             if value is not None:
                 self[long] = value
-        for long, *_ in self.optFlags:
-            value = os.environ.get(_env_name(long))
-            if value is not None:
-                self[long] = value  # judged in postOptions, where a refusal is a usage error
 
     def postOptions(self) -> None:
         try:
@@ -210,8 +204,8 @@ def _flag(options: Options, name: str) -> bool:
         return _FLAG_VALUES[value.strip().lower()]
     except KeyError:
         raise usage.UsageError(
-            f"{_env_name(name)} must be 1, true, yes or on (for --{name}), or 0, false, no, "
-            f"off or empty; not {value!r}") from None
+            f"{environment.variable(name)} must be 1, true, yes or on (for --{name}), "
+            f"or 0, false, no, off or empty; not {value!r}") from None
 
 
 def _check_embedded(port: int) -> None:
@@ -253,4 +247,6 @@ def _taken(host: str, port: int) -> bool:
 
 
 def makeService(options: Options) -> RedMessengerService:
+    """Under twistd a start that fails ends the process (status 1): nothing
+    else would notice."""
     return RedMessengerService(options.settings, fatal_start=True)
