@@ -115,9 +115,10 @@ def defer_autobahn_pformat() -> None:
     lazy; the debug line itself is unchanged.
 
     It replaces ``pformat`` in Autobahn's WebSocket module, for every
-    Autobahn server and client in the process: so it is done by
-    ``RedMessengerService.startService``, not by building a factory.
-    Calling it again changes nothing."""
+    Autobahn server and client in the process (``str()`` of Autobahn's
+    ``Timings``, kept with ``trackTimings``, then fails: ours is off): so it
+    is done by ``RedMessengerService.startService``, not by building a
+    factory. Calling it again changes nothing."""
     autobahn_protocol.pformat = _LazyPformat
 
 
