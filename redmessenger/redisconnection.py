@@ -14,7 +14,6 @@ and everything after it go out in their order.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import random
 import re
@@ -29,6 +28,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .compat import bytes_protocol, txredisapi
 from .settings import RedisAddress
 
 
@@ -49,34 +49,7 @@ def transient(error: str) -> bool:
     return _TRANSIENT.search(error) is not None
 
 
-_log = Logger()
-
-
-@functools.cache
-def txredisapi():
-    """txredisapi imports (and so installs) the global reactor: import it
-    only once a service starts, so an application can pick its reactor."""
-    import txredisapi
-
-    return txredisapi
-
-
-@functools.cache
-def bytes_protocol(base: type) -> type:
-    """``base`` speaking bytes only (``charset=None``, ``convertNumbers=False``,
-    as all of ours do), without txredisapi's per-element Python work: replies
-    are hiredis' own values, commands are packed by hiredis in C."""
-    import hiredis
-
-    class BytesProtocol(base):
-        def tryConvertData(self, data):
-            return data  # what txredisapi returns for bytes-only settings, rebuilt
-
-        def _build_command(self, *args, **kwargs) -> bytes:
-            return hiredis.pack_command(args)
-
-    BytesProtocol.__name__ = base.__name__
-    return BytesProtocol
+log = Logger()
 
 
 #: Reconnect quickly at first, then every few seconds at most; a little
@@ -88,7 +61,6 @@ RETRY_POLICY = backoffPolicy(initialDelay=0.05, maxDelay=3.0, factor=2.0,
 class ProtocolFactory(Factory):
     """Builds txredisapi protocols speaking bytes (payloads need not be text)."""
 
-    log = Logger()
     isLazy = True
     noisy = False
 
@@ -104,16 +76,6 @@ class ProtocolFactory(Factory):
                               convertNumbers=False)
         proto.factory = self
         proto.__dict__.update(self._attributes)
-        lost = proto.connectionLost
-
-        def connectionLost(reason):
-            # Kept so a connection that dies during setup (TLS, AUTH) can say
-            # why, unless the setup already said.
-            if getattr(proto, "lost_reason", None) is None:
-                proto.lost_reason = reason
-            return lost(reason)
-
-        proto.connectionLost = connectionLost
         return proto
 
     # txredisapi calls these when Redis refuses the password or the db.
@@ -121,7 +83,7 @@ class ProtocolFactory(Factory):
         pass
 
     def connectionError(self, why: str) -> None:
-        self.log.error("Redis at {address} refused us: {why}", address=str(self.address), why=why)
+        log.error("Redis at {address} refused us: {why}", address=str(self.address), why=why)
 
 
 def connect_service(reactor, address: RedisAddress, factory: ProtocolFactory,
@@ -143,8 +105,8 @@ def connect_service(reactor, address: RedisAddress, factory: ProtocolFactory,
         def lost(_):
             if not proto.answered:
                 refused[0] += 1
-                _log.warn("Could not set up a connection to Redis at {address}: {why}",
-                          address=str(address), why=lost_reason(proto))
+                log.warn("Could not set up a connection to Redis at {address}: {why}",
+                         address=str(address), why=lost_reason(proto))
 
         def ping(protocol):
             protocol.execute_command(b"PING").addCallbacks(
@@ -182,11 +144,11 @@ def _unless_lost(failure: Failure, message: str) -> None:
     """Log a setup command's failure, unless the connection went (which is
     logged once, with its reason)."""
     if not failure.check(txredisapi().ConnectionError):
-        _log.warn(message, why=failure.getErrorMessage())
+        log.warn(message, why=failure.getErrorMessage())
 
 
 def lost_reason(proto) -> str:
-    why = getattr(proto, "lost_reason", None)
+    why = proto.lost_reason
     return why.getErrorMessage() if why is not None else "closed"
 
 
@@ -247,8 +209,6 @@ class _Command:
 class RedisConnection(Service):
     """One ordered command connection that loses no command."""
 
-    log = Logger()
-
     def __init__(self, address: RedisAddress, reactor, scripts: Sequence[Script] = (), *,
                  role: str = "commands", max_pending_bytes: int = 0) -> None:
         self.address = address
@@ -305,9 +265,9 @@ class RedisConnection(Service):
         if self._retry_timer is not None and self._retry_timer.active():
             self._retry_timer.cancel()
         if self._pending:
-            self.log.critical("Stopping with {count} Redis commands ({bytes} bytes) unanswered: "
-                              "{names}", count=len(self._pending), bytes=self.pending_bytes,
-                              names=sorted({c.args[0].decode() for c in self._pending}))
+            log.critical("Stopping with {count} Redis commands ({bytes} bytes) unanswered: "
+                         "{names}", count=len(self._pending), bytes=self.pending_bytes,
+                         names=sorted({c.args[0].decode() for c in self._pending}))
         return self._client.stopService()
 
     def whenConnected(self) -> defer.Deferred:
@@ -376,14 +336,14 @@ class RedisConnection(Service):
             return
         if not self.overloaded and self.pending_bytes > bound:
             self.overloaded = True
-            self.log.warn("{bytes} bytes of Redis commands are unanswered, over "
-                          "--max-pending-bytes {bound}: refusing hellos and pausing the "
-                          "subscriber until Redis catches up", bytes=self.pending_bytes,
-                          bound=bound)
+            log.warn("{bytes} bytes of Redis commands are unanswered, over "
+                     "--max-pending-bytes {bound}: refusing hellos and pausing the "
+                     "subscriber until Redis catches up", bytes=self.pending_bytes,
+                     bound=bound)
         elif self.overloaded and self.pending_bytes <= bound * 3 // 4:
             self.overloaded = False
-            self.log.info("Redis caught up ({bytes} bytes of commands unanswered): taking "
-                          "hellos and reading the subscriber again", bytes=self.pending_bytes)
+            log.info("Redis caught up ({bytes} bytes of commands unanswered): taking "
+                     "hellos and reading the subscriber again", bytes=self.pending_bytes)
         else:
             return
         for observer in list(self.pressure_observers):
@@ -415,7 +375,7 @@ class RedisConnection(Service):
         why = str(failure.value)
         if command.retry and failure.check(txredisapi().ResponseError):
             if command.script is not None and why.startswith("NOSCRIPT"):
-                self.log.warn("Redis forgot a script (SCRIPT FLUSH?); sending its source instead")
+                log.warn("Redis forgot a script (SCRIPT FLUSH?); sending its source instead")
                 command.args = (b"EVAL", command.script.source, *command.args[2:])
                 command.script = None
                 self._hold(command, None)
@@ -436,9 +396,9 @@ class RedisConnection(Service):
         command.sent_on = None
         if why is not None and self.refusal is None:
             self.refusal = why
-            self.log.warn("Redis at {address} refuses commands for now ({why}); holding "
-                          "{count} commands, in order, and trying again",
-                          address=str(self.address), why=why, count=len(self._pending))
+            log.warn("Redis at {address} refuses commands for now ({why}); holding "
+                     "{count} commands, in order, and trying again",
+                     address=str(self.address), why=why, count=len(self._pending))
         if command is self._probe:
             self._probe = None
             self._retry_delay = min(max(self._retry_delay * 2, HOLD_FIRST_DELAY),
@@ -467,14 +427,14 @@ class RedisConnection(Service):
         self._probe = None
         self._holding = False
         if self.refusal is not None:
-            self.log.info("Redis at {address} takes commands again after {seconds:.1f} s; "
-                          "sending the {count} held", address=str(self.address),
-                          seconds=self._reactor.seconds() - self._held_since,
-                          count=len(self._pending))
+            log.info("Redis at {address} takes commands again after {seconds:.1f} s; "
+                     "sending the {count} held", address=str(self.address),
+                     seconds=self._reactor.seconds() - self._held_since,
+                     count=len(self._pending))
             self.refusal = None
         if self._overtook:
-            self.log.info("{count} scripts sent just after a refused one were taken before "
-                          "it", count=self._overtook)
+            log.info("{count} scripts sent just after a refused one were taken before "
+                     "it", count=self._overtook)
             self._overtook = 0
         if self._protocol is not None:
             for command in list(self._pending):
@@ -494,8 +454,8 @@ class RedisConnection(Service):
         if self._was_connected:
             self.reconnects += 1
         self._was_connected = True
-        self.log.info("Connected to Redis at {address}; {count} commands to (re)send",
-                      address=str(self.address), count=len(self._pending))
+        log.info("Connected to Redis at {address}; {count} commands to (re)send",
+                 address=str(self.address), count=len(self._pending))
         name_connection(proto, self._role)
         self._stop_holding()
         for script in self._scripts:
@@ -512,7 +472,7 @@ class RedisConnection(Service):
             return
         self._protocol = None
         if self.running:
-            self.log.warn("Lost the connection to Redis at {address} ({why}); {count} "
-                          "commands will be sent again once it is back",
-                          address=str(self.address), why=lost_reason(proto),
-                          count=len(self._pending))
+            log.warn("Lost the connection to Redis at {address} ({why}); {count} "
+                     "commands will be sent again once it is back",
+                     address=str(self.address), why=lost_reason(proto),
+                     count=len(self._pending))

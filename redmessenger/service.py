@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from ._version import __version__
 from .auth import Authenticator
+from .compat import defer_autobahn_pformat
 from .delivery import Dispatcher
 from .embedded import EmbeddedRedis, EmbeddedRedisError
 from .frames import Close
@@ -144,6 +145,7 @@ class RedMessengerService(MultiService):
 
     def startService(self) -> None:
         Service.startService(self)
+        defer_autobahn_pformat()
         _running_here.add(self.owner)
         if self.settings.auth is AuthMode.OFF:
             log.warn("--auth off: any client may claim any user id. Development only!")

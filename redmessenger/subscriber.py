@@ -10,36 +10,35 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from .compat import txredisapi
 from .keys import Namespace
 from .redisconnection import (
     ProtocolFactory,
     connect_service,
     lost_reason,
     name_connection,
-    txredisapi,
 )
 from .settings import RedisAddress
+
+log = Logger()
 
 
 @functools.cache
 def _subscriber_protocol() -> type:
     class SubscriberProtocol(txredisapi().SubscriberProtocol):
         on_message: Callable[[bytes, bytes], None]
-        log = Logger()
 
         def messageReceived(self, pattern, channel, message):
             try:
                 self.on_message(channel, message)
             except Exception:
                 # One message's bug must not cost the subscription.
-                self.log.failure("Handling a message on {channel!r} failed", channel=channel)
+                log.failure("Handling a message on {channel!r} failed", channel=channel)
 
     return SubscriberProtocol
 
 
 class Subscriber(Service):
-    log = Logger()
-
     def __init__(self, address: RedisAddress, namespace: Namespace,
                  on_message: Callable[[bytes, bytes], None], reactor) -> None:
         self.address = address
@@ -102,15 +101,15 @@ class Subscriber(Service):
         except txredisapi().ConnectionError:
             return  # logged by _lost, with its reason
         except Exception as e:
-            self.log.error("Redis at {address} refused PSUBSCRIBE {patterns}: {why} (an ACL "
-                           "user needs these channel patterns granted literally); trying "
-                           "again", address=str(self.address),
-                           patterns=[p.decode() for p in self._patterns], why=str(e))
+            log.error("Redis at {address} refused PSUBSCRIBE {patterns}: {why} (an ACL "
+                      "user needs these channel patterns granted literally); trying "
+                      "again", address=str(self.address),
+                      patterns=[p.decode() for p in self._patterns], why=str(e))
             proto.transport.loseConnection()  # and ClientService tries again, backing off
             return
         self.subscribed = True
-        self.log.info("Subscribed to {patterns} on Redis at {address}",
-                      patterns=[p.decode() for p in self._patterns], address=str(self.address))
+        log.info("Subscribed to {patterns} on Redis at {address}",
+                 patterns=[p.decode() for p in self._patterns], address=str(self.address))
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             d.callback(None)
@@ -120,6 +119,6 @@ class Subscriber(Service):
             self._proto = None
         self.subscribed = False
         if self.running:
-            self.log.warn("Lost the subscriber connection to Redis at {address} ({why}); "
-                          "resubscribing once it is back (messages published meanwhile "
-                          "are not seen)", address=str(self.address), why=lost_reason(proto))
+            log.warn("Lost the subscriber connection to Redis at {address} ({why}); "
+                     "resubscribing once it is back (messages published meanwhile "
+                     "are not seen)", address=str(self.address), why=lost_reason(proto))

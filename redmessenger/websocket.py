@@ -9,23 +9,16 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
-from pprint import pformat
 
-from autobahn.twisted.websocket import (
-    ConnectionDeny,
-    WebSocketServerFactory,
-    WebSocketServerProtocol,
-)
-from autobahn.websocket import protocol as autobahn_protocol
-from autobahn.websocket.protocol import PreparedMessage
+from autobahn.twisted.websocket import ConnectionDeny, WebSocketServerFactory
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
 from . import frames
 from .auth import Authenticator
+from .compat import ServerProtocol
 from .delivery import Dispatcher
 from .frames import Close, Hello, ProtocolError
 from .keys import Namespace
@@ -33,9 +26,7 @@ from .limits import Limits, address_of
 from .redisconnection import RedisUnavailable
 from .settings import Settings
 
-#: Autobahn's protocols have a ``log`` of their own; this one reads like the seed's
-#: narrative. Module-level: a class attribute Logger is rebuilt on every access.
-_log = Logger()
+log = Logger()
 
 #: Seconds a client has to answer our close frame.
 CLOSE_TIMEOUT = 5.0
@@ -51,7 +42,7 @@ CLOSE_TIMEOUT = 5.0
 HIGH_WATER = 1024 * 1024
 
 
-class RedMessengerProtocol(WebSocketServerProtocol):
+class RedMessengerProtocol(ServerProtocol):
     factory: RedMessengerFactory
 
     uid: str | None = None
@@ -93,8 +84,8 @@ class RedMessengerProtocol(WebSocketServerProtocol):
         """A vanished peer (no FIN, no RST) would take messages into a dead
         connection until TCP gives up, minutes later: drop it now, so they
         are stored instead."""
-        _log.warn("{peer} ({uid}) did not answer a ping within {timeout:g} s: dropping it",
-                  peer=self.peer, uid=self.uid, timeout=self.factory.ping_timeout)
+        log.warn("{peer} ({uid}) did not answer a ping within {timeout:g} s: dropping it",
+                 peer=self.peer, uid=self.uid, timeout=self.factory.ping_timeout)
         self.factory.dispatcher.stats.ping_timeouts += 1
         if self.uid is not None:
             self.factory.dispatcher.detach(self)
@@ -135,8 +126,8 @@ class RedMessengerProtocol(WebSocketServerProtocol):
         self.factory.reactor.callLater(0, self._leave_too_slow)
 
     def _leave_too_slow(self) -> None:
-        _log.warn("{peer} ({uid}) has more than {limit} bytes unsent: too slow",
-                  peer=self.peer, uid=self.uid, limit=self.factory.max_socket_buffer)
+        log.warn("{peer} ({uid}) has more than {limit} bytes unsent: too slow",
+                 peer=self.peer, uid=self.uid, limit=self.factory.max_socket_buffer)
         if self.uid is not None:
             self.factory.dispatcher.detach(self)
         self.close(Close.TOO_SLOW, "too_slow",
@@ -145,9 +136,9 @@ class RedMessengerProtocol(WebSocketServerProtocol):
     # -- Socket, as the dispatcher sees it ----------------------------------
 
     def start(self, queued: int) -> None:
-        _log.info("You're subscribed to {channel}! ({peer}, {queued} stored messages "
-                  "follow)", channel=self.factory.namespace.user_channel(self.uid),
-                  peer=self.peer, queued=queued)
+        log.info("You're subscribed to {channel}! ({peer}, {queued} stored messages "
+                 "follow)", channel=self.factory.namespace.user_channel(self.uid),
+                 peer=self.peer, queued=queued)
         self._heartbeat = self._hello.heartbeat
         self.sendMessage(frames.welcome(
             self.uid, self.factory.namespace.user_channel(self.uid), queued, self.ack_mode,
@@ -158,23 +149,17 @@ class RedMessengerProtocol(WebSocketServerProtocol):
             return False
         if not self.writable and not self._fall_behind(len(frame)):
             return False
-        if self._perMessageCompress is None and not self.send_queue:
-            # What sendMessage() would write, without the debug-log arguments
-            # Autobahn's sendData() formats on every call (most of its cost).
-            self.transport.write(PreparedMessage(frame, False, False, True).payloadHybi)
-        else:
-            self.sendMessage(frame)
+        self.send_text(frame)
         return True
 
     def close(self, code: int, error: str, reason: str) -> None:
         if self.state != self.STATE_OPEN:
             return
         self.factory.dispatcher.stats.closed_by_code[code] += 1
-        _log.info("Closing {peer} ({uid}) with {code}: {reason}", peer=self.peer,
-                  uid=self.uid or self._claimed_id(), code=code, reason=reason)
+        log.info("Closing {peer} ({uid}) with {code}: {reason}", peer=self.peer,
+                 uid=self.uid or self._claimed_id(), code=code, reason=reason)
         self.sendMessage(frames.error(error, reason))
-        # sendClose() only allows 1000 and 3000-4999; we need 1001/1003/1013 too.
-        self.sendCloseFrame(code, reason.encode("utf-8")[:123])
+        self.send_close(code, reason)
 
     # -- Autobahn's callbacks ------------------------------------------------
 
@@ -183,14 +168,14 @@ class RedMessengerProtocol(WebSocketServerProtocol):
         # cookies. Clients that send no Origin (not browsers) are not pages.
         origin = request.headers.get("origin")
         if origin is not None and not self.factory.origin_allowed(origin):
-            _log.warn("Refusing {peer}: origin {origin} is not allowed", peer=self.peer,
-                      origin=origin)
+            log.warn("Refusing {peer}: origin {origin} is not allowed", peer=self.peer,
+                     origin=origin)
             self.factory.dispatcher.stats.closed_by_code[403] += 1
             raise ConnectionDeny(403, f"origin {origin} is not allowed")
 
     def onOpen(self) -> None:
         self.factory.connections.add(self)
-        _log.info("New connection {peer}! Waiting for ID...", peer=self.peer)
+        log.info("New connection {peer}! Waiting for ID...", peer=self.peer)
         # Counted against the connection limits since its accept (admission.py).
         self._address = address_of(self.transport.getPeer())
         self._hello_timer = self.factory.reactor.callLater(
@@ -199,16 +184,8 @@ class RedMessengerProtocol(WebSocketServerProtocol):
             self._next_ping = self.factory.reactor.callLater(self.factory.ping_interval,
                                                              self._ping)
         # The socket was HTTP's until the upgrade; its back-pressure is ours
-        # to follow now. Under a TLS layer, the high-water mark is the
-        # socket's: the layer passes the socket's pause on to its producer
-        # (and reads of bufferSize through to the socket, but not writes).
-        socket = self.transport
-        while isinstance(socket, ProtocolWrapper):
-            socket = socket.transport
-        if hasattr(socket, "bufferSize"):
-            self.transport.unregisterProducer()
-            socket.bufferSize = HIGH_WATER
-            self.transport.registerProducer(_Backpressure(self), True)
+        # to follow now.
+        self.follow_backpressure(_Backpressure(self), HIGH_WATER)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         try:
@@ -235,27 +212,21 @@ class RedMessengerProtocol(WebSocketServerProtocol):
                 call.cancel()
         if self.uid is not None:
             self.factory.dispatcher.detach(self)
-        _log.info("Connection {peer} ({uid}) closed (code {code})", peer=self.peer,
-                  uid=self.uid or self._claimed_id(), code=code)
+        log.info("Connection {peer} ({uid}) closed (code {code})", peer=self.peer,
+                 uid=self.uid or self._claimed_id(), code=code)
 
     def onMessageFrameBegin(self, length: int) -> None:
         super().onMessageFrameBegin(length)
-        # Autobahn's message limit would cap what we send too, so it is off;
-        # a message made of many frames is held to --max-frame here instead.
-        limit = self.factory.max_frame
-        if not self.failedByMe and self.message_data_total_length > limit:
-            self._max_message_size_exceeded(
-                self.message_data_total_length, limit,
-                f"received WebSocket message of {self.message_data_total_length} bytes "
-                f"exceeds the limit of {limit}")
+        # A message made of many frames is held to --max-frame too.
+        self.hold_message_to(self.factory.max_frame)
 
-    def _max_message_size_exceeded(self, msg_size, max_msg_size, reason) -> None:
-        # Autobahn's hook for oversized frames: say why before it closes with 1009.
-        _log.warn("{peer}: {reason}", peer=self.peer, reason=reason)
-        ours = f"frames are limited to {max_msg_size} bytes"
+    def message_too_big(self, size: int, limit: int, reason: str) -> str:
+        # Say why before the connection is closed with 1009.
+        log.warn("{peer}: {reason}", peer=self.peer, reason=reason)
+        ours = f"frames are limited to {limit} bytes"
         self.factory.dispatcher.stats.closed_by_code[Close.FRAME_TOO_BIG] += 1
         self.sendMessage(frames.error("frame_too_big", ours))
-        super()._max_message_size_exceeded(msg_size, max_msg_size, ours)
+        return ours
 
     # -- hello -------------------------------------------------------------
 
@@ -278,8 +249,8 @@ class RedMessengerProtocol(WebSocketServerProtocol):
             return
         if not self.factory.redis_connected():
             # Even with nothing to check, the welcome needs the stored queue.
-            _log.warn("Cannot take the hello of {peer} ({uid}): Redis is away",
-                      peer=self.peer, uid=hello.id)
+            log.warn("Cannot take the hello of {peer} ({uid}): Redis is away",
+                     peer=self.peer, uid=hello.id)
             self._refuse(ProtocolError(Close.TRY_AGAIN_LATER, "redis_unavailable",
                                        "Redis is unavailable; try again later"))
             return
@@ -306,22 +277,22 @@ class RedMessengerProtocol(WebSocketServerProtocol):
 
     def _not_authenticated(self, failure) -> None:
         if failure.check(RedisUnavailable):
-            _log.warn("Cannot check the hello of {peer} ({uid}): {why}", peer=self.peer,
-                      uid=self._hello.id, why=failure.getErrorMessage())
+            log.warn("Cannot check the hello of {peer} ({uid}): {why}", peer=self.peer,
+                     uid=self._hello.id, why=failure.getErrorMessage())
             self._refuse(ProtocolError(Close.TRY_AGAIN_LATER, "redis_unavailable",
                                        "Redis is unavailable; try again later"))
         elif failure.check(ProtocolError):
             self._refuse(failure.value)
         else:
-            _log.failure("Checking the hello of {peer} ({uid}) failed", failure,
-                         peer=self.peer, uid=self._hello.id)
+            log.failure("Checking the hello of {peer} ({uid}) failed", failure,
+                        peer=self.peer, uid=self._hello.id)
             self._refuse(ProtocolError(Close.TRY_AGAIN_LATER, "server_error",
                                        "could not check the key; try again later"))
 
     def _refuse(self, refusal: ProtocolError) -> None:
-        _log.warn("Refusing {peer} ({uid}): {error}: {reason}", peer=self.peer,
-                  uid=self.uid or self._claimed_id(), error=refusal.error,
-                  reason=refusal.logged)
+        log.warn("Refusing {peer} ({uid}): {error}: {reason}", peer=self.peer,
+                 uid=self.uid or self._claimed_id(), error=refusal.error,
+                 reason=refusal.logged)
         self.close(refusal.close_code, refusal.error, refusal.reason)
 
 
@@ -343,28 +314,6 @@ class _Backpressure:
         pass
 
 
-class _LazyPformat:
-    """What Autobahn's per-connection debug line gets instead of a string:
-    formatted only if a debug observer ever renders it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value) -> None:
-        self._value = value
-
-    def __str__(self) -> str:
-        return pformat(self._value)
-
-    __repr__ = __format__ = lambda self, *spec: str(self)  # noqa: E731
-
-
-def _defer_autobahn_pformat() -> None:
-    """Autobahn pretty-prints ~30 options for a debug log line on every new
-    connection, logged or not: 90 µs of a ~600 µs connect+hello. Make it
-    lazy; the debug line itself is unchanged."""
-    autobahn_protocol.pformat = _LazyPformat
-
-
 class RedMessengerFactory(WebSocketServerFactory):
     protocol = RedMessengerProtocol
     noisy = False
@@ -375,7 +324,6 @@ class RedMessengerFactory(WebSocketServerFactory):
                  recovered: Callable[[], defer.Deferred],
                  redis_overloaded: Callable[[], bool] = lambda: False) -> None:
         super().__init__(server=server)
-        _defer_autobahn_pformat()
         self.dispatcher = dispatcher
         self.redis_connected = redis_connected
         self.recovered = recovered

@@ -1,0 +1,168 @@
+"""Every place RedMessenger relies on the internals of Autobahn, txredisapi
+or Twisted, each with what it works around.
+
+No other module touches their private attributes. A release may rename any
+of them: tests/test_compat.py checks each one against the installed
+libraries and names the one that moved; setup.cfg caps each library at the
+minor versions that were tested.
+
+Importing this costs nothing the package does not import anyway: Autobahn,
+but not txredisapi, which installs the global reactor when imported and so
+is imported only once a service builds its first Redis connection.
+"""
+
+from __future__ import annotations
+
+import functools
+from pprint import pformat
+from types import ModuleType
+
+from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.websocket import protocol as autobahn_protocol
+from autobahn.websocket.protocol import PreparedMessage
+from twisted.internet.interfaces import IPushProducer
+from twisted.protocols.policies import ProtocolWrapper
+
+# -- Autobahn -----------------------------------------------------------------
+
+
+class ServerProtocol(WebSocketServerProtocol):
+    """Autobahn's server protocol, with what RedMessenger needs of it and
+    Autobahn offers no public way to do."""
+
+    def send_text(self, frame: bytes) -> None:
+        """``sendMessage(frame)`` at a fifth of its cost, for every message
+        frame: Autobahn's ``sendData()`` formats the arguments of a debug
+        log line on every call, logged or not, and its public
+        ``sendPreparedMessage()`` goes through ``sendData()`` too (timeit, a
+        300-byte frame, Autobahn 26.11: 1.0 µs here, 5.2 µs through
+        ``sendPreparedMessage()``, 5.5 µs through ``sendMessage()``)."""
+        # The single unmasked frame sendMessage() would write; not when
+        # compression was negotiated (the frame differs), nor while
+        # Autobahn has bytes queued (this one would overtake them).
+        if self._perMessageCompress is None and not self.send_queue:
+            self.transport.write(PreparedMessage(frame, False, False, True).payloadHybi)
+        else:
+            self.sendMessage(frame)
+
+    def send_close(self, code: int, reason: str) -> None:
+        """Start the closing handshake with ``code``: Autobahn's
+        ``sendClose()`` allows only 1000 and 3000-4999, and RedMessenger
+        closes with 1001, 1003 and 1013 too. The reason is cut to the 123
+        bytes a close frame holds."""
+        self.sendCloseFrame(code, reason.encode("utf-8")[:123])
+
+    def hold_message_to(self, limit: int) -> None:
+        """From ``onMessageFrameBegin``: fail the connection with 1009
+        (through ``message_too_big``) once the frames of the message being
+        received add up to more than ``limit`` bytes. Autobahn's own message
+        limit cannot be used: it would cap what we send too."""
+        size = self.message_data_total_length
+        if not self.failedByMe and size > limit:
+            self._max_message_size_exceeded(
+                size,
+                limit,
+                f"received WebSocket message of {size} bytes exceeds the limit of {limit}",
+            )
+
+    def message_too_big(self, size: int, limit: int, reason: str) -> str:
+        """Called before a frame or message of ``size`` bytes, over
+        ``limit``, closes the connection with 1009; returns the reason its
+        close frame gives."""
+        return reason
+
+    def _max_message_size_exceeded(self, msg_size, max_msg_size, reason) -> None:
+        # Autobahn's hook for a frame over maxFramePayloadSize (and for a
+        # message over hold_message_to's limit): message_too_big first.
+        super()._max_message_size_exceeded(
+            msg_size, max_msg_size, self.message_too_big(msg_size, max_msg_size, reason)
+        )
+
+    def follow_backpressure(self, producer: IPushProducer, high_water: int) -> None:
+        """Register ``producer`` for the socket, paused past ``high_water``
+        unsent bytes. The socket was HTTP's until the upgrade, and Twisted
+        has no public way to set a transport's high-water mark: it is the
+        socket's ``bufferSize``. Under a TLS layer it is the socket's too:
+        the layer passes the socket's pause on to its producer (and reads of
+        ``bufferSize`` through to the socket, but not writes)."""
+        socket = self.transport
+        while isinstance(socket, ProtocolWrapper):
+            socket = socket.transport
+        if hasattr(socket, "bufferSize"):
+            self.transport.unregisterProducer()
+            socket.bufferSize = high_water
+            self.transport.registerProducer(producer, True)
+
+
+class _LazyPformat:
+    """What Autobahn's per-connection debug line gets instead of a string:
+    formatted only if a debug observer ever renders it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value) -> None:
+        self._value = value
+
+    def __str__(self) -> str:
+        return pformat(self._value)
+
+    __repr__ = __format__ = lambda self, *spec: str(self)  # noqa: E731
+
+
+def defer_autobahn_pformat() -> None:
+    """Autobahn pretty-prints ~30 options for a debug log line on every new
+    connection, logged or not: 90 µs of a ~600 µs connect+hello. Make it
+    lazy; the debug line itself is unchanged.
+
+    It replaces ``pformat`` in Autobahn's WebSocket module, for every
+    Autobahn server and client in the process (``str()`` of Autobahn's
+    ``Timings``, kept with ``trackTimings``, then fails: ours is off): so it
+    is done by ``RedMessengerService.startService``, not by building a
+    factory. Calling it again changes nothing."""
+    autobahn_protocol.pformat = _LazyPformat
+
+
+# -- txredisapi ---------------------------------------------------------------
+
+
+@functools.cache
+def txredisapi() -> ModuleType:
+    """txredisapi imports (and so installs) the global reactor: import it
+    only once a service starts, so an application can pick its reactor."""
+    import txredisapi
+
+    return txredisapi
+
+
+@functools.cache
+def bytes_protocol(base: type) -> type:
+    """``base``, a txredisapi protocol, speaking bytes only (``charset=None``,
+    ``convertNumbers=False``, as all of ours do) without txredisapi's
+    per-element Python work: replies are hiredis' own values, commands are
+    packed by hiredis in C. It also keeps why its connection was lost."""
+    import hiredis
+
+    class BytesProtocol(base):
+        #: Why the connection was lost; set by our own setup too.
+        lost_reason = None
+
+        def tryConvertData(self, data):
+            # txredisapi's hook for every reply: it rebuilds the reply
+            # element by element, to decode and convert what bytes-only
+            # settings leave as it is.
+            return data
+
+        def _build_command(self, *args, **kwargs) -> bytes:
+            # txredisapi packs each command in Python, argument by argument.
+            return hiredis.pack_command(args)
+
+        def connectionLost(self, reason):
+            # txredisapi's whenDisconnected() fires with the protocol, not
+            # the reason: kept so a connection that dies during setup (TLS,
+            # AUTH) can say why, unless the setup already said.
+            if self.lost_reason is None:
+                self.lost_reason = reason
+            return super().connectionLost(reason)
+
+    BytesProtocol.__name__ = base.__name__
+    return BytesProtocol

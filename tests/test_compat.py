@@ -1,0 +1,309 @@
+"""What redmessenger/compat.py relies on in Autobahn, txredisapi and Twisted is
+still there in the installed releases.
+
+A release that renames one of them fails here, with the name, the library's
+version and the workaround that needs it, rather than in production (where
+an override of a renamed hook would just stop being called).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import pprint
+import re
+from collections import deque
+from pathlib import Path
+
+import pytest
+from autobahn.twisted.websocket import WebSocketServerFactory
+from autobahn.websocket import protocol as autobahn_protocol
+from twisted.internet import abstract, tcp
+from twisted.internet.testing import StringTransport
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+from redmessenger import compat
+from redmessenger.compat import ServerProtocol
+
+#: Every private attribute of another library that compat.py names, each
+#: checked below (compat.py's own are not in it).
+CHECKED_PRIVATES = {"_perMessageCompress", "_max_message_size_exceeded", "_build_command"}
+
+#: The internals only compat.py may name.
+INTERNALS = (
+    "_perMessageCompress",
+    "send_queue",
+    "payloadHybi",
+    "sendCloseFrame",
+    "_max_message_size_exceeded",
+    "failedByMe",
+    "message_data_total_length",
+    "bufferSize",
+    "pformat",
+    "tryConvertData",
+    "_build_command",
+)
+
+
+def gone(library: str, where: str, what: str) -> str:
+    return (
+        f"{library} {importlib.metadata.version(library)}: {where} is gone or changed; "
+        f"redmessenger/compat.py relies on it for {what}"
+    )
+
+
+def relied_on(library: str, owner: object, name: str, what: str):
+    """``owner.name``, or a failure that names it."""
+    if not hasattr(owner, name):
+        where = f"{owner.__name__}.{name}" if hasattr(owner, "__name__") else name
+        pytest.fail(gone(library, where, what))
+    return getattr(owner, name)
+
+
+def parameters(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def assert_calls(library: str, owner: object, name: str, what: str) -> None:
+    """``owner``'s source still calls ``self.name(``: an override of it is
+    still what the library runs."""
+    if f"self.{name}(" not in inspect.getsource(owner):
+        pytest.fail(gone(library, f"{owner.__name__} calling self.{name}()", what))
+
+
+class Recording(ServerProtocol):
+    too_big: list[tuple[int, int]]
+
+    def message_too_big(self, size: int, limit: int, reason: str) -> str:
+        self.too_big.append((size, limit))
+        return "ours"
+
+
+def connected(**options) -> Recording:
+    """A server protocol on an in-memory transport, its connection open."""
+    factory = WebSocketServerFactory()
+    factory.protocol = Recording
+    # As the service has it (failByDrop=False), without timers.
+    factory.setProtocolOptions(
+        openHandshakeTimeout=0, closeHandshakeTimeout=0, failByDrop=False, **options
+    )
+    protocol = factory.buildProtocol(None)
+    protocol.too_big = []
+    protocol.makeConnection(StringTransport())
+    protocol.state = protocol.STATE_OPEN
+    protocol.transport.clear()
+    return protocol
+
+
+# -- Autobahn ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "expected", "what"),
+    [
+        (
+            "_max_message_size_exceeded",
+            ["self", "msg_size", "max_msg_size", "reason"],
+            "message_too_big, before a 1009 close",
+        ),
+        (
+            "sendCloseFrame",
+            ["self", "code", "reasonUtf8", "isReply"],
+            "send_close, with codes sendClose() refuses",
+        ),
+    ],
+)
+def test_autobahn_methods(name: str, expected: list[str], what: str) -> None:
+    method = relied_on("autobahn", autobahn_protocol.WebSocketProtocol, name, what)
+    assert parameters(method) == expected, gone(
+        "autobahn", f"WebSocketProtocol.{name}{tuple(expected[1:])}", what
+    )
+
+
+def test_autobahn_still_calls_the_hook_compat_overrides() -> None:
+    assert_calls(
+        "autobahn",
+        autobahn_protocol.WebSocketProtocol,
+        "_max_message_size_exceeded",
+        "message_too_big, before a 1009 close",
+    )
+
+
+def test_autobahn_connection_state() -> None:
+    protocol = connected()
+    what = "send_text's bypass of sendMessage()"
+    assert relied_on("autobahn", protocol, "_perMessageCompress", what) is None
+    assert isinstance(relied_on("autobahn", protocol, "send_queue", what), deque), gone(
+        "autobahn", "WebSocketProtocol.send_queue (a deque)", what
+    )
+    assert relied_on("autobahn", protocol, "failedByMe", "hold_message_to") is False
+    protocol.onMessageBegin(False)
+    protocol.onMessageFrameBegin(5)
+    protocol.onMessageFrameBegin(7)
+    assert relied_on("autobahn", protocol, "message_data_total_length", "hold_message_to") == 12
+
+
+def test_send_text_writes_what_send_message_would() -> None:
+    for size in (0, 5, 125, 126, 70_000):
+        frame = b"x" * size
+        ours, theirs = connected(), connected()
+        ours.send_text(frame)
+        theirs.sendMessage(frame)
+        assert ours.transport.value() == theirs.transport.value(), gone(
+            "autobahn",
+            "PreparedMessage(...).payloadHybi (the frame sendMessage() writes)",
+            "send_text",
+        )
+
+
+def test_send_text_waits_behind_what_autobahn_queued() -> None:
+    protocol = connected()
+    protocol.send_queue.append((b"queued", False))
+    protocol.send_text(b"later")
+    # Autobahn wrote what it had queued; ours waits behind it, in its queue.
+    assert protocol.transport.value() == b"queued"
+    assert len(protocol.send_queue) == 1
+    protocol.send_queue.clear()  # nothing for its timer to write
+
+
+def test_a_frame_over_the_limit_is_refused_through_message_too_big() -> None:
+    protocol = connected(maxFramePayloadSize=10)
+    protocol.onMessageBegin(False)
+    protocol.onMessageFrameBegin(11)
+    assert protocol.too_big == [(11, 10)], gone(
+        "autobahn", "onMessageFrameBegin calling _max_message_size_exceeded", "message_too_big"
+    )
+    assert protocol.failedByMe
+
+
+def test_hold_message_to_refuses_a_message_over_the_limit() -> None:
+    protocol = connected()
+    protocol.onMessageBegin(False)
+    protocol.onMessageFrameBegin(6)
+    protocol.hold_message_to(10)
+    assert protocol.too_big == []
+    protocol.onMessageFrameBegin(6)
+    protocol.hold_message_to(10)
+    assert protocol.too_big == [(12, 10)]
+    # Once failing, not again.
+    protocol.onMessageFrameBegin(6)
+    protocol.hold_message_to(10)
+    assert protocol.too_big == [(12, 10)]
+
+
+def test_send_close_sends_any_code() -> None:
+    protocol = connected()
+    protocol.send_close(1013, "é" * 100)
+    written = protocol.transport.value()
+    assert written[:2] == b"\x88\x7d", written[:2]  # a close frame of 125 bytes
+    assert written[2:4] == (1013).to_bytes(2, "big")
+
+
+def test_pformat_is_deferred_by_an_explicit_call_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from twisted.internet.task import Clock
+
+    from redmessenger.settings import Settings
+    from redmessenger.websocket import RedMessengerFactory
+
+    what = "defer_autobahn_pformat"
+    relied_on("autobahn", autobahn_protocol, "pformat", what)
+    assert "pformat(" in inspect.getsource(autobahn_protocol), gone(
+        "autobahn", "protocol.py calling pformat()", what
+    )
+    monkeypatch.setattr(autobahn_protocol, "pformat", pprint.pformat)
+    RedMessengerFactory(None, None, Settings(), Clock(), "test", lambda: True, lambda: None)
+    assert autobahn_protocol.pformat is pprint.pformat  # building a factory leaves it
+    compat.defer_autobahn_pformat()
+    deferred = autobahn_protocol.pformat
+    compat.defer_autobahn_pformat()
+    assert autobahn_protocol.pformat is deferred is not pprint.pformat
+    assert f"{deferred({'a': 1})}" == str(deferred({"a": 1})) == "{'a': 1}"
+
+
+# -- Twisted ------------------------------------------------------------------
+
+
+def test_twisted_high_water_mark() -> None:
+    what = "follow_backpressure (the socket's high-water mark)"
+    assert isinstance(relied_on("twisted", abstract.FileDescriptor, "bufferSize", what), int)
+    assert "self.bufferSize" in inspect.getsource(abstract.FileDescriptor), gone(
+        "twisted", "FileDescriptor reading self.bufferSize", what
+    )
+    assert issubclass(tcp.Connection, abstract.FileDescriptor), gone(
+        "twisted", "tcp.Connection as a FileDescriptor", what
+    )
+    assert issubclass(TLSMemoryBIOProtocol, ProtocolWrapper), gone(
+        "twisted", "TLSMemoryBIOProtocol as a ProtocolWrapper", what
+    )
+
+
+# -- txredisapi ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [
+        ("tryConvertData", "bytes_protocol's replies as hiredis gives them"),
+        ("_build_command", "bytes_protocol's commands packed by hiredis"),
+    ],
+)
+def test_txredisapi_hooks(name: str, what: str) -> None:
+    base = compat.txredisapi().BaseRedisProtocol
+    relied_on("txredisapi", base, name, what)
+    assert_calls("txredisapi", base, name, what)
+
+
+def test_bytes_protocol_does_what_txredisapi_does_with_bytes_only_settings() -> None:
+    import hiredis
+
+    relied_on("hiredis", hiredis, "pack_command", "bytes_protocol's commands")
+    base = compat.txredisapi().RedisProtocol
+    ours = compat.bytes_protocol(base)(charset=None, convertNumbers=False)
+    theirs = base(charset=None, convertNumbers=False)
+    command = (b"EVALSHA", b"f" * 40, 2, b"rm:users:u1:messages", b"k", b"\x00\xff", 12345)
+    assert ours._build_command(*command) == theirs._build_command(*command)
+    reply = [b"1", [b"x", None, 3, [b"", b"2.5"]], None, 7]
+    assert ours.tryConvertData(reply) == theirs.tryConvertData(reply)
+
+
+def test_bytes_protocol_keeps_why_its_connection_was_lost() -> None:
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    txredisapi = compat.txredisapi()
+    relied_on(
+        "txredisapi",
+        txredisapi.BaseRedisProtocol,
+        "whenDisconnected",
+        "lost_reason of a connection lost during its setup",
+    )
+    proto = compat.bytes_protocol(txredisapi.RedisProtocol)(charset=None, convertNumbers=False)
+    disconnected = proto.whenDisconnected()
+    proto.makeConnection(StringTransport())
+    why = Failure(ConnectionDone())
+    proto.connectionLost(why)
+    assert proto.lost_reason is why
+    assert disconnected.called
+
+
+# -- the wall -----------------------------------------------------------------
+
+
+def test_every_private_name_in_compat_is_checked() -> None:
+    source = Path(compat.__file__).read_text()
+    named = set(re.findall(r"\.(_[A-Za-z]\w*)", source))
+    own = set(compat._LazyPformat.__slots__)
+    assert named - own <= CHECKED_PRIVATES, named - own - CHECKED_PRIVATES
+
+
+def test_only_compat_names_other_libraries_internals() -> None:
+    package = Path(compat.__file__).parent
+    pattern = re.compile(r"\b(" + "|".join(INTERNALS) + r")\b")
+    found = {
+        f"{path.name}: {name}"
+        for path in package.glob("*.py")
+        if path.name != "compat.py"
+        for name in pattern.findall(path.read_text())
+    }
+    assert not found, found
