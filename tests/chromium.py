@@ -10,6 +10,7 @@ import shutil
 from typing import Any
 
 import pytest
+
 from harness import RunningService, http_url
 
 #: How long (ms) the browser side waits for anything it expects.

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from certificates import make_certificate
 from network import pick_free_port
 from redisservers import RedisServerProcess, TlsRedis, spawned_redis, tls_redis_server

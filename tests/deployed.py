@@ -18,10 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from network import HOST, accepting
-from resp import RedisReplyError, RespClient
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
+
+from network import HOST, accepting
+from resp import RedisReplyError, RespClient
 
 # bench/ is not installed: like ``python -m pytest`` and ``python -m bench``
 # run from the repository's root, import it from there.

@@ -54,6 +54,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
 from deployed import RECV_TIMEOUT, REPO, STOPPED, TwistdProcess, deployed_env
 from network import HOST, pick_free_port
 

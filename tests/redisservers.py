@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import pytest
+
 from network import HOST, pick_free_port
 from resp import RedisReplyError, RespClient, encode_command, read_reply
 

@@ -21,10 +21,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from chromium import WAIT_MS
-from harness import RunningService, aiotest, eventually, run, tw
 
 from redmessenger.settings import AuthMode
+
+from chromium import WAIT_MS
+from harness import RunningService, aiotest, eventually, run, tw
 
 #: Quick reconnects, so that the reconnect tests take well under a second.
 FAST = {"minDelay": 50, "maxDelay": 500}

@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from commandline import CLI_TIMEOUT, cli, cli_async, ok, queue
-from harness import aiotest, eventually, start_service
 
 from redmessenger.cli import health_url, main
+
+from commandline import CLI_TIMEOUT, cli, cli_async, ok, queue
+from harness import aiotest, eventually, start_service
 
 # -- in-process: arguments only -------------------------------------------------
 

@@ -13,7 +13,6 @@ from typing import Any
 import jwt
 import pytest
 import pytest_twisted
-from harness import RunningService, aiotest, eventually, run, start_service, tw
 from twisted.internet import defer, task
 
 from redmessenger.client import (
@@ -28,6 +27,8 @@ from redmessenger.client import (
     backoff,
 )
 from redmessenger.settings import AuthMode
+
+from harness import RunningService, aiotest, eventually, run, start_service, tw
 
 
 def fast(attempt: int) -> float:

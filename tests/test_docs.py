@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 
 import pytest
+
 from deployed import REPO
 from docsamples import CLAIMED, SAMPLES, all_blocks, literal_blocks, matching
 

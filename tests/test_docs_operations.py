@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import websockets
+
 from certificates import certificate_chain
 from deployed import (
     REPO,

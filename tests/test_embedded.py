@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from redisservers import binary, version_of
-from resp import EmbeddedRedisClient, RedisReplyError, RespClient
 from twisted.internet import reactor
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import deferLater
@@ -24,6 +22,9 @@ from twisted.logger import LogLevel, globalLogPublisher
 from redmessenger import embedded
 from redmessenger.embedded import EmbeddedRedis, EmbeddedRedisError
 from redmessenger.redisserver import RedisServerNotFound, parse_version
+
+from redisservers import binary, version_of
+from resp import EmbeddedRedisClient, RedisReplyError, RespClient
 
 
 @asynccontextmanager

@@ -14,6 +14,12 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.application.service import IService, MultiService
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+
+from redmessenger import AuthMode, RedMessengerService, Settings
+
 from deployed import (
     FAIL_TIMEOUT,
     GIVE_UP_TIMEOUT,
@@ -27,11 +33,6 @@ from deployed import (
 from harness import Client, aiotest, eventually, loop, tw
 from network import HOST, accepting, pick_free_port
 from resp import RespClient
-from twisted.application.service import IService, MultiService
-from twisted.internet import defer
-from twisted.internet.error import CannotListenError
-
-from redmessenger import AuthMode, RedMessengerService, Settings
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "docs" / "example.tac"

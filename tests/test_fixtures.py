@@ -9,6 +9,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from resp import RedisReplyError, encode_command, read_reply
 
 

@@ -17,11 +17,12 @@ import json
 from dataclasses import dataclass, field
 
 import pytest
-from harness import Client, RunningService, aiotest, eventually, run, start_service, tw
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from redmessenger.settings import AuthMode
+
+from harness import Client, RunningService, aiotest, eventually, run, start_service, tw
 
 MAX_FRAME = 512
 KEYED, KEY = "keyed", "secret"

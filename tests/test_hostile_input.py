@@ -10,11 +10,12 @@ import json
 import subprocess
 
 import pytest
+
+from redmessenger.envelope import Envelope, MessageIds
+
 from deployed import FAIL_TIMEOUT, TWISTD, assert_refused, deployed_env
 from harness import aiotest, eventually
 from network import HOST, pick_free_port
-
-from redmessenger.envelope import Envelope, MessageIds
 
 #: Entries another program could RPUSH into a queue, none of them an
 #: envelope we can use: each must come out as it is, in its place.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import websockets
+
 from harness import aiotest, eventually, get, http_url, metric, start_service
 
 

@@ -7,13 +7,14 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from redisservers import RedisServerProcess, binary
 
 from redmessenger.cli import DEAD_RETRY, GROUP_MEMBERS
 from redmessenger.keys import Namespace
 from redmessenger.publish import DURABLE_PUBLISH
 from redmessenger.redisconnection import Script
 from redmessenger.store import SCRIPTS
+
+from redisservers import RedisServerProcess, binary
 
 ALL = (*SCRIPTS, *(Script(s) for s in (DURABLE_PUBLISH, GROUP_MEMBERS, DEAD_RETRY)))
 

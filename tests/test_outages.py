@@ -8,10 +8,11 @@ import json
 import ssl
 
 import pytest
-from harness import aiotest, eventually, start_service, tw
-from redisservers import kill_connection
 
 from redmessenger.envelope import Envelope
+
+from harness import aiotest, eventually, start_service, tw
+from redisservers import kill_connection
 
 
 def payloads(frames):

@@ -13,11 +13,12 @@ import itertools
 import json
 
 import pytest
-from harness import aiotest, eventually, start_service
 from twisted.logger import formatEvent, globalLogPublisher
 from websockets.frames import Frame, Opcode
 
 from redmessenger.settings import AuthMode
+
+from harness import aiotest, eventually, start_service
 
 ID_RULE = '"id" must be at most 256 printable characters without spaces'
 NEEDS_ID = 'hello needs a non-empty string "id"'

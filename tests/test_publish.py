@@ -11,10 +11,11 @@ import time
 import pytest
 import redis as redis_py
 import redis.asyncio as redis_asyncio
-from harness import aiotest, eventually
 
 from redmessenger.envelope import MessageIds
 from redmessenger.publish import Published, durable_publish
+
+from harness import aiotest, eventually
 
 
 @pytest.fixture

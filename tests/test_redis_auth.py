@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-from harness import aiotest, eventually, start_service
 from twisted.logger import formatEvent, globalLogPublisher
 
 from redmessenger.settings import RedisAddress
+
+from harness import aiotest, eventually, start_service
 
 
 def with_auth(redis, *auth):

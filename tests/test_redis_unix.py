@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+
 from harness import aiotest, eventually, start_service
 from redisservers import spawned_redis
 from resp import encode_command, read_reply

@@ -11,9 +11,10 @@ import time
 import jwt
 import pytest
 import websockets
-from harness import RECV_TIMEOUT, Client, aiotest, eventually, metric, start_service, tw
 
 from redmessenger.settings import AuthMode
+
+from harness import RECV_TIMEOUT, Client, aiotest, eventually, metric, start_service, tw
 
 SECRET = "correct horse battery staple, and more"
 

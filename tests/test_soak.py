@@ -49,6 +49,7 @@ from pathlib import Path
 
 import pytest
 import websockets
+
 from deployed import START_TIMEOUT, TwistdProcess, wait_for
 from harness import aiotest, loop
 from network import HOST, pick_free_port

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from websockets.sync.client import connect
+
 from deployed import (
     FAIL_TIMEOUT,
     GIVE_UP_TIMEOUT,
@@ -37,7 +39,6 @@ from deployed import (
 )
 from network import HOST, accepting, free_ports, pick_free_port
 from resp import EmbeddedRedisClient, RespClient
-from websockets.sync.client import connect
 
 # --------------------------------------------------------------------------
 # The embedded default
