@@ -636,3 +636,45 @@ def test_readme_durable_publish_stores_when_nobody_listens(tmp_path: Path, redis
     assert done.stdout.split() == ["0", "1"]
     [stored] = redis.command("LRANGE", "rm:users:user1:messages", 0, -1)
     assert json.loads(stored)["payload"] == "Your order has shipped"
+
+
+def readme_layers() -> list[set[str]]:
+    """The README's code map: each bullet's modules, in order."""
+    section = (REPO / "README.rst").read_text().split("\nFinding your way in the code\n", 1)[1]
+    bullets = re.split(r"\n- ", section)[1:]
+    return [{name[:-3] for name in re.findall(r"``([a-z_]+\.py)``", b)} for b in bullets]
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """The package's modules that ``path`` imports when it runs (imports
+    under ``if TYPE_CHECKING:`` are for type hints only)."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            return
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found.update([node.module] if node.module else [a.name for a in node.names])
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return found
+
+
+def test_readme_code_map_names_every_module_and_the_imports_follow_its_layers() -> None:
+    """The map stays whole (a new module is placed in its layer), and no
+    module reaches down: a publisher does not load the server, delivery
+    does not load sockets."""
+    layers = readme_layers()
+    package = REPO / "redmessenger"
+    modules = {p.stem for p in package.glob("*.py")} - {"__init__"}
+    assert set().union(*layers) == modules
+    depth = {name: i for i, layer in enumerate(layers) for name in layer}
+    reaching_down = {
+        (module, imported)
+        for module in modules
+        for imported in runtime_imports(package / f"{module}.py")
+        if depth[imported] > depth[module]
+    }
+    assert not reaching_down
