@@ -115,11 +115,17 @@ def defer_autobahn_pformat() -> None:
     lazy; the debug line itself is unchanged.
 
     It replaces ``pformat`` in Autobahn's WebSocket module, for every
-    Autobahn server and client in the process (``str()`` of Autobahn's
-    ``Timings``, kept with ``trackTimings``, then fails: ours is off): so it
-    is done by ``RedMessengerService.startService``, not by building a
-    factory. Calling it again changes nothing."""
+    Autobahn server and client in the process: so it is done by
+    ``RedMessengerService.startService``, not by building a factory, and
+    ``str()`` of Autobahn's ``Timings`` (which an application may track
+    with ``trackTimings``), the module's one other caller that must return
+    a string, keeps the real ``pformat``. Calling it again changes nothing."""
     autobahn_protocol.pformat = _LazyPformat
+    autobahn_protocol.Timings.__str__ = _timings_str
+
+
+def _timings_str(timings: autobahn_protocol.Timings) -> str:
+    return pformat({key: timings[key] for key in timings})
 
 
 # -- txredisapi ---------------------------------------------------------------

@@ -212,6 +212,7 @@ def test_pformat_is_deferred_by_an_explicit_call_only(monkeypatch: pytest.Monkey
         "autobahn", "protocol.py calling pformat()", what
     )
     monkeypatch.setattr(autobahn_protocol, "pformat", pprint.pformat)
+    monkeypatch.setattr(autobahn_protocol.Timings, "__str__", autobahn_protocol.Timings.__str__)
     RedMessengerFactory(None, None, Settings(), Clock(), "test", lambda: True, lambda: None)
     assert autobahn_protocol.pformat is pprint.pformat  # building a factory leaves it
     compat.defer_autobahn_pformat()
@@ -219,6 +220,9 @@ def test_pformat_is_deferred_by_an_explicit_call_only(monkeypatch: pytest.Monkey
     compat.defer_autobahn_pformat()
     assert autobahn_protocol.pformat is deferred is not pprint.pformat
     assert f"{deferred({'a': 1})}" == str(deferred({"a": 1})) == "{'a': 1}"
+    timings = autobahn_protocol.Timings()  # an application's, with trackTimings
+    timings.track("onOpen")
+    assert str(timings).startswith("{'onOpen': ")
 
 
 # -- Twisted ------------------------------------------------------------------
