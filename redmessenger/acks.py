@@ -24,7 +24,6 @@ from .stats import Stats
 if TYPE_CHECKING:
     from .delivery import MessageStore, Socket
 
-#: Module-level: a class attribute Logger builds a new Logger on every access.
 log = Logger()
 
 

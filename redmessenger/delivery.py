@@ -26,7 +26,6 @@ from .frames import Close
 from .keys import Namespace
 from .stats import Stats
 
-#: Module-level: a class attribute Logger builds a new Logger on every access.
 log = Logger()
 
 

@@ -19,7 +19,6 @@ from .delivery import Dispatcher
 from .envelope import Envelope
 from .keys import Namespace
 
-#: Module-level: a class attribute Logger builds a new Logger on every access.
 log = Logger()
 
 
@@ -39,7 +38,6 @@ class _Pending:
 class Router:
     """Turns each message from the subscriber into an envelope and its
     recipients, and hands them to the dispatcher in arrival order."""
-
 
     def __init__(self, dispatcher: Dispatcher, groups: Groups, namespace: Namespace, *,
                  trace: bool = False, clock: Callable[[], float] = time.time) -> None:

@@ -60,7 +60,6 @@ MAX_TAKE = 5000
 MAX_BATCH_KEYS = 5000
 
 
-#: Module-level: a class attribute Logger builds a new Logger on every access.
 log = Logger()
 
 

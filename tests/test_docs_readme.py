@@ -678,3 +678,11 @@ def test_readme_code_map_names_every_module_and_the_imports_follow_its_layers() 
         if depth[imported] > depth[module]
     }
     assert not reaching_down
+
+
+def test_every_module_logs_through_a_module_level_logger() -> None:
+    """As the code map says: no ``Logger`` built per class or per call."""
+    for path in (REPO / "redmessenger").glob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if "Logger()" in line:
+                assert line == "log = Logger()", f"{path.name}:{number}: {line.strip()}"
