@@ -112,8 +112,8 @@ class _Session:
     - ``waiting`` is empty while ``overflowed`` (newer messages follow the
       older ones into Redis) and while no socket is here;
     - ``window`` (a drain paused until an ack) and ``refused`` need a
-      socket: a departure fires ``window``, and any change of sockets
-      clears ``refused``;
+      socket: an arrival or a departure fires ``window``, and any change
+      of sockets clears ``refused``;
     - a plain seat holds nothing unacknowledged; an ack-mode seat holds at
       most --ack-window, tags ascending below its ``next_tag``; a message's
       ``holders`` is how many seats hold it, and what is ``returned`` is
@@ -253,6 +253,7 @@ class Dispatcher:
         if session.draining:
             if session.remaining is not None:
                 self._start(seat, session.remaining)
+            self._window_may_open(session)  # a drain paused on full windows: room here
         else:
             self._begin_drain(session)
 
