@@ -316,3 +316,32 @@ async def test_past_the_ack_window_messages_wait_in_redis_for_acks(messenger):
     await client.ack(30)
     await eventually(lambda: rm.dispatcher.stats.acked == 30)
     assert rm.queue("user1") == []
+
+
+@aiotest
+async def test_a_stuck_ack_socket_does_not_hold_up_the_users_new_one(messenger):
+    """The user's old client has a full window and acks nothing; the new
+    one gets the rest of the drain at once. When the old one goes, what it
+    held reaches the new one too: all nine, each acked once, none left in
+    Redis."""
+    rm = await messenger(ack_window=3)
+    for i in range(9):
+        rm.publish("rm.users.user1", str(i))
+    await eventually(lambda: len(rm.queue("user1")) == 9)
+    stuck = await rm.user("user1", ack=True)
+    assert payloads(await stuck.messages(3)) == ["0", "1", "2"]
+    fresh = await rm.user("user1", ack=True)
+    got = await fresh.messages(3)  # without an ack from the stuck one
+    assert payloads(got) == ["3", "4", "5"]
+    stuck.abort()
+    await eventually(lambda: len(rm.service.factory.connections) == 1, what="the abort seen")
+    await fresh.ack(got[-1]["tag"])
+    back = await fresh.messages(3)  # what the stuck one held goes first
+    await fresh.ack(back[-1]["tag"])
+    rest = await fresh.messages(3)
+    assert payloads(back) == ["0", "1", "2"] and payloads(rest) == ["6", "7", "8"]
+    await fresh.ack(rest[-1]["tag"])
+    await eventually(lambda: rm.dispatcher.stats.acked == 9)
+    await eventually(lambda: not rm.redis.command("KEYS", "rm:users:user1:taking:*"),
+                     what="every claim released")
+    assert rm.queue("user1") == []
