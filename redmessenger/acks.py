@@ -82,10 +82,12 @@ class Seat:
     """A socket as the dispatcher sees it: its ack bookkeeping. Tags count
     up from 1; ``unacked`` holds its window, oldest tag first."""
 
-    __slots__ = ("socket", "next_tag", "unacked", "started")
+    __slots__ = ("socket", "id", "next_tag", "unacked", "started")
 
-    def __init__(self, socket: Socket) -> None:
+    def __init__(self, socket: Socket, id: str = "") -> None:
         self.socket = socket
+        #: Its id in the cluster's presence (``<owner>:<n>``).
+        self.id = id
         self.next_tag = 1
         self.unacked: OrderedDict[int, Outstanding] = OrderedDict()
         #: Welcomed (told how many stored messages follow).

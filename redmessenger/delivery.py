@@ -11,6 +11,7 @@ memory, in ``barrier``.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -89,6 +90,36 @@ class MessageStore(Protocol):
         """Fires when every write handed over so far is in Redis."""
 
 
+class Presence(Protocol):
+    """The cluster's record of every user's sockets (``membership``)."""
+
+    def socket_id(self) -> str:
+        """A new socket's id, unique in the cluster."""
+
+    def join(self, uid: str, socket: str) -> defer.Deferred:
+        """Record the socket; fires once this process delivers to the user
+        and may drain its queue (or fails: the socket cannot be served)."""
+
+    def leave(self, uid: str, socket: str) -> None:
+        """The socket is gone."""
+
+
+class _Alone:
+    """The ``Presence`` of a process with no cluster (unit tests)."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+
+    def socket_id(self) -> str:
+        return f"-:{next(self._ids)}"
+
+    def join(self, uid: str, socket: str) -> defer.Deferred:
+        return defer.succeed(None)
+
+    def leave(self, uid: str, socket: str) -> None:
+        pass
+
+
 class _Session:
     """One user's presence here: sockets oldest first, and whether stored
     messages are being drained (live ones wait behind them meanwhile).
@@ -148,6 +179,7 @@ class _Session:
         "overflowed",
         "refused",
         "window",
+        "outbid",
     )
 
     def __init__(self, uid: str) -> None:
@@ -176,6 +208,8 @@ class _Session:
         #: Stored messages still to come in this drain (for late welcomes);
         #: unknown until the drain's first take has answered.
         self.remaining: int | None = None
+        #: The user's newest socket is on another node: none here bubbles.
+        self.outbid = False
 
 
 class Dispatcher:
@@ -193,8 +227,12 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         ids: MessageIds | None = None,
         stats: Stats | None = None,
+        presence: Presence | None = None,
     ) -> None:
         self._store = store
+        self._presence = presence or _Alone()
+        #: Every socket here, by its id in the cluster.
+        self._by_id: dict[str, Socket] = {}
         self._ns = namespace
         self._max_sockets = max_sockets_per_user
         self._chunk = drain_chunk
@@ -222,6 +260,30 @@ class Dispatcher:
         """Users with at least one socket here (``/health``, ``/metrics``)."""
         return sum(1 for s in self._sessions.values() if s.seats)
 
+    def has_sockets(self, uid: str) -> bool:
+        session = self._sessions.get(uid)
+        return session is not None and bool(session.seats)
+
+    def outbid(self, uid: str, elsewhere: bool) -> None:
+        """Whether the user's newest socket, which bubbles, is on another node."""
+        session = self._sessions.get(uid)
+        if session is not None:
+            session.outbid = elsewhere
+
+    def evict(self, socket_id: str) -> None:
+        """A socket pushed out by a newer one of its user on another node
+        (--max-sockets-per-user holds cluster-wide)."""
+        socket = self._by_id.get(socket_id)
+        if socket is None:
+            return
+        log.info("{uid} has more than {max} sockets, closing the oldest ({peer}), pushed "
+                 "out by a newer one on another node", uid=socket.uid, max=self._max_sockets,
+                 peer=socket.peer)
+        self.detach(socket)
+        socket.close(Close.TOO_MANY_SOCKETS, "too_many_sockets",
+                     f"more than {self._max_sockets} sockets for this user; this one was "
+                     "the oldest")
+
     def attach(self, socket: Socket) -> None:
         """An authenticated socket joins its user: it is live from now on,
         and what was stored for the user is drained to it first."""
@@ -246,16 +308,27 @@ class Dispatcher:
             session = self._sessions.get(socket.uid)
         if session is None:
             session = self._sessions[socket.uid] = _Session(socket.uid)
-        seat = self._seats[socket] = Seat(socket)
+        seat = self._seats[socket] = Seat(socket, self._presence.socket_id())
+        self._by_id[seat.id] = socket
         session.seats.append(seat)
         session.refused = False
         log.info("Assigning id {uid} to socket {peer}.", uid=socket.uid, peer=socket.peer)
+        ready = self._presence.join(socket.uid, seat.id)
+        ready.addErrback(self._not_joined, socket)
+        if socket not in self._seats:
+            return  # refused at once
         if session.draining:
             if session.remaining is not None:
                 self._start(seat, session.remaining)
             self._window_may_open(session)  # a drain paused on full windows: room here
         else:
-            self._begin_drain(session)
+            self._begin_drain(session, ready=ready)
+
+    def _not_joined(self, failure, socket: Socket) -> None:
+        """The cluster could not record the socket: it cannot be served here."""
+        self.detach(socket)
+        socket.close(Close.TRY_AGAIN_LATER, "cluster_unavailable",
+                     "this server cannot take the socket now; try again later")
 
     def detach(self, socket: Socket) -> None:
         """A socket is gone: what it held undelivered goes to the user's other
@@ -263,6 +336,8 @@ class Dispatcher:
         seat = self._seats.pop(socket, None)
         if seat is None:
             return
+        del self._by_id[seat.id]
+        self._presence.leave(socket.uid, seat.id)
         session = self._sessions[socket.uid]
         session.seats.remove(seat)
         session.refused = False
@@ -399,7 +474,7 @@ class Dispatcher:
         settled now if a plain socket took it, else when it is acked."""
         taken_plain = False
         outstanding = None
-        newest = session.seats[-1]
+        newest = None if session.outbid else session.seats[-1]
         session.sent += 1
         for seat in session.seats:
             bubble = seat is newest
@@ -471,23 +546,31 @@ class Dispatcher:
         seat.started = True
         seat.socket.start(queued)
 
-    def _begin_drain(self, session: _Session, held: bool = False) -> None:
+    def _begin_drain(self, session: _Session, held: bool = False,
+                     ready: defer.Deferred | None = None) -> None:
         """Drain the queue, or with ``held`` the live messages waiting (for
         a user with an ack-mode socket): the same story, except that they
-        are claimed in Redis straight from memory, not stored and taken."""
+        are claimed in Redis straight from memory, not stored and taken.
+        A user's first drain here waits until it is ``ready``: what other
+        nodes stored for it is in the queue (see ``Presence.join``)."""
         session.draining = True
         session.remaining = None
         envelopes = list(session.waiting) if held else []
         session.waiting.clear()
-        d = defer.ensureDeferred(self._drain(session, envelopes))  # claims them now
+        d = defer.ensureDeferred(self._drain(session, envelopes, ready))  # claims them now
         self._let_go(session, len(envelopes))
         self._drains.add(d)
         d.addBoth(self._drain_done, session, d)
 
-    async def _drain(self, session: _Session, held: list[Envelope]) -> None:
+    async def _drain(self, session: _Session, held: list[Envelope],
+                     ready: defer.Deferred | None = None) -> None:
         """Take the queue chunk by chunk, asking for the next chunk before
         sending this one, so Redis and the sockets work at the same time."""
         uid = session.uid
+        if ready is not None and not ready.called:
+            await ready
+            if not session.seats:
+                return  # gone before it could begin: nothing to drain for nobody
         taking = self._store.hold(uid, held) if held else self._store.take(uid, self._chunk)
         while taking is not None:
             try:

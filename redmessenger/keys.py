@@ -24,6 +24,35 @@ class Namespace:
         return (self._escape(self.prefix).encode() + b".users.*",
                 self._escape(self.prefix).encode() + b".groups.*")
 
+    def presence_channel(self, uid: str) -> str:
+        """Where a user's sockets joining and leaving are heard, cluster-wide."""
+        return f"{self.prefix}.presence.{uid}"
+
+    @property
+    def cluster_channel(self) -> str:
+        """Where nodes hear which node decides for which storer partition."""
+        return f"{self.prefix}.cluster"
+
+    def node_channel(self, owner: str) -> str:
+        """What one node alone hears (the presence it takes over)."""
+        return f"{self.prefix}.node.{owner}"
+
+    def partition_patterns(self, partition: int, partitions: int) -> tuple[bytes, bytes]:
+        """What the storer of one partition ``PSUBSCRIBE``s to: the user and
+        presence channels whose last byte is ``partition`` modulo
+        ``partitions`` (the partition of a user id, see ``partition``)."""
+        if partitions == 1:
+            tail = b"*"
+        else:
+            tail = b"*[" + b"".join(b"\\" + bytes([b]) for b in range(256)
+                                    if b % partitions == partition) + b"]"
+        head = self._escape(self.prefix).encode()
+        return head + b".users." + tail, head + b".presence." + tail
+
+    @property
+    def groups_pattern(self) -> bytes:
+        return self._escape(self.prefix).encode() + b".groups.*"
+
     def parse_channel(self, channel: str) -> tuple[str, str] | None:
         """``("users", uid)`` or ``("groups", gid)``; ``None`` for a channel
         that is not ours. Everything after the kind is the id, dots included."""
@@ -35,6 +64,25 @@ class Namespace:
     @functools.cached_property
     def _heads(self) -> tuple[tuple[str, str], ...]:
         return tuple((kind, f"{self.prefix}.{kind}.") for kind in ("users", "groups"))
+
+    def parse_control(self, channel: str) -> tuple[str, str] | None:
+        """``("presence", uid)``, ``("cluster", "")`` or ``("node", owner)``
+        for RedMessenger's own channels; ``None`` for any other."""
+        if channel.startswith(self._presence_head) and len(channel) > len(self._presence_head):
+            return "presence", channel[len(self._presence_head):]
+        if channel == self.cluster_channel:
+            return "cluster", ""
+        if channel.startswith(self._node_head):
+            return "node", channel[len(self._node_head):]
+        return None
+
+    @functools.cached_property
+    def _presence_head(self) -> str:
+        return f"{self.prefix}.presence."
+
+    @functools.cached_property
+    def _node_head(self) -> str:
+        return f"{self.prefix}.node."
 
     # Keys (colons).
     def queue(self, uid: str) -> str:
@@ -77,6 +125,52 @@ class Namespace:
     @property
     def process_prefix(self) -> str:
         return f"{self.prefix}:procs:"
+
+    # The cluster: which sockets every user has, on which node, and who
+    # stores for whom (docs/scaling.rst).
+    def presence(self, uid: str) -> str:
+        """The user's sockets, cluster-wide: a zset of socket ids
+        (``<owner>:<n>``) scored by join order."""
+        return f"{self.prefix}:presence:{uid}"
+
+    @property
+    def presence_affixes(self) -> tuple[str, str]:
+        """What comes before and after a uid in its presence key."""
+        head, _, tail = self.presence("*").rpartition("*")
+        return head, tail
+
+    @property
+    def presence_channel_affixes(self) -> tuple[str, str]:
+        head, _, tail = self.presence_channel("*").rpartition("*")
+        return head, tail
+
+    @property
+    def present(self) -> str:
+        """The users with at least one socket somewhere."""
+        return f"{self.prefix}:cluster:present"
+
+    @property
+    def joins(self) -> str:
+        """The join counter: a socket's place in join order, cluster-wide."""
+        return f"{self.prefix}:cluster:joins"
+
+    @property
+    def nodes(self) -> str:
+        """The nodes that have had sockets and were not reaped yet."""
+        return f"{self.prefix}:cluster:nodes"
+
+    def node_users(self, owner: str) -> str:
+        """The users a node has had sockets of: what its reaper looks at."""
+        return f"{self.prefix}:cluster:nodes:{owner}:users"
+
+    def storer(self, partition: int) -> str:
+        """Which node stores for a partition's absent users: its id."""
+        return f"{self.prefix}:cluster:storers:{partition}"
+
+    @property
+    def partitions(self) -> str:
+        """How many storer partitions the cluster has: set by its first node."""
+        return f"{self.prefix}:cluster:partitions"
 
     @property
     def inbox(self) -> str:

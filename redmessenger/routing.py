@@ -1,8 +1,12 @@
-"""Which users a PUBLISH is for, decided in publish order.
+"""Which users a PUBLISH is for, and whether this node delivers, stores or
+leaves it to another node, decided in publish order.
 
 A group message needs a Redis round trip to learn its members; the messages
 behind it wait for that answer, so no user ever sees a later message before
-an earlier one, and no store overtakes another.
+an earlier one, and no store overtakes another. The cluster's events (a
+socket joining or leaving anywhere, a storer partition changing hands) wait
+their turn the same way: each message is decided with the cluster as it
+stood at that message's point of the stream (``presence``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from twisted.logger import Logger
 from .delivery import Dispatcher
 from .envelope import Envelope
 from .keys import Namespace
+from .presence import ClusterView
 
 log = Logger()
 
@@ -28,11 +33,18 @@ class Groups(Protocol):
 
 
 class _Pending:
-    __slots__ = ("envelope", "uids")
+    """A message whose recipients are not known yet (``uids`` is None), or
+    an event to apply in its turn (``apply``; ``uids`` is None until it may
+    be applied: a new storer waits for the old one's last stores)."""
 
-    def __init__(self, envelope: Envelope, uids: list[str] | None) -> None:
+    __slots__ = ("envelope", "uids", "apply", "inbox")
+
+    def __init__(self, envelope: Envelope | None, uids: list[str] | None,
+                 apply: Callable[[], None] | None = None, inbox: bool = False) -> None:
         self.envelope = envelope
         self.uids = uids
+        self.apply = apply
+        self.inbox = inbox
 
 
 class Router:
@@ -40,8 +52,17 @@ class Router:
     recipients, and hands them to the dispatcher in arrival order."""
 
     def __init__(self, dispatcher: Dispatcher, groups: Groups, namespace: Namespace, *,
-                 trace: bool = False, clock: Callable[[], float] = time.time) -> None:
+                 view: ClusterView | None = None, trace: bool = False,
+                 clock: Callable[[], float] = time.time) -> None:
         self._dispatcher = dispatcher
+        #: Alone, a node stores for every user (partition 0 of 1).
+        if view is None:
+            view = ClusterView("", 1)
+            view.held.add(0)
+        self._view = view
+        #: Partitions taken from a stopping node, waiting for its last
+        #: stores: partition -> the pending entry that holds the stream.
+        self._handovers: dict[int, _Pending] = {}
         self._groups = groups
         self._ns = namespace
         self._trace = trace
@@ -50,39 +71,107 @@ class Router:
         self._settling: list[tuple[_Pending, defer.Deferred]] = []
         self._stats = dispatcher.stats
 
-    def received_message(self, channel: bytes, payload: bytes,
+    def received_message(self, channel: bytes, payload: bytes, pattern: bytes | None = None,
                          message_id: str | None = None) -> None:
-        """``message_id``: a source that may hand over the same message again
+        """``pattern``: which pattern it was heard on (``None``: a channel).
+        ``message_id``: a source that may hand over the same message again
         (the inbox stream) gives it the same id each time."""
-        self._stats.received += 1
         try:
             name = channel.decode("utf-8")
         except UnicodeDecodeError:
+            self._stats.received += 1
             log.error("Ignoring a message on channel {channel!r}: a channel name that is "
                       "not UTF-8 names no user who could ever connect", channel=channel)
             return
         target = self._ns.parse_channel(name)
         if target is None:
-            log.warn("Ignoring a message on channel {channel}: not ours", channel=name)
+            control = self._ns.parse_control(name)
+            if control is None:
+                self._stats.received += 1
+                log.warn("Ignoring a message on channel {channel}: not ours", channel=name)
+            else:
+                self._control(*control, payload, pattern)
             return
+        kind, ident = target
+        # A partition stored here is heard through its pattern, any other
+        # user through its channel: while a node has both (it just took the
+        # partition), the other copy is skipped. The inbox is no stream.
+        if kind == "users" and message_id is None and (pattern is None) == self._view.holds(
+                ident):
+            return
+        self._stats.received += 1
         if self._trace:
             log.debug("New message from channel {channel}", channel=name)
         now = self._clock()
         envelope = Envelope(message_id or self._dispatcher.ids(), name, int(now * 1000), payload,
                             received=now)
-        kind, ident = target
+        inbox = message_id is not None
         if kind == "users":
             if not self._waiting:
-                self._dispatcher.deliver((ident,), envelope)
+                self._decide((ident,), envelope, inbox)
                 return
-            pending = _Pending(envelope, [ident])
+            pending = _Pending(envelope, [ident], inbox=inbox)
             self._waiting.append(pending)
         else:
-            pending = _Pending(envelope, None)
+            pending = _Pending(envelope, None, inbox=inbox)
             self._waiting.append(pending)
             d = self._groups.members(ident)
             d.addCallback(self._resolved, pending)
             d.addErrback(self._unresolved, pending, ident)
+
+    def _decide(self, uids, envelope: Envelope, inbox: bool = False) -> None:
+        """Deliver to (or store for) the recipients that are this node's at
+        this point: those with a socket here, and, in a partition stored
+        here, those with no socket anywhere. One whose sockets are all on
+        other nodes is theirs. An inbox entry, which no other node reads,
+        is stored for a user this node does not know (docs/scaling.rst)."""
+        view = self._view
+        ours = [uid for uid in uids
+                if (inbox or view.holds(uid) or uid in view.mine)
+                and not (uid in view.others and not self._dispatcher.has_sockets(uid))]
+        if len(ours) < len(uids):
+            self._stats.elsewhere += len(uids) - len(ours)
+        if ours:
+            self._dispatcher.deliver(ours, envelope)
+
+    def _control(self, kind: str, ident: str, payload: bytes, pattern: bytes | None) -> None:
+        """An event of the cluster, applied at its point of the stream."""
+        view = self._view
+        if kind == "presence":
+            if (pattern is None) == view.holds(ident):
+                return  # the other copy (see received_message)
+            apply = lambda: view.heard_presence(ident, payload)  # noqa: E731
+        elif kind == "node":
+            if ident != view.owner or not payload.startswith(b"S "):
+                return
+            apply = lambda: self._took(payload)  # noqa: E731
+        elif payload.startswith(b"D "):
+            # A handover's end opens the stream held behind it: not queued.
+            self.handed_over(int(payload.split(b" ")[1]))
+            return
+        else:
+            apply = lambda: self._view.heard_cluster(payload)  # noqa: E731
+        if not self._waiting:
+            apply()
+        else:
+            self._waiting.append(_Pending(None, [], apply))
+
+    def _took(self, payload: bytes) -> None:
+        """This node decides for a partition from here. Handed over by a
+        node that is stopping, it waits for that node's last stores: what
+        comes next waits until the node says they are in Redis (``D``), or
+        ``handed_over`` gives up on it."""
+        partition, handed = self._view.took(payload[2:])
+        if handed:
+            gate = self._handovers[partition] = _Pending(None, None, lambda: None)
+            self._waiting.appendleft(gate)
+
+    def handed_over(self, partition: int) -> None:
+        """The node that handed the partition over is done (or gone)."""
+        gate = self._handovers.pop(partition, None)
+        if gate is not None:
+            gate.uids = []
+            self._pump()
 
     def _resolved(self, uids: list[str], pending: _Pending) -> None:
         if not uids:
@@ -103,8 +192,10 @@ class Router:
         waiting = self._waiting
         while waiting and waiting[0].uids is not None:
             pending = waiting.popleft()
-            if pending.uids:
-                self._dispatcher.deliver(pending.uids, pending.envelope)
+            if pending.apply is not None:
+                pending.apply()
+            elif pending.uids:
+                self._decide(pending.uids, pending.envelope, pending.inbox)
             while self._settling and self._settling[0][0] is pending:
                 self._settling.pop(0)[1].callback(None)
 

@@ -12,7 +12,6 @@ import uuid
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ._version import __version__
@@ -23,6 +22,9 @@ from .embedded import EmbeddedRedis, EmbeddedRedisError
 from .frames import Close
 from .inbox import Inbox
 from .keys import Namespace
+from .membership import SCRIPTS as CLUSTER_SCRIPTS
+from .membership import Membership
+from .presence import ClusterView
 from .redisconnection import RedisConnection, RedisUnavailable
 from .routing import Router
 from .settings import AuthMode, RedisAddress, Settings
@@ -33,12 +35,6 @@ from .web import make_site
 from .websocket import CLOSE_TIMEOUT, RedMessengerFactory
 
 log = Logger()
-
-#: A process' heartbeat lives HEARTBEAT_TTL seconds and is renewed every
-#: HEARTBEAT_EVERY: a process gone for HEARTBEAT_TTL is taken for dead, and
-#: its drain claims go back to the queues.
-HEARTBEAT_EVERY = 5
-HEARTBEAT_TTL = 15
 
 #: The owners of the services running in this process.
 _running_here: set[str] = set()
@@ -78,21 +74,35 @@ class RedMessengerService(MultiService):
         else:
             self.embedded = None
             address = settings.redis
-        self.redis = RedisConnection(address, reactor, SCRIPTS,
+        self.redis = RedisConnection(address, reactor, (*SCRIPTS, *CLUSTER_SCRIPTS),
                                      max_pending_bytes=settings.max_pending_bytes)
         stats = Stats()
-        #: This process, in Redis: its heartbeat, its claims, its inbox reads.
+        #: This process, in Redis: its lease, its claims, its inbox reads,
+        #: its sockets' ids.
         self.owner = uuid.uuid4().hex[:12]
+        #: Where this process runs, in its lease (see ``_died_here``).
+        self.whereabouts = f"{socket.gethostname()} {os.getpid()}"
         self.store = RedisStore(self.redis, namespace, self.owner,
                                 queue_ttl=settings.queue_ttl, queue_max=settings.queue_max,
                                 dead_max=settings.dead_max, stats=stats, reactor=reactor)
+        view = ClusterView(self.owner, settings.partitions)
+        self.subscriber = Subscriber(address, namespace, reactor, channels=(
+            namespace.cluster_channel.encode(), namespace.node_channel(self.owner).encode()))
+        self.membership = Membership(self.redis, self.store, self.subscriber, view, namespace,
+                                     self.whereabouts, reactor,
+                                     max_sockets=settings.max_sockets_per_user,
+                                     partitions=settings.partitions, lost=self._lost)
         self.dispatcher = Dispatcher(self.store, namespace,
                                      max_sockets_per_user=settings.max_sockets_per_user,
                                      drain_chunk=settings.drain_chunk,
                                      ack_window=settings.ack_window, trace=settings.verbose,
-                                     stats=stats)
-        self.router = Router(self.dispatcher, self.store, namespace, trace=settings.verbose)
-        self.subscriber = Subscriber(address, namespace, self.router.received_message, reactor)
+                                     stats=stats, presence=self.membership)
+        view.outbid = self.dispatcher.outbid
+        view.evicted = self.dispatcher.evict
+        self.router = Router(self.dispatcher, self.store, namespace, view=view,
+                             trace=settings.verbose)
+        self.membership.handed_over = self.router.handed_over
+        self.subscriber.on_message = self.router.received_message
         self.redis.pressure_observers.append(self.subscriber.pause)
         self.inbox = (Inbox(address, namespace, self.router, self.store, self.owner, reactor,
                             claim_after=settings.inbox_claim_after)
@@ -107,13 +117,9 @@ class RedMessengerService(MultiService):
             if child is not None:
                 child.setName(name)
                 self.addService(child)
-        #: Where this process runs, in its heartbeat (see ``_died_here``).
-        self.whereabouts = f"{socket.gethostname()} {os.getpid()}"
         #: Fires once start-up recovery of dead processes' claims is done.
         self.recovery: defer.Deferred | None = None
         self._recovery_waiters: list[defer.Deferred] = []
-        self._heartbeat = LoopingCall(self._beat)
-        self._heartbeat.clock = reactor
         self.port = None
         self._starting: defer.Deferred | None = None
         self._start_outcome = None
@@ -164,16 +170,40 @@ class RedMessengerService(MultiService):
 
     def _connect_and_listen(self, _):
         self.redis.startService()
-        self.subscriber.startService()
-        self._heartbeat.start(HEARTBEAT_EVERY, now=True)
-        self.redis.whenConnected().addCallback(self._recover)
+        joined = defer.ensureDeferred(self._join())
+        joined.addCallbacks(self._recover, self._could_not_join)
         endpoint = serverFromString(self.reactor, self.settings.listen_description)
         return endpoint.listen(make_site(self)).addCallback(self._listening)
 
-    def _beat(self) -> None:
-        self.store.heartbeat(HEARTBEAT_TTL, self.whereabouts).addErrback(
-            lambda f: log.warn("Could not renew the heartbeat: {why}",
-                               why=f.getErrorMessage()))
+    async def _join(self) -> None:
+        """Forget the processes of this host that died (their leases, so that
+        what they held is taken over now), take this node's lease and its
+        storer partitions, and subscribe."""
+        for owner in await self.store.forget_dead(_died_here):
+            log.warn("Process {owner} of this host is gone: what it held comes back now",
+                     owner=owner)
+        await self.membership.start()
+        if self._letting_go.locked or not self.running:
+            return  # stopping meanwhile (or a start that failed)
+        self.subscriber.startService()
+        await self.subscriber.whenSubscribed()
+
+    def _could_not_join(self, failure) -> None:
+        if not failure.check(defer.CancelledError):
+            log.failure("Could not join the cluster", failure)
+
+    def _lost(self) -> None:
+        """This node counted as dead and what it held was taken over: it
+        must not go on as if it had not (docs/scaling.rst). Its sockets
+        reconnect, to any node."""
+        if not self.running:
+            return
+        log.critical("Stopping: this node lost its place in the cluster; its clients "
+                     "reconnect to the others")
+        if self._fatal_start:
+            _exit_after_shutdown(self.reactor, 1)
+        else:
+            self.stopService()
 
     def _recover(self, _) -> None:
         """What processes that died held goes back now, before any hello is
@@ -184,9 +214,6 @@ class RedMessengerService(MultiService):
         d.addCallback(self._recovered)
 
     async def _put_back_what_the_dead_held(self) -> None:
-        for owner in await self.store.forget_dead(_died_here):
-            log.warn("Process {owner} of this host is gone: what it held comes back now",
-                     owner=owner)
         count = await self.store.recover()
         if count:
             log.warn("Put back {count} messages that processes which died were draining",
@@ -248,24 +275,25 @@ class RedMessengerService(MultiService):
 
     @defer.inlineCallbacks
     def _let_go(self):
-        """Stop the inbox, subscriber, command connection, heartbeat and
-        embedded Redis, each if it runs, giving back what is undelivered."""
+        """Stop the inbox, the sockets, the node's part in the cluster, the
+        subscriber, command connection and embedded Redis, each if it runs,
+        giving back what is undelivered."""
         if self.inbox is not None and self.inbox.running:
             yield self.inbox.stopService()  # what it read and did not ack is read again
         if self.redis.running:
             recommitted = self.dispatcher.stop()
-            yield self.subscriber.stopService()
             try:
                 yield recommitted.addTimeout(self.settings.shutdown_timeout, self.reactor)
             except defer.TimeoutError:
                 log.critical("Redis did not take every pending write within {timeout} s",
                              timeout=self.settings.shutdown_timeout)
-            if self._heartbeat.running:
-                self._heartbeat.stop()
-            try:  # nothing is claimed any more: say so (or let it expire)
-                yield self.store.stopped()
-            except RedisUnavailable:
+            try:  # hand the storer partitions over, and leave the cluster
+                yield defer.ensureDeferred(self.membership.stop()).addTimeout(
+                    self.settings.shutdown_timeout, self.reactor)
+            except (RedisUnavailable, defer.TimeoutError):
                 pass
+            if self.subscriber.running:
+                yield self.subscriber.stopService()
             closing = [c.is_closed for c in self.factory.connections]
             self.factory.close_all(Close.GOING_AWAY, "shutting_down",
                                    "the server is shutting down")

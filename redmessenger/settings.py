@@ -154,6 +154,9 @@ class Settings:
     #: and did not acknowledge are taken over after ``inbox_claim_after`` s.
     inbox: bool = False
     inbox_claim_after: float = 30.0
+    #: How many storer partitions a new cluster has (its first node sets
+    #: it): nodes share the storing of offline users' messages by them.
+    partitions: int = 1
 
     @property
     def listen_description(self) -> str:

@@ -21,6 +21,12 @@ class Stats:
         self.stored = 0
         #: Stores and recommits Redis refused for good, kept in ``rm:dead``.
         self.dead_letters = 0
+        #: Stores refused because this node's lease had expired (another
+        #: node decided for those users meanwhile).
+        self.fenced = 0
+        #: Messages this node left to another node or its storer: for
+        #: users whose sockets are elsewhere.
+        self.elsewhere = 0
         self.drained = 0
         self.recommitted = 0
         self.acked = 0

@@ -36,10 +36,11 @@ MEMBERS = Script(lua.source("members", "members"))
 SCRIPTS = (STORE, REQUEUE, TAKE, HOLD, TRIM, RELEASE, RECOVER, MEMBERS, DEAD)
 
 
-def store_arguments(messages: Sequence[tuple[Sequence[str], bytes]], ttl: int,
+def store_arguments(lease: str, messages: Sequence[tuple[Sequence[str], bytes]], ttl: int,
                     max_length: int) -> tuple[list[str], list]:
-    """KEYS and ARGV of one ``STORE`` call for ``(queue keys, envelope)`` pairs."""
-    keys: list[str] = []
+    """KEYS and ARGV of one ``STORE`` call for ``(queue keys, envelope)`` pairs,
+    refused unless the node's ``lease`` lives."""
+    keys: list[str] = [lease]
     args: list = [ttl, max_length]
     for queues, envelope in messages:
         keys.extend(queues)
@@ -102,6 +103,9 @@ class RedisStore:
         self._batch_keys = 0
         self._timer = None
         self._claims = itertools.count(1)
+        #: Called when Redis refuses a store because this node's lease is
+        #: gone: it counts as dead, and must start over.
+        self.fenced: Callable[[], object] = lambda: None
         #: Claims to trim this turn: claim key -> how many it keeps.
         self._trims: dict[str, int] = {}
 
@@ -139,7 +143,8 @@ class RedisStore:
     def _send(self, queues: list[tuple[list[str], Envelope]]) -> defer.Deferred:
         """Refusals that pass (out of memory) are retried by the connection;
         what is refused for good goes to the dead letters."""
-        keys, args = store_arguments([(q, e.stored()) for q, e in queues], self._ttl, self._max)
+        keys, args = store_arguments(self._ns.process(self._owner),
+                                     [(q, e.stored()) for q, e in queues], self._ttl, self._max)
         d = self._redis.eval(STORE, keys, args)
         return d.addCallbacks(self._stored, self._not_stored, callbackArgs=(queues,),
                               errbackArgs=(queues,))
@@ -156,20 +161,29 @@ class RedisStore:
         self._stats.stored += sum(len(keys) for keys, _ in queues) - len(failed) // 2
         if not cuts and not failed:
             return None
+        # Key indexes count from 1, and the first key is the lease.
         owners = [(key, envelope) for keys, envelope in queues for key in keys]
         for index, count in zip(cuts[::2], cuts[1::2], strict=True):
             log.warn("Queue {key} is over --queue-max {max}: discarded its {count} "
-                     "oldest messages", key=owners[index - 1][0], max=self._max,
+                     "oldest messages", key=owners[index - 2][0], max=self._max,
                      count=count)
-        return self._refused([(*owners[index - 1], _text(why))
+        return self._refused([(*owners[index - 2], _text(why))
                               for index, why in zip(failed[::2], failed[1::2], strict=True)])
 
     def _not_stored(self, failure, queues: list[tuple[list[str], Envelope]]):
         """A whole call refused (one message bigger than Redis takes closes
-        the connection): message by message, so only that one is dead."""
+        the connection): message by message, so only that one is dead.
+        A node whose lease is gone is refused every store: another node may
+        have decided for these messages, and they are not kept twice."""
+        why = failure.getErrorMessage()
+        if why.startswith("FENCED"):
+            log.critical("Redis refused {count} stores: this node's lease expired, so "
+                         "another node decides for their users now", count=len(queues))
+            self._stats.fenced += sum(len(keys) for keys, _ in queues)
+            self.fenced()
+            return None
         if len(queues) > 1:
             return defer.gatherResults([self._send([q]) for q in queues], consumeErrors=True)
-        why = failure.getErrorMessage()
         return self._refused([(key, envelope, why) for keys, envelope in queues
                               for key in keys])
 
@@ -246,19 +260,11 @@ class RedisStore:
         self._flush()
         return self._redis.eval(RELEASE, [taken.claim, self._ns.claims(taken.uid)])
 
-    def heartbeat(self, seconds: int, whereabouts: str) -> defer.Deferred:
-        """Say this process is alive for ``seconds`` more: its claims are
-        left alone meanwhile. ``whereabouts`` (``"<host> <pid>"``) lets a
-        process started on the same host tell at once that this one died.
-
-        While Redis refuses writes for now (out of memory), a SET would wait
-        behind them, the heartbeat would expire, and this process' claims
-        would be taken for a dead one's: an EXPIRE, which adds no memory and
-        which Redis takes meanwhile, goes ahead instead."""
-        key = self._ns.process(self._owner)
-        if self._redis.refusal is not None:
-            return self._redis.execute_now(b"EXPIRE", key, seconds)
-        return self._redis.execute(b"SET", key, whereabouts.encode(), b"EX", seconds)
+    def publish_after_stores(self, channel: bytes, message: bytes) -> defer.Deferred:
+        """PUBLISH once every store handed over before is in Redis: one
+        connection, in order, so whoever hears it may take them."""
+        self._flush()
+        return self._redis.execute(b"PUBLISH", channel, message)
 
     async def forget_dead(self, is_dead: Callable[[str, str], bool]) -> list[str]:
         """Delete the heartbeats of processes ``is_dead(owner, whereabouts)``
@@ -280,11 +286,6 @@ class RedisStore:
                     forgotten.append(owner)
             if cursor in (b"0", 0):
                 return forgotten
-
-    def stopped(self) -> defer.Deferred:
-        """This process holds nothing any more: no heartbeat needed (if Redis
-        is away, the heartbeat expires by itself)."""
-        return self._redis.execute_now(b"DEL", self._ns.process(self._owner))
 
     async def recover(self) -> int:
         """Put back what processes that died held in their claims: every

@@ -109,6 +109,9 @@ class Options(usage.Options):
          "Comma-separated web origins allowed to open a WebSocket (* wildcards), "
          "e.g. https://app.example.com; others get 403."],
         ["log-format", None, "text", "text (human-readable) or json (one object per line)."],
+        ["partitions", None, str(_DEFAULTS.partitions),
+         "Storer partitions of a new cluster (its first node sets it; 1 to 256): the "
+         "nodes share the storing of offline users' messages by them."],
     ]
 
     optFlags = [[long, short, f"{doc} [env: {environment.variable(long)}]"]
@@ -164,6 +167,7 @@ class Options(usage.Options):
             ack_window=_number(self, "ack-window", int, 1),
             inbox=_flag(self, "inbox"),
             inbox_claim_after=_number(self, "inbox-claim-after", float, 0),
+            partitions=_number(self, "partitions", int, 1, 256),
             allowed_origins=tuple(o.strip() for o in self["allowed-origins"].split(",")
                                   if o.strip()) or ("*",))
         if not self.settings.prefix or any(c.isspace() for c in self.settings.prefix):

@@ -47,8 +47,9 @@ POLL_INTERVAL = 0.02
 
 #: The log line service.py writes last in a complete stop.
 STOPPED = "RedMessenger stopped"
-#: The log line subscriber.py writes once its PSUBSCRIBE is confirmed.
-SUBSCRIBED = "Subscribed to ['rm.users.*', 'rm.groups.*']"
+#: The log line subscriber.py writes once its PSUBSCRIBE is confirmed (and
+#: a lone node has taken the storer partition: membership.py).
+SUBSCRIBED = "Subscribed to ['rm.groups.*', 'rm.presence.*', 'rm.users.*']"
 
 
 def deployed_env(**extra: str) -> dict[str, str]:
@@ -180,12 +181,16 @@ class TwistdProcess:
 
     def wait_subscribed(self, redis: RespClient | None = None) -> None:
         """Until its PSUBSCRIBE is confirmed (a PUBLISH before that is lost):
-        on a Redis of its own, until Redis counts the two patterns; on a
+        on a Redis of its own, until Redis counts the three patterns and
+        twistd logs it (it takes the storer partition in between); on a
         shared one, whose count other subscribers may change, until twistd
         logs it."""
         if redis is not None:
             wait_for(
-                lambda: numpat(redis) == 2, "RedMessenger to PSUBSCRIBE", START_TIMEOUT, self.alive
+                lambda: numpat(redis) == 3 and SUBSCRIBED in self.log(),
+                "RedMessenger to PSUBSCRIBE",
+                START_TIMEOUT,
+                self.alive,
             )
         else:
             wait_for(

@@ -43,7 +43,7 @@ def test_claims_of_a_killed_process_come_back_in_order(tmp_path: Path, redis) ->
         first.process.wait()
     claimed = redis.command("KEYS", "rm:users:user1:taking:*")
     assert claimed and redis.command("LLEN", QUEUE) < 2000  # held only by the dead one
-    # Its heartbeat expires HEARTBEAT_TTL seconds after its last renewal;
+    # Its lease expires LEASE_TTL seconds after its last renewal;
     # rather than wait that long, let it expire now.
     for key in redis.command("KEYS", "rm:procs:*"):
         redis.command("DEL", key)

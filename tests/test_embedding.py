@@ -104,7 +104,7 @@ def test_example_tac_that_cannot_listen_exits_and_lets_go_of_redis(
 async def test_service_that_cannot_listen_fails_and_lets_go_of_redis(private_redis) -> None:
     """Embedded, the failure reaches the application through
     ``whenListening()``, after every part that had started was stopped:
-    no subscription, no command connection, no heartbeat left. The reactor
+    no subscription, no command connection, no lease left. The reactor
     is the application's, and keeps running."""
     with taken_port() as taken:
         settings = Settings(port=f"tcp:{taken.getsockname()[1]}:interface={HOST}",
@@ -116,7 +116,8 @@ async def test_service_that_cannot_listen_fails_and_lets_go_of_redis(private_red
                 await tw(service.whenListening())
             assert not service.subscriber.running
             assert not service.redis.running
-            assert not service._heartbeat.running
+            assert not service.membership.leased
+            assert not private_redis.command("KEYS", "rm:procs:*")  # its lease let go
             await eventually(lambda: numpat(private_redis.client()) == 0, what="no subscriber")
             clients = private_redis.command("CLIENT", "LIST", decode=True).splitlines()
             assert len(clients) == 1, clients  # only the one asking

@@ -10,13 +10,16 @@ import pytest
 
 from redmessenger.cli import DEAD_RETRY, GROUP_MEMBERS
 from redmessenger.keys import Namespace
+from redmessenger.membership import RENEW
+from redmessenger.membership import SCRIPTS as CLUSTER_SCRIPTS
 from redmessenger.publish import DURABLE_PUBLISH
 from redmessenger.redisconnection import Script
 from redmessenger.store import SCRIPTS
 
 from redisservers import RedisServerProcess, binary
 
-ALL = (*SCRIPTS, *(Script(s) for s in (DURABLE_PUBLISH, GROUP_MEMBERS, DEAD_RETRY)))
+ALL = (*SCRIPTS, *CLUSTER_SCRIPTS, RENEW,
+       *(Script(s) for s in (DURABLE_PUBLISH, GROUP_MEMBERS, DEAD_RETRY)))
 
 
 @pytest.mark.parametrize("major", ["6", "7"])

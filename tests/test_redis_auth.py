@@ -45,10 +45,11 @@ async def test_a_redis_with_a_password(private_redis):
 
 @aiotest
 async def test_a_redis_acl_user(private_redis):
-    # Just what RedMessenger needs: its keys, and its two patterns (PSUBSCRIBE
-    # patterns must be granted literally).
+    # Just what RedMessenger needs: its keys, its patterns and channels
+    # (PSUBSCRIBE patterns must be granted literally), as operations.rst says.
     private_redis.command("ACL", "SETUSER", "messenger", "on", ">app-pass", "~rm:*",
-                          "resetchannels", "&rm.users.*", "&rm.groups.*", "+@all")
+                          "resetchannels", "&rm.users.*", "&rm.groups.*", "&rm.presence.*",
+                          "&rm.cluster", "&rm.node.*", "+@all")
     private_redis.command("CONFIG", "SET", "requirepass", "admin-pass")
     await deliver_through(with_auth(private_redis, "messenger", "app-pass"))
 

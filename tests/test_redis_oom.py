@@ -172,21 +172,20 @@ async def test_unacked_messages_of_a_client_gone_while_redis_is_out_of_memory_ar
 
 
 @aiotest
-async def test_the_heartbeat_is_renewed_while_redis_is_out_of_memory(oom_redis):
-    """Held behind the refused writes, it would expire after 15 s, and this
-    process' own claims would be taken back as a dead process' are."""
-    from redmessenger.service import HEARTBEAT_TTL
-
+async def test_the_lease_is_renewed_while_redis_is_out_of_memory(oom_redis):
+    """Held behind the refused writes, it would expire after 3 s: this node
+    would count as dead, its claims would be taken back, and it would have
+    to stop."""
     rm = await start_service(oom_redis)
     try:
         [key] = oom_redis.command("KEYS", "rm:procs:*")
         oom_redis.out_of_memory(True)
         rm.publish("rm.users.u", "refused for now")
         await eventually(lambda: not rm.service.redis.writable, what="a refusal")
-        oom_redis.command("EXPIRE", key, 2)  # as if the spell had lasted 13 s
-        rm.service.store.heartbeat(HEARTBEAT_TTL, rm.service.whereabouts)
-        await eventually(lambda: oom_redis.command("TTL", key) > 2, what="a renewal")
+        oom_redis.command("PEXPIRE", key, 1500)  # as if the spell had lasted 1.5 s
+        await eventually(lambda: oom_redis.command("PTTL", key) > 1500, what="a renewal")
         assert not rm.service.redis.writable  # it went ahead of the held writes
+        assert not rm.service.membership.is_lost
         oom_redis.out_of_memory(False)
         await eventually(lambda: payloads(oom_redis, "u") == ["refused for now"])
     finally:

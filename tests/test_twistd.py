@@ -241,6 +241,7 @@ OPTIONS = {
     "ack-window": "1000",
     "inbox": None,
     "inbox-claim-after": "30",
+    "partitions": "1",
     "max-pending-bytes": "268435456",
     "dead-max": "100000",
 }

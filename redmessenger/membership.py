@@ -1,0 +1,414 @@
+"""This node's part in a cluster of RedMessengers that share one Redis: its
+lease, its sockets' presence, and the storer partitions it decides for.
+
+``presence`` keeps what the stream says, and ``routing`` decides each
+message with it; this module says the node's own moves to Redis, in the
+scripts that publish them (docs/scaling.rst):
+
+- **The lease** (``<prefix>:procs:<owner>``) lives ``LEASE_TTL`` and is
+  renewed every ``LEASE_EVERY``. A node whose lease is gone counts as dead:
+  what it held is taken over, and the scripts refuse its stores and joins
+  (``FENCED``). If it comes back and finds anything taken, it must start
+  over (``lost``).
+- **A socket joins** with ``lua/join.lua`` once the node is subscribed to
+  its user's channels (unless the node stores for the user's partition
+  and hears them anyway), and leaves with ``lua/leave.lua``.
+- **Storer partitions** are taken when vacant, when their holder's lease is
+  gone, or when offered by a stopping node, up to this node's share. The
+  node that holds partition 0 also reaps the sockets of dead nodes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from . import lua
+from .keys import Namespace
+from .presence import ClusterView
+from .redisconnection import RedisConnection, RedisUnavailable, Script, txredisapi
+from .store import RedisStore
+from .subscriber import Subscriber
+
+log = Logger()
+
+#: A node silent for LEASE_TTL seconds counts as dead; what it held beyond
+#: its sockets is taken over within LEASE_TTL + TICK_EVERY.
+LEASE_TTL = 3.0
+LEASE_EVERY = 1.0
+TICK_EVERY = 1.0
+#: How long a stopping node waits for another to take its partitions.
+HANDOVER_TIMEOUT = 3.0
+
+JOIN = Script(lua.source("join", "live"))
+LEAVE = Script(lua.source("leave"))
+ACQUIRE = Script(lua.source("acquire", "live"))
+OFFER = Script(lua.source("offer"))
+RESIGN = Script(lua.source("resign"))
+REAP = Script(lua.source("reap"))
+#: Sent with EVAL on a "now" command: it must not wait behind writes Redis
+#: refuses (out of memory), or the lease would expire meanwhile.
+RENEW = Script(lua.source("renew"))
+
+SCRIPTS = (JOIN, LEAVE, ACQUIRE, OFFER, RESIGN, REAP)
+
+
+class JoinFailed(Exception):
+    """Redis refused a socket's join: the socket cannot be served here."""
+
+
+class Membership:
+    """The ``Presence`` the dispatcher joins and leaves sockets through."""
+
+    def __init__(self, redis: RedisConnection, store: RedisStore, subscriber: Subscriber,
+                 view: ClusterView, namespace: Namespace, whereabouts: str, reactor, *,
+                 max_sockets: int, partitions: int = 1,
+                 lost: Callable[[], object] = lambda: None) -> None:
+        self._redis = redis
+        self._store = store
+        self._subscriber = subscriber
+        self.view = view
+        self._ns = namespace
+        self.owner = view.owner
+        self._whereabouts = whereabouts
+        self._reactor = reactor
+        self._max_sockets = max_sockets
+        self._wanted_partitions = partitions
+        self._lost = lost
+        self._lease_key = namespace.process(self.owner)
+        self._ids = itertools.count(1)
+        #: Sockets whose user's channels this node follows: socket -> uid.
+        self._following: dict[str, str] = {}
+        #: Sockets whose join waits for their channels to be subscribed.
+        self._subscribing: set[str] = set()
+        #: Of those, the ones that left meanwhile: no join is sent for them.
+        self._cancelled: set[str] = set()
+        #: Partitions being taken: fired when this node hears it has them.
+        self._taking: dict[int, defer.Deferred] = {}
+        #: Partitions offered by this stopping node: fired when taken.
+        self._offered: dict[int, defer.Deferred] = {}
+        self._renewing = LoopingCall(self._renew)
+        self._renewing.clock = reactor
+        self._ticking = LoopingCall(self._tick)
+        self._ticking.clock = reactor
+        self.stopping = False
+        self.is_lost = False
+        view.left = self._left
+        view.acquired = self._acquired
+        view.taken_from_us = self._taken_from_us
+        view.fence = self._fence
+        store.fenced = self._lose
+        subscriber.prepare = self._prepare
+        #: Called with a partition whose handover is over (the giver said
+        #: so, or was waited for long enough): the router's.
+        self.handed_over: Callable[[int], None] = lambda partition: None
+
+    @property
+    def leased(self) -> bool:
+        """Whether this node renews its lease (it is in the cluster)."""
+        return self._renewing.running
+
+    # -- starting and stopping ---------------------------------------------
+
+    async def start(self) -> None:
+        """Before the subscriber connects: take the lease, learn how many
+        partitions the cluster has, and add the patterns of those this node
+        will try to take, so that they are subscribed with the rest."""
+        redis = self._redis
+        await redis.execute(b"SET", self._lease_key, self._whereabouts.encode(), b"PX",
+                            int(LEASE_TTL * 1000))
+        await redis.execute(b"SADD", self._ns.nodes, self.owner)
+        await redis.execute(b"SET", self._ns.partitions, self._wanted_partitions, b"NX")
+        count = int(await redis.execute(b"GET", self._ns.partitions))
+        if count != self._wanted_partitions:
+            log.info("The cluster has {count} storer partitions (set by its first node); "
+                     "--partitions {wanted} is ignored", count=count,
+                     wanted=self._wanted_partitions)
+        self.view.partitions = count
+        self._renewing.start(LEASE_EVERY, now=False)
+        self._first = await self._vacant(count)
+        for k in self._first:
+            self._subscriber.psubscribe(self._ns.partition_patterns(k, count))
+
+    def _prepare(self, again: bool) -> defer.Deferred:
+        """Once subscribed: take the vacant partitions found at start, then
+        look again every ``TICK_EVERY``. Subscribed again after a loss:
+        take the held partitions again (with their presence as it is now),
+        and join again what waits for a storer's fence (events were lost)."""
+        if not self._ticking.running:
+            return defer.ensureDeferred(self._take_first())
+        return defer.ensureDeferred(self._again())
+
+    async def _take_first(self) -> None:
+        await self._take(self._first)
+        self._ticking.start(TICK_EVERY, now=False)
+
+    async def _again(self) -> None:
+        held = sorted(self.view.held)
+        await self._take(held)
+        if any(k not in self.view.held for k in held):
+            log.critical("Storer partitions {held} were taken over while the subscriber "
+                         "was away: this node counted as dead", held=held)
+            self._lose()
+        self._resubscribed()
+
+    async def stop(self) -> None:
+        """After the sockets left: hand the partitions over to another node
+        (or give them up when none takes them), then leave the cluster."""
+        self.stopping = True
+        if self._ticking.running:
+            self._ticking.stop()
+        offers = []
+        if self.view.held and await self._live_nodes() > 1:
+            for k in sorted(self.view.held):
+                self.view.offered.add(k)
+                d = self._offered[k] = defer.Deferred()
+                offers.append(d.addErrback(lambda f: f.trap(defer.CancelledError)))
+                await self._redis.eval(OFFER, [self._ns.storer(k), self._offer_key(k)],
+                                       [self.owner, k, self._ns.cluster_channel])
+            try:
+                await defer.DeferredList(offers).addTimeout(HANDOVER_TIMEOUT, self._reactor)
+            except defer.TimeoutError:
+                pass
+        for k in sorted(self.view.held):
+            log.warn("No other node took storer partition {k}: nobody stores for its "
+                     "offline users until one starts", k=k)
+            await self._redis.eval(RESIGN, [self._ns.storer(k), self._offer_key(k)],
+                             [self.owner, k, self._ns.cluster_channel])
+            self.view.resigned(k)
+        await self._store.flushed()
+        if self._renewing.running:
+            self._renewing.stop()
+        # Nothing is held any more: say so (or let it expire).
+        await self._redis.execute_now(b"DEL", self._lease_key)
+        await self._reap(self.owner)
+
+    # -- sockets ------------------------------------------------------------
+
+    def socket_id(self) -> str:
+        return f"{self.owner}:{next(self._ids)}"
+
+    def join(self, uid: str, socket: str) -> defer.Deferred:
+        """Record the socket's presence; fires once the user's drain may
+        begin on this node."""
+        if self.view.holds(uid):
+            # Its stores and takes go on one connection, in the order this
+            # node decided them: nothing to wait for.
+            self._send_join(uid, socket).addErrback(self._join_failed, uid, socket)
+            return defer.succeed(None)
+        ready = self.view.joining(uid, socket)
+        self._following[socket] = uid
+        self._subscribing.add(socket)
+        d = self._subscriber.follow(self._channels(uid))
+        d.addCallback(self._followed, uid, socket)
+        d.addErrback(self._join_failed, uid, socket)
+        return ready
+
+    def _followed(self, _, uid: str, socket: str):
+        self._subscribing.discard(socket)
+        if socket in self._cancelled:
+            self._cancelled.discard(socket)
+            self._unfollow(socket)
+            return None
+        return self._send_join(uid, socket)
+
+    def _send_join(self, uid: str, socket: str) -> defer.Deferred:
+        ns = self._ns
+        return self._redis.eval(JOIN, [ns.presence(uid), ns.present, ns.node_users(self.owner),
+                                 ns.joins, self._lease_key],
+                          [socket, uid, ns.presence_channel(uid), self._max_sockets,
+                           ns.process_prefix])
+
+    def _join_failed(self, failure, uid: str, socket: str) -> None:
+        log.error("Could not record socket {socket} of {uid}: {why}", socket=socket, uid=uid,
+                  why=failure.getErrorMessage()[:300])
+        self._fenced(failure)
+        self.view.fail(socket, JoinFailed(failure.getErrorMessage()[:300]))
+
+    def leave(self, uid: str, socket: str) -> None:
+        self.view.abandon(socket)
+        if socket in self._subscribing:
+            self._cancelled.add(socket)
+            return
+        ns = self._ns
+        d = self._redis.eval(LEAVE, [ns.presence(uid), ns.present],
+                       [socket, uid, ns.presence_channel(uid)])
+        d.addCallback(self._left_or_gone, uid, socket)
+        d.addErrback(lambda f: log.error("Could not record that socket {socket} of {uid} "
+                                         "left: {why}", socket=socket, uid=uid,
+                                         why=f.getErrorMessage()[:300]))
+
+    def _left_or_gone(self, left: int, uid: str, socket: str) -> None:
+        if not left:  # pushed out, or reaped: no event will say it
+            self.view.forget(uid, socket)
+            self._unfollow(socket)
+
+    def _left(self, uid: str, socket: str) -> None:
+        """The stream says one of this node's sockets left."""
+        self._unfollow(socket)
+
+    def _unfollow(self, socket: str) -> None:
+        uid = self._following.pop(socket, None)
+        if uid is not None:
+            self._subscriber.unfollow(self._channels(uid))
+
+    def _channels(self, uid: str) -> list[bytes]:
+        """Presence first: a message on the user's channel is only heard
+        once its presence is."""
+        return [self._ns.presence_channel(uid).encode(), self._ns.user_channel(uid).encode()]
+
+    def _resubscribed(self) -> None:
+        """Events were missed while the subscriber was away: joins waiting
+        for a fence join again (the storer fences each join it hears), and
+        held partitions are taken again, with their presence as it is now."""
+        for uid, socket in self.view.waiting():
+            self._send_join(uid, socket).addErrback(self._join_failed, uid, socket)
+
+    # -- the storer's part --------------------------------------------------
+
+    def _fence(self, uid: str, socket: str) -> None:
+        """Another node's socket joined a user of a partition held here:
+        once the stores decided before the join are in Redis, it may drain."""
+        self._store.publish_after_stores(self._ns.presence_channel(uid).encode(),
+                                         b"F " + socket.encode())
+
+    async def _vacant(self, count: int) -> list[int]:
+        """Partitions nobody live holds (or that are offered), up to this
+        node's share of them."""
+        held = len(self.view.held)
+        share = math.ceil(count / max(await self._live_nodes(), 1))
+        vacant = []
+        for k in range(count):
+            if len(vacant) + held >= share:
+                break
+            if k in self.view.held:
+                continue
+            holder = await self._redis.execute(b"GET", self._ns.storer(k))
+            holder = None if holder is None else bytes(holder).decode()
+            self.view.storers[k] = holder
+            if holder is None or holder == self.owner or not await self._redis.execute(
+                    b"EXISTS", self._ns.process(holder)) or await self._redis.execute(
+                    b"EXISTS", self._offer_key(k)):
+                vacant.append(k)
+        return vacant
+
+    async def _live_nodes(self) -> int:
+        """Nodes whose lease lives, this one included."""
+        live = 0
+        for node in await self._redis.execute(b"SMEMBERS", self._ns.nodes):
+            live += await self._redis.execute(b"EXISTS", self._ns.process(bytes(node).decode()))
+        return live
+
+    async def _take(self, partitions: list[int]) -> None:
+        count = self.view.partitions
+        for k in partitions:
+            patterns = self._ns.partition_patterns(k, count)
+            await self._subscriber.psubscribe(patterns)
+            heard = self._taking[k] = defer.Deferred()
+            taken = await self._redis.eval(ACQUIRE, [
+                self._ns.storer(k), self._lease_key, self._ns.present, self._offer_key(k)], [
+                self.owner, k, count, self._ns.process_prefix, *self._ns.presence_affixes,
+                self._ns.node_channel(self.owner), self._ns.cluster_channel])
+            if not taken:
+                del self._taking[k]
+                if k in self.view.held:
+                    self.view.resigned(k)  # lost while away: _again says so
+                self._subscriber.punsubscribe(patterns)
+                continue
+            if taken == 2:
+                self._reactor.callLater(LEASE_TTL + HANDOVER_TIMEOUT, self.handed_over, k)
+            await heard
+            log.info("Storing for the offline users of partition {k} (of {count}){how}",
+                     k=k, count=count, how=" handed over by its holder" if taken == 2 else "")
+
+    def _acquired(self, partition: int) -> None:
+        d = self._taking.pop(partition, None)
+        if d is not None:
+            d.callback(None)
+
+    def _taken_from_us(self, partition: int) -> None:
+        offered = self._offered.pop(partition, None)
+        if offered is not None:
+            # What this node decided before the taker's point is in Redis
+            # before the taker's first store: it waits for this.
+            self._store.publish_after_stores(self._ns.cluster_channel.encode(),
+                                             f"D {partition} {self.owner}".encode())
+            offered.callback(None)
+            return
+        d = self._redis.execute(b"GET", self._ns.storer(partition))
+        d.addCallback(self._taken_or_not, partition)
+        d.addErrback(lambda f: log.failure("Could not check partition {k}", f, k=partition))
+
+    def _taken_or_not(self, holder, partition: int) -> None:
+        if holder is not None and bytes(holder).decode() == self.owner:
+            log.error("Another RedMessenger took storer partition {k} with this prefix on "
+                      "another database of this Redis: pub/sub ignores databases, so use "
+                      "another --prefix (docs/operations.rst)", k=partition)
+            return
+        log.critical("Storer partition {k} was taken over by another node: this node "
+                     "counted as dead (its lease expired)", k=partition)
+        self.view.resigned(partition)
+        self._lose()
+
+    def _offer_key(self, partition: int) -> str:
+        return self._ns.storer(partition) + ":offered"
+
+    async def _tick(self) -> None:
+        """Take partitions whose holder died (or is stopping), and reap
+        dead nodes' sockets (the holder of partition 0 does)."""
+        if self.stopping or self.is_lost:
+            return
+        try:
+            await self._take(await self._vacant(self.view.partitions))
+            if 0 in self.view.held:
+                for node in await self._redis.execute(b"SMEMBERS", self._ns.nodes):
+                    node = bytes(node).decode()
+                    if node != self.owner and not await self._redis.execute(
+                            b"EXISTS", self._ns.process(node)):
+                        left = await self._reap(node)
+                        log.warn("Node {node} is gone (its lease expired): {count} of its "
+                                 "sockets left", node=node, count=left)
+        except RedisUnavailable:
+            pass
+        except Exception:
+            log.failure("The cluster tick failed; trying again in {s} s", s=TICK_EVERY)
+
+    def _reap(self, node: str) -> defer.Deferred:
+        ns = self._ns
+        return self._redis.eval(REAP, [ns.node_users(node), ns.present, ns.process(node), ns.nodes],
+                          [node, *ns.presence_affixes, *ns.presence_channel_affixes])
+
+    # -- the lease ----------------------------------------------------------
+
+    def _renew(self) -> defer.Deferred:
+        partitions = [self._ns.storer(k) for k in sorted(self.view.held)]
+        d = self._redis.execute_now(
+            b"EVAL", RENEW.source, 2, self._lease_key, self._ns.nodes, self.owner,
+            int(LEASE_TTL * 1000), self._whereabouts.encode(), *partitions)
+        d.addCallback(self._renewed)
+        d.addErrback(lambda f: f.trap(RedisUnavailable))
+        d.addErrback(lambda f: log.warn("Could not renew the node's lease: {why}",
+                                        why=f.getErrorMessage()[:300]))
+        return d
+
+    def _renewed(self, kept: int) -> None:
+        if not kept:
+            log.critical("This node's lease expired and what it held was taken over "
+                         "(Redis was away, or the node stalled, for over {ttl} s)",
+                         ttl=LEASE_TTL)
+            self._lose()
+
+    def _fenced(self, failure) -> None:
+        if failure.check(txredisapi().ResponseError) and \
+                str(failure.value).startswith("FENCED"):
+            self._lose()
+
+    def _lose(self) -> None:
+        if not self.is_lost:
+            self.is_lost = True
+            self._lost()

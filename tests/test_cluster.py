@@ -1,0 +1,197 @@
+"""Several nodes on one Redis act as one server: every test runs real
+``twistd`` nodes (tests/cluster.py) with clients and the publisher on
+different nodes, and counts what goes in and what comes out."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from cluster import Cluster, payloads, receive
+from websockets.exceptions import ConnectionClosed
+
+from deployed import recv_json, wait_for
+
+
+def test_users_spread_over_nodes_get_each_message_once_and_offline_ones_are_stored_once(
+        tmp_path, redis) -> None:
+    with Cluster(tmp_path, redis) as cluster:
+        nodes = cluster.start(3)
+        online = [f"u{i}" for i in range(6)]
+        offline = ["o1", "o2", "o3"]
+        with nodes[0].user("u0") as u0, nodes[0].user("u1") as u1, \
+                nodes[1].user("u2") as u2, nodes[1].user("u3") as u3, \
+                nodes[2].user("u4") as u4, nodes[2].user("u5") as u5:
+            sockets = [u0, u1, u2, u3, u4, u5]
+            for i in range(50):
+                for uid in online + offline:
+                    cluster.publish(f"rm.users.{uid}", f"{uid}-{i}")
+            for uid in online:
+                cluster.publish(f"rm.users.{uid}", "end")
+            for uid, ws in zip(online, sockets, strict=True):
+                # In order, each once: a copy would come before "end".
+                assert payloads(receive(ws, 51)) == [f"{uid}-{i}" for i in range(50)] + ["end"]
+            for uid in offline:
+                wait_for(lambda uid=uid: len(cluster.queue(uid)) >= 50, f"{uid}'s stores")
+                assert cluster.queue(uid) == [f"{uid}-{i}" for i in range(50)]
+            for uid in online:
+                assert cluster.queue(uid) == []
+
+
+def test_a_user_on_two_nodes_gets_everything_on_both_and_one_bubble(tmp_path, redis) -> None:
+    with Cluster(tmp_path, redis) as cluster:
+        nodes = cluster.start(3)
+        with nodes[1].user("u") as older, nodes[2].user("u") as newer:
+            for i in range(20):
+                cluster.publish("rm.users.u", str(i))
+            on_older, on_newer = receive(older, 20), receive(newer, 20)
+            assert payloads(on_older) == payloads(on_newer) == [str(i) for i in range(20)]
+            assert not any(f["bubble"] for f in on_older)
+            assert all(f["bubble"] for f in on_newer)
+        wait_for(lambda: not redis.command("EXISTS", "rm:presence:u"), "the sockets to leave")
+        cluster.publish("rm.users.u", "stored")
+        wait_for(lambda: cluster.queue("u") == ["stored"], "the store, once")
+
+
+def test_the_socket_limit_holds_across_nodes(tmp_path, redis) -> None:
+    with Cluster(tmp_path, redis, "--max-sockets-per-user", "2") as cluster:
+        nodes = cluster.start(3)
+        with nodes[0].user("u") as first, nodes[1].user("u") as second, \
+                nodes[2].user("u") as third:
+            try:
+                while True:
+                    frame = recv_json(first)
+                    assert frame["type"] == "error", frame
+            except ConnectionClosed as closed:
+                assert closed.rcvd.code == 4009
+            assert frame["code"] == "too_many_sockets"
+            cluster.publish("rm.users.u", "hello")
+            assert payloads(receive(second, 1)) == payloads(receive(third, 1)) == ["hello"]
+
+
+def test_a_group_reaches_members_on_every_node_and_is_stored_once_for_the_others(
+        tmp_path, redis) -> None:
+    with Cluster(tmp_path, redis) as cluster:
+        nodes = cluster.start(3)
+        redis.command("SADD", "rm:groups:g:members", "a", "b", "c", "offline")
+        with nodes[0].user("a") as a, nodes[1].user("b") as b, nodes[2].user("c") as c:
+            for i in range(10):
+                cluster.publish("rm.groups.g", str(i))
+            for ws in (a, b, c):
+                assert payloads(receive(ws, 10)) == [str(i) for i in range(10)]
+            wait_for(lambda: len(cluster.queue("offline")) >= 10, "the stores")
+            assert cluster.queue("offline") == [str(i) for i in range(10)]
+            for uid in "abc":
+                assert cluster.queue(uid) == []
+
+
+def test_a_node_that_stops_hands_its_storing_over_with_nothing_lost_or_stored_twice(
+        tmp_path, redis) -> None:
+    """The first node stores for every offline user; it is stopped with
+    SIGTERM while messages for an offline user flow: the next node takes
+    over from the exact point the first one stops at."""
+    with Cluster(tmp_path, redis) as cluster:
+        first, second = cluster.start(2)
+        published = []
+        done = threading.Event()
+
+        def publish() -> None:
+            i = 0
+            while not done.is_set():
+                cluster.publish("rm.users.offline", str(i))
+                published.append(str(i))
+                i += 1
+
+        publisher = threading.Thread(target=publish)
+        publisher.start()
+        try:
+            wait_for(lambda: len(cluster.queue("offline")) >= 100, "stores by the first node")
+            first.stop()
+            assert "handed over by its holder" in second.log()
+            count = len(published)
+            wait_for(lambda: len(published) > count + 100, "more messages")
+        finally:
+            done.set()
+            publisher.join()
+        wait_for(lambda: len(cluster.queue("offline")) >= len(published), "every store")
+        assert cluster.queue("offline") == published
+
+
+def test_a_node_killed_loses_nothing_in_ack_mode_and_its_storing_is_taken_over(
+        tmp_path, redis) -> None:
+    """The first node stores for everyone and holds an ack-mode user with
+    messages unacknowledged; it is killed. Within the lease time another
+    node takes over its storing, and the user, reconnecting there, gets
+    every message it had not acknowledged."""
+    with Cluster(tmp_path, redis) as cluster:
+        first, second = cluster.start(2)
+        with first.user("u", ack=True) as u:
+            for i in range(100):
+                cluster.publish("rm.users.u", str(i))
+            frames = receive(u, 100)
+            u.send(json.dumps({"type": "ack", "tag": frames[39]["tag"]}))
+
+            def claimed() -> int:
+                return sum(redis.command("LLEN", key)
+                           for key in redis.command("KEYS", "rm:users:u:taking:*"))
+
+            wait_for(lambda: claimed() == 60, "the ack to settle the first 40")
+            first.kill()
+        wait_for(lambda: "Storing for the offline users of partition 0" in second.log(),
+                 "the second node to take the storing over", 10)
+        wait_for(lambda: "sockets left" in second.log(), "the dead node's sockets to go")
+        cluster.publish("rm.users.offline", "after")
+        with second.user("u", ack=True) as u:
+            again = receive(u, u.welcome["queued"])
+            assert payloads(again) == [str(i) for i in range(40, 100)]
+        wait_for(lambda: cluster.queue("offline") == ["after"], "the store by the new storer")
+
+
+def test_a_user_hopping_between_nodes_in_ack_mode_loses_nothing(tmp_path, redis) -> None:
+    with Cluster(tmp_path, redis) as cluster:
+        nodes = cluster.start(3)
+        total = 1000
+        done = threading.Event()
+
+        def publish() -> None:
+            for i in range(total):
+                cluster.publish("rm.users.u", str(i))
+                if i % 10 == 0:
+                    time.sleep(0.02)  # about 2 s in all: the hops happen mid-flow
+            done.set()
+
+        publisher = threading.Thread(target=publish)
+        publisher.start()
+        seen: set[str] = set()
+        hops = hops_in_flow = 0
+        try:
+            while len(seen) < total:
+                node = nodes[hops % 3]
+                hops += 1
+                with node.user("u", ack=True) as u:
+                    got = []
+                    deadline = time.monotonic() + 0.2
+                    while time.monotonic() < deadline or (done.is_set() and len(seen) < total):
+                        try:
+                            frame = json.loads(u.recv(timeout=0.2))
+                        except TimeoutError:
+                            if done.is_set():
+                                break
+                            continue
+                        if frame["type"] == "message":
+                            got.append(frame)
+                            seen.add(frame["payload"])
+                            if len(seen) == total:
+                                break
+                    numbers = [int(f["payload"]) for f in got]
+                    assert numbers == sorted(numbers), "out of order on one connection"
+                    if got:
+                        u.send(json.dumps({"type": "ack", "tag": got[-1]["tag"]}))
+                if not done.is_set():
+                    hops_in_flow = hops
+                assert hops < 200, f"only {len(seen)} of {total} after {hops} hops"
+        finally:
+            publisher.join()
+        assert seen == {str(i) for i in range(total)}
+        assert hops_in_flow >= 4  # on each of the three nodes, while messages flowed

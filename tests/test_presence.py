@@ -1,0 +1,107 @@
+"""The cluster as one node sees it at each point of its stream
+(redmessenger/presence.py): pure logic, fed the events the Lua scripts
+publish. The real thing runs in tests/test_cluster.py."""
+
+from __future__ import annotations
+
+from redmessenger.presence import ClusterView, partition_of
+
+
+def view(owner: str = "me", held: bool = False, storer: str | None = "other") -> tuple:
+    calls: list = []
+    v = ClusterView(owner, 1)
+    if held:
+        v.held.add(0)
+        v.storers[0] = owner
+    else:
+        v.storers[0] = storer
+    v.outbid = lambda uid, elsewhere: calls.append(("outbid", uid, elsewhere))
+    v.evicted = lambda socket: calls.append(("evicted", socket))
+    v.left = lambda uid, socket: calls.append(("left", uid, socket))
+    v.fence = lambda uid, socket: calls.append(("fence", uid, socket))
+    v.taken_from_us = lambda k: calls.append(("taken", k))
+    return v, calls
+
+
+def join(sock: str, seq: int, evicted: str = "-", *after: tuple[str, int]) -> bytes:
+    flat = " ".join(f"{s} {q}" for s, q in after)
+    return f"J {sock} {seq} {evicted} {flat}".encode()
+
+
+def test_a_join_elsewhere_waits_for_the_storers_fence() -> None:
+    v, _ = view()
+    ready = v.joining("u", "me:1")
+    assert not v.delivers("u")
+    v.heard_presence("u", join("me:1", 5, "-", ("me:1", 5)))
+    assert v.delivers("u") and not ready.called  # delivers, drains later
+    v.heard_presence("u", b"F me:1")
+    assert ready.called
+
+
+def test_a_join_is_ready_when_heard_if_this_node_stores_or_nobody_does() -> None:
+    for held, storer in ((True, "me"), (False, None)):
+        v, _ = view(held=held, storer=storer)
+        ready = v.joining("u", "me:1")
+        v.heard_presence("u", join("me:1", 1, "-", ("me:1", 1)))
+        assert ready.called
+
+
+def test_a_new_storer_releases_joins_it_has_in_its_snapshot() -> None:
+    v, _ = view()
+    ready = v.joining("u", "me:1")
+    v.heard_presence("u", join("me:1", 1, "-", ("me:1", 1)))
+    v.heard_cluster(b"E 0 third")
+    assert ready.called
+
+
+def test_other_nodes_sockets_are_tracked_and_the_newest_bubbles() -> None:
+    v, calls = view()
+    v.joining("u", "me:1")
+    v.heard_presence("u", join("me:1", 3, "-", ("x:1", 2), ("me:1", 3)))
+    assert v.elsewhere("u") and calls == []  # ours is the newest
+    v.heard_presence("u", join("x:2", 4, "-", ("x:1", 2), ("me:1", 3), ("x:2", 4)))
+    assert calls == [("outbid", "u", True)]
+    v.heard_presence("u", b"L x:2")
+    assert calls[-1] == ("outbid", "u", False)
+    v.heard_presence("u", b"L x:1")
+    assert not v.elsewhere("u")
+
+
+def test_a_socket_pushed_out_by_a_join_elsewhere_is_evicted_here() -> None:
+    v, calls = view()
+    v.joining("u", "me:1")
+    v.heard_presence("u", join("me:1", 1, "-", ("me:1", 1)))
+    v.heard_presence("u", join("x:1", 2, "me:1", ("x:1", 2)))
+    assert ("evicted", "me:1") in calls and ("left", "u", "me:1") in calls
+    assert not v.delivers("u")
+
+
+def test_a_storer_fences_each_join_from_another_node_and_follows_its_users() -> None:
+    v, calls = view(held=True, storer="me")
+    v.heard_presence("u", join("x:1", 1, "-", ("x:1", 1)))
+    assert calls == [("fence", "u", "x:1")]
+    assert v.elsewhere("u")
+    v.heard_presence("u", b"L x:1")
+    assert not v.elsewhere("u")
+
+
+def test_a_taken_partition_starts_from_its_snapshot() -> None:
+    v, _ = view()
+    k, handed = v.took(b'0 2 {"u": ["x:1", "7"], "stale": {}}')
+    assert (k, handed) == (0, True) and v.holds("anyone")
+    assert v.others == {"u": {"x:1": 7}}
+
+
+def test_a_partition_taken_from_this_node_is_said_so() -> None:
+    """Offered, it is the others' from that point; not offered, the node
+    checks in Redis whether it was taken (see membership)."""
+    v, calls = view(held=True, storer="me")
+    v.heard_cluster(b"E 0 other")
+    assert calls == [("taken", 0)] and v.held == {0}
+    v.offered.add(0)
+    v.heard_cluster(b"E 0 other")
+    assert not v.held
+
+
+def test_partitions_split_user_ids_by_their_last_byte() -> None:
+    assert [partition_of(uid, 4) for uid in ("a0", "a1", "a2", "a3", "a4")] == [0, 1, 2, 3, 0]
