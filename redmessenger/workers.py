@@ -186,7 +186,9 @@ class Supervisor(Service):
                 f"redis://:{quote(self.embedded.password, safe='')}@{HOST}:"
                 f"{self.settings.embedded_port}/0")
         endpoint = serverFromString(self.reactor, self.settings.listen_description)
-        port = await endpoint.listen(Factory.forProtocol(Protocol))
+        unused = Factory.forProtocol(Protocol)  # the workers accept, with their own
+        unused.noisy = False
+        port = await endpoint.listen(unused)
         port.stopReading()  # only the workers accept
         if not self.running:  # stopped meanwhile
             await port.stopListening()
@@ -225,7 +227,7 @@ class Supervisor(Service):
         del self.workers[worker.number]
         how = _how(reason)
         if not self.running:
-            log.info("Worker {worker} (pid {worker_pid}) stopped: {how}",
+            log.info("Worker {worker} (pid {worker_pid}) stopped ({how})",
                      worker=worker.number, worker_pid=worker.pid, how=how)
             return
         lived = self.reactor.seconds() - worker.started
@@ -275,7 +277,7 @@ class Supervisor(Service):
 def _how(reason: Exception) -> str:
     """How a process ended (``ProcessDone`` or ``ProcessTerminated``), in words."""
     signal, code = getattr(reason, "signal", None), getattr(reason, "exitCode", 0)
-    return f"was killed by signal {signal}" if signal else f"exited with code {code}"
+    return f"ended by signal {signal}" if signal else f"exited with code {code}"
 
 
 class _Worker(ProcessProtocol):
