@@ -114,11 +114,11 @@ class _InheritedSocket:
 
     def listenTCP(self, port: int, factory: Factory, backlog: int = 50,
                   interface: str = "") -> IListeningPort:
-        family = socket.socket(fileno=self._fd)
+        inherited = socket.socket(fileno=self._fd)  # which family it is
         try:
-            adopted = self._reactor.adoptStreamPort(self._fd, family.family, factory)
+            adopted = self._reactor.adoptStreamPort(self._fd, inherited.family, factory)
         finally:
-            family.detach()
+            inherited.detach()
         os.close(self._fd)  # adopted as a copy
         return adopted
 
