@@ -51,12 +51,16 @@ class RedMessengerService(MultiService):
     """
 
     def __init__(self, settings: Settings, reactor=None, *,
-                 fatal_start: bool | None = None) -> None:
+                 fatal_start: bool | None = None, endpoint=None,
+                 worker: int | None = None) -> None:
         """``fatal_start``: whether a failed start stops the reactor (and
         the process, with status 1). By default it does under ``twistd``,
         where nothing else would notice, and does not in an application
-        that runs its own reactor (it has ``whenListening()``)."""
+        that runs its own reactor (it has ``whenListening()``).
+        ``endpoint`` and ``worker``: where a worker of ``--workers`` listens
+        instead of ``settings.port``, and which worker it is."""
         super().__init__()
+        self.endpoint, self.worker = endpoint, worker
         if reactor is None:
             from twisted.internet import reactor
         self.settings = settings
@@ -172,7 +176,8 @@ class RedMessengerService(MultiService):
         self.redis.startService()
         joined = defer.ensureDeferred(self._join())
         joined.addCallbacks(self._recover, self._could_not_join)
-        endpoint = serverFromString(self.reactor, self.settings.listen_description)
+        endpoint = self.endpoint or serverFromString(self.reactor,
+                                                     self.settings.listen_description)
         return endpoint.listen(make_site(self)).addCallback(self._listening)
 
     async def _join(self) -> None:

@@ -8,6 +8,7 @@ import re
 import socket
 from pathlib import Path
 
+from twisted.application.service import Service
 from twisted.python import usage
 
 from . import environment
@@ -15,6 +16,7 @@ from .redisserver import RedisServerNotFound, find_redis_server
 from .service import RedMessengerService
 from .settings import AuthMode, RedisAddress, Settings
 from .store import MAX_TAKE
+from .workers import Supervisor, shareable, worker_number, worker_service
 
 _DEFAULTS = Settings()
 
@@ -112,6 +114,9 @@ class Options(usage.Options):
         ["partitions", None, str(_DEFAULTS.partitions),
          "Storer partitions of a new cluster (its first node sets it; 1 to 256): the "
          "nodes share the storing of offline users' messages by them."],
+        ["workers", None, "1",
+         "Processes that share the port (a tcp or ssl one), one per core, and the "
+         "embedded Redis if any. A worker that dies is started again."],
     ]
 
     optFlags = [[long, short, f"{doc} [env: {environment.variable(long)}]"]
@@ -177,9 +182,21 @@ class Options(usage.Options):
         if self["log-format"] == "json" and self.parent is not None:
             # twistd builds its log observer after parsing: hand it ours.
             self.parent["logger"] = "redmessenger.logs.json_observer"
+        self.workers = _number(self, "workers", int, 1)
+        if self.workers > 1 and not shareable(self.settings.listen_description):
+            raise usage.UsageError(
+                f"--workers needs a tcp or ssl --port, whose socket the workers share, "
+                f"not {self.settings.listen_description!r}")
         if redis is None:
             _check_embedded(self.settings.embedded_port)
-        _check_listen(self.settings.listen_description)
+        if worker_number() is None:  # a worker's port is its supervisor's
+            _check_listen(self.settings.listen_description)
+
+    def environment(self) -> dict[str, str]:
+        """Every option given, as the variable that would give it: how a
+        worker of ``--workers`` gets them, out of sight of ``ps``."""
+        return {environment.variable(long): str(self[long])
+                for long, *_ in self.optParameters + self.optFlags if self[long] is not None}
 
 
 def _number(options: Options, name: str, kind: type, low: float, high: float | None = None):
@@ -250,7 +267,13 @@ def _taken(host: str, port: int) -> bool:
     return False
 
 
-def makeService(options: Options) -> RedMessengerService:
+def makeService(options: Options) -> Service:
     """Under twistd a start that fails ends the process (status 1): nothing
-    else would notice."""
+    else would notice. ``--workers N`` makes a supervisor, which runs N
+    twistds that each make a worker."""
+    if options.workers > 1:
+        return Supervisor(options.settings, options.workers, options.environment())
+    number = worker_number()
+    if number is not None:
+        return worker_service(options.settings, number)
     return RedMessengerService(options.settings, fatal_start=True)

@@ -48,6 +48,8 @@ class Health(Resource):
             "users_online": service.dispatcher.users,
             "version": __version__,
         }
+        if service.worker is not None:  # which of twistd --workers' processes answers
+            report["worker"] = service.worker
         if inbox is not None:
             report["inbox"] = {"reading": inbox.reading, "error": inbox.failing}
         return json.dumps(report).encode()

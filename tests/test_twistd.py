@@ -228,6 +228,7 @@ OPTIONS = {
     "verbose": None,
     "allowed-origins": "*",
     "log-format": "text",
+    "workers": "1",
     "jwt-secret": None,
     "jwt-audience": None,
     "jwt-issuer": None,
