@@ -3,27 +3,65 @@ counts against ``--max-connections`` and ``--max-connections-per-address``
 until it closes, and it has ``--handshake-timeout`` seconds to become a
 WebSocket (TLS handshake, HTTP request and upgrade), so that clients that
 open connections and trickle bytes into them cannot hold the server's places.
+
+Its first request says where a connection goes: a WebSocket upgrade of
+``/`` straight to Autobahn, anything else to twisted.web. A WebSocket never
+meets twisted.web, whose request parsing and resource rendering cost more
+than the rest of a connect and hello together.
 """
 
 from __future__ import annotations
 
+import re
+
 from autobahn.twisted.util import peer2str
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
-from twisted.web.resource import Resource
+from twisted.web.http import HTTPChannel
+from twisted.web.server import NOT_DONE_YET
 
 from .limits import Limits, address_of
 from .stats import Stats
 
 log = Logger()
 
+#: A request head that has not ended by then goes to twisted.web, which
+#: refuses it as too large.
+_MAX_HEAD = HTTPChannel.totalHeadersSize
+#: A header line twisted.web would take as it is (no folding, a token name).
+_HEADER = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:.*")
 
-class _Guard(ProtocolWrapper):
-    """One accepted connection: the transport of its HTTP channel; once it
-    is a WebSocket, it only hands the bytes that come in on and sees the
-    connection close (see ``upgraded``)."""
+
+def asks_for_websocket(head: bytes) -> bool:
+    """A ``GET / HTTP/1.1`` head, whole and plain, with ``Upgrade:
+    websocket``: what twisted.web would have handed to Autobahn. Anything
+    unusual goes to twisted.web, which still upgrades it (``upgrade``) or
+    refuses it as before."""
+    end = head.find(b"\r\n\r\n")
+    if end < 0:
+        return False
+    request, *headers = head[:end].split(b"\r\n")
+    parts = request.split(b" ")
+    if len(parts) != 3 or parts[0] != b"GET" or parts[2] != b"HTTP/1.1":
+        return False
+    if parts[1].partition(b"?")[0] != b"/":
+        return False
+    upgrade = None
+    for line in headers:
+        if not _HEADER.fullmatch(line):
+            return False
+        name, _, value = line.partition(b":")
+        if name.lower() == b"upgrade":
+            upgrade = value.strip().lower()
+    return upgrade == b"websocket"
+
+
+class _Doorway(ProtocolWrapper):
+    """One accepted connection. A WebSocket gets the transport itself and
+    this only sees the connection close; for HTTP this is the channel's
+    transport, to tell a slow request from an idle keep-alive connection."""
 
     factory: Admission
 
@@ -33,23 +71,33 @@ class _Guard(ProtocolWrapper):
     #: What was seen last is our answer, not the peer's bytes: an idle HTTP
     #: keep-alive connection, not a slow request.
     _answered = False
+    #: The first request's head, until it is whole.
+    _head = b""
+
+    def __init__(self, factory: Admission) -> None:
+        # What it wraps is known once the first request's head is in.
+        super().__init__(factory, None)
+
+    def logPrefix(self) -> str:
+        # Twisted asks every new connection (ProtocolWrapper's answer
+        # names what it wraps, here nothing yet).
+        return "RedMessenger"
 
     def makeConnection(self, transport) -> None:
         address = address_of(transport.getPeer())
         refusal = self.factory.limits.admit(address)
+        Protocol.makeConnection(self, transport)
         if refusal is not None:
             self._refuse(transport, refusal)
             return
         self._address = address
-        self.factory.handshaking += 1
+        self.factory.waiting.add(self)
         self._deadline = self.factory.reactor.callLater(self.factory.timeout, self._too_late)
-        super().makeConnection(transport)
 
     def _refuse(self, transport, refusal: str) -> None:
         """Closed at once. A plain connection is told why (HTTP 503, as
         nginx's ``limit_conn`` answers); a TLS one is not, as that would
         first take a TLS handshake, which is what a flood wants us to spend."""
-        Protocol.makeConnection(self, transport)
         self.factory.stats.connections_refused += 1
         log.warn("Refusing {peer}: {reason}", peer=peer2str(transport), reason=refusal)
         if isinstance(transport, TLSMemoryBIOProtocol):
@@ -61,17 +109,37 @@ class _Guard(ProtocolWrapper):
                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
         transport.loseConnection()
 
-    def upgraded(self) -> None:
-        """A WebSocket now: the hello timeout takes over from the deadline,
-        and it still counts against the limits until it closes. Autobahn
-        put the WebSocket right onto the transport under this one (TLS needs
-        that), as that transport's protocol (TLS) or as ours (TCP): this
-        stays in between for what comes in, to see the connection close."""
-        self._end_handshake()
-        under = self.transport
-        if isinstance(under, ProtocolWrapper) and under.wrappedProtocol is not self:
-            self.wrappedProtocol, under.wrappedProtocol = under.wrappedProtocol, self
-        self.dataReceived = self.wrappedProtocol.dataReceived  # out of the way
+    def dataReceived(self, data: bytes) -> None:
+        if self._address is None:
+            return  # refused: what it sends does not matter
+        self._answered = False
+        if self.wrappedProtocol is not None:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        head = self._head + data
+        if b"\n\r\n" not in head and b"\n\n" not in head and len(head) <= _MAX_HEAD:
+            self._head = head
+            return
+        self._head = b""
+        if asks_for_websocket(head):
+            self.to_websocket(head)
+        else:
+            self.wrappedProtocol = self.factory.site.buildProtocol(self.transport.getPeer())
+            self.wrappedProtocol.makeConnection(self)
+            self.wrappedProtocol.dataReceived(head)
+
+    def to_websocket(self, request: bytes) -> None:
+        """Hand the connection to a WebSocket protocol, from its upgrade
+        ``request`` on: it writes to the transport, and what comes in goes
+        straight to it. The handshake deadline ends once it is open; the
+        hello timeout takes over."""
+        websocket = self.factory.websocket.buildProtocol(self.transport.getPeer())
+        self.wrappedProtocol = websocket
+        self.dataReceived = websocket.dataReceived  # out of the way
+        websocket.makeConnection(self.transport)
+        websocket.dataReceived(request)
+        if websocket.state == websocket.STATE_OPEN:
+            self._end_handshake()
 
     def abandon(self) -> None:
         """Closed if it is not a WebSocket yet: nothing listens any more."""
@@ -84,16 +152,16 @@ class _Guard(ProtocolWrapper):
             if self._deadline.active():
                 self._deadline.cancel()
             self._deadline = None
-            self.factory.handshaking -= 1
+            self.factory.waiting.discard(self)
 
     def _too_late(self) -> None:
         self._end_handshake()
         if self._answered:
-            log.debug("Closing the idle HTTP connection {peer}", peer=peer2str(self))
+            log.debug("Closing the idle HTTP connection {peer}", peer=peer2str(self.transport))
         else:
             self.factory.stats.handshake_timeouts += 1
             log.warn("Closing {peer}: no WebSocket within {timeout:g} s of its accept",
-                     peer=peer2str(self), timeout=self.factory.timeout)
+                     peer=peer2str(self.transport), timeout=self.factory.timeout)
         self.transport.abortConnection()
 
     def write(self, data: bytes) -> None:
@@ -104,55 +172,64 @@ class _Guard(ProtocolWrapper):
         self._answered = True
         super().writeSequence(data)
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._address is None:
-            return  # refused: what it sends does not matter
-        self._answered = False
-        super().dataReceived(data)
-
     def connectionLost(self, reason) -> None:
         if self._address is None:
             return
         self.factory.limits.release(self._address)
         self._address = None
         self._end_handshake()
-        super().connectionLost(reason)
+        if self.wrappedProtocol is not None:
+            self.wrappedProtocol.connectionLost(reason)
 
 
-class Admission(WrappingFactory):
-    """What listens: the HTTP site behind a ``_Guard`` per connection."""
+class Admission(ServerFactory):
+    """What listens: a ``_Doorway`` per connection, in front of the HTTP
+    ``site`` and the ``websocket`` factory."""
 
-    protocol = _Guard
+    protocol = _Doorway
     noisy = False
 
-    def __init__(self, site, limits: Limits, stats: Stats, timeout: float, reactor) -> None:
-        super().__init__(site)
+    def __init__(self, site, websocket, limits: Limits, stats: Stats, timeout: float,
+                 reactor) -> None:
+        self.site = site
+        self.websocket = websocket
         self.limits = limits
         self.stats = stats
         self.timeout = timeout
         self.reactor = reactor
         #: Connections admitted that are not WebSockets (yet): HTTP requests,
         #: upgrades on their way, idle keep-alive connections.
-        self.handshaking = 0
+        self.waiting: set[_Doorway] = set()
+
+    @property
+    def handshaking(self) -> int:
+        return len(self.waiting)
+
+    def buildProtocol(self, addr) -> _Doorway:
+        return _Doorway(self)
+
+    def startFactory(self) -> None:
+        self.site.doStart()
 
     def stopFactory(self) -> None:
         """The port is closed (the service stops): connections that are not
         WebSockets yet go, rather than linger until their deadline. The
         WebSockets are the service's to close."""
-        for guard in list(self.protocols):
-            guard.abandon()
+        for doorway in list(self.waiting):
+            doorway.abandon()
+        self.site.doStop()
 
 
-def upgrade(request, websocket: Resource):
-    """Render an upgrade request with ``websocket`` (Autobahn's resource),
-    which takes the connection over: it gets the transport under the guard."""
-    guard = request.channel.transport
-    if not isinstance(guard, _Guard):
-        return websocket.render(request)
-    request.channel.transport = guard.transport
-    answer = websocket.render(request)
-    if request.channel.transport is None:
-        guard.upgraded()
-    else:
-        request.channel.transport = guard
-    return answer
+def upgrade(request):
+    """A WebSocket upgrade that came after other requests on its
+    connection, so twisted.web has it: the connection is the WebSocket's
+    from now on, from this request (as it came in) on."""
+    channel = request.channel
+    # The HTTP idle timeout must not close it later.
+    channel.setTimeout(None)
+    doorway, channel.transport = channel.transport, None
+    head = [b"%s %s HTTP/1.1\r\n" % (request.method, request.uri)]
+    head += [b"%s: %s\r\n" % (name, b",".join(values))
+             for name, values in request.requestHeaders.getAllRawHeaders()]
+    doorway.to_websocket(b"".join(head) + b"\r\n" + request.content.read())
+    return NOT_DONE_YET

@@ -17,6 +17,8 @@ import functools
 from pprint import pformat
 from types import ModuleType
 
+from autobahn import util as autobahn_util
+from autobahn.twisted import websocket as autobahn_twisted
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.protocol import PreparedMessage
@@ -94,34 +96,50 @@ class ServerProtocol(WebSocketServerProtocol):
             self.transport.registerProducer(producer, True)
 
 
-class _LazyPformat:
-    """What Autobahn's per-connection debug line gets instead of a string:
-    formatted only if a debug observer ever renders it."""
+class _Lazy:
+    """What one of Autobahn's debug lines gets instead of a string:
+    ``function(*args)``, formatted only if a debug observer renders it."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_function", "_args", "_kwargs")
 
-    def __init__(self, value) -> None:
-        self._value = value
+    def __init__(self, function, args: tuple, kwargs: dict) -> None:
+        self._function = function
+        self._args = args
+        self._kwargs = kwargs
 
     def __str__(self) -> str:
-        return pformat(self._value)
+        return self._function(*self._args, **self._kwargs)
 
     __repr__ = __format__ = lambda self, *spec: str(self)  # noqa: E731
 
 
-def defer_autobahn_pformat() -> None:
-    """Autobahn pretty-prints ~30 options for a debug log line on every new
-    connection, logged or not: 90 µs of a ~600 µs connect+hello. Make it
-    lazy; the debug line itself is unchanged.
+def _deferred(function):
+    return functools.wraps(function)(lambda *args, **kwargs: _Lazy(function, args, kwargs))
 
-    It replaces ``pformat`` in Autobahn's WebSocket module, for every
-    Autobahn server and client in the process: so it is done by
-    ``RedMessengerService.startService``, not by building a factory, and
-    ``str()`` of Autobahn's ``Timings`` (which an application may track
-    with ``trackTimings``), the module's one other caller that must return
+
+def defer_autobahn_debug_formatting() -> None:
+    """Autobahn formats the fields of its debug lines whether or not
+    anything logs them: ~30 options pretty-printed on every new connection
+    (90 µs of a ~600 µs connect+hello), and ``hltype()``/``hlval()``
+    (``inspect`` and ``click`` styling) seven times per connect and hello and
+    on every read. Make them lazy; the debug lines themselves are unchanged.
+
+    It replaces ``pformat``, ``hltype`` and ``hlval`` in Autobahn's
+    WebSocket modules, for every Autobahn server and client in the process:
+    so it is done by ``RedMessengerService.startService``, not by building
+    a factory, and ``str()`` of Autobahn's ``Timings`` (which an application
+    may track with ``trackTimings``), the one other caller that must return
     a string, keeps the real ``pformat``. Calling it again changes nothing."""
-    autobahn_protocol.pformat = _LazyPformat
+    autobahn_protocol.pformat = _LAZY_PFORMAT
     autobahn_protocol.Timings.__str__ = _timings_str
+    for module in (autobahn_protocol, autobahn_twisted):
+        module.hltype = _LAZY_HLTYPE
+        module.hlval = _LAZY_HLVAL
+
+
+_LAZY_PFORMAT = _deferred(pformat)
+_LAZY_HLTYPE = _deferred(autobahn_util.hltype)
+_LAZY_HLVAL = _deferred(autobahn_util.hlval)
 
 
 def _timings_str(timings: autobahn_protocol.Timings) -> str:

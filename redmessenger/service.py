@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from ._version import __version__
 from .auth import Authenticator
-from .compat import defer_autobahn_pformat
+from .compat import defer_autobahn_debug_formatting
 from .delivery import Dispatcher
 from .embedded import EmbeddedRedis, EmbeddedRedisError
 from .frames import Close
@@ -155,7 +155,7 @@ class RedMessengerService(MultiService):
 
     def startService(self) -> None:
         Service.startService(self)
-        defer_autobahn_pformat()
+        defer_autobahn_debug_formatting()
         _running_here.add(self.owner)
         if self.settings.auth is AuthMode.OFF:
             log.warn("--auth off: any client may claim any user id. Development only!")

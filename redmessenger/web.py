@@ -1,14 +1,13 @@
-"""HTTP beside the WebSocket, on the same port: ``/`` upgrades to the
-WebSocket (and otherwise shows a small demo page), ``/health`` says whether
-this process can deliver, ``/metrics`` speaks Prometheus, and
-``/client.js`` serves the browser client."""
+"""HTTP beside the WebSocket, on the same port: ``/`` shows a small demo
+page (a WebSocket upgrade of ``/`` is Autobahn's, see admission.py),
+``/health`` says whether this process can deliver, ``/metrics`` speaks
+Prometheus, and ``/client.js`` serves the browser client."""
 
 from __future__ import annotations
 
 import json
 from importlib import resources
 
-from autobahn.twisted.resource import WebSocketResource
 from twisted.web import pages
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -56,12 +55,11 @@ class Health(Resource):
 
 
 class Root(Resource):
-    """``/``: a WebSocket upgrade goes to RedMessenger, anything else gets
-    the demo page."""
+    """``/``: the demo page; a WebSocket upgrade that reaches twisted.web
+    (after other requests on its connection) still goes to RedMessenger."""
 
-    def __init__(self, websocket: WebSocketResource, page: Resource) -> None:
+    def __init__(self, page: Resource) -> None:
         super().__init__()
-        self._websocket = websocket
         self._page = page
 
     def getChild(self, path: bytes, request):
@@ -69,10 +67,7 @@ class Root(Resource):
 
     def render(self, request):
         if (request.getHeader(b"upgrade") or b"").lower() == b"websocket":
-            # The connection is the WebSocket's from now on: the HTTP idle
-            # timeout and the handshake deadline must not close it later.
-            request.channel.setTimeout(None)
-            return upgrade(request, self._websocket)
+            return upgrade(request)
         return self._page.render(request)
 
 
@@ -92,16 +87,17 @@ class Static(Resource):
 
 
 def make_site(service) -> Admission:
-    """What listens: the site, behind the limits and the handshake deadline."""
+    """What listens: the site and the WebSockets, behind the limits and the
+    handshake deadline."""
     from .metrics import metrics_resource
 
-    root = Root(WebSocketResource(service.factory),
-                Static("index.html", "text/html; charset=utf-8"))
+    root = Root(Static("index.html", "text/html; charset=utf-8"))
     root.putChild(b"client.js", Static("redmessenger.js", "text/javascript; charset=utf-8"))
     site = Site(root)
     site.noisy = False
-    admission = Admission(site, service.factory.limits, service.dispatcher.stats,
-                          service.settings.handshake_timeout, service.reactor)
+    admission = Admission(site, service.factory, service.factory.limits,
+                          service.dispatcher.stats, service.settings.handshake_timeout,
+                          service.reactor)
     root.putChild(b"health", Health(service, admission))
     root.putChild(b"metrics", metrics_resource(service, admission))
     return admission

@@ -136,11 +136,12 @@ class RedMessengerProtocol(ServerProtocol):
     # -- Socket, as the dispatcher sees it ----------------------------------
 
     def start(self, queued: int) -> None:
-        log.info("You're subscribed to {channel}! ({peer}, {queued} stored messages "
-                 "follow)", channel=self.factory.namespace.user_channel(self.uid),
-                 peer=self.peer, queued=queued)
+        if self.factory.trace:  # at info, the dispatcher says who came and what follows
+            log.debug("You're subscribed to {channel}! ({peer}, {queued} stored messages "
+                      "follow)", channel=self.factory.namespace.user_channel(self.uid),
+                      peer=self.peer, queued=queued)
         self._heartbeat = self._hello.heartbeat
-        self.sendMessage(frames.welcome(
+        self.send_text(frames.welcome(
             self.uid, self.factory.namespace.user_channel(self.uid), queued, self.ack_mode,
             self.factory.ping_interval if self._heartbeat else None))
 
@@ -175,7 +176,8 @@ class RedMessengerProtocol(ServerProtocol):
 
     def onOpen(self) -> None:
         self.factory.connections.add(self)
-        log.info("New connection {peer}! Waiting for ID...", peer=self.peer)
+        if self.factory.trace:
+            log.debug("New connection {peer}! Waiting for ID...", peer=self.peer)
         # Counted against the connection limits since its accept (admission.py).
         self._address = address_of(self.transport.getPeer())
         self._hello_timer = self.factory.reactor.callLater(
@@ -331,6 +333,9 @@ class RedMessengerFactory(WebSocketServerFactory):
         self.authenticator = authenticator
         self.namespace = Namespace(settings.prefix)
         self.hello_timeout = settings.hello_timeout
+        #: --verbose: the steps of a connect are logged too (twistd logs
+        #: debug lines; a line costs more than 10 % of a connect+hello).
+        self.trace = settings.verbose
         self.max_frame = settings.max_frame
         self.allowed_origins = settings.allowed_origins
         self.limits = Limits(settings.max_connections, settings.max_connections_per_address,
@@ -342,9 +347,12 @@ class RedMessengerFactory(WebSocketServerFactory):
         # CLOSE_TIMEOUT seconds to answer a close before its TCP connection
         # is reset (Autobahn's 1 s can cut off a busy client's error frame).
         # Origins are checked in onConnect (Autobahn's check answers 400).
+        # The handshake's deadline is --handshake-timeout, from the accept
+        # (admission.py): no timer of Autobahn's per connection.
         self.setProtocolOptions(maxFramePayloadSize=settings.max_frame,
                                 maxMessagePayloadSize=0, failByDrop=False,
-                                closeHandshakeTimeout=CLOSE_TIMEOUT, allowNullOrigin=True)
+                                closeHandshakeTimeout=CLOSE_TIMEOUT, allowNullOrigin=True,
+                                openHandshakeTimeout=0)
         self.max_socket_buffer = settings.max_socket_buffer
         self.ping_interval = settings.ping_interval
         self.ping_timeout = settings.ping_timeout

@@ -16,6 +16,8 @@ from collections import deque
 from pathlib import Path
 
 import pytest
+from autobahn import util as autobahn_util
+from autobahn.twisted import websocket as autobahn_twisted
 from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.websocket import protocol as autobahn_protocol
 from twisted.internet import abstract, tcp
@@ -41,6 +43,8 @@ INTERNALS = (
     "message_data_total_length",
     "bufferSize",
     "pformat",
+    "hltype",
+    "hlval",
     "tryConvertData",
     "_build_command",
 )
@@ -200,26 +204,42 @@ def test_send_close_sends_any_code() -> None:
     assert written[2:4] == (1013).to_bytes(2, "big")
 
 
-def test_pformat_is_deferred_by_an_explicit_call_only(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        (autobahn_protocol, "pformat"),
+        (autobahn_protocol, "hltype"),
+        (autobahn_protocol, "hlval"),
+        (autobahn_twisted, "hltype"),
+        (autobahn_twisted, "hlval"),
+    ],
+)
+def test_debug_formatting_is_deferred_by_an_explicit_call_only(
+    monkeypatch: pytest.MonkeyPatch, module, name: str
+) -> None:
     from twisted.internet.task import Clock
 
     from redmessenger.settings import Settings
     from redmessenger.websocket import RedMessengerFactory
 
-    what = "defer_autobahn_pformat"
-    relied_on("autobahn", autobahn_protocol, "pformat", what)
-    assert "pformat(" in inspect.getsource(autobahn_protocol), gone(
-        "autobahn", "protocol.py calling pformat()", what
+    what = "defer_autobahn_debug_formatting"
+    real = relied_on("autobahn", module, name, what)
+    assert f"{name}(" in inspect.getsource(module), gone(
+        "autobahn", f"{module.__name__} calling {name}()", what
     )
     monkeypatch.setattr(autobahn_protocol, "pformat", pprint.pformat)
     monkeypatch.setattr(autobahn_protocol.Timings, "__str__", autobahn_protocol.Timings.__str__)
+    for each in (autobahn_protocol, autobahn_twisted):
+        monkeypatch.setattr(each, "hltype", autobahn_util.hltype)
+        monkeypatch.setattr(each, "hlval", autobahn_util.hlval)
     RedMessengerFactory(None, None, Settings(), Clock(), "test", lambda: True, lambda: None)
-    assert autobahn_protocol.pformat is pprint.pformat  # building a factory leaves it
-    compat.defer_autobahn_pformat()
-    deferred = autobahn_protocol.pformat
-    compat.defer_autobahn_pformat()
-    assert autobahn_protocol.pformat is deferred is not pprint.pformat
-    assert f"{deferred({'a': 1})}" == str(deferred({"a": 1})) == "{'a': 1}"
+    assert getattr(module, name) is real  # building a factory leaves it
+    compat.defer_autobahn_debug_formatting()
+    deferred = getattr(module, name)
+    compat.defer_autobahn_debug_formatting()
+    assert getattr(module, name) is deferred is not real
+    value = ServerProtocol.dataReceived if name == "hltype" else {"a": 1}
+    assert f"{deferred(value)}" == str(deferred(value)) == real(value)
     timings = autobahn_protocol.Timings()  # an application's, with trackTimings
     timings.track("onOpen")
     assert str(timings).startswith("{'onOpen': ")
@@ -297,7 +317,7 @@ def test_bytes_protocol_keeps_why_its_connection_was_lost() -> None:
 def test_every_private_name_in_compat_is_checked() -> None:
     source = Path(compat.__file__).read_text()
     named = set(re.findall(r"\.(_[A-Za-z]\w*)", source))
-    own = set(compat._LazyPformat.__slots__)
+    own = set(compat._Lazy.__slots__)
     assert named - own <= CHECKED_PRIVATES, named - own - CHECKED_PRIVATES
 
 

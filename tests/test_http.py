@@ -1,13 +1,19 @@
 """HTTP beside the WebSocket on the same port: health, metrics, the client
-script and the demo page, and origin checks on the WebSocket handshake."""
+script and the demo page, origin checks on the WebSocket handshake, and
+which connections go to Autobahn and which to twisted.web."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 
+import pytest
 import websockets
 
-from harness import aiotest, eventually, get, http_url, metric, start_service
+from redmessenger.admission import asks_for_websocket
+
+from harness import RECV_TIMEOUT, aiotest, eventually, get, http_url, metric, start_service
 
 
 @aiotest
@@ -93,3 +99,85 @@ async def test_only_allowed_origins_may_open_a_websocket(messenger):
             assert refused.response.status_code == 403
         else:
             raise AssertionError(f"{origin} was let in")
+
+
+UPGRADE = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+def masked_text(payload: bytes) -> bytes:
+    """A client's text frame (short payloads only)."""
+    mask = b"\x01\x02\x03\x04"
+    return (bytes([0x81, 0x80 | len(payload)]) + mask
+            + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+
+async def received(reader) -> dict:
+    """The server's next frame: a text frame of JSON."""
+    first, length = await asyncio.wait_for(reader.readexactly(2), RECV_TIMEOUT)
+    assert first == 0x81 and length < 127
+    if length == 126:
+        length = int.from_bytes(await reader.readexactly(2), "big")
+    return json.loads(await asyncio.wait_for(reader.readexactly(length), RECV_TIMEOUT))
+
+
+async def welcomed(reader, writer, uid: str) -> dict:
+    """After a 101: say hello as ``uid``, return the welcome."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RECV_TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head  # RFC 6455's sample key's accept
+    writer.write(masked_text(json.dumps({"id": uid}).encode()))
+    return await received(reader)
+
+
+@aiotest
+async def test_an_upgrade_after_other_requests_on_its_connection_still_opens_a_websocket(
+        messenger):
+    """The first request of a connection says where it goes; an upgrade
+    that comes later on a keep-alive connection (a proxy's) goes through
+    twisted.web to the same WebSocket."""
+    rm = await messenger()
+    reader, writer = await asyncio.open_connection("127.0.0.1", rm.service.port.getHost().port)
+    writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RECV_TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+    assert json.loads(await reader.readexactly(length))["status"] == "ok"
+    writer.write(UPGRADE)
+    assert (await welcomed(reader, writer, "user1"))["type"] == "welcome"
+    rm.publish("rm.users.user1", "through twisted.web")
+    assert (await received(reader))["payload"] == "through twisted.web"
+    writer.close()
+
+
+@aiotest
+async def test_a_trickled_upgrade_request_opens_a_websocket(messenger):
+    rm = await messenger()
+    reader, writer = await asyncio.open_connection("127.0.0.1", rm.service.port.getHost().port)
+    for byte in UPGRADE:
+        writer.write(bytes([byte]))
+        await writer.drain()
+    assert (await welcomed(reader, writer, "user1"))["type"] == "welcome"
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "websocket"),
+    [
+        (UPGRADE, True),
+        (UPGRADE.replace(b"GET / ", b"GET /?a=1 "), True),
+        (UPGRADE.replace(b"Upgrade: websocket", b"upgrade:WebSocket "), True),
+        (UPGRADE[:-2], False),  # not whole yet
+        (UPGRADE.replace(b"GET / ", b"GET /health "), False),
+        (UPGRADE.replace(b"GET ", b"POST "), False),
+        (UPGRADE.replace(b"HTTP/1.1", b"HTTP/1.0"), False),
+        (UPGRADE.replace(b"GET / ", b"GET  / "), False),
+        (UPGRADE.replace(b"Upgrade: websocket", b"Upgrade: h2c"), False),
+        (UPGRADE.replace(b"Connection:", b" Connection:"), False),  # folded
+        (UPGRADE.replace(b"\r\n", b"\n"), False),
+    ],
+)
+def test_what_goes_straight_to_autobahn(head: bytes, websocket: bool) -> None:
+    """Only a plain upgrade of ``/``; twisted.web gets the rest (and upgrades
+    or refuses it as it always did)."""
+    assert asks_for_websocket(head) is websocket
