@@ -86,8 +86,12 @@ class Cluster:
 
     def queue(self, uid: str) -> list[str]:
         """The payloads stored for ``uid``, in order."""
+        return self.queue_of(self.redis, uid)
+
+    @staticmethod
+    def queue_of(redis, uid: str) -> list[str]:
         return [json.loads(raw)["payload"] for raw in
-                self.redis.command("LRANGE", f"rm:users:{uid}:messages", 0, -1)]
+                redis.command("LRANGE", f"rm:users:{uid}:messages", 0, -1)]
 
 
 def receive(ws: ClientConnection, count: int) -> list[dict]:

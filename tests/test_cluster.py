@@ -5,13 +5,16 @@ different nodes, and counts what goes in and what comes out."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
+from contextlib import ExitStack
 
-from cluster import Cluster, payloads, receive
 from websockets.exceptions import ConnectionClosed
 
-from deployed import recv_json, wait_for
+from cluster import Cluster, payloads, receive
+from deployed import START_TIMEOUT, TwistdProcess, client, hello, recv_json, wait_for
+from network import HOST, pick_free_port
 
 
 def test_users_spread_over_nodes_get_each_message_once_and_offline_ones_are_stored_once(
@@ -195,3 +198,32 @@ def test_a_user_hopping_between_nodes_in_ack_mode_loses_nothing(tmp_path, redis)
             publisher.join()
         assert seen == {str(i) for i in range(total)}
         assert hops_in_flow >= 4  # on each of the three nodes, while messages flowed
+
+
+def test_workers_of_one_command_act_as_one_server(tmp_path, redis) -> None:
+    """``--workers 2``: two nodes on one port, users landing on either."""
+    port = pick_free_port()
+    args = ["-n", "--pidfile=", "redmessenger", "--workers", "2", "--port",
+            f"tcp:{port}:interface={HOST}", "--redis", redis.url, "--auth", "off"]
+    with TwistdProcess(args, tmp_path, tmp_path / "workers.log") as twistd:
+        wait_for(lambda: len(set(re.findall(r" worker (\d) pid \d+\] Subscribed to ",
+                                            twistd.log()))) == 2,
+                 "both workers to be ready", START_TIMEOUT, twistd.alive)
+        with ExitStack() as stack:
+            users = {}
+            for i in range(8):
+                ws = stack.enter_context(client(port))
+                hello(ws, {"id": f"u{i}"})
+                users[f"u{i}"] = ws
+            held_by = set(re.findall(r" worker (\d) pid \d+\] Assigning id u\d ", twistd.log()))
+            for i in range(30):
+                for uid in [*users, "offline"]:
+                    redis.command("PUBLISH", f"rm.users.{uid}", f"{uid}-{i}")
+            for uid, ws in users.items():
+                redis.command("PUBLISH", f"rm.users.{uid}", "end")
+                assert payloads(receive(ws, 31)) == [f"{uid}-{i}" for i in range(30)] + ["end"]
+        wait_for(lambda: len(Cluster.queue_of(redis, "offline")) >= 30, "the stores")
+        assert Cluster.queue_of(redis, "offline") == [f"offline-{i}" for i in range(30)]
+        twistd.stop()
+        twistd.assert_stopped_cleanly()
+    assert held_by == {"1", "2"}, "the users all landed on one worker"

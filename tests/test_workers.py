@@ -2,9 +2,9 @@
 processes it runs, how they share the port, how they stop, die, are started
 again, and outlive no supervisor.
 
-Until several RedMessengers on one Redis deliver as one, each worker stores
-its own copy of a message for a user connected to another: these tests look
-at the processes, and at live delivery only.
+The workers act as one server (docs/scaling.rst): tests/test_cluster.py
+runs the delivery guarantees across them; these tests look at the
+processes, and at live delivery.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def ready(twistd: TwistdProcess, count: int = 2) -> dict[int, int]:
 def accepted_by(twistd: TwistdProcess, ws: ClientConnection) -> tuple[int, int]:
     """The worker (number, pid) that logged this client's connection."""
     peer = rf"tcp4:127\.0\.0\.1:{ws.socket.getsockname()[1]}"
-    line = re.compile(rf" worker (\d+) pid (\d+)\] New connection {peer}!")
+    line = re.compile(rf" worker (\d+) pid (\d+)\] Assigning id \S+ to socket {peer}\.")
     found = wait_for(lambda: line.search(twistd.log()), "the connection to be logged")
     return int(found.group(1)), int(found.group(2))
 
@@ -134,7 +134,9 @@ def test_two_workers_accept_on_one_port(supervisor, redis) -> None:
     # Live delivery, through whichever worker holds the socket.
     with client(port) as ws:
         hello(ws, "user1")
-        assert redis.command("PUBLISH", "rm.users.user1", "through the shared port") == 2
+        # Heard by the worker that holds the user, and by the one that
+        # stores for offline users, if that is the other one.
+        assert redis.command("PUBLISH", "rm.users.user1", "through the shared port") in (1, 2)
         message = recv_json(ws)
         assert (message["payload"], message["queued"]) == ("through the shared port", False)
 
