@@ -101,7 +101,8 @@ class Presence(Protocol):
         and may drain its queue (or fails: the socket cannot be served)."""
 
     def leave(self, uid: str, socket: str) -> None:
-        """The socket is gone."""
+        """The socket is gone, and what it held is on its way back to Redis:
+        said after it, on the same connection."""
 
 
 class _Alone:
@@ -337,7 +338,6 @@ class Dispatcher:
         if seat is None:
             return
         del self._by_id[seat.id]
-        self._presence.leave(socket.uid, seat.id)
         session = self._sessions[socket.uid]
         session.seats.remove(seat)
         session.refused = False
@@ -361,6 +361,9 @@ class Dispatcher:
             self._store_waiting(session)
             if not session.draining:
                 del self._sessions[session.uid]
+        # Said after what the socket held went back to Redis: a node that
+        # hears it leave and drains the user next finds all of it there.
+        self._presence.leave(socket.uid, seat.id)
         self._window_may_open(session)  # a paused drain finds out it is alone
 
     def ack(self, socket: Socket, tag: int) -> None:

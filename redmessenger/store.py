@@ -266,6 +266,14 @@ class RedisStore:
         self._flush()
         return self._redis.execute(b"PUBLISH", channel, message)
 
+    def eval_after_stores(self, script: Script, keys: Sequence, args: Sequence
+                          ) -> defer.Deferred:
+        """A script that publishes something (a socket leaving) run after
+        every store and requeue handed over before: whoever hears it finds
+        them in Redis."""
+        self._flush()
+        return self._redis.eval(script, keys, args)
+
     async def forget_dead(self, is_dead: Callable[[str, str], bool]) -> list[str]:
         """Delete the heartbeats of processes ``is_dead(owner, whereabouts)``
         recognises (a process of this host that no longer runs), so
