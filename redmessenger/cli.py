@@ -139,24 +139,21 @@ async def group_members(redis: Redis, ns: Namespace, gid: str) -> tuple[str, lis
 async def cmd_send(redis: Redis, ns: Namespace, args: argparse.Namespace,
                    out: TextIO) -> int:
     payload = sys.stdin.buffer.read() if args.payload == "-" else os.fsencode(args.payload)
-    # One atomic script: publish, and if nobody heard it, store it as
-    # RedMessenger would have (as the application's durable_publish() does).
+    # One atomic script: store it as RedMessenger would have, and wake the
+    # nodes of those online (as the application's durable_publish() does).
     envelope, script_args = durable_publish_arguments(
         payload, user=args.user, group=args.group, prefix=ns.prefix,
         queue_ttl=args.queue_ttl, queue_max=args.queue_max)
-    received, queues, cuts = await redis(b"EVAL", DURABLE_PUBLISH, 1, *script_args)
-    print(f"Published {_count(len(payload), 'byte')} to {envelope.source}: "
-          f"{_count(received, 'subscriber')} received it.", file=out)
-    if received:
-        return 0
+    woken, queues, cuts = await redis(b"EVAL", DURABLE_PUBLISH, 1, *script_args)
     if not queues:
-        print(f"No RedMessenger is listening, and group {args.group} has no members "
-              f"({ns.members(args.group)}): the message reached nobody.", file=out)
+        print(f"Group {args.group} has no members ({ns.members(args.group)}): the message "
+              f"reached nobody.", file=out)
         return 0
     keys = [_text(queue) for queue in queues]
-    print(f"No RedMessenger is listening: stored message {envelope.id} for "
-          f"{_count(len(keys), 'user')}, to be delivered when they "
-          f"connect: {', '.join(keys)}", file=out)
+    print(f"Sent {_count(len(payload), 'byte')} to {envelope.source} as message "
+          f"{envelope.id}: stored for {_count(len(keys), 'user')}, "
+          + ("and the RedMessenger nodes of those connected woken to deliver it now."
+             if woken else "to be delivered when they connect."), file=out)
     for key, cut in zip(keys, cuts, strict=True):
         if cut:
             print(f"{key} was over --queue-max {args.queue_max}: dropped its {cut} "

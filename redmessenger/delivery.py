@@ -3,10 +3,9 @@
 This is the one place that knows which users have sockets in this process
 and decides, per message, between sending it and storing it. It does no I/O
 of its own: sockets and the Redis queues are handed in behind the two small
-interfaces below, so scale-out (several processes sharing one Redis) changes
-this module and nothing around it. What each ack-mode socket holds
-unacknowledged is kept in ``acks``; when everything handed over has left
-memory, in ``barrier``.
+interfaces below, and the cluster (other nodes holding sockets of the same
+users) behind a third, ``Presence``. What each ack-mode socket holds
+unacknowledged is kept in ``acks``.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from .acks import Acks, Claim, Outstanding, Ref, Seat
-from .barrier import WriteBarrier
 from .envelope import Envelope, MessageIds
 from .frames import Close
 from .keys import Namespace
@@ -172,7 +170,6 @@ class _Session:
         "seats",
         "draining",
         "waiting",
-        "let_go",
         "returned",
         "unsent",
         "remaining",
@@ -189,8 +186,6 @@ class _Session:
         self.draining = False
         #: Live messages that arrived during the drain, in order.
         self.waiting: deque[Envelope] = deque()
-        #: How many have left ``waiting`` so far (for the ``WriteBarrier``).
-        self.let_go = 0
         #: While a drain's take is in flight: what a departed socket left
         #: unacknowledged, and then the drained messages (with their claim)
         #: no socket would take; both go before whatever that take brings.
@@ -248,10 +243,8 @@ class Dispatcher:
         #: Requeues whose claims are released once Redis has answered them.
         self._recommits: set[defer.Deferred] = set()
         self._acks = Acks(store, self.stats)
-        self._barrier = WriteBarrier()
-        # Bound once: both are called per message.
+        # Bound once: called per message.
         self._settled = self._acks.settled
-        self._let_go = self._barrier.let_go
         self.stopping = False
 
     # -- who is online ---------------------------------------------------
@@ -270,6 +263,16 @@ class Dispatcher:
         session = self._sessions.get(uid)
         if session is not None:
             session.outbid = elsewhere
+
+    def wake(self, uid: str) -> None:
+        """Something was stored for the user to be drained now: drain it to
+        the sockets here, after what they are getting (or once they can
+        take more)."""
+        session = self._sessions.get(uid)
+        if session is None or not session.seats:
+            return  # it waits in the queue for the user's next socket
+        session.overflowed = True  # newer live messages follow it through the queue
+        self._may_go_on(session)
 
     def evict(self, socket_id: str) -> None:
         """A socket pushed out by a newer one of its user on another node
@@ -402,13 +405,6 @@ class Dispatcher:
         waiter, session.window = session.window, None
         if waiter is not None:
             waiter.callback(None)
-
-    def written(self) -> defer.Deferred:
-        """Fires once every message handed to ``deliver`` so far has left
-        this process' memory: written to a socket, or handed to the store,
-        whose ``flushed()`` then says when Redis has it. (Live messages wait
-        in memory behind a drain.) The inbox acknowledges after both."""
-        return self._barrier.written(self._sessions.values())
 
     # -- deliver or store ------------------------------------------------
 
@@ -561,7 +557,6 @@ class Dispatcher:
         envelopes = list(session.waiting) if held else []
         session.waiting.clear()
         d = defer.ensureDeferred(self._drain(session, envelopes, ready))  # claims them now
-        self._let_go(session, len(envelopes))
         self._drains.add(d)
         d.addBoth(self._drain_done, session, d)
 
@@ -580,7 +575,6 @@ class Dispatcher:
                 taken = await taking
             except BaseException:
                 session.waiting.extendleft(reversed(held))  # theirs to store still
-                session.let_go -= len(held)
                 raise
             taking = self._store.take(uid, self._chunk) if taken.left and session.seats else None
             if session.remaining is None and taken.items:
@@ -717,7 +711,6 @@ class Dispatcher:
             and self._send(session, waiting[0])
         ):
             self._delivered_live(waiting.popleft())
-            self._let_go(session, 1)
         self._store_waiting(session)  # what cannot go now waits in Redis, in order
         if not session.seats:
             del self._sessions[session.uid]
@@ -750,7 +743,6 @@ class Dispatcher:
             )
         for envelope in waiting:
             self._store.store([session.uid], envelope)
-        self._let_go(session, len(waiting))
 
     # -- stopping --------------------------------------------------------
 

@@ -5,12 +5,14 @@ crashing, and a pub/sub disconnect::
     XADD rm:inbox * to users.user1 payload "Hello!"
     XADD rm:inbox * to groups.cats payload "Meow!"
 
-Entries are read with a consumer group and acknowledged (``XACK``) only once
-every store they caused is in Redis. Entries a crashed process had read and
-not acknowledged are taken over at start, before any new entry, when that
-process' heartbeat is gone (see ``RedisStore.forget_dead``), and by any
-process after ``--inbox-claim-after`` seconds otherwise. A message read
-twice keeps its id (``inbox-<entry id>``), so clients can tell.
+Entries are read with a consumer group, by one node of a cluster at a time
+(the one that stores for partition 0, see ``membership``), in order. One
+script stores each entry for its recipients, wakes the nodes of those
+online (which drain it to them at once), and acknowledges it: no node's
+death can lose it. Entries a dead reader had read and not acknowledged are
+handled first, when its lease is gone, and by any reader after
+``--inbox-claim-after`` seconds otherwise; each user keeps the id of the
+last entry stored for it, so an entry read twice is stored once.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from .envelope import Envelope
 from .keys import Namespace
 from .redisconnection import RedisConnection, RedisUnavailable, txredisapi
-from .routing import Router
 from .settings import RedisAddress
 
 log = Logger()
@@ -42,13 +44,12 @@ def _gone(why: str) -> bool:
 
 
 class Inbox(Service):
-    def __init__(self, address: RedisAddress, namespace: Namespace, router: Router, store,
+    def __init__(self, address: RedisAddress, namespace: Namespace, store,
                  consumer: str, reactor, *, claim_after: float = 30.0) -> None:
         # A connection of its own: XREADGROUP blocks it while it waits.
         self._redis = RedisConnection(address, reactor, role="inbox")
         self._ns = namespace
         self._key = namespace.inbox
-        self._router = router
         self._store = store
         self._consumer = consumer.encode()
         self._claim_after = int(claim_after * 1000)
@@ -185,24 +186,34 @@ class Inbox(Service):
         return reply[0][1] if reply else []
 
     async def _handle(self, entries: list, ids: list | None = None) -> None:
-        """Route the entries, then acknowledge ``ids`` (by default theirs)."""
-        if ids is None:
-            ids = [entry_id for entry_id, _ in entries]
+        """Store, wake and acknowledge the entries (and acknowledge ``ids``
+        whose entries are gone: trimmed from the stream while pending)."""
+        batch: list[tuple[bytes, str, str, Envelope | None]] = []
+        now_ms = int(self._reactor.seconds() * 1000)
         for entry_id, fields in entries:
-            if fields is None:  # trimmed from the stream while pending
+            target = None if fields is None else self._target(entry_id, fields)
+            if target is None:
+                batch.append((entry_id, "-", "", None))
                 continue
-            message = dict(zip(fields[::2], fields[1::2], strict=True))
-            to, payload = message.get(b"to"), message.get(b"payload")
-            channel = f"{self._ns.prefix}.{to.decode(errors='replace')}" if to else ""
-            if payload is None or self._ns.parse_channel(channel) is None:
-                log.error("Inbox entry {id} is not to users.<uid> or groups.<gid> with a "
-                          "payload; dropping it from the inbox (to: {to!r}; field sizes: "
-                          "{sizes})", id=entry_id.decode(), to=(to or b"")[:100],
-                          sizes={bytes(k)[:50].decode(errors="replace"): len(v)
-                                 for k, v in message.items()})
-                continue
-            self._router.received_message(channel.encode(), payload,
-                                          message_id=f"inbox-{entry_id.decode()}")
-        await self._router.settled()
-        await self._store.flushed()  # every store these caused is in Redis
-        await self._redis.execute(b"XACK", self._key, GROUP, *ids)
+            channel, kind, ident, payload = target
+            envelope = Envelope(f"inbox-{entry_id.decode()}", channel, now_ms, payload)
+            batch.append((entry_id, kind, ident, envelope))
+        read = {entry_id for entry_id, _ in entries}
+        batch += [(entry_id, "-", "", None) for entry_id in ids or () if entry_id not in read]
+        if batch:
+            await self._store.inbox(self._key, GROUP, batch)
+
+    def _target(self, entry_id: bytes, fields: list) -> tuple[str, str, str, bytes] | None:
+        """``(channel, kind, id, payload)`` of a valid entry; else logged."""
+        message = dict(zip(fields[::2], fields[1::2], strict=True))
+        to, payload = message.get(b"to"), message.get(b"payload")
+        channel = f"{self._ns.prefix}.{to.decode(errors='replace')}" if to else ""
+        target = self._ns.parse_channel(channel)
+        if payload is None or target is None:
+            log.error("Inbox entry {id} is not to users.<uid> or groups.<gid> with a "
+                      "payload; dropping it from the inbox (to: {to!r}; field sizes: "
+                      "{sizes})", id=entry_id.decode(), to=(to or b"")[:100],
+                      sizes={bytes(k)[:50].decode(errors="replace"): len(v)
+                             for k, v in message.items()})
+            return None
+        return channel, *target, bytes(payload)

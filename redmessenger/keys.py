@@ -103,6 +103,28 @@ class Namespace:
     def members(self, gid: str) -> str:
         return f"{self.prefix}:groups:{gid}:members"
 
+    @property
+    def members_affixes(self) -> tuple[str, str]:
+        head, _, tail = self.members("*").rpartition("*")
+        return head, tail
+
+    def inbox_mark(self, uid: str) -> str:
+        """The id of the last inbox entry stored for the user: an entry read
+        twice is stored once."""
+        return f"{self.prefix}:users:{uid}:inbox"
+
+    @property
+    def inbox_mark_affixes(self) -> tuple[str, str]:
+        head, _, tail = self.inbox_mark("*").rpartition("*")
+        return head, tail
+
+    @property
+    def delivery_affixes(self) -> tuple[str, ...]:
+        """What a script that stores and wakes (lua/shared/deliver.lua) makes
+        a user's keys and channel from: before and after a uid in its
+        queue's key, its presence key and its presence channel."""
+        return (*self.queue_affixes, *self.presence_affixes, *self.presence_channel_affixes)
+
     def claim(self, uid: str, owner: str) -> str:
         """Where a drain keeps what it took until its reply has arrived, so a
         reply lost with the connection can be asked for again."""
@@ -158,6 +180,12 @@ class Namespace:
     def nodes(self) -> str:
         """The nodes that have had sockets and were not reaped yet."""
         return f"{self.prefix}:cluster:nodes"
+
+    def node_info(self, owner: str) -> str:
+        """What a live node says of itself (JSON: its sockets, users,
+        partitions...), for ``redmessenger status``; it expires with its
+        lease."""
+        return f"{self.prefix}:cluster:nodes:{owner}:info"
 
     def node_users(self, owner: str) -> str:
         """The users a node has had sockets of: what its reaper looks at."""

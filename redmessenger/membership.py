@@ -21,6 +21,7 @@ scripts that publish them (docs/scaling.rst):
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Callable
 
@@ -107,6 +108,10 @@ class Membership:
         #: Called with a partition whose handover is over (the giver said
         #: so, or was waited for long enough): the router's.
         self.handed_over: Callable[[int], None] = lambda partition: None
+        #: What this node says of itself in Redis, renewed with its lease.
+        self.describe: Callable[[], dict] = dict
+        #: Called whenever the partitions this node holds change.
+        self.partitions_changed: list[Callable[[], object]] = []
 
     @property
     def leased(self) -> bool:
@@ -330,6 +335,11 @@ class Membership:
         d = self._taking.pop(partition, None)
         if d is not None:
             d.callback(None)
+        self._changed()
+
+    def _changed(self) -> None:
+        for observer in list(self.partitions_changed):
+            observer()
 
     def _taken_from_us(self, partition: int) -> None:
         offered = self._offered.pop(partition, None)
@@ -339,6 +349,7 @@ class Membership:
             self._store.publish_after_stores(self._ns.cluster_channel.encode(),
                                              f"D {partition} {self.owner}".encode())
             offered.callback(None)
+            self._changed()
             return
         d = self._redis.execute(b"GET", self._ns.storer(partition))
         d.addCallback(self._taken_or_not, partition)
@@ -353,6 +364,7 @@ class Membership:
         log.critical("Storer partition {k} was taken over by another node: this node "
                      "counted as dead (its lease expired)", k=partition)
         self.view.resigned(partition)
+        self._changed()
         self._lose()
 
     def _offer_key(self, partition: int) -> str:
@@ -386,10 +398,16 @@ class Membership:
     # -- the lease ----------------------------------------------------------
 
     def _renew(self) -> defer.Deferred:
-        partitions = [self._ns.storer(k) for k in sorted(self.view.held)]
+        held = sorted(self.view.held)
+        try:
+            about = json.dumps({**self.describe(), "partitions": held})
+        except Exception:  # the lease matters more than what it says
+            log.failure("Could not describe this node")
+            about = json.dumps({"partitions": held})
         d = self._redis.execute_now(
-            b"EVAL", RENEW.source, 2, self._lease_key, self._ns.nodes, self.owner,
-            int(LEASE_TTL * 1000), self._whereabouts.encode(), *partitions)
+            b"EVAL", RENEW.source, 3, self._lease_key, self._ns.nodes,
+            self._ns.node_info(self.owner), self.owner, int(LEASE_TTL * 1000),
+            self._whereabouts.encode(), about.encode(), *(self._ns.storer(k) for k in held))
         d.addCallback(self._renewed)
         d.addErrback(lambda f: f.trap(RedisUnavailable))
         d.addErrback(lambda f: log.warn("Could not renew the node's lease: {why}",

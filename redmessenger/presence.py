@@ -80,6 +80,9 @@ class ClusterView:
         #: Called with ``(uid, socket)`` when a socket of this node was heard
         #: leaving (or pushed out): the node no longer delivers for it.
         self.left: Callable[[str, str], None] = lambda uid, socket: None
+        #: Called with a user something was stored for, to be drained now
+        #: (``durable_publish()``, the inbox), if it may have a socket here.
+        self.woken: Callable[[str], None] = lambda uid: None
         #: Called with a partition this node now decides for.
         self.acquired: Callable[[int], None] = lambda partition: None
         #: Called with a partition another node says it took from this one:
@@ -149,6 +152,9 @@ class ClusterView:
             self._left(uid, rest.decode())
         elif kind == b"F":
             self._complete(rest.decode())
+        elif kind == b"W":
+            if uid in self.mine or self.holds(uid):
+                self.woken(uid)
         else:
             log.warn("Ignoring an unknown presence event for {uid}: {kind!r}", uid=uid,
                      kind=kind[:20])

@@ -1,8 +1,9 @@
 """Durable publish, for applications: a ``PUBLISH`` that reaches no
-subscriber (no RedMessenger is running) is lost, so this publishes and, in
-the same atomic Redis script, stores the message for its recipients when
-nobody heard it: in the envelope format RedMessenger itself stores, to be
-drained when they connect.
+subscriber (no RedMessenger is running, or the one holding the user's
+socket dies that moment) is lost, so this stores the message for its
+recipients, in the envelope format RedMessenger itself stores, and in the
+same atomic Redis script wakes the RedMessenger nodes of those online,
+which drain it to them at once. Those offline get it when they connect.
 
 It takes any Redis client with redis-py's ``eval(script, numkeys, *keys_and
 _args)``, so it works from the application's own (synchronous) code::
@@ -29,18 +30,19 @@ from .envelope import Envelope, MessageIds
 from .frames import MAX_ID_LENGTH, valid_id
 from .keys import Namespace
 
-#: Publish, and store for the recipients if nobody heard it, atomically:
+#: Store for the recipients and wake those online, atomically:
 #: redmessenger/lua/durable_publish.lua says how.
-DURABLE_PUBLISH = lua.source("durable_publish", "members", "push")
+DURABLE_PUBLISH = lua.source("durable_publish", "members", "push", "deliver")
 
 _ids = MessageIds()
 
 
 @dataclass(frozen=True)
 class Published:
-    #: How many subscribers (RedMessengers) heard the PUBLISH.
+    #: How many RedMessenger subscribers heard the wake that makes the
+    #: nodes of online recipients drain it (0: nobody it is for is online).
     subscribers: int
-    #: How many queues the message was stored in because none did.
+    #: How many queues the message was stored in: one per recipient.
     stored: int
     #: The id the stored envelope carries.
     id: str
@@ -49,8 +51,9 @@ class Published:
 def durable_publish(redis, payload: bytes | str, *, user: str | None = None,
                     group: str | None = None, prefix: str = "rm", queue_ttl: int = 0,
                     queue_max: int = 0) -> Published | Awaitable[Published]:
-    """Publish ``payload`` to a user or a group; store it if nobody heard it.
-    ``queue_ttl`` and ``queue_max`` should match RedMessenger's settings.
+    """Send ``payload`` to a user or a group: stored for each recipient, and
+    drained at once to those online. ``queue_ttl`` and ``queue_max`` should
+    match RedMessenger's settings.
 
     A Redis error (a queue or members key of the wrong type) raises
     redis-py's ``ResponseError`` naming the key, and nothing was stored.
@@ -104,4 +107,5 @@ def durable_publish_arguments(payload: bytes, *, user: str | None, group: str | 
     envelope = Envelope(_ids(), channel, int(time.time() * 1000), payload)
     return envelope, [key, channel, payload, envelope.stored(),
                       "users" if user is not None else "groups", *ns.queue_affixes,
-                      queue_ttl, queue_max]
+                      queue_ttl, queue_max, user if user is not None else group,
+                      *ns.presence_affixes, *ns.presence_channel_affixes]

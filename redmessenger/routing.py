@@ -37,14 +37,13 @@ class _Pending:
     an event to apply in its turn (``apply``; ``uids`` is None until it may
     be applied: a new storer waits for the old one's last stores)."""
 
-    __slots__ = ("envelope", "uids", "apply", "inbox")
+    __slots__ = ("envelope", "uids", "apply")
 
     def __init__(self, envelope: Envelope | None, uids: list[str] | None,
-                 apply: Callable[[], None] | None = None, inbox: bool = False) -> None:
+                 apply: Callable[[], None] | None = None) -> None:
         self.envelope = envelope
         self.uids = uids
         self.apply = apply
-        self.inbox = inbox
 
 
 class Router:
@@ -68,14 +67,11 @@ class Router:
         self._trace = trace
         self._clock = clock
         self._waiting: deque[_Pending] = deque()
-        self._settling: list[tuple[_Pending, defer.Deferred]] = []
         self._stats = dispatcher.stats
 
-    def received_message(self, channel: bytes, payload: bytes, pattern: bytes | None = None,
-                         message_id: str | None = None) -> None:
-        """``pattern``: which pattern it was heard on (``None``: a channel).
-        ``message_id``: a source that may hand over the same message again
-        (the inbox stream) gives it the same id each time."""
+    def received_message(self, channel: bytes, payload: bytes,
+                         pattern: bytes | None = None) -> None:
+        """``pattern``: which pattern it was heard on (``None``: a channel)."""
         try:
             name = channel.decode("utf-8")
         except UnicodeDecodeError:
@@ -95,39 +91,36 @@ class Router:
         kind, ident = target
         # A partition stored here is heard through its pattern, any other
         # user through its channel: while a node has both (it just took the
-        # partition), the other copy is skipped. The inbox is no stream.
-        if kind == "users" and message_id is None and (pattern is None) == self._view.holds(
-                ident):
+        # partition), the other copy is skipped.
+        if kind == "users" and (pattern is None) == self._view.holds(ident):
             return
         self._stats.received += 1
         if self._trace:
             log.debug("New message from channel {channel}", channel=name)
         now = self._clock()
-        envelope = Envelope(message_id or self._dispatcher.ids(), name, int(now * 1000), payload,
+        envelope = Envelope(self._dispatcher.ids(), name, int(now * 1000), payload,
                             received=now)
-        inbox = message_id is not None
         if kind == "users":
             if not self._waiting:
-                self._decide((ident,), envelope, inbox)
+                self._decide((ident,), envelope)
                 return
-            pending = _Pending(envelope, [ident], inbox=inbox)
+            pending = _Pending(envelope, [ident])
             self._waiting.append(pending)
         else:
-            pending = _Pending(envelope, None, inbox=inbox)
+            pending = _Pending(envelope, None)
             self._waiting.append(pending)
             d = self._groups.members(ident)
             d.addCallback(self._resolved, pending)
             d.addErrback(self._unresolved, pending, ident)
 
-    def _decide(self, uids, envelope: Envelope, inbox: bool = False) -> None:
+    def _decide(self, uids, envelope: Envelope) -> None:
         """Deliver to (or store for) the recipients that are this node's at
         this point: those with a socket here, and, in a partition stored
         here, those with no socket anywhere. One whose sockets are all on
-        other nodes is theirs. An inbox entry, which no other node reads,
-        is stored for a user this node does not know (docs/scaling.rst)."""
+        other nodes is theirs."""
         view = self._view
         ours = [uid for uid in uids
-                if (inbox or view.holds(uid) or uid in view.mine)
+                if (view.holds(uid) or uid in view.mine)
                 and not (uid in view.others and not self._dispatcher.has_sockets(uid))]
         if len(ours) < len(uids):
             self._stats.elsewhere += len(uids) - len(ours)
@@ -195,16 +188,4 @@ class Router:
             if pending.apply is not None:
                 pending.apply()
             elif pending.uids:
-                self._decide(pending.uids, pending.envelope, pending.inbox)
-            while self._settling and self._settling[0][0] is pending:
-                self._settling.pop(0)[1].callback(None)
-
-    def settled(self) -> defer.Deferred:
-        """Fires once every message received so far has been handed to the
-        dispatcher (group messages wait for their members) and has left its
-        memory (``Dispatcher.written``)."""
-        if not self._waiting:
-            return self._dispatcher.written()
-        d = defer.Deferred()
-        self._settling.append((self._waiting[-1], d))
-        return d.addCallback(lambda _: self._dispatcher.written())
+                self._decide(pending.uids, pending.envelope)

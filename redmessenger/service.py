@@ -108,9 +108,12 @@ class RedMessengerService(MultiService):
         self.membership.handed_over = self.router.handed_over
         self.subscriber.on_message = self.router.received_message
         self.redis.pressure_observers.append(self.subscriber.pause)
-        self.inbox = (Inbox(address, namespace, self.router, self.store, self.owner, reactor,
+        self.inbox = (Inbox(address, namespace, self.store, self.owner, reactor,
                             claim_after=settings.inbox_claim_after)
                       if settings.inbox else None)
+        view.woken = self.dispatcher.wake
+        self.membership.describe = self.describe
+        self.membership.partitions_changed.append(self._read_the_inbox_or_not)
         self.factory = RedMessengerFactory(
             self.dispatcher, Authenticator(settings, self.store),
             settings, reactor, server=f"RedMessenger/{__version__}",
@@ -125,12 +128,21 @@ class RedMessengerService(MultiService):
         self.recovery: defer.Deferred | None = None
         self._recovery_waiters: list[defer.Deferred] = []
         self.port = None
+        self.listening: str | None = None
         self._starting: defer.Deferred | None = None
         self._start_outcome = None
         self._start_waiters: list[defer.Deferred] = []
         #: A failed start and stopService may both let go of the parts:
         #: one after the other, never interleaved.
         self._letting_go = defer.DeferredLock()
+
+    def describe(self) -> dict:
+        """This node, as ``redmessenger status`` shows it from Redis."""
+        host, _, pid = self.whereabouts.partition(" ")
+        return {"node": self.owner, "host": host, "pid": int(pid), "version": __version__,
+                "listening": self.listening,
+                "worker": self.worker, "connections": len(self.factory.connections),
+                "users_online": self.dispatcher.users}
 
     def whenListening(self) -> defer.Deferred:
         """Fires with the listening port once clients can connect, or fails
@@ -228,8 +240,19 @@ class RedMessengerService(MultiService):
         waiters, self._recovery_waiters = self._recovery_waiters, None
         for d in waiters:
             d.callback(None)
-        if self.inbox is not None and self.running and self.redis.running:
+        self._read_the_inbox_or_not()
+
+    def _read_the_inbox_or_not(self) -> None:
+        """One node reads the inbox, in order: the one that stores for
+        partition 0 (and was started with --inbox), once recovery is done."""
+        if self.inbox is None or self._recovery_waiters is not None:
+            return
+        reads = (0 in self.membership.view.held and self.running and self.redis.running
+                 and not self._letting_go.locked)
+        if reads and not self.inbox.running:
             self.inbox.startService()
+        elif not reads and self.inbox.running:
+            self.inbox.stopService()
 
     def whenRecovered(self) -> defer.Deferred:
         """Fires once what dead processes held is back in the queues (or
@@ -242,6 +265,8 @@ class RedMessengerService(MultiService):
 
     def _listening(self, port):
         self.port = port
+        #: Where it listens, as ``redmessenger status`` shows it.
+        self.listening = str(port.getHost())
         log.info("RedMessenger {version} listening on {where} for WebSocket clients; "
                  "Redis at {redis}", version=__version__, where=str(port.getHost()),
                  redis=str(self.redis.address))

@@ -32,8 +32,9 @@ RELEASE = Script(lua.source("release"))
 RECOVER = Script(lua.source("recover", "recover"))
 DEAD = Script(lua.source("dead"))
 MEMBERS = Script(lua.source("members", "members"))
+INBOX = Script(lua.source("inbox", "members", "push", "deliver"))
 
-SCRIPTS = (STORE, REQUEUE, TAKE, HOLD, TRIM, RELEASE, RECOVER, MEMBERS, DEAD)
+SCRIPTS = (STORE, REQUEUE, TAKE, HOLD, TRIM, RELEASE, RECOVER, MEMBERS, DEAD, INBOX)
 
 
 def store_arguments(lease: str, messages: Sequence[tuple[Sequence[str], bytes]], ttl: int,
@@ -221,6 +222,33 @@ class RedisStore:
                          dead=self._ns.dead, why=_short(failure.getErrorMessage()))
 
         return d.addCallbacks(dropped, lost)
+
+    def inbox(self, key: str, group: bytes,
+              entries: Sequence[tuple[str, str, str, Envelope | None]]) -> defer.Deferred:
+        """Store inbox entries (``(entry id, "users" or "groups", id,
+        envelope)``; ``"-"``: acknowledge only) for their recipients, wake
+        the nodes of those online, and acknowledge the entries, in one
+        script (lua/inbox.lua). What Redis refuses for good goes to the
+        dead letters; fires once it is there."""
+        self._flush()
+        ns = self._ns
+        args: list = [group, self._ttl, self._max, *ns.delivery_affixes,
+                      *ns.inbox_mark_affixes, *ns.members_affixes]
+        for entry_id, kind, target, envelope in entries:
+            args += [entry_id, kind, target, b"" if envelope is None else envelope.stored()]
+        d = self._redis.eval(INBOX, [key], args)
+        return d.addCallback(self._inbox_stored, entries)
+
+    def _inbox_stored(self, reply: list, entries) -> defer.Deferred | None:
+        stored, failed = reply
+        self._stats.stored += stored
+        refused = []
+        for index, uid, why in zip(failed[::3], failed[1::3], failed[2::3], strict=True):
+            _, _, target, envelope = entries[int(index) - 1]
+            uid = _text(uid)
+            refused.append((self._ns.queue(uid) if uid else self._ns.members(target),
+                            envelope, _text(why)))
+        return self._refused(refused) if refused else None
 
     def requeue(self, uid: str, envelopes: Sequence[Envelope]) -> defer.Deferred:
         """Fires once the envelopes are back at the head of the queue, or,

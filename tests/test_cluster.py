@@ -217,11 +217,19 @@ def test_workers_of_one_command_act_as_one_server(tmp_path, redis) -> None:
                  "both workers to be ready", START_TIMEOUT, twistd.alive)
         with ExitStack() as stack:
             users = {}
-            for i in range(8):
+
+            def held_by() -> set[str]:
+                return set(re.findall(r" worker (\d) pid \d+\] Assigning id u\d+ ",
+                                      twistd.log()))
+
+            def another() -> bool:
+                """Connections stay open until both workers hold users."""
                 ws = stack.enter_context(client(port))
-                hello(ws, {"id": f"u{i}"})
-                users[f"u{i}"] = ws
-            held_by = set(re.findall(r" worker (\d) pid \d+\] Assigning id u\d ", twistd.log()))
+                hello(ws, {"id": f"u{len(users)}"})
+                users[f"u{len(users)}"] = ws
+                return len(users) >= 4 and held_by() == {"1", "2"}
+
+            wait_for(another, "users on both workers", START_TIMEOUT)
             for i in range(30):
                 for uid in [*users, "offline"]:
                     redis.command("PUBLISH", f"rm.users.{uid}", f"{uid}-{i}")
@@ -232,4 +240,57 @@ def test_workers_of_one_command_act_as_one_server(tmp_path, redis) -> None:
         assert Cluster.queue_of(redis, "offline") == [f"offline-{i}" for i in range(30)]
         twistd.stop()
         twistd.assert_stopped_cleanly()
-    assert held_by == {"1", "2"}, "the users all landed on one worker"
+
+
+def test_the_inbox_reader_killed_mid_flow_loses_nothing_and_stores_nothing_twice(
+        tmp_path, redis) -> None:
+    """The node that reads the inbox (it stores for partition 0) is killed
+    while entries flow; another takes its place and handles what it had
+    read first. Users on the other nodes get every entry once, in order,
+    and an offline user's queue has each once, in order."""
+    with Cluster(tmp_path, redis, "--inbox") as cluster:
+        reader, second, third = cluster.start(3)
+        total = 400
+
+        def add(n: int) -> None:
+            for i, uid in enumerate(("a", "b", "offline")):
+                redis.command("XADD", "rm:inbox", f"{n + 1}-{i}", "to", f"users.{uid}",
+                              "payload", str(n))
+
+        with second.user("a") as a, third.user("b") as b:
+            for n in range(100):
+                add(n)
+            wait_for(lambda: len(cluster.queue("offline")) > 10, "the inbox to be read")
+            reader.kill()
+            for n in range(100, total):
+                add(n)
+            expected = [str(n) for n in range(total)]
+            for ws in (a, b):
+                assert payloads(receive(ws, total)) == expected
+        wait_for(lambda: len(cluster.queue("offline")) >= total, "every store")
+        assert cluster.queue("offline") == expected
+
+
+def test_durable_publish_reaches_users_on_every_node_at_once(tmp_path, redis) -> None:
+    from redmessenger.cli import DURABLE_PUBLISH
+    from redmessenger.publish import durable_publish_arguments
+
+    def send(user: str | None = None, group: str | None = None) -> list:
+        _, args = durable_publish_arguments(b"hello", user=user, group=group, prefix="rm",
+                                            queue_ttl=0, queue_max=0)
+        return redis.command("EVAL", DURABLE_PUBLISH, 1, *args)
+
+    with Cluster(tmp_path, redis) as cluster:
+        nodes = cluster.start(2)
+        redis.command("SADD", "rm:groups:g:members", "a", "b", "away")
+        with nodes[0].user("a") as a, nodes[1].user("b") as b:
+            # Woken: the node holding b, and the storer of b's partition
+            # if that is the other node.
+            woken, queues, _ = send(user="b")
+            assert woken >= 1 and len(queues) == 1
+            assert payloads(receive(b, 1)) == ["hello"]
+            woken, queues, _ = send(group="g")
+            assert woken >= 2 and len(queues) == 3
+            assert payloads(receive(a, 1)) == payloads(receive(b, 1)) == ["hello"]
+            wait_for(lambda: cluster.queue("a") == cluster.queue("b") == [], "the drains")
+        assert cluster.queue("away") == ["hello"]

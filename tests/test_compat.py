@@ -223,15 +223,18 @@ def test_debug_formatting_is_deferred_by_an_explicit_call_only(
     from redmessenger.websocket import RedMessengerFactory
 
     what = "defer_autobahn_debug_formatting"
-    real = relied_on("autobahn", module, name, what)
+    relied_on("autobahn", module, name, what)
     assert f"{name}(" in inspect.getsource(module), gone(
         "autobahn", f"{module.__name__} calling {name}()", what
     )
+    # As Autobahn has them (a service started earlier in this process, in
+    # another test, made them lazy), put back when the test ends.
     monkeypatch.setattr(autobahn_protocol, "pformat", pprint.pformat)
     monkeypatch.setattr(autobahn_protocol.Timings, "__str__", autobahn_protocol.Timings.__str__)
     for each in (autobahn_protocol, autobahn_twisted):
         monkeypatch.setattr(each, "hltype", autobahn_util.hltype)
         monkeypatch.setattr(each, "hlval", autobahn_util.hlval)
+    real = getattr(module, name)
     RedMessengerFactory(None, None, Settings(), Clock(), "test", lambda: True, lambda: None)
     assert getattr(module, name) is real  # building a factory leaves it
     compat.defer_autobahn_debug_formatting()

@@ -16,7 +16,6 @@ from twisted.internet import defer
 from redmessenger.delivery import Dispatcher
 from redmessenger.envelope import Envelope
 from redmessenger.keys import Namespace
-from redmessenger.routing import Router
 from redmessenger.store import Taken
 
 
@@ -345,33 +344,6 @@ def test_what_a_socket_leaves_while_a_drain_waits_for_acks_goes_before_the_rest(
     queues.pump()
     assert second.payloads() == ["c", "d", "a", "b", "e", "f"]
     assert dispatcher.stats.redelivered == 2 and dispatcher.stats.drained == 6
-
-
-def test_written_waits_only_for_the_round_trip_that_lets_live_messages_go():
-    """The inbox acknowledges entries once ``written()`` (and the store's
-    flush) fire: a live message in memory behind a claim holds it for a
-    round trip; behind a full ack window it goes to Redis instead of making
-    the inbox wait for the client."""
-    queues, dispatcher, publish = make(window=2)
-    sock = Sock("u", ack_mode=True)
-    dispatcher.attach(sock)
-    queues.answer_take()
-    publish("a")  # claimed at once
-    for p in "bcd":
-        publish(p)  # in memory, behind that claim
-    written, settled = dispatcher.written(), Router(dispatcher, None, Namespace()).settled()
-    assert not written.called and not settled.called
-    queues.answer_take()  # a is sent, and b, c, d claimed
-    assert written.called and settled.called
-    queues.answer_take()  # b is sent: the window is full, c and d wait claimed
-    publish("e")
-    assert queues.payloads("u") == ["e"] and dispatcher.written().called
-    dispatcher.ack(sock, 2)
-    queues.pump()
-    assert sock.payloads() == ["a", "b", "c", "d"]
-    dispatcher.ack(sock, 4)
-    queues.pump()
-    assert sock.payloads() == ["a", "b", "c", "d", "e"] and queues.payloads("u") == []
 
 
 def test_what_was_stored_while_a_user_was_away_mid_drain_comes_before_newer_messages():

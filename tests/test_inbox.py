@@ -25,9 +25,10 @@ async def test_entries_added_while_no_redmessenger_ran_are_delivered(redis, mess
     assert (hello["payload"], hello["source"]) == ("hello", "rm.users.user1")
     assert hello["id"] == f"inbox-{first.decode()}"
     assert (meow["payload"], meow["source"]) == ("meow", "rm.groups.cats")
+    # For a user who is connected: stored, and drained to it at once.
     redis.command("XADD", "rm:inbox", "*", "to", "users.user1", "payload", "live")
     [live] = await user1.messages(1)
-    assert live["payload"] == "live" and live["queued"] is False
+    assert live["payload"] == "live" and live["queued"] is True
 
 
 @aiotest

@@ -33,7 +33,7 @@ async def test_an_inbox_that_cannot_make_its_group_for_lack_of_memory_reads_once
     from redmessenger.keys import Namespace
 
     rm = await start_service(oom_redis)
-    inbox = Inbox(oom_redis.address, Namespace(), rm.service.router, rm.service.store,
+    inbox = Inbox(oom_redis.address, Namespace(), rm.service.store,
                   "reader", reactor)
     try:
         oom_redis.out_of_memory(True)

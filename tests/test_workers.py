@@ -207,7 +207,7 @@ def test_the_workers_share_the_embedded_redis(supervisor, tmp_path: Path) -> Non
     assert len(re.findall(listening, twistd.log())) == 2, twistd.log()
     with client(port) as ws:
         hello(ws, "user1")
-        assert redis.command("PUBLISH", "rm.users.user1", "Hello, world!") == 2
+        assert redis.command("PUBLISH", "rm.users.user1", "Hello, world!") in (1, 2)
         assert recv_json(ws)["payload"] == "Hello, world!"
         twistd.terminate()
         assert closed(ws)[1] == 1001

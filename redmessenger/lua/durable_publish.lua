@@ -1,41 +1,44 @@
--- Publishes, and stores the message if nobody heard it. KEYS[1]: the
--- user's queue, or the group's members (a list or a set). ARGV: channel,
--- payload, envelope, 'users' or 'groups', what comes before and after a
--- uid in its queue's key, ttl, max. Returns the subscribers that heard it,
--- and if none did, the queues it was stored in and how many old messages
--- each had to drop (max).
--- Scripts may PUBLISH: doing both in one script leaves no moment in which a
--- RedMessenger could subscribe between the two and miss the message.
+-- Stores a message for its recipients and wakes those online, who drain
+-- it, atomically. KEYS[1]: the user's queue, or the group's members (a list
+-- or a set). ARGV: channel, payload, envelope, 'users' or 'groups', what
+-- comes before and after a uid in its queue's key, ttl, max, the user or
+-- group id, what comes before and after a uid in presence keys and in
+-- presence channels. Returns how many nodes were woken, the queues it was
+-- stored in, and how many old messages each had to drop (max).
+-- Stored first, then a wake: a RedMessenger that dies at any moment loses
+-- nothing of it, and one that is not running finds it when its user comes.
 -- Every queue's type is checked before the first is written: a group
 -- message is stored for all of its members or for none (a retry after a
 -- half-done store would give the first members a second copy, new id).
-local heard = redis.call('PUBLISH', ARGV[1], ARGV[2])
-if heard > 0 then return {heard, {}, {}} end
-local queues = {}
+local uids = {}
 if ARGV[4] == 'users' then
-  queues[1] = KEYS[1]
+  uids[1] = ARGV[9]
 else
-  local uids, err = members(KEYS[1])
+  local members, err = members(KEYS[1])
   if err then return redis.error_reply(err) end
   local seen = {}
-  for _, uid in ipairs(uids) do
+  for _, uid in ipairs(members) do
     if not seen[uid] then
       seen[uid] = true
-      queues[#queues + 1] = ARGV[5] .. uid .. ARGV[6]
+      uids[#uids + 1] = uid
     end
   end
 end
-for _, queue in ipairs(queues) do
-  local kind = redis.call('TYPE', queue)['ok']
+local queues = {}
+for i, uid in ipairs(uids) do
+  queues[i] = ARGV[5] .. uid .. ARGV[6]
+  local kind = redis.call('TYPE', queues[i])['ok']
   if kind ~= 'list' and kind ~= 'none' then
-    return redis.error_reply('WRONGTYPE ' .. queue .. ' is a ' .. kind ..
+    return redis.error_reply('WRONGTYPE ' .. queues[i] .. ' is a ' .. kind ..
                              ', not a list: the message was stored for nobody')
   end
 end
-local ttl, max, cuts = tonumber(ARGV[7]), tonumber(ARGV[8]), {}
-for _, queue in ipairs(queues) do
-  local cut, err = push(queue, ARGV[3], ttl, max)
+local affixes = {ARGV[5], ARGV[6], ARGV[10], ARGV[11], ARGV[12], ARGV[13]}
+local ttl, max, cuts, woken = tonumber(ARGV[7]), tonumber(ARGV[8]), {}, 0
+for _, uid in ipairs(uids) do
+  local cut, err, heard = deliver(uid, ARGV[3], ttl, max, affixes)
   if err then return redis.error_reply(err) end
   cuts[#cuts + 1] = cut
+  woken = woken + heard
 end
-return {0, queues, cuts}
+return {woken, queues, cuts}
