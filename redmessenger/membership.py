@@ -31,7 +31,7 @@ from twisted.logger import Logger
 
 from . import lua
 from .keys import Namespace
-from .presence import ClusterView
+from .presence import ClusterView, partition_of
 from .redisconnection import RedisConnection, RedisUnavailable, Script, txredisapi
 from .store import RedisStore
 from .subscriber import Subscriber
@@ -91,8 +91,11 @@ class Membership:
         self._cancelled: set[str] = set()
         #: Partitions being taken: fired when this node hears it has them.
         self._taking: dict[int, defer.Deferred] = {}
-        #: Partitions offered by this stopping node: fired when taken.
+        #: Partitions offered by this node: fired when taken.
         self._offered: dict[int, defer.Deferred] = {}
+        #: Sockets of users in partitions held here, heard through the
+        #: partition's patterns: socket -> uid.
+        self._held_sockets: dict[str, str] = {}
         self._renewing = LoopingCall(self._renew)
         self._renewing.clock = reactor
         self._ticking = LoopingCall(self._tick)
@@ -168,14 +171,9 @@ class Membership:
         self.stopping = True
         if self._ticking.running:
             self._ticking.stop()
-        offers = []
         if self.view.held and await self._live_nodes() > 1:
-            for k in sorted(self.view.held):
-                self.view.offered.add(k)
-                d = self._offered[k] = defer.Deferred()
-                offers.append(d.addErrback(lambda f: f.trap(defer.CancelledError)))
-                await self._redis.eval(OFFER, [self._ns.storer(k), self._offer_key(k)],
-                                       [self.owner, k, self._ns.cluster_channel])
+            offers = [self._offered.get(k) or await self._offer(k)
+                      for k in sorted(self.view.held)]
             try:
                 await defer.DeferredList(offers).addTimeout(HANDOVER_TIMEOUT, self._reactor)
             except defer.TimeoutError:
@@ -201,9 +199,11 @@ class Membership:
     def join(self, uid: str, socket: str) -> defer.Deferred:
         """Record the socket's presence; fires once the user's drain may
         begin on this node."""
-        if self.view.holds(uid):
+        if self.view.holds(uid) and partition_of(uid, self.view.partitions) not in \
+                self._offered:
             # Its stores and takes go on one connection, in the order this
             # node decided them: nothing to wait for.
+            self._held_sockets[socket] = uid
             self._send_join(uid, socket).addErrback(self._join_failed, uid, socket)
             return defer.succeed(None)
         ready = self.view.joining(uid, socket)
@@ -237,6 +237,7 @@ class Membership:
 
     def leave(self, uid: str, socket: str) -> None:
         self.view.abandon(socket)
+        self._held_sockets.pop(socket, None)
         if socket in self._subscribing:
             self._cancelled.add(socket)
             return
@@ -348,6 +349,8 @@ class Membership:
             # before the taker's first store: it waits for this.
             self._store.publish_after_stores(self._ns.cluster_channel.encode(),
                                              f"D {partition} {self.owner}".encode())
+            self._subscriber.punsubscribe(
+                self._ns.partition_patterns(partition, self.view.partitions))
             offered.callback(None)
             self._changed()
             return
@@ -367,6 +370,40 @@ class Membership:
         self._changed()
         self._lose()
 
+    async def _offer(self, partition: int) -> defer.Deferred:
+        """Offer a partition to whichever node takes it first; the Deferred
+        fires when one has. The sockets here of its users are heard on
+        their own channels first: from the taker's point on, only those
+        copies count (see ``Router.received_message``)."""
+        d = self._offered[partition] = defer.Deferred()
+        d.addErrback(lambda f: f.trap(defer.CancelledError))
+        follows = []
+        for socket, uid in list(self._held_sockets.items()):
+            if partition_of(uid, self.view.partitions) == partition:
+                del self._held_sockets[socket]
+                self._following[socket] = uid
+                follows.append(self._subscriber.follow(self._channels(uid)))
+        await defer.DeferredList(follows)
+        self.view.offered.add(partition)
+        await self._redis.eval(OFFER, [self._ns.storer(partition), self._offer_key(partition)],
+                               [self.owner, partition, self._ns.cluster_channel])
+        return d
+
+    async def _even_out(self) -> None:
+        """A node holding more than its share of the partitions (it ran
+        alone, and others started since) offers one, keeping partition 0
+        (the inbox, the reaper) where it is."""
+        held = self.view.held
+        if self._offered or len(held) < 2:
+            return
+        share = math.ceil(self.view.partitions / max(await self._live_nodes(), 1))
+        if len(held) > share:
+            partition = max(held)
+            log.info("Offering storer partition {k} to another node: this one holds {held} "
+                     "of {count}, its share is {share}", k=partition, held=len(held),
+                     count=self.view.partitions, share=share)
+            await self._offer(partition)
+
     def _offer_key(self, partition: int) -> str:
         return self._ns.storer(partition) + ":offered"
 
@@ -377,6 +414,7 @@ class Membership:
             return
         try:
             await self._take(await self._vacant(self.view.partitions))
+            await self._even_out()
             if 0 in self.view.held:
                 for node in await self._redis.execute(b"SMEMBERS", self._ns.nodes):
                     node = bytes(node).decode()

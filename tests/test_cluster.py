@@ -294,3 +294,46 @@ def test_durable_publish_reaches_users_on_every_node_at_once(tmp_path, redis) ->
             assert payloads(receive(a, 1)) == payloads(receive(b, 1)) == ["hello"]
             wait_for(lambda: cluster.queue("a") == cluster.queue("b") == [], "the drains")
         assert cluster.queue("away") == ["hello"]
+
+
+def test_a_node_that_starts_takes_its_share_of_the_storing_with_nothing_lost(
+        tmp_path, redis) -> None:
+    """Two partitions (user ids by their last byte: ``..1`` is in 1, ``..2``
+    in 0). The first node holds both, with a user of each connected; when a
+    second node starts, the first hands one partition over while messages
+    flow to those users and to an offline user of each partition: each is
+    delivered or stored exactly once, in order, and afterwards each node
+    stores for one partition."""
+    with Cluster(tmp_path, redis, "--partitions", "2") as cluster:
+        [first] = cluster.start(1)
+        assert redis.command("GET", "rm:cluster:partitions") == b"2"
+        published: list[str] = []
+        done = threading.Event()
+
+        def publish() -> None:
+            i = 0
+            while not done.is_set():
+                for uid in ("on1", "on2", "off1", "off2"):
+                    cluster.publish(f"rm.users.{uid}", str(i))
+                published.append(str(i))
+                i += 1
+
+        with first.user("on1") as on1, first.user("on2") as on2:
+            publisher = threading.Thread(target=publish)
+            publisher.start()
+            try:
+                [second] = cluster.start(1)
+                wait_for(lambda: "handed over by its holder" in second.log(),
+                         "the second node to take a partition", 10)
+                count = len(published)
+                wait_for(lambda: len(published) > count + 50, "more messages")
+            finally:
+                done.set()
+                publisher.join()
+            for ws in (on1, on2):
+                assert payloads(receive(ws, len(published))) == published
+        for uid in ("off1", "off2"):
+            wait_for(lambda uid=uid: len(cluster.queue(uid)) >= len(published), "the stores")
+            assert cluster.queue(uid) == published
+        holders = {redis.command("GET", f"rm:cluster:storers:{k}") for k in (0, 1)}
+        assert len(holders) == 2  # one partition each

@@ -105,3 +105,48 @@ def test_a_partition_taken_from_this_node_is_said_so() -> None:
 
 def test_partitions_split_user_ids_by_their_last_byte() -> None:
     assert [partition_of(uid, 4) for uid in ("a0", "a1", "a2", "a3", "a4")] == [0, 1, 2, 3, 0]
+
+
+class _Deliveries:
+    """The dispatcher, as the router sees it: what it is handed."""
+
+    def __init__(self) -> None:
+        from redmessenger.envelope import MessageIds
+        from redmessenger.stats import Stats
+
+        self.stats, self.ids, self.handed = Stats(), MessageIds(), []
+
+    def deliver(self, uids, envelope) -> None:
+        self.handed.append((list(uids), envelope.payload))
+
+    def has_sockets(self, uid: str) -> bool:
+        return False
+
+
+def test_a_partition_handed_over_is_decided_only_once_its_giver_is_done() -> None:
+    """What the giver decided before the taker's point must be in Redis
+    before the taker's first store (or a user's queue loses its order): the
+    taker holds its stream from that point until the giver says ``D``."""
+    from redmessenger.keys import Namespace
+    from redmessenger.routing import Router
+
+    v, _ = view()
+    deliveries = _Deliveries()
+    router = Router(deliveries, None, Namespace(), view=v)
+    router.received_message(b"rm.node.me", b'S 0 2 {}')
+    router.received_message(b"rm.users.u", b"after", b"rm.users.*")
+    assert deliveries.handed == []  # held
+    router.received_message(b"rm.cluster", b"D 0 giver")
+    assert deliveries.handed == [(["u"], b"after")]
+
+
+def test_a_partition_taken_from_a_dead_node_is_decided_at_once() -> None:
+    from redmessenger.keys import Namespace
+    from redmessenger.routing import Router
+
+    v, _ = view()
+    deliveries = _Deliveries()
+    router = Router(deliveries, None, Namespace(), view=v)
+    router.received_message(b"rm.node.me", b'S 0 1 {}')
+    router.received_message(b"rm.users.u", b"after", b"rm.users.*")
+    assert deliveries.handed == [(["u"], b"after")]
