@@ -129,16 +129,17 @@ class _Session:
         --------  -----  --------  ---------------------------------------------
         live      1+     no        overflowed, refused
         draining  1+     yes       waiting, returned, unsent, window, overflowed,
-                                   refused; remaining is None until the first
-                                   take answers, and sockets that joined before
-                                   it are not welcomed (``started``) until then
-        left      0      yes       returned, unsent, overflowed
+                                   refused, leaving; remaining is None until the
+                                   first take answers, and sockets that joined
+                                   before it are not welcomed (``started``)
+                                   until then
+        left      0      yes       returned, unsent, overflowed, leaving
         gone      0      no        (no session: it is deleted)
 
     So, whatever the state:
 
-    - ``waiting``, ``returned``, ``unsent`` and ``window`` are empty (None)
-      outside a drain, and ``remaining`` is known;
+    - ``waiting``, ``returned``, ``unsent``, ``window`` and ``leaving`` are
+      empty (None) outside a drain, and ``remaining`` is known;
     - ``waiting`` is empty while ``overflowed`` (newer messages follow the
       older ones into Redis) and while no socket is here;
     - ``window`` (a drain paused until an ack) and ``refused`` need a
@@ -178,6 +179,7 @@ class _Session:
         "refused",
         "window",
         "outbid",
+        "leaving",
     )
 
     def __init__(self, uid: str) -> None:
@@ -206,6 +208,8 @@ class _Session:
         self.remaining: int | None = None
         #: The user's newest socket is on another node: none here bubbles.
         self.outbid = False
+        #: Sockets gone during a drain, whose leave is said when it ends.
+        self.leaving: list[str] = []
 
 
 class Dispatcher:
@@ -366,7 +370,11 @@ class Dispatcher:
                 del self._sessions[session.uid]
         # Said after what the socket held went back to Redis: a node that
         # hears it leave and drains the user next finds all of it there.
-        self._presence.leave(socket.uid, seat.id)
+        # During a drain, what it held goes back when the drain ends.
+        if session.draining:
+            session.leaving.append(seat.id)
+        else:
+            self._presence.leave(socket.uid, seat.id)
         self._window_may_open(session)  # a paused drain finds out it is alone
 
     def ack(self, socket: Socket, tag: int) -> None:
@@ -690,6 +698,11 @@ class Dispatcher:
         if orphans or unsent:
             sent = self._hand_over(session, orphans + unsent)
             self.stats.redelivered += min(sent, len(orphans))
+        # What the sockets gone meanwhile held is back in Redis (or with the
+        # others): their leave may be said now.
+        leaving, session.leaving = session.leaving, []
+        for socket_id in leaving:
+            self._presence.leave(session.uid, socket_id)
         waiting = session.waiting
         durable = self._durable(session)
         if (

@@ -313,6 +313,8 @@ class Membership:
     async def _take(self, partitions: list[int]) -> None:
         count = self.view.partitions
         for k in partitions:
+            if self.stopping:
+                return
             patterns = self._ns.partition_patterns(k, count)
             await self._subscriber.psubscribe(patterns)
             heard = self._taking[k] = defer.Deferred()

@@ -195,8 +195,9 @@ class Subscriber(Service):
         try:
             yield self.prepare(self._connections > 1)
         except Exception:
-            log.failure("Could not get ready after subscribing; subscribing again")
-            proto.transport.loseConnection()
+            if self.running:  # else: stopping, and whatever it was no longer matters
+                log.failure("Could not get ready after subscribing; subscribing again")
+                proto.transport.loseConnection()
             return
         if proto.transport is None or self._proto is not proto:
             return

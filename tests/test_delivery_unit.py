@@ -587,6 +587,8 @@ def broken_invariants(dispatcher: Dispatcher) -> list[str]:
         if not session.draining:
             if session.waiting or session.returned or session.unsent:
                 wrong("messages wait behind a drain that is not running")
+            if session.leaving:
+                wrong("a socket's leave waits for a drain that is not running")
             if session.remaining is None:
                 wrong("no drain has answered, and none is running")
         if session.window is not None and not (session.draining and session.seats):
@@ -704,3 +706,49 @@ def test_random_walks_of_one_socket_at_a_time_keep_order_and_lose_nothing():
     older message redelivered after newer ones: each has its own window.)"""
     failed = {seed: problems for seed in range(2000) if (problems := random_walk(seed))}
     assert not failed, dict(list(failed.items())[:3])
+
+
+class Leaves:
+    """The cluster's presence, as the dispatcher tells it: each leave, with
+    what the user's queue held in Redis when it was said."""
+
+    def __init__(self, queues: Queues) -> None:
+        self.queues = queues
+        self.said: list[tuple[str, list[str]]] = []
+        self._ids = iter(range(1, 10_000))
+
+    def socket_id(self) -> str:
+        return f"n:{next(self._ids)}"
+
+    def join(self, uid: str, socket: str) -> defer.Deferred:
+        return defer.succeed(None)
+
+    def leave(self, uid: str, socket: str) -> None:
+        self.said.append((socket, self.queues.payloads(uid)))
+
+
+def test_a_socket_leaves_the_cluster_only_once_what_it_held_is_back_in_redis():
+    """Another node drains the user once it hears the leave: what the socket
+    held must be in the queue by then, also when it left mid-drain (an
+    ack-mode socket is nearly always in one: live messages are claimed
+    first)."""
+    queues = Queues()
+    leaves = Leaves(queues)
+    dispatcher = Dispatcher(queues, Namespace(), drain_chunk=2, presence=leaves)
+    sock = Sock("u", ack_mode=True)
+    dispatcher.attach(sock)
+    queues.answer_take()
+    for payload in "ab":
+        dispatcher.deliver(["u"], Envelope(payload, "rm.users.u", 1, payload.encode()))
+    queues.pump()  # claimed and sent, not acknowledged
+    dispatcher.deliver(["u"], Envelope("c", "rm.users.u", 1, b"c"))  # being claimed
+    dispatcher.detach(sock)
+    assert leaves.said == []  # a drain is running: its end says it
+    queues.pump()
+    assert leaves.said == [("n:1", ["a", "b", "c"])]
+    # Out of a drain, at once, once what it held is requeued.
+    other = Sock("u", ack_mode=True)
+    dispatcher.attach(other)
+    queues.pump()
+    dispatcher.detach(other)
+    assert leaves.said[-1] == ("n:2", ["a", "b", "c"])

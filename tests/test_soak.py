@@ -2,7 +2,10 @@
 random while direct and group messages flow in through the inbox; Redis is
 restarted once, then refuses every write for 2 s (out of memory), and the
 RedMessenger process is killed (``kill -9``) and started again once. Then
-every user connects a last time and drains.
+every user connects a last time and drains. It runs with one RedMessenger,
+and with three nodes on one Redis, each client session going to a node
+picked at random; the node killed then is the one that stored for everyone
+and read the inbox.
 
 Bounded for CI; larger by hand, for instance::
 
@@ -174,8 +177,10 @@ def _xadd_until_taken(redis, batch) -> None:
 
 
 class Swarm:
-    def __init__(self, url: str, plan: Plan) -> None:
-        self.url = url
+    """The clients, each session on a node picked at random."""
+
+    def __init__(self, urls: list[str], plan: Plan) -> None:
+        self.urls = urls
         self.rng = random.Random(plan.seed + 1)
         self.connections: list[Connection] = []
         self.stopping = asyncio.Event()
@@ -196,7 +201,8 @@ class Swarm:
         told to stop (``None``: until the welcome's stored messages are all
         in), then end it (cleanly, or with a reset)."""
         try:
-            ws = await websockets.connect(self.url, max_size=None, max_queue=None,
+            ws = await websockets.connect(self.rng.choice(self.urls), max_size=None,
+                                          max_queue=None,
                                           ping_interval=None, open_timeout=10,
                                           close_timeout=10)
         except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake) as e:
@@ -298,52 +304,68 @@ def plan(request) -> Plan:
 
 
 class Messenger:
-    """The RedMessenger under test: a twistd that can be killed and started
-    again on the same port."""
+    """The RedMessenger nodes under test, each a twistd on a port of its own
+    that can be killed and started again on it."""
 
-    def __init__(self, tmp_path: Path, redis) -> None:
+    def __init__(self, tmp_path: Path, redis, nodes: int) -> None:
         self.tmp_path = tmp_path
         self.redis = redis
-        self.port = pick_free_port()
+        self.ports = [pick_free_port() for _ in range(nodes)]
+        #: The process now running on each port.
+        self.current: list[TwistdProcess | None] = [None] * nodes
         self.runs: list[TwistdProcess] = []
         self.stats: Counter = Counter()
 
     @property
-    def url(self) -> str:
-        return f"ws://{HOST}:{self.port}/"
+    def urls(self) -> list[str]:
+        return [f"ws://{HOST}:{port}/" for port in self.ports]
 
-    def start(self) -> None:
-        twistd = TwistdProcess(
-            ["-n", "--pidfile=", "redmessenger", "--port", f"tcp:{self.port}:interface={HOST}",
-             "--redis", self.redis.url, "--auth", "off", "--inbox", "--ack-window", "64"],
-            self.tmp_path, self.tmp_path / f"twistd-{len(self.runs)}.log")
-        self.runs.append(twistd)
-        twistd.wait_accepting(self.port)
+    def start(self, node: int | None = None) -> None:
+        """Every node (the first one first: it stores for everyone, and
+        reads the inbox), or one."""
+        for index in range(len(self.ports)) if node is None else [node]:
+            port = self.ports[index]
+            twistd = TwistdProcess(
+                ["-n", "--pidfile=", "redmessenger", "--port", f"tcp:{port}:interface={HOST}",
+                 "--redis", self.redis.url, "--auth", "off", "--inbox", "--ack-window", "64"],
+                self.tmp_path, self.tmp_path / f"twistd-{index}-{len(self.runs)}.log")
+            self.runs.append(twistd)
+            self.current[index] = twistd
+            twistd.wait_accepting(port)
 
-    def kill(self) -> None:
+    def kill(self, node: int = 0) -> None:
         """``kill -9``, after noting what it counted."""
-        self.collect_stats()
-        twistd = self.runs[-1]
+        twistd = self.current[node]
+        self.stats += self.scraped(self.ports[node])
         os.kill(twistd.pid, signal.SIGKILL)
         twistd.process.wait()
 
     def collect_stats(self) -> None:
-        for name in ("delivered_live", "stored", "drained", "recommitted", "acked"):
-            self.stats[name] += self.scraped(name)
+        for port in self.ports:
+            self.stats += self.scraped(port)
 
-    def scraped(self, name: str) -> int:
-        """``redmessenger_messages_<name>_total`` of the running process."""
-        with urllib.request.urlopen(f"http://{HOST}:{self.port}/metrics", timeout=10) as reply:
+    @staticmethod
+    def scraped(port: int) -> Counter:
+        """``redmessenger_messages_<name>_total`` of the node on ``port``."""
+        with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as reply:
             text = reply.read().decode()
-        return int(float(re.search(rf"^redmessenger_messages_{name}_total (\S+)$", text,
-                                   re.M).group(1)))
+        return Counter({name: int(float(re.search(
+            rf"^redmessenger_messages_{name}_total (\S+)$", text, re.M).group(1)))
+            for name in ("delivered_live", "stored", "drained", "recommitted", "acked")})
 
-    def healthy(self) -> bool:
+    def healthy(self, port: int) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{HOST}:{self.port}/health", timeout=5):
+            with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=5):
                 return True
         except OSError:  # HTTPError 503 included
             return False
+
+    def all_healthy(self) -> bool:
+        return all(self.healthy(port) for port in self.ports)
+
+    def alive(self) -> None:
+        for twistd in self.current:
+            twistd.alive()
 
     def stop(self) -> None:
         for twistd in self.runs:
@@ -354,8 +376,11 @@ async def in_thread(function, *args):
     return await loop().run_in_executor(None, function, *args)
 
 
+@pytest.mark.parametrize("nodes", [1, 3], ids=["one-node", "three-nodes"])
 @aiotest(timeout=0)
-async def test_soak(tmp_path: Path, private_redis, plan: Plan) -> None:
+async def test_soak(tmp_path: Path, private_redis, plan: Plan, nodes: int) -> None:
+    """With three nodes, the clients' sessions go to random nodes, and the
+    node killed is the one that stored for everyone and read the inbox."""
     rng = random.Random(plan.seed)
     users = {f"user{i}": i % ACK_EVERY == 0 for i in range(plan.clients)}
     members = {}
@@ -365,7 +390,7 @@ async def test_soak(tmp_path: Path, private_redis, plan: Plan) -> None:
         # Lists and sets both work as member lists.
         private_redis.command("RPUSH" if g % 2 else "SADD", f"rm:groups:{gid}:members",
                               *members[gid])
-    messenger = Messenger(tmp_path, private_redis)
+    messenger = Messenger(tmp_path, private_redis, nodes)
     try:
         await in_thread(messenger.start)
         report = await asyncio.wait_for(
@@ -379,7 +404,7 @@ async def test_soak(tmp_path: Path, private_redis, plan: Plan) -> None:
 async def soak(plan: Plan, redis, messenger: Messenger, users: dict[str, bool],
                members: dict[str, tuple[str, ...]]) -> str:
     ledger = Ledger()
-    swarm = Swarm(messenger.url, plan)
+    swarm = Swarm(messenger.urls, plan)
     stop_publishing = threading.Event()
     publisher = asyncio.ensure_future(
         in_thread(publish, redis, plan, members, ledger, stop_publishing))
@@ -396,12 +421,12 @@ async def soak(plan: Plan, redis, messenger: Messenger, users: dict[str, bool],
     def restart_redis() -> None:
         redis.stop()
         redis.start()
-        wait_for(messenger.healthy, "RedMessenger to be back on Redis", START_TIMEOUT,
-                 messenger.runs[-1].alive)
+        wait_for(messenger.all_healthy, "RedMessenger to be back on Redis", START_TIMEOUT,
+                 messenger.alive)
 
     def kill_and_restart() -> None:
-        messenger.kill()
-        messenger.start()
+        messenger.kill(0)
+        messenger.start(0)
 
     def out_of_memory_for_a_while() -> None:
         """Redis refuses every write for 2 s (``maxmemory`` far below what
@@ -409,13 +434,13 @@ async def soak(plan: Plan, redis, messenger: Messenger, users: dict[str, bool],
         redis.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
         redis.command("CONFIG", "SET", "maxmemory", 1)
         try:
-            wait_for(lambda: not messenger.healthy(), "RedMessenger to see the refusals",
-                     START_TIMEOUT, messenger.runs[-1].alive)
+            wait_for(lambda: not messenger.healthy(messenger.ports[0]),
+                     "RedMessenger to see the refusals", START_TIMEOUT, messenger.alive)
             time.sleep(2.0)  # the spell itself, not a wait for an event
         finally:
             redis.command("CONFIG", "SET", "maxmemory", 0)
-        wait_for(messenger.healthy, "RedMessenger to write again", START_TIMEOUT,
-                 messenger.runs[-1].alive)
+        wait_for(messenger.all_healthy, "RedMessenger to write again", START_TIMEOUT,
+                 messenger.alive)
 
     await fault_at(0.3, restart_redis)
     await fault_at(0.45, out_of_memory_for_a_while)
@@ -430,9 +455,9 @@ async def soak(plan: Plan, redis, messenger: Messenger, users: dict[str, bool],
     await asyncio.gather(*clients)
     last = max(ledger.sent)
     await in_thread(wait_for, lambda: inbox_done(redis, last), "the inbox to be read",
-                    SETTLE_TIMEOUT, messenger.runs[-1].alive)
+                    SETTLE_TIMEOUT, messenger.alive)
     await in_thread(wait_for, lambda: not redis.command("KEYS", "rm:users:*:taking:*"),
-                    "claims to be given back", SETTLE_TIMEOUT, messenger.runs[-1].alive)
+                    "claims to be given back", SETTLE_TIMEOUT, messenger.alive)
 
     # No queue holds what a client acknowledged for sure, but for copies a
     # fault made.
@@ -517,7 +542,8 @@ def judge(plan: Plan, users: dict[str, bool], ledger: Ledger, swarm: Swarm,
     ends = Counter(f"{c.how}{' (abrupt)' if c.abrupt and c.how == 'server' else ''}"
                    for c in swarm.connections)
     report = "\n".join([
-        f"soak: {plan.clients} clients ({sum(users.values())} in ack mode), "
+        f"soak: {plan.clients} clients ({sum(users.values())} in ack mode) on "
+        f"{len(messenger.ports)} nodes, "
         f"{plan.seconds:g} s, {plan.rate:g} messages/s, seed {plan.seed}",
         f"  sent: {len(ledger.sent)} messages, {sum(map(len, expected.values()))} deliveries "
         f"due ({sum(1 for _, r in ledger.sent.values() if len(r) > 1)} to groups)",
@@ -563,19 +589,20 @@ async def test_a_close_the_killed_server_never_answered_counts_as_abrupt(tmp_pat
     this connection ended abruptly, like any other one the kill cut. (The
     soak once failed about 1 run in 20 with plain messages "never got"
     around the kill: such a connection was judged as closed cleanly.)"""
-    messenger = Messenger(tmp_path, redis)
+    messenger = Messenger(tmp_path, redis, 1)
     try:
         await in_thread(messenger.start)
-        await in_thread(wait_for, messenger.healthy, "RedMessenger to be on Redis",
+        await in_thread(wait_for, messenger.all_healthy, "RedMessenger to be on Redis",
                         START_TIMEOUT)
-        ws = await websockets.connect(messenger.url, max_size=None, max_queue=None,
+        ws = await websockets.connect(messenger.urls[0], max_size=None, max_queue=None,
                                       ping_interval=None, close_timeout=10)
         await ws.send(json.dumps({"id": "user1"}))
         assert json.loads(await ws.recv())["type"] == "welcome"
         redis.command("PUBLISH", "rm.users.user1", "0")
-        await in_thread(wait_for, lambda: messenger.scraped("delivered_live") == 1,
-                        "the message to be written", START_TIMEOUT)
-        server = messenger.runs[-1]
+        await in_thread(wait_for, lambda: messenger.scraped(
+            messenger.ports[0])["delivered_live"] == 1, "the message to be written",
+            START_TIMEOUT)
+        server = messenger.current[0]
         os.kill(server.pid, signal.SIGSTOP)  # it cannot read the close frame
         closing = asyncio.ensure_future(ws.close())
         while ws.protocol.close_sent is None or ws.transport.get_write_buffer_size():
