@@ -1,5 +1,6 @@
 """The ``redmessenger`` command: publish, look at queues, manage groups and
-keys in the Redis a RedMessenger uses, and ask a running one how it is.
+keys in the Redis a RedMessenger uses, list the running ones (the nodes
+that share it), and ask one how it is.
 
 ``send`` never loses a message: if nobody (so no RedMessenger) is subscribed
 to the channel, it stores the message in the recipients' queues itself, in
@@ -334,7 +335,7 @@ class NodeStatus:
 
     node: str
     host: str
-    pid: int | None
+    pid: int
     worker: int | None = None
     listening: str | None = None
     connections: int | None = None
@@ -390,7 +391,7 @@ async def read_cluster(redis: Redis, ns: Namespace) -> ClusterStatus:
         if holder in live:
             live[holder].partitions.append(k)
     return ClusterStatus(
-        sorted(live.values(), key=lambda n: (n.host, n.pid or 0, n.node)), count,
+        sorted(live.values(), key=lambda n: (n.host, n.pid, n.node)), count,
         [k for k, holder in enumerate(holders) if holder not in live],
         int(await redis(b"SCARD", ns.present)))
 
@@ -402,7 +403,7 @@ def status_table(status: ClusterStatus) -> list[str]:
     rows = [["NODE", "HOST", "PID", "WORKER", "LISTENING", "SOCKETS", "USERS", "PARTITIONS",
              "VERSION"]]
     for n in status.nodes:
-        rows.append([n.node, n.host, _cell(n.pid), _cell(n.worker), _cell(n.listening),
+        rows.append([n.node, n.host, str(n.pid), _cell(n.worker), _cell(n.listening),
                      _cell(n.connections), _cell(n.users_online), _ranges(n.partitions),
                      _cell(n.version)])
     numeric = {2, 5, 6}
@@ -419,8 +420,8 @@ def status_table(status: ClusterStatus) -> list[str]:
     if status.unheld:
         lines.append(f"Warning: no live node holds storer partition(s) "
                      f"{_ranges(status.unheld)}: a plain PUBLISH to their users with no "
-                     "socket is stored by nobody until a node takes them (within 4 s of a "
-                     "node's death).")
+                     "socket is stored by nobody until a node takes them (live nodes look "
+                     "for vacant ones every second).")
     return lines
 
 

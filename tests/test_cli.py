@@ -413,8 +413,8 @@ def test_the_status_table_aligns_its_columns_and_warns_of_unheld_partitions():
         "3 nodes live: 1205 sockets, 1104 users online; 12 storer partitions, 6 held by a "
         "live node.",
         "Warning: no live node holds storer partition(s) 5-7,9-11: a plain PUBLISH to their "
-        "users with no socket is stored by nobody until a node takes them (within 4 s of a "
-        "node's death).",
+        "users with no socket is stored by nobody until a node takes them (live nodes look for "
+        "vacant ones every second).",
     ]
     one = NodeStatus("3f9c0e2a7b14", "web1", 41327, listening="127.0.0.1:8080", connections=1,
                      users_online=1, version="0.1.0", partitions=[0])

@@ -13,9 +13,9 @@ from redmessenger.membership import LEASE_TTL, TICK_EVERY
 
 from cluster import Cluster, Node
 from commandline import cli, ok
-from deployed import wait_for
+from deployed import START_TIMEOUT, TwistdProcess, wait_for
 from docsamples import http_get
-from network import HOST
+from network import HOST, pick_free_port
 
 #: Seconds one ``redmessenger status`` may take, on top of what it waits
 #: for: it starts a Python with Twisted.
@@ -110,3 +110,23 @@ def test_status_exits_1_once_the_last_node_is_gone(tmp_path, redis) -> None:
         result = cli(redis.url, "status")
         assert result.returncode == 1, result
         assert "no RedMessenger node is live" in result.stderr
+
+
+def test_status_lists_each_worker_of_one_command(tmp_path, redis) -> None:
+    """``--workers 2``: two nodes on one port, told apart by their worker."""
+    port = pick_free_port()
+    args = ["-n", "--pidfile=", "redmessenger", "--workers", "2", "--port",
+            f"tcp:{port}:interface={HOST}", "--redis", redis.url, "--auth", "off"]
+    with TwistdProcess(args, tmp_path, tmp_path / "workers.log") as twistd:
+        def described() -> dict | None:
+            """Both listed, each once it has said what it is (a second after
+            its start; until then, only its lease says where it runs)."""
+            doc = status(redis)
+            nodes = doc["nodes"].values()
+            return len(nodes) == 2 and all(n["version"] for n in nodes) and doc
+
+        doc = wait_for(described, "both workers to be listed", START_TIMEOUT, twistd.alive)
+        nodes = doc["nodes"].values()
+        assert sorted(n["worker"] for n in nodes) == [1, 2]
+        assert {n["listening"] for n in nodes} == {f"{HOST}:{port}"}
+        assert len({n["pid"] for n in nodes} | {twistd.pid}) == 3  # not the supervisor's
