@@ -63,9 +63,16 @@ def test_status_lists_each_live_node_with_its_sockets_users_and_partitions(
             first_node_users.enter_context(nodes[0].user("b"))
             with nodes[1].user("c"), nodes[1].user("c"):
                 expected = {ids[0]: (2, 2), ids[1]: (2, 1), ids[2]: (0, 0)}
-                # Each node says it every second.
-                doc = wait_for(lambda: (d := status(redis)) and counts(d) == expected and d,
-                               f"status to show {expected}")
+
+                def settled() -> dict | None:
+                    """Each node says its counts every second, and the first
+                    one, which took every partition, hands the others their
+                    share, one a second."""
+                    doc = status(redis)
+                    shares = [len(n["partitions"]) for n in doc["nodes"].values()]
+                    return counts(doc) == expected and shares == [1, 1, 1] and doc
+
+                doc = wait_for(settled, f"status to show {expected}, a partition each")
                 held = [doc["nodes"][i]["partitions"] for i in ids]
                 assert sorted(k for p in held for k in p) == [0, 1, 2], held
                 assert (doc["partitions"], doc["unheld"]) == (3, [])
@@ -88,9 +95,9 @@ def test_status_lists_each_live_node_with_its_sockets_users_and_partitions(
                 assert table[4:] == ["3 nodes live: 4 sockets, 3 users online; "
                                      "3 storer partitions, each held by a live node."]
 
-                # The first node dies with its users and partitions: it is gone
-                # from the list once its lease has expired, and its partitions
-                # are taken over by the others within a tick more.
+                # The first node dies with its users and its partition: it is
+                # gone from the list once its lease has expired, and its
+                # partition is taken over by another within a tick more.
                 nodes[0].kill()
                 wait_for(lambda: ids[0] not in status(redis)["nodes"],
                          "the killed node to leave the list", LEASE_TTL + RUN)
