@@ -1,5 +1,6 @@
 """The ``redmessenger`` command: publish, look at queues, manage groups and
-keys in the Redis a RedMessenger uses, and ask a running one how it is.
+keys in the Redis a RedMessenger uses, list the running ones (the nodes
+that share it), and ask one how it is.
 
 ``send`` never loses a message: if nobody (so no RedMessenger) is subscribed
 to the channel, it stores the message in the recipients' queues itself, in
@@ -327,7 +328,120 @@ async def cmd_dead(redis: Redis, ns: Namespace, args: argparse.Namespace,
     return 1 if failed else 0
 
 
-async def cmd_status(reactor: Any, args: argparse.Namespace, out: TextIO) -> int:
+@dataclasses.dataclass
+class NodeStatus:
+    """A live node, as it last described itself in Redis (``None`` for what
+    a node that started less than a second ago has not said yet)."""
+
+    node: str
+    host: str
+    pid: int
+    worker: int | None = None
+    listening: str | None = None
+    connections: int | None = None
+    users_online: int | None = None
+    version: str | None = None
+    #: The storer partitions Redis says it holds.
+    partitions: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ClusterStatus:
+    """The live nodes of one prefix, and who stores for each partition."""
+
+    nodes: list[NodeStatus]
+    #: The cluster's storer partitions (0 if no node ever started).
+    partitions: int
+    #: Partitions with no live holder: plain PUBLISHes to their offline
+    #: users are stored by nobody until a node takes them.
+    unheld: list[int]
+    #: Users with a socket anywhere, each once.
+    users_online: int
+
+    @property
+    def connections(self) -> int:
+        return sum(node.connections or 0 for node in self.nodes)
+
+
+#: What a node says of itself beyond where it runs and what it holds.
+_SAID = [f for f in dataclasses.fields(NodeStatus)
+         if f.name not in ("node", "host", "pid", "partitions")]
+
+
+async def read_cluster(redis: Redis, ns: Namespace) -> ClusterStatus:
+    """Live nodes are those whose lease lives (a stopped node's description
+    outlives its lease by up to the lease time; a killed node's both go
+    within it). A handful of reads, not one snapshot: a node may come or go
+    in between."""
+    members = sorted(_text(n) for n in await redis(b"SMEMBERS", ns.nodes))
+    leases = await redis(b"MGET", *map(ns.process, members)) if members else []
+    infos = await redis(b"MGET", *map(ns.node_info, members)) if members else []
+    count = int(await redis(b"GET", ns.partitions) or 0)
+    holders = [_text(h) if h is not None else None for h in
+               (await redis(b"MGET", *map(ns.storer, range(count))) if count else [])]
+    live: dict[str, NodeStatus] = {}
+    for node, lease, info in zip(members, leases, infos, strict=True):
+        if lease is None:
+            continue  # dead, not reaped yet
+        host, _, pid = _text(lease).partition(" ")
+        about = json.loads(info) if info is not None else {}
+        live[node] = NodeStatus(node, about.get("host", host), about.get("pid", int(pid)),
+                                **{f.name: about.get(f.name) for f in _SAID})
+    for k, holder in enumerate(holders):
+        if holder in live:
+            live[holder].partitions.append(k)
+    return ClusterStatus(
+        sorted(live.values(), key=lambda n: (n.host, n.pid, n.node)), count,
+        [k for k, holder in enumerate(holders) if holder not in live],
+        int(await redis(b"SCARD", ns.present)))
+
+
+def status_table(status: ClusterStatus) -> list[str]:
+    """One line per node under a header, numbers right-aligned, each column
+    as wide as its widest cell; then the totals, and a warning for
+    partitions with no live holder."""
+    rows = [["NODE", "HOST", "PID", "WORKER", "LISTENING", "SOCKETS", "USERS", "PARTITIONS",
+             "VERSION"]]
+    for n in status.nodes:
+        rows.append([n.node, n.host, str(n.pid), _cell(n.worker), _cell(n.listening),
+                     _cell(n.connections), _cell(n.users_online), _ranges(n.partitions),
+                     _cell(n.version)])
+    numeric = {2, 5, 6}
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(width) if i in numeric else cell.ljust(width)
+                       for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip()
+             for row in rows]
+    held = ("each held by a live node" if not status.unheld
+            else f"{status.partitions - len(status.unheld)} held by a live node")
+    lines.append(f"{_count(len(status.nodes), 'node')} live: "
+                 f"{_count(status.connections, 'socket')}, "
+                 f"{_count(status.users_online, 'user')} online; "
+                 f"{_count(status.partitions, 'storer partition')}, {held}.")
+    if status.unheld:
+        lines.append(f"Warning: no live node holds storer partition(s) "
+                     f"{_ranges(status.unheld)}: a plain PUBLISH to their users with no "
+                     "socket is stored by nobody until a node takes them (live nodes look "
+                     "for vacant ones every second).")
+    return lines
+
+
+async def cmd_status(redis: Redis, ns: Namespace, args: argparse.Namespace,
+                     out: TextIO) -> int:
+    status = await read_cluster(redis, ns)
+    if args.json:
+        doc = dataclasses.asdict(status)
+        doc["connections"] = status.connections
+        print(json.dumps(doc), file=out)
+    elif status.nodes:
+        for line in status_table(status):
+            print(line, file=out)
+    else:
+        raise CommandFailed(f"no RedMessenger node is live on Redis at {redis.address} "
+                            f"with prefix {ns.prefix}")
+    return 0 if status.nodes else 1
+
+
+async def cmd_health(reactor: Any, args: argparse.Namespace, out: TextIO) -> int:
     from twisted.internet.error import ConnectError
     from twisted.web.client import Agent, readBody
 
@@ -362,6 +476,7 @@ async def cmd_status(reactor: Any, args: argparse.Namespace, out: TextIO) -> int
              ("subscribed" if redis_state.get("subscribed") else "not subscribed")
              if "subscribed" in redis_state else "subscription unknown"]
     print(f"status:       {doc.get('status', '?')}", file=out)
+    print(f"node:         {doc.get('node', '?')}", file=out)
     print(f"version:      {doc.get('version', '?')}", file=out)
     print(f"redis:        {', '.join(links)}", file=out)
     print(f"connections:  {doc.get('connections', '?')}", file=out)
@@ -536,13 +651,17 @@ def build_parser() -> argparse.ArgumentParser:
     dead.set_defaults(run=cmd_dead)
 
     status = commands.add_parser(
-        "status", help="ask a running RedMessenger how it is",
-        description="GET /health from RedMessenger and print it. Exit status 0 if it "
+        "status", help="list the live RedMessenger nodes, or ask one how it is",
+        description="List the live nodes of --prefix, from Redis: each one's sockets, "
+                    "users and storer partitions, the totals, and the partitions no live "
+                    "node holds. Exit status 1 if no node is live. With --url, GET /health "
+                    "from that one RedMessenger instead and print it: exit status 0 if it "
                     "answered 200 (healthy), 1 otherwise.")
-    status.add_argument("--url", required=True, type=health_url, metavar="URL",
-                        help="RedMessenger's HTTP address, http://host:port")
-    status.add_argument("--json", action="store_true", help="print the report as it came")
-    status.set_defaults(run=None)
+    status.add_argument("--url", type=health_url, metavar="URL",
+                        help="ask this RedMessenger, http://host:port, over HTTP")
+    status.add_argument("--json", action="store_true",
+                        help="one JSON document (with --url, the report as it came)")
+    status.set_defaults(run=cmd_status)
     return parser
 
 
@@ -563,7 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         address = None
-        if args.run is not None:
+        if getattr(args, "url", None) is None:  # status --url asks over HTTP only
             if not args.prefix:
                 parser.error("--prefix must not be empty")
             try:
@@ -592,7 +711,7 @@ async def _run(reactor: Any, args: argparse.Namespace, address: RedisAddress | N
     out = sys.stdout
     try:
         if address is None:
-            return await cmd_status(reactor, args, out)
+            return await cmd_health(reactor, args, out)
         redis = await connect_redis(reactor, address, args.timeout)
         command: Callable[..., Awaitable[int]] = args.run
         try:
@@ -624,6 +743,21 @@ def _text(value: Any) -> str:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``0-2,5``: a node may hold many partitions."""
+    spans: list[list[int]] = []
+    for n in sorted(numbers):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans) or "-"
 
 
 def _why(error: BaseException) -> str:

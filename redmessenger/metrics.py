@@ -36,6 +36,7 @@ class _Collector:
     def collect(self):
         service = self._service
         stats = service.dispatcher.stats
+        yield _node_info(service)
         yield _gauge("connections", "Open WebSocket connections",
                      len(service.factory.connections))
         yield _gauge("connections_handshaking",
@@ -72,6 +73,12 @@ class _Collector:
                      "1013 and the subscriber is paused", int(service.redis.overloaded))
         yield _gauge("inbox_reading", "0 while error replies keep the inbox reader from "
                      "reading", int(service.inbox is None or service.inbox.reading))
+        view = service.membership.view
+        yield _gauge("storer_partitions_held", "Storer partitions this node stores for: it "
+                     "hears their users' messages and stores those for users with no socket",
+                     len(view.held))
+        yield _gauge("storer_partitions", "Storer partitions of the cluster (set by its "
+                     "first node)", view.partitions)
         cumulative, buckets = 0, []
         for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), stats.latency_counts,
                                 strict=True):
@@ -81,6 +88,17 @@ class _Collector:
             "redmessenger_delivery_latency_seconds",
             "From a PUBLISH reaching RedMessenger to its frame being written to a socket",
             buckets=buckets, sum_value=stats.latency_sum)
+
+
+def _node_info(service) -> GaugeMetricFamily:
+    """Which node this is: its labels tell the nodes of a cluster (and the
+    workers of ``--workers``) apart, as ``redmessenger status`` lists them."""
+    about = service.describe()
+    info = GaugeMetricFamily("redmessenger_node_info",
+                             "Always 1; the labels say which node answers",
+                             labels=["node", "host", "pid", "version"])
+    info.add_metric([about["node"], about["host"], str(about["pid"]), about["version"]], 1)
+    return info
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

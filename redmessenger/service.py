@@ -266,7 +266,7 @@ class RedMessengerService(MultiService):
     def _listening(self, port):
         self.port = port
         #: Where it listens, as ``redmessenger status`` shows it.
-        self.listening = str(port.getHost())
+        self.listening = _where(port.getHost())
         log.info("RedMessenger {version} listening on {where} for WebSocket clients; "
                  "Redis at {redis}", version=__version__, where=str(port.getHost()),
                  redis=str(self.redis.address))
@@ -374,3 +374,12 @@ def _exit_after_shutdown(reactor, code: int) -> None:
         reactor.stop()
     else:
         reactor.callWhenRunning(reactor.stop)
+
+
+def _where(address) -> str:
+    """``host:port`` (``[::1]:port``), or a UNIX socket's path: short
+    enough for a column of ``redmessenger status``."""
+    if not hasattr(address, "port"):
+        return os.fsdecode(address.name or "")
+    host = address.host
+    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"

@@ -40,6 +40,7 @@ class Health(Resource):
         request.setHeader(b"cache-control", b"no-store")
         report = {
             "status": "ok" if ok else "unavailable",
+            "node": service.owner,  # which node of a cluster answers
             "redis": {"connected": connected, "subscribed": subscribed,
                       "writable": redis.writable, "refusal": redis.refusal},
             "connections": len(service.factory.connections),

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +18,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from redmessenger.cli import health_url, main
+from redmessenger import __version__
+from redmessenger.cli import ClusterStatus, NodeStatus, health_url, main, status_table
 
 from commandline import CLI_TIMEOUT, cli, cli_async, ok, queue
 from harness import aiotest, eventually, start_service
@@ -51,7 +54,6 @@ def test_every_command_has_help(argv, capsys):
     (["--redis", "http://nope", "queue", "user1"], "--redis: 'http://nope': expected"),
     (["--redis", "redis://host:port", "queue", "user1"], "the port is not a number"),
     (["--prefix", "", "queue", "user1"], "--prefix must not be empty"),
-    (["status"], "required: --url"),
     (["status", "--url", "ftp://host"], "expected http://host:port"),
     (["frobnicate"], "invalid choice"),
 ])
@@ -298,7 +300,8 @@ def health_server() -> Iterator[HealthServer]:
         pytest_twisted.blockon(server.port.stopListening())
 
 
-HEALTHY = {"status": "ok", "redis": {"connected": True, "subscribed": True},
+HEALTHY = {"status": "ok", "node": "3f9c0e2a7b14",
+           "redis": {"connected": True, "subscribed": True},
            "connections": 3, "users_online": 2, "version": "0.1.0"}
 
 
@@ -310,6 +313,7 @@ async def test_status_prints_a_healthy_report_and_exits_0(redis, health_server):
     assert out.splitlines() == [
         f"{health_server.url}/health: HTTP 200 OK",
         "status:       ok",
+        "node:         3f9c0e2a7b14",
         "version:      0.1.0",
         "redis:        connected, subscribed",
         "connections:  3",
@@ -341,13 +345,28 @@ async def test_status_exits_1_when_unavailable_or_unreachable(redis, health_serv
 
 @aiotest
 async def test_status_of_a_real_redmessenger(messenger, private_redis):
-    """The real /health (redmessenger/web.py), healthy, then with Redis gone."""
+    """The real /health (redmessenger/web.py), healthy, then with Redis gone;
+    and the node as Redis lists it."""
     rm = await messenger()
     await rm.user("user1")
     url = rm.url.replace("ws://", "http://")
     out = ok(await cli_async(rm.redis.url, "status", "--url", url))
     assert "HTTP 200" in out and "status:       ok" in out
+    assert f"node:         {rm.service.owner}" in out
     assert "connections:  1" in out and "users online: 1" in out
+
+    # It describes itself with its lease, every second.
+    info = f"rm:cluster:nodes:{rm.service.owner}:info"
+    await eventually(lambda: json.loads(rm.redis.command("GET", info) or "{}").get(
+        "connections") == 1, what="the node to describe its socket")
+    doc = json.loads(ok(await cli_async(rm.redis.url, "status", "--json")))
+    [node] = doc["nodes"]
+    port = rm.service.port.getHost().port
+    assert node == {"node": rm.service.owner, "host": socket.gethostname(), "pid": os.getpid(),
+                    "worker": None, "listening": f"127.0.0.1:{port}", "connections": 1,
+                    "users_online": 1, "version": __version__, "partitions": [0]}
+    assert (doc["partitions"], doc["unheld"], doc["connections"], doc["users_online"]) == (
+        1, [], 1, 1)
 
     other = await start_service(private_redis)
     try:
@@ -361,6 +380,46 @@ async def test_status_of_a_real_redmessenger(messenger, private_redis):
         assert "redis:        not connected, not subscribed" in result.stdout
     finally:
         await other.stop()
+
+
+def test_status_with_no_live_node_exits_1(redis):
+    result = cli(redis.url, "status")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (f"redmessenger: no RedMessenger node is live on Redis at "
+                             f"{redis.url} with prefix rm\n")
+    result = cli(redis.url, "status", "--json")
+    assert result.returncode == 1
+    assert json.loads(result.stdout) == {"nodes": [], "partitions": 0, "unheld": [],
+                                         "users_online": 0, "connections": 0}
+
+
+def test_the_status_table_aligns_its_columns_and_warns_of_unheld_partitions():
+    nodes = [NodeStatus("3f9c0e2a7b14", "web1", 41327, listening="10.0.0.1:8080",
+                        connections=1200, users_online=1100, version="0.1.0",
+                        partitions=[0, 1, 2, 3, 8]),
+             NodeStatus("a0b1c2d3e4f5", "web2.example.com", 7, worker=2,
+                        listening="[::1]:8080", connections=5, users_online=5,
+                        version="0.1.0"),
+             NodeStatus("c0ffee000001", "web3", 9, partitions=[4])]  # not described yet
+    assert status_table(ClusterStatus(nodes, 12, [5, 6, 7, 9, 10, 11], 1104)) == [
+        "NODE          HOST                PID  WORKER  LISTENING      SOCKETS  USERS  "
+        "PARTITIONS  VERSION",
+        "3f9c0e2a7b14  web1              41327  -       10.0.0.1:8080     1200   1100  "
+        "0-3,8       0.1.0",
+        "a0b1c2d3e4f5  web2.example.com      7  2       [::1]:8080           5      5  "
+        "-           0.1.0",
+        "c0ffee000001  web3                  9  -       -                    -      -  "
+        "4           -",
+        "3 nodes live: 1205 sockets, 1104 users online; 12 storer partitions, 6 held by a "
+        "live node.",
+        "Warning: no live node holds storer partition(s) 5-7,9-11: a plain PUBLISH to their "
+        "users with no socket is stored by nobody until a node takes them (live nodes look for "
+        "vacant ones every second).",
+    ]
+    one = NodeStatus("3f9c0e2a7b14", "web1", 41327, listening="127.0.0.1:8080", connections=1,
+                     users_online=1, version="0.1.0", partitions=[0])
+    assert status_table(ClusterStatus([one], 1, [], 1))[-1] == (
+        "1 node live: 1 socket, 1 user online; 1 storer partition, each held by a live node.")
 
 
 @pytest.fixture(autouse=True)

@@ -132,8 +132,11 @@ def test_operations_health_and_metrics(tmp_path: Path, private_redis) -> None:
         [shown_body] = shown[blank + 1 :]
         real = json.loads(body)
         assert real.pop("version") == __version__
+        node = real.pop("node")
+        assert re.fullmatch("[0-9a-f]{12}", node)
         documented = json.loads(shown_body)
         assert isinstance(documented.pop("version"), str)
+        assert re.fullmatch("[0-9a-f]{12}", documented.pop("node"))
         assert real == documented
 
         # The metrics shown, after two sockets of one user got three messages;
@@ -191,6 +194,7 @@ def test_operations_health_and_metrics(tmp_path: Path, private_redis) -> None:
         real = json.loads(run_shell(command))
         documented = json.loads(shown_body)
         assert isinstance(real.pop("version"), str) and isinstance(documented.pop("version"), str)
+        assert real.pop("node") == node and re.fullmatch("[0-9a-f]{12}", documented.pop("node"))
         assert real == documented
         private_redis.start()
         wait_for(

@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from redmessenger import __version__
 
 from chromium import WAIT_MS
 from deployed import (
@@ -448,14 +451,14 @@ def test_readme_python_program_prints_messages_until_ctrl_c(tmp_path: Path, redi
 
 class OutputShape:
     """The redmessenger command's output against a transcript's, where
-    message ids, times, generated keys and the version vary: each shown
-    value stands for one real value, the same wherever it is."""
+    message ids, times and generated keys vary: each shown value stands for
+    one real value, the same wherever it is. A table's columns are as wide
+    as their widest cell, so a run of two or more spaces stands for any."""
 
     VARYING = {
         "id": MESSAGE_ID,
         "time": r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00",
         "key": r"(?<![\w-])[\w-]{43}(?![\w-])",
-        "version": r"(?<=^version:      )\d+\.\d+\S*",
     }
     TOKENS = re.compile("|".join(f"(?P<{name}>{regex})" for name, regex in VARYING.items()))
 
@@ -465,16 +468,21 @@ class OutputShape:
     def match(self, shown: str, real: str) -> bool:
         parts, tokens, end = [], [], 0
         for token in self.TOKENS.finditer(shown):
-            parts += [re.escape(shown[end : token.start()]), f"({self.VARYING[token.lastgroup]})"]
+            parts += [self._literal(shown[end : token.start()]),
+                      f"({self.VARYING[token.lastgroup]})"]
             tokens.append(token.group())
             end = token.end()
-        found = re.fullmatch("".join(parts) + re.escape(shown[end:]), real)
+        found = re.fullmatch("".join(parts) + self._literal(shown[end:]), real)
         if not found:
             return False
         for token, value in zip(tokens, found.groups(), strict=True):
             if self.seen.setdefault(token, value) != value:
                 return False
         return len(set(self.seen.values())) == len(self.seen)
+
+    @staticmethod
+    def _literal(text: str) -> str:
+        return " {2,}".join(re.escape(part) for part in re.split(" {2,}", text))
 
 
 @claims("readme-cli")
@@ -506,7 +514,13 @@ def test_readme_redmessenger_command_transcript(tmp_path: Path, redis) -> None:
     shape = OutputShape()
     with twistd_run(args, tmp_path, "cli", port) as twistd:
         twistd.wait_subscribed()
-        for command, shown in transcript(substitute(sample("readme-cli"), {"8080": str(port)})):
+        # What status shows of the node, which it says in Redis every second.
+        [node] = redis.command("SMEMBERS", "rm:cluster:nodes", decode=True)
+        wait_for(lambda: redis.command("EXISTS", f"rm:cluster:nodes:{node}:info"),
+                 "the node to describe itself")
+        real_values = {"8080": str(port), "3f9c0e2a7b14": node, "web1": socket.gethostname(),
+                       "41327": str(twistd.pid), "0.1.0": __version__}
+        for command, shown in transcript(substitute(sample("readme-cli"), real_values)):
             argv = shlex.split(command)
             assert argv[0] == ".venv/bin/redmessenger", argv
             before = lengths()

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import socket
 
 import pytest
 import websockets
 
+from redmessenger import __version__
 from redmessenger.admission import asks_for_websocket
 
 from harness import RECV_TIMEOUT, aiotest, eventually, get, http_url, metric, start_service
@@ -22,10 +25,8 @@ async def test_health_says_ok_while_redis_is_connected_and_subscribed(messenger)
     await rm.user("user1")
     status, headers, body = await get(http_url(rm, "/health"))
     assert status == 200 and headers["content-type"] == "application/json"
-    from redmessenger import __version__
-
     # "handshaking": this request's own connection, not a WebSocket.
-    assert json.loads(body) == {"status": "ok",
+    assert json.loads(body) == {"status": "ok", "node": rm.service.owner,
                                 "redis": {"connected": True, "subscribed": True,
                                           "writable": True, "refusal": None},
                                 "connections": 1, "handshaking": 1, "users_online": 1,
@@ -72,6 +73,13 @@ async def test_metrics_count_what_happened(messenger):
     assert 'redmessenger_sockets_closed_total{code="4000"} 1.0' in text
     assert metric(text, "redmessenger_delivery_latency_seconds_count") == 1
     assert metric(text, "redmessenger_redis_connected") == 1
+    # Which node answers; a lone node stores for every partition.
+    [labels] = re.findall(r"^redmessenger_node_info\{(.*)\} 1\.0$", text, re.MULTILINE)
+    assert dict(re.findall(r'(\w+)="([^"]*)"', labels)) == {
+        "node": rm.service.owner, "host": socket.gethostname(), "pid": str(os.getpid()),
+        "version": __version__}
+    assert metric(text, "redmessenger_storer_partitions_held") == 1
+    assert metric(text, "redmessenger_storer_partitions") == 1
 
 
 @aiotest
