@@ -138,7 +138,7 @@ class Membership:
                      "--partitions {wanted} is ignored", count=count,
                      wanted=self._wanted_partitions)
         self.view.partitions = count
-        self._renewing.start(LEASE_EVERY, now=False)
+        self._renewing.start(LEASE_EVERY, now=True)  # and it says what it is at once
         self._first = await self._vacant(count)
         for k in self._first:
             self._subscriber.psubscribe(self._ns.partition_patterns(k, count))
