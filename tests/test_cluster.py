@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import threading
 import time
 from contextlib import ExitStack
@@ -337,3 +338,36 @@ def test_a_node_that_starts_takes_its_share_of_the_storing_with_nothing_lost(
             assert cluster.queue(uid) == published
         holders = {redis.command("GET", f"rm:cluster:storers:{k}") for k in (0, 1)}
         assert len(holders) == 2  # one partition each
+
+
+def test_a_node_cut_off_by_silence_is_taken_over_and_fenced_when_it_comes_back(
+        tmp_path, redis) -> None:
+    """A node that goes silent (SIGSTOP: its connections stay open, nothing
+    moves, as in a network partition) counts as dead once its lease
+    expires: the other node takes its storing over. When it wakes, what it
+    had heard and not yet stored is refused (its lease is gone), so nothing
+    is stored twice, and it stops rather than act on a role it lost."""
+    with Cluster(tmp_path, redis) as cluster:
+        first, second = cluster.start(2)
+        for i in range(50):
+            cluster.publish("rm.users.offline", str(i))
+        wait_for(lambda: len(cluster.queue("offline")) == 50, "the first node's stores")
+        first.twistd.process.send_signal(signal.SIGSTOP)
+        try:
+            # Heard by the silent node too (its socket reads nothing, but
+            # Redis queues it), and by nobody else until the takeover.
+            for i in range(50, 60):
+                cluster.publish("rm.users.offline", str(i))
+            wait_for(lambda: "Storing for the offline users of partition 0" in second.log(),
+                     "the second node to take the storing over", 10)
+            for i in range(60, 100):
+                cluster.publish("rm.users.offline", str(i))
+        finally:
+            first.twistd.process.send_signal(signal.SIGCONT)
+        assert first.twistd.process.wait(timeout=20) == 1
+        assert "lease expired" in first.log()
+        wait_for(lambda: len(cluster.queue("offline")) >= 90, "the second node's stores")
+        stored = cluster.queue("offline")
+        assert len(stored) == len(set(stored)), "a message stored twice"
+        assert stored[:50] == [str(i) for i in range(50)]
+        assert stored[-40:] == [str(i) for i in range(60, 100)]
