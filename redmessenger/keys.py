@@ -94,8 +94,7 @@ class Namespace:
         that makes the keys of the uids it reads (a group's members). Cut
         from ``queue()`` itself (at the last ``*``: none follows the uid),
         so the layout is written once."""
-        head, _, tail = self.queue("*").rpartition("*")
-        return head, tail
+        return _affixes(self.queue("*"))
 
     def token(self, uid: str) -> str:
         return f"{self.prefix}:users:{uid}:key"
@@ -105,8 +104,7 @@ class Namespace:
 
     @property
     def members_affixes(self) -> tuple[str, str]:
-        head, _, tail = self.members("*").rpartition("*")
-        return head, tail
+        return _affixes(self.members("*"))
 
     def inbox_mark(self, uid: str) -> str:
         """The id of the last inbox entry stored for the user: an entry read
@@ -115,8 +113,7 @@ class Namespace:
 
     @property
     def inbox_mark_affixes(self) -> tuple[str, str]:
-        head, _, tail = self.inbox_mark("*").rpartition("*")
-        return head, tail
+        return _affixes(self.inbox_mark("*"))
 
     @property
     def delivery_affixes(self) -> tuple[str, ...]:
@@ -158,13 +155,11 @@ class Namespace:
     @property
     def presence_affixes(self) -> tuple[str, str]:
         """What comes before and after a uid in its presence key."""
-        head, _, tail = self.presence("*").rpartition("*")
-        return head, tail
+        return _affixes(self.presence("*"))
 
     @property
     def presence_channel_affixes(self) -> tuple[str, str]:
-        head, _, tail = self.presence_channel("*").rpartition("*")
-        return head, tail
+        return _affixes(self.presence_channel("*"))
 
     @property
     def present(self) -> str:
@@ -237,3 +232,10 @@ class Namespace:
     def _escape(text: str) -> str:
         """Glob-escape the prefix so ``PSUBSCRIBE`` matches it literally."""
         return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _affixes(key: str) -> tuple[str, str]:
+    """What comes before and after the ``*`` a key was made with: a script
+    given them makes the key of any id, and the layout is written once."""
+    head, _, tail = key.rpartition("*")
+    return head, tail

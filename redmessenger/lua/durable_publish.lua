@@ -10,19 +10,11 @@
 -- Every queue's type is checked before the first is written: a group
 -- message is stored for all of its members or for none (a retry after a
 -- half-done store would give the first members a second copy, new id).
-local uids = {}
-if ARGV[4] == 'users' then
-  uids[1] = ARGV[9]
-else
-  local members, err = members(KEYS[1])
+local uids = {ARGV[9]}
+if ARGV[4] ~= 'users' then
+  local err
+  uids, err = each_member_once(KEYS[1])
   if err then return redis.error_reply(err) end
-  local seen = {}
-  for _, uid in ipairs(members) do
-    if not seen[uid] then
-      seen[uid] = true
-      uids[#uids + 1] = uid
-    end
-  end
 end
 local queues = {}
 for i, uid in ipairs(uids) do

@@ -29,20 +29,13 @@ for i = 14, #ARGV, 4 do
   if kind == 'users' then
     uids[1] = target
   elseif kind == 'groups' then
-    local found, err = members(ARGV[12] .. target .. ARGV[13])
+    local found, err = each_member_once(ARGV[12] .. target .. ARGV[13])
     if err then
       failed[#failed + 1] = (i - 10) / 4
       failed[#failed + 1] = ''
       failed[#failed + 1] = err
-      found = {}
     end
-    local seen = {}
-    for _, uid in ipairs(found) do
-      if not seen[uid] then
-        seen[uid] = true
-        uids[#uids + 1] = uid
-      end
-    end
+    uids = found or {}
   end
   for _, uid in ipairs(uids) do
     local mark = ARGV[10] .. uid .. ARGV[11]

@@ -7,3 +7,17 @@ local function members(key)
   if kind == 'none' then return {} end
   return nil, 'WRONGTYPE ' .. key .. ' is a ' .. kind .. ', not a list or a set'
 end
+
+-- each_member_once(key): members(key), each once, in the order first seen.
+local function each_member_once(key)
+  local found, err = members(key)
+  if err then return nil, err end
+  local uids, seen = {}, {}
+  for _, uid in ipairs(found) do
+    if not seen[uid] then
+      seen[uid] = true
+      uids[#uids + 1] = uid
+    end
+  end
+  return uids
+end
