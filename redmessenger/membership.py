@@ -89,6 +89,8 @@ class Membership:
         self._subscribing: set[str] = set()
         #: Of those, the ones that left meanwhile: no join is sent for them.
         self._cancelled: set[str] = set()
+        #: The partitions found vacant at start, taken once subscribed.
+        self._first: list[int] = []
         #: Partitions being taken: fired when this node hears it has them.
         self._taking: dict[int, defer.Deferred] = {}
         #: Partitions offered by this node: fired when taken.
@@ -171,7 +173,8 @@ class Membership:
         self.stopping = True
         if self._ticking.running:
             self._ticking.stop()
-        if self.view.held and await self._live_nodes() > 1:
+        others = self.view.held and await self._live_nodes() > 1
+        if others:
             offers = [self._offered.get(k) or await self._offer(k)
                       for k in sorted(self.view.held)]
             try:
@@ -179,10 +182,11 @@ class Membership:
             except defer.TimeoutError:
                 pass
         for k in sorted(self.view.held):
-            log.warn("No other node took storer partition {k}: nobody stores for its "
-                     "offline users until one starts", k=k)
+            if others:
+                log.warn("No other node took storer partition {k}: nobody stores for its "
+                         "offline users until one does", k=k)
             await self._redis.eval(RESIGN, [self._ns.storer(k), self._offer_key(k)],
-                             [self.owner, k, self._ns.cluster_channel])
+                                   [self.owner, k, self._ns.cluster_channel])
             self.view.resigned(k)
         await self._store.flushed()
         if self._renewing.running:
