@@ -99,24 +99,52 @@ def resp_client() -> Callable[[int], RespClient]:
     return RespClient
 
 
+#: The modules of the end-to-end guarantees (docs/guarantees.rst): each of
+#: their tests of a running service (``messenger``) runs twice, with the
+#: service alone and as a node beside another that stores for offline users,
+#: so that they hold in a cluster too. A test of what the storing node does
+#: itself (``@pytest.mark.alone``) runs alone only.
+IN_A_CLUSTER_TOO = {"test_delivery_e2e", "test_protocol_e2e", "test_outages",
+                    "test_backpressure", "test_inbox", "test_inbox_errors", "test_publish",
+                    "test_crash", "test_dead_letters", "test_redis_errors_e2e",
+                    "test_hostile_input", "test_limits", "test_security", "test_redis_oom"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "messenger" not in metafunc.fixturenames:
+        return
+    if metafunc.module.__name__ in IN_A_CLUSTER_TOO and \
+            metafunc.definition.get_closest_marker("alone") is None:
+        metafunc.parametrize("messenger", ["alone", "beside a storer"], indirect=True)
+
+
 @pytest.fixture
-def messenger(redis: RedisServerProcess) -> Iterator[Callable[..., Any]]:
+def messenger(request: pytest.FixtureRequest,
+              redis: RedisServerProcess) -> Iterator[Callable[..., Any]]:
     """Starts RedMessengerServices in the test's reactor against ``redis``:
     ``rm = await messenger(**settings)`` (see tests/harness.py); all are
-    stopped after the test."""
+    stopped after the test. Parametrized indirectly with ``"beside a
+    storer"``, each is a node of a cluster whose first node, started before
+    it with the same settings, stores for every offline user: the node a
+    test talks to then follows its users on their own channels, and waits
+    for the storer's fence to drain them (docs/scaling.rst)."""
     from harness import run, start_service
 
     started = []
+    beside_a_storer = getattr(request, "param", "alone") == "beside a storer"
 
     async def start(**settings):
+        if beside_a_storer:
+            started.append(await start_service(redis, **settings))
         service = await start_service(redis, **settings)
+        service.beside_a_storer = beside_a_storer
         started.append(service)
         return service
 
     try:
         yield start
     finally:
-        for service in started:
+        for service in reversed(started):
             run(service.stop())
 
 

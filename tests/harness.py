@@ -82,6 +82,9 @@ class RunningService:
     def __init__(self, service, redis) -> None:
         self.service = service
         self.redis = redis
+        #: A second node, beside one that stores for offline users (see the
+        #: ``messenger`` fixture).
+        self.beside_a_storer = False
         port = service.port.getHost().port
         scheme = "wss" if service.settings.port.startswith("ssl:") else "ws"
         self.url = f"{scheme}://127.0.0.1:{port}/"

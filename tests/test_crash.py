@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from deployed import START_TIMEOUT, TwistdProcess, client, hello, recv_json, wait_for
 from harness import aiotest, eventually
 from network import HOST, pick_free_port
@@ -77,6 +79,7 @@ async def test_a_users_next_connect_takes_back_a_dead_claim_first(redis, messeng
     assert redis.command("EXISTS", claim, "rm:users:user1:claims") == 0
 
 
+@pytest.mark.alone
 @aiotest
 async def test_a_live_process_claims_are_left_alone(redis, messenger):
     rm = await messenger()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from commandline import cli_async, ok, queue
 from harness import aiotest, eventually, get, http_url, metric, start_service, tw
 
@@ -19,6 +21,7 @@ def payload(letter: dict) -> str:
     return json.loads(letter["envelope"])["payload"]
 
 
+@pytest.mark.alone
 @aiotest
 async def test_an_inbox_message_for_a_queue_of_another_type_is_dead_lettered_then_acked(
         messenger, redis, logged):

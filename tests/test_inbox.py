@@ -3,6 +3,8 @@ down or dying between reading and acknowledging them."""
 
 from __future__ import annotations
 
+import pytest
+
 from harness import aiotest, eventually, tw
 from redisservers import kill_connection
 
@@ -123,6 +125,7 @@ async def test_entries_are_acknowledged_only_once_their_messages_are_in_redis(re
     assert in_redis() == 15
 
 
+@pytest.mark.alone
 @aiotest
 async def test_entries_a_lost_read_left_pending_come_first_once_the_reader_is_back(redis,
                                                                                   messenger):

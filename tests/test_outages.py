@@ -135,6 +135,7 @@ async def test_a_store_made_while_redis_is_down_lands_once_it_is_back(private_re
         await rm.stop()
 
 
+@pytest.mark.alone
 @aiotest
 async def test_stores_cut_off_mid_flight_are_sent_again_in_order(redis, messenger):
     """The command connection is killed again and again while 2,000 messages
@@ -219,6 +220,7 @@ async def test_stop_gives_unacked_and_undrained_messages_back_in_order(messenger
     assert rm.queue("user1") == originals[10:]
 
 
+@pytest.mark.alone
 @aiotest
 async def test_stop_flushes_stores_of_messages_that_just_arrived(messenger):
     rm = await messenger()
