@@ -41,6 +41,21 @@ def members_key(gid: str) -> str:
     return f"{PREFIX}:groups:{gid}:members"
 
 
+def partitions_key() -> str:
+    """How many storer partitions the cluster has (docs/scaling.rst)."""
+    return f"{PREFIX}:cluster:partitions"
+
+
+def storer_key(partition: int) -> str:
+    """The id of the node that stores for a partition's offline users."""
+    return f"{PREFIX}:cluster:storers:{partition}"
+
+
+def lease_key(node: str) -> str:
+    """A node's lease, whose value ends with the node's pid."""
+    return f"{PREFIX}:procs:{node}"
+
+
 def envelope(message_id: str, source: str, timestamp: int, data: bytes) -> bytes:
     """A stored message exactly as RedMessenger writes one (docs/protocol.rst)."""
     return json.dumps({"id": message_id, "source": source, "timestamp": timestamp,
