@@ -83,6 +83,7 @@ def product_mismatches() -> list[str]:
     bench's templates (the raw baseline would then send other frames than
     RedMessenger does, and filled queues would not be its envelopes)."""
     from redmessenger.envelope import Envelope, MessageIds
+    from redmessenger.keys import Namespace
 
     boot, counter, timestamp = b"0123456789abcdef", 0x2A, 1795707550496
     source = user_channel("bench-u-0").encode()
@@ -96,6 +97,11 @@ def product_mismatches() -> list[str]:
     if envelope.stored() != stored:
         found.append("RedMessenger's stored envelope differs from bench.wire.ENVELOPE: "
                      "update ENVELOPE so that drain fills queues with real envelopes")
+    ns = Namespace(PREFIX)
+    if (ns.partitions, ns.storer(0), ns.process("n")) != (
+            partitions_key(), storer_key(0), lease_key("n")):
+        found.append("RedMessenger's cluster keys differ from bench.wire's: update them, "
+                     "or the cluster scenarios cannot tell which node stores")
     back = Envelope.from_stored(stored, source.decode(), MessageIds(), 0)
     if back.id != envelope.id or back.payload != data:
         found.append("RedMessenger does not read bench.wire.ENVELOPE as an envelope")
