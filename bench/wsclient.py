@@ -269,7 +269,9 @@ class Client:
         self.jitter = 0.0
         self.to_reconnect = 0
         self.rewelcomed = 0
-        self.reconnect_failures: list[str] = []
+        #: Failed reconnect attempts (each tried again), and a few of why.
+        self.retries = 0
+        self.reconnect_errors: list[str] = []
         self.t_first_drop = 0.0
         self.all_back: asyncio.Future | None = None
         self.reconnecting: set[asyncio.Task] = set()
@@ -303,14 +305,24 @@ class Client:
         return connection
 
     async def _reconnect(self, old: Connection, delay: float) -> None:
-        await asyncio.sleep(delay)
-        try:
-            await self._connect(old.uid, old.ack, self.failover_port)
-            self.rewelcomed += 1
-        except (OSError, ConnectionError) as e:
-            self.reconnect_failures.append(f"{old.uid}: {e}")
+        """Connect again after ``delay``; a failed attempt is tried again
+        after another random delay, as a client library would, until the
+        client closes."""
+        while True:
+            await asyncio.sleep(delay)
+            if self.closing:
+                return
+            try:
+                await self._connect(old.uid, old.ack, self.failover_port)
+                break
+            except (OSError, ConnectionError) as e:
+                self.retries += 1
+                if len(self.reconnect_errors) < 10:
+                    self.reconnect_errors.append(f"{old.uid}: {e}")
+                delay = random.uniform(0, self.jitter)
+        self.rewelcomed += 1
         if (self.all_back is not None and not self.all_back.done()
-                and self.rewelcomed + len(self.reconnect_failures) >= self.to_reconnect):
+                and self.rewelcomed >= self.to_reconnect):
             self.all_back.set_result(None)
 
     def received_some(self, count: int) -> None:
@@ -400,17 +412,17 @@ class Client:
         return {"event": "armed", "sockets": self.to_reconnect}
 
     async def reconnected(self, timeout: float) -> dict:
-        """Once every socket dropped since ``failover`` is welcomed again
-        (or could not be), or at the deadline."""
-        if self.rewelcomed + len(self.reconnect_failures) < self.to_reconnect:
+        """Once every socket dropped since ``failover`` is welcomed again,
+        or at the deadline."""
+        if self.rewelcomed < self.to_reconnect:
             self.all_back = asyncio.get_running_loop().create_future()
             try:
                 await asyncio.wait_for(self.all_back, timeout)
             except asyncio.TimeoutError:
                 pass
         return {"event": "reconnected", "sockets": self.to_reconnect,
-                "reconnected": self.rewelcomed, "failed": len(self.reconnect_failures),
-                "errors": self.reconnect_failures[:10], "t_first_drop": self.t_first_drop,
+                "reconnected": self.rewelcomed, "retries": self.retries,
+                "errors": self.reconnect_errors, "t_first_drop": self.t_first_drop,
                 "t_last_welcome": self.t_last_welcome}
 
     async def rejoin(self, uids: list[str], timeout: float) -> dict:
