@@ -770,13 +770,14 @@ def _failover(bench: Bench, name: str, storer_dies: bool) -> dict:
         snap0 = stage.begin(b.process)
         t_kill = time.monotonic()
         stage.stop(a.process, sig=signal.SIGKILL)
+        # The clients reconnect meanwhile.
+        wait_until(lambda: set(stage.storers().values()) == {b.process.name},
+                   f"{b.process.name} to store for every partition", START_TIMEOUT,
+                   b.process.alive, interval=0.05)
+        t_storer = time.monotonic()
         back = client.call({"cmd": "reconnected", "timeout": limit}, "reconnected", limit + 5)
         snap1 = stage.snapshot()
         stage.profile_stop()
-        wait_until(lambda: set(stage.storers().values()) == {b.process.name},
-                   f"{b.process.name} to store for every partition", START_TIMEOUT,
-                   b.process.alive)
-        t_storer = time.monotonic()
         # Each in-flight message must come again, once: the dead node's
         # claims come back once its lease has expired, at the user's next
         # take. Given the lease and a tick (or until all are back), and 2 s

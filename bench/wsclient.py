@@ -57,6 +57,10 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MESSAGE = b'{"type":"message"'
 PAYLOAD = b'"payload":"'
 TAG = b'"tag":'
+#: How long a reconnecting socket waits for its welcome before it tries
+#: again: past a dead node's lease (3 s) and a tick (1 s), so that a welcome
+#: held back until the storer is taken over still comes in time.
+WELCOME_TIMEOUT = 8.0
 
 
 def client_frame(data: bytes, opcode: int = 0x1) -> bytes:
@@ -301,21 +305,27 @@ class Client:
             lambda: Connection(self, uid, ack, port, acking), HOST, port)
         self.connections.append(connection)
         self.open_connections.add(connection)
-        await connection.welcomed
+        try:
+            await connection.welcomed
+        except asyncio.CancelledError:  # given up on: it must not linger
+            connection.leaving = True
+            connection.transport.abort()
+            raise
         return connection
 
     async def _reconnect(self, old: Connection, delay: float) -> None:
-        """Connect again after ``delay``; a failed attempt is tried again
-        after another random delay, as a client library would, until the
-        client closes."""
+        """Connect again after ``delay``; an attempt that fails, or is not
+        welcomed within ``WELCOME_TIMEOUT``, is tried again after another
+        random delay, as a client library would, until the client closes."""
         while True:
             await asyncio.sleep(delay)
             if self.closing:
                 return
             try:
-                await self._connect(old.uid, old.ack, self.failover_port)
+                await asyncio.wait_for(self._connect(old.uid, old.ack, self.failover_port),
+                                       WELCOME_TIMEOUT)
                 break
-            except (OSError, ConnectionError) as e:
+            except (OSError, ConnectionError, asyncio.TimeoutError) as e:
                 self.retries += 1
                 if len(self.reconnect_errors) < 10:
                     self.reconnect_errors.append(f"{old.uid}: {e}")
