@@ -52,16 +52,17 @@ def check_published(checks: list[str], published: dict) -> None:
 
 
 def check_rm_log(checks: list[str], stage: Stage) -> None:
-    path = stage.bench.logs / f"{stage.name}.redmessenger.log"
-    if not path.exists():
-        return
-    bad = [
-        line
-        for line in path.read_text(errors="replace").splitlines()
-        if "Traceback" in line or "#critical]" in line or "#error]" in line
-    ]
-    if bad:
-        checks.append(f"RedMessenger logged {len(bad)} errors, first: {bad[0][:200]}")
+    """No node of the stage logged an error or a traceback."""
+    for node in stage.nodes:
+        bad = [
+            line
+            for line in node.process.log().decode(errors="replace").splitlines()
+            if "Traceback" in line or "#critical]" in line or "#error]" in line
+        ]
+        if bad:
+            checks.append(
+                f"{node.process.name} logged {len(bad)} errors, first: {bad[0][:200]}"
+            )
 
 
 def queue_contents(redis: Redis, uids: list[str]) -> dict[str, list[int]]:
@@ -92,6 +93,8 @@ def leftovers(redis: Redis, uids: list[str]) -> int:
 
 
 def measure(snap0: dict, snap1: dict, seconds: float, subject: str) -> dict:
+    """CPU, utilisation and run-queue wait of every process over the
+    interval; those of ``subject`` (``node-a+node-b``: summed) apart."""
     cpu = {
         name: round(snap1["cpu"][name] - value, 3)
         for name, value in snap0["cpu"].items()
@@ -103,18 +106,27 @@ def measure(snap0: dict, snap1: dict, seconds: float, subject: str) -> dict:
         for name, value in snap0["waited"].items()
         if name in snap1["waited"]
     }
+    names = subject.split("+")
+    subject_cpu = sum(cpu[name] for name in names) if all(n in cpu for n in names) else None
+    subject_waited = (
+        sum(waited[name] for name in names) if all(n in waited for n in names) else None
+    )
     return {
         "cpu": cpu,
         "util": busy,
         "runqueue_wait": waited,
         "subject": subject,
-        "subject_cpu": cpu.get(subject),
-        "subject_util": busy.get(subject),
+        "subject_cpu": subject_cpu,
+        "subject_util": (
+            round(subject_cpu / seconds, 3) if subject_cpu is not None and seconds > 0 else None
+        ),
         # The share of the interval the measured process was runnable
         # but another process had its CPU: a busy machine, not a slow
         # program.
         "subject_stolen": (
-            round(waited[subject] / seconds, 3) if subject in waited and seconds > 0 else None
+            round(subject_waited / seconds, 3)
+            if subject_waited is not None and seconds > 0
+            else None
         ),
     }
 

@@ -121,6 +121,8 @@ class Process:
         self.log_path = log_path
         self._buffer = b""
         with open(log_path, "ab") as log:
+            # Where this process's output begins (a reused --out appends).
+            self._log_start = log.tell()
             # A session of its own: Ctrl-C reaches the coordinator only,
             # which then stops everything in order.
             self.popen = subprocess.Popen(
@@ -146,6 +148,12 @@ class Process:
 
     def memory(self) -> dict[str, int]:
         return memory(self.pid)
+
+    def log(self) -> bytes:
+        """What this process has written to its log so far."""
+        with open(self.log_path, "rb") as f:
+            f.seek(self._log_start)
+            return f.read()
 
     # -- JSON lines -------------------------------------------------------
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from array import array
 from collections import Counter
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -171,7 +172,48 @@ def evaluate(results: dict) -> list[dict]:
         add("drain-ack", "ack-mode time / plain time (drain)",
             f"{rate:,.0f} vs {plain:,.0f} msg/s", plain / rate, "(no target)", None,
             f"{plain / rate:.2f}x")
+    cluster_targets(results, add)
     return targets
+
+
+def cluster_targets(results: dict, add: Callable[..., None]) -> None:
+    """The cluster's costs, as CPU per message against one node delivering
+    (live-100 of the same run), and what a failover takes and loses."""
+    single = _good(results, "live-100")
+    us = single and single["subject_us_per_item"]
+    found = _good(results, "cluster-live")
+    if found and us:
+        ratio = found["subject_us_per_item"] / us
+        add("cluster-live", "both nodes' CPU per message / one node's (live-100)",
+            f"{found['subject_us_per_item']:.1f} vs {us:.1f} µs/msg", ratio, "<= 1.25x",
+            ratio <= 1.25, f"{ratio:.2f}x")
+    found = _good(results, "cluster-foreign")
+    if found and us:
+        ratio = found["subject_us_per_item"] / us
+        add("cluster-foreign", "idle node's CPU per message published / live-100's",
+            f"{found['subject_us_per_item']:.2f} vs {us:.1f} µs/msg", ratio, "<= 10 %",
+            ratio <= 0.10, f"{ratio * 100:.1f} %")
+    found = _good(results, "cluster-storer")
+    if found and us:
+        ratio = us / found["subject_us_per_item"]
+        add("cluster-storer", "storer's capacity / one node's delivery capacity",
+            f"{1e6 / found['subject_us_per_item']:,.0f} vs {1e6 / us:,.0f} msg/s per CPU",
+            ratio, ">= 2x", ratio >= 2, f"{ratio:.2f}x")
+    for name in ("failover", "failover-user-node"):
+        found = _good(results, name)
+        if not found:
+            continue
+        add(name, "ack-mode messages in flight at the kill, lost",
+            f"{found['lost']:,} of {found['in_flight']:,}", found["lost"], "0",
+            found["lost"] == 0)
+        late = found["in_flight"] - found["came_connected"]
+        add(name, "of them, not back without another connect",
+            f"{late:,} of {found['in_flight']:,}", late, "0", late == 0)
+        if found["storer_after"] is not None:
+            add(name, "kill -9 to the other node storing", f"{found['storer_after']:.2f} s",
+                found["storer_after"], "<= 5 s", found["storer_after"] <= 5)
+        add(name, f"kill -9 to all {found['sent']:,} sockets welcomed again",
+            f"{found['seconds']:.2f} s", found["seconds"], "(no target)", None)
 
 
 # --------------------------------------------------------------------------
@@ -186,8 +228,9 @@ def _n(value, digits: int = 0) -> str:
 
 
 def _busiest_other(found: dict) -> str:
+    subject = (found.get("subject") or "").split("+")
     util = {name: value for name, value in (found.get("util") or {}).items()
-            if name != found.get("subject") and value is not None}
+            if name not in subject and value is not None}
     if not util:
         return "-"
     name = max(util, key=util.get)
@@ -258,6 +301,27 @@ def table(document: dict) -> str:
         if found and not found.get("error"):
             details.append(f"{name}: RSS {found['rss_before'] / MiB:.1f} MiB before, peak "
                            f"{found['rss_peak'] / MiB:.1f} MiB (+{found['rss_growth'] / MiB:.1f})")
+    for found in results.values():
+        if found.get("nodes") and not found.get("error"):
+            details.append(f"{found['name']}: " + ", ".join(
+                f"{name}{' (storer)' if node['storer'] else ''}"
+                f"{' with users' if node['serving'] else ' without users'} "
+                f"{node['us_per_message']:.2f} µs/msg" for name, node in found["nodes"].items()))
+    for name in ("failover", "failover-user-node"):
+        found = results.get(name)
+        if found and not found.get("error"):
+            details.append(
+                f"{name}: {found['sent']:,} sockets ({found['ack_users']:,} in ack mode with "
+                f"{found['in_flight']:,} messages in flight) reconnecting with 0-"
+                f"{found['jitter']:g} s jitter: all welcomed {found['seconds']:.2f} s after "
+                "the kill; "
+                + (f"the other node storing after {found['storer_after']:.2f} s; "
+                   if found["storer_after"] is not None else "")
+                + f"{found['came_connected']:,} in-flight messages came again "
+                + (f"(the last {found['came_after']:.2f} s after the kill)"
+                   if found["came_after"] is not None else "before the deadline")
+                + f", {found['came_on_next_connect']:,} only on the user's next connect, "
+                f"{found['lost']:,} lost")
     found = results.get("connections")
     if found and not found.get("error") and found.get("rss_per_connection") is not None:
         details.append(f"connections: RSS {found['rss_before'] / MiB:.1f} -> "

@@ -42,7 +42,7 @@ class Bench:
     def run(self, names: list[str], say: Callable[[str], None] = print) -> dict[str, dict]:
         if self.load_cpus:
             os.sched_setaffinity(0, self.load_cpus)
-        raise_fd_limit(self.sizes.connections + 1000)
+        raise_fd_limit(max(self.sizes.connections, self.sizes.failover_sockets) + 1000)
         try:
             self._run(names, say)
         finally:

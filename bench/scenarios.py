@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from array import array
 from collections.abc import Callable
@@ -51,6 +52,12 @@ class Sizes:
     latency_seconds: float = 10.0
     latency_users: int = 100
     connections: int = 10_000
+    failover_sockets: int = 10_000
+    #: Of the failover sockets, ack-mode ones with messages in flight.
+    failover_ack_users: int = 100
+    failover_in_flight: int = 100
+    #: Seconds over which failed-over clients spread their reconnects.
+    failover_jitter: float = 1.0
     payload_size: int = wire.PAYLOAD_SIZE
     #: Handshakes a client keeps in flight (Twisted listens with a backlog of 50).
     concurrency: int = 50
@@ -68,6 +75,8 @@ class Sizes:
             drain=s(self.drain),
             drain_big=s(self.drain_big),
             connections=s(self.connections),
+            failover_sockets=s(self.failover_sockets),
+            failover_ack_users=min(s(self.failover_ack_users), s(self.failover_sockets)),
             latency_seconds=max(0.5, self.latency_seconds * factor),
         )
 
@@ -90,6 +99,10 @@ SMOKE = Sizes(
     latency_seconds=1.0,
     latency_users=10,
     connections=200,
+    failover_sockets=200,
+    failover_ack_users=5,
+    failover_in_flight=20,
+    failover_jitter=0.2,
 )
 
 
@@ -209,20 +222,40 @@ def raw_send(users: int) -> Callable[[Bench], dict]:
     return run
 
 
-def live(users: int, ack: bool = False) -> Callable[[Bench], dict]:
+@dataclass(frozen=True)
+class Layout:
+    """The nodes of a live scenario: how many (the first one started stores
+    for every partition), which serve the users (spread over them
+    round-robin) and which are measured (their CPU summed)."""
+
+    nodes: int = 1
+    serving: tuple[int, ...] = (0,)
+    measured: tuple[int, ...] = (0,)
+
+
+ONE_NODE = Layout()
+
+
+def live(users: int, ack: bool = False, name: str = "", layout: Layout = ONE_NODE
+         ) -> Callable[[Bench], dict]:
     def run(bench: Bench) -> dict:
         n = bench.sizes.live
         users_now = bench.sizes.live_users if users != 1 else 1
-        name = f"live-{users}" + ("-ack" if ack else "")
+        title = name or f"live-{users}" + ("-ack" if ack else "")
         uids = uids_of("u", users_now)
-        with Stage(bench, name) as stage:
+        with Stage(bench, title) as stage:
             redis = stage.start_redis()
-            rm = stage.start_rm()
+            if layout.nodes == 1:
+                stage.start_rm()
+                nodes = stage.nodes
+            else:
+                nodes = stage.start_nodes(layout.nodes)
+            measured = [nodes[i].process for i in layout.measured]
             client = stage.start_worker("wsclient")
             opened = client.call(
                 {
                     "cmd": "open",
-                    "port": stage.rm_port,
+                    "port": [nodes[i].port for i in layout.serving],
                     "uids": uids,
                     "ack": ack,
                     "concurrency": bench.sizes.concurrency,
@@ -243,7 +276,7 @@ def live(users: int, ack: bool = False) -> Callable[[Bench], dict]:
                     "timeout": deadline(n),
                 }
             )
-            snap0 = stage.begin(rm)
+            snap0 = stage.begin(*measured)
             publisher.send({"cmd": "go"})
             published = publisher.receive("published", deadline(n) + 5)
             waited = client.call(
@@ -258,7 +291,8 @@ def live(users: int, ack: bool = False) -> Callable[[Bench], dict]:
             expected = dict(zip(uids, spread(n, users_now), strict=True))
             received = check_clients(checks, waited, expected)
             client.call({"cmd": "close"}, "closed", 15)
-            stage.stop_rm()
+            for node in reversed(nodes):
+                stage.stop(node.process)
             left = leftovers(redis, uids)
             if left:
                 checks.append(
@@ -266,8 +300,8 @@ def live(users: int, ack: bool = False) -> Callable[[Bench], dict]:
                     "though every one was delivered" + (" and acked" if ack else "")
                 )
             check_rm_log(checks, stage)
-            return result(
-                name,
+            found = result(
+                title,
                 sent=n,
                 received=received,
                 checks=checks,
@@ -276,10 +310,22 @@ def live(users: int, ack: bool = False) -> Callable[[Bench], dict]:
                 unit="msg/s",
                 snap0=snap0,
                 snap1=snap1,
+                subject="+".join(process.name for process in measured),
                 users=users_now,
                 ack=ack,
                 publish_rate=n / (published["t_sent"] - published["t_start"]),
             )
+            if layout.nodes > 1:
+                found["nodes"] = {
+                    node.process.name: {
+                        "storer": index == 0,
+                        "serving": index in layout.serving,
+                        "measured": index in layout.measured,
+                        "us_per_message": found["cpu"][node.process.name] / n * 1e6,
+                    }
+                    for index, node in enumerate(nodes)
+                }
+            return found
 
     return run
 
@@ -658,6 +704,142 @@ def connections(bench: Bench) -> dict:
         return found
 
 
+def failover(name: str, storer_dies: bool) -> Callable[[Bench], dict]:
+    """Idle sockets on one node, some in ack mode with messages in flight;
+    it is killed (``kill -9``): the storer, or the other node, and the
+    clients reconnect to the one left."""
+    return lambda bench: _failover(bench, name, storer_dies)
+
+
+def _failover(bench: Bench, name: str, storer_dies: bool) -> dict:
+    from redmessenger.membership import LEASE_TTL, TICK_EVERY
+
+    sizes = bench.sizes
+    n = sizes.failover_sockets
+    acking = uids_of("a", sizes.failover_ack_users)
+    idle = uids_of("f", n - len(acking))
+    in_flight = sizes.failover_in_flight * len(acking)
+    limit = deadline(n, least_rate=100)
+    with Stage(bench, name) as stage:
+        redis = stage.start_redis()
+        storer, other = stage.start_nodes(2)
+        a, b = (storer, other) if storer_dies else (other, storer)
+        client = stage.start_worker("wsclient")
+        for uids, ack in ((idle, False), (acking, True)):
+            opened = client.call(
+                {
+                    "cmd": "open",
+                    "port": a.port,
+                    "uids": uids,
+                    "ack": ack,
+                    "withhold": True,
+                    "concurrency": sizes.concurrency,
+                    "timeout": limit,
+                },
+                "opened",
+                limit + 5,
+            )
+            if opened["welcomed"] != len(uids):
+                raise BenchError(
+                    f"only {opened['welcomed']} of {len(uids)} connected: {opened['errors']}"
+                )
+        # Messages the ack-mode sockets got and did not acknowledge: node-a
+        # holds them in its claims when it dies.
+        publisher = stage.start_publisher(
+            {
+                "port": stage.redis_port,
+                "n": in_flight,
+                "targets": [wire.user_channel(uid) for uid in acking],
+                "payload_size": sizes.payload_size,
+                "timeout": deadline(in_flight),
+            }
+        )
+        publisher.send({"cmd": "go"})
+        published = publisher.receive("published", deadline(in_flight) + 5)
+        before = client.call(
+            {"cmd": "wait", "total": in_flight, "timeout": deadline(in_flight)},
+            "waited",
+            deadline(in_flight) + 5,
+        )
+        checks: list[str] = []
+        check_published(checks, published)
+        expected = dict(zip(acking, spread(in_flight, len(acking)), strict=True))
+        check_clients(checks, before, expected)
+        client.call({"cmd": "failover", "port": b.port, "jitter": sizes.failover_jitter},
+                    "armed", 5)
+        snap0 = stage.begin(b.process)
+        t_kill = time.monotonic()
+        stage.stop(a.process, sig=signal.SIGKILL)
+        # The clients reconnect meanwhile.
+        wait_until(lambda: set(stage.storers().values()) == {b.process.name},
+                   f"{b.process.name} to store for every partition", START_TIMEOUT,
+                   b.process.alive, interval=0.05)
+        t_storer = time.monotonic()
+        back = client.call({"cmd": "reconnected", "timeout": limit}, "reconnected", limit + 5)
+        snap1 = stage.snapshot()
+        stage.profile_stop()
+        # Each in-flight message must come again, once: the dead node's
+        # claims come back once its lease has expired, at the user's next
+        # take. Given the lease and a tick (or until all are back), and 2 s
+        # more to come; else those users connect once more (their next
+        # connect).
+        now = time.monotonic()
+        window = max(t_kill + LEASE_TTL + TICK_EVERY, now) + 2.0 - now
+        after = client.call(
+            {"cmd": "wait", "total": 2 * in_flight, "timeout": max(window, 0.0),
+             "settle": bench.settle},
+            "waited",
+            max(window, 0.0) + 5,
+        )
+        came = sum(after["per_user"].get(uid, (0, 0))[0] for uid in acking) - in_flight
+        came_after = after["t_target"] - t_kill if after["reached"] else None
+        if not after["reached"]:
+            rejoined = client.call({"cmd": "rejoin", "uids": acking, "timeout": START_TIMEOUT},
+                                   "rejoined", START_TIMEOUT + 5)
+            if not rejoined["ok"]:
+                checks.append(f"the ack-mode users could not connect again: {rejoined['error']}")
+            after = client.call(
+                {"cmd": "wait", "total": 2 * in_flight, "timeout": START_TIMEOUT,
+                 "settle": bench.settle},
+                "waited",
+                START_TIMEOUT + 5,
+            )
+        again = sum(after["per_user"].get(uid, (0, 0))[0] for uid in acking) - in_flight
+        check_clients(checks, after, {uid: (2 * count, 2 * seqsum)
+                                      for uid, (count, seqsum) in expected.items()})
+        if back["reconnected"] < n:
+            checks.append(f"{n - back['reconnected']} sockets did not reconnect in time "
+                          f"({back['retries']} failed attempts: {back['errors'][:3]})")
+        client.call({"cmd": "close"}, "closed", 30)
+        stage.stop(b.process)
+        left = leftovers(redis, acking)
+        if left:
+            checks.append(f"{left} messages left in Redis though every one was acked")
+        check_rm_log(checks, stage)
+        return result(
+            name,
+            sent=n,
+            received=back["reconnected"],
+            checks=checks,
+            seconds=back["t_last_welcome"] - t_kill,
+            count=back["reconnected"],
+            unit="reconn/s",
+            snap0=snap0,
+            snap1=snap1,
+            subject=b.process.name,
+            jitter=sizes.failover_jitter,
+            retries=back["retries"],
+            in_flight=in_flight,
+            ack_users=len(acking),
+            came_connected=came,
+            came_after=came_after,
+            came_on_next_connect=again - came,
+            lost=max(0, in_flight - again),
+            storer_dies=storer_dies,
+            storer_after=t_storer - t_kill if storer_dies else None,
+        )
+
+
 SCENARIOS = [
     Scenario(
         "raw-recv",
@@ -690,6 +872,27 @@ SCENARIOS = [
         "100 online users, direct messages round-robin",
         live(100),
         ("raw-recv", "raw-send-100"),
+    ),
+    Scenario(
+        "cluster-live",
+        "scenario",
+        "live-100 on 2 nodes, the users split between them: both nodes' CPU",
+        live(100, name="cluster-live", layout=Layout(2, serving=(0, 1), measured=(0, 1))),
+        ("live-100",),
+    ),
+    Scenario(
+        "cluster-foreign",
+        "scenario",
+        "live-100 on node-a (the storer): the CPU of node-b, which has no users",
+        live(100, name="cluster-foreign", layout=Layout(2, serving=(0,), measured=(1,))),
+        ("live-100",),
+    ),
+    Scenario(
+        "cluster-storer",
+        "scenario",
+        "live-100 on node-b: the CPU of node-a, the storer, which has no users",
+        live(100, name="cluster-storer", layout=Layout(2, serving=(1,), measured=(0,))),
+        ("live-100",),
     ),
     Scenario(
         "live-1-ack",
@@ -730,6 +933,18 @@ SCENARIOS = [
         "scenario",
         "idle identified WebSocket connections: memory and connects+hellos per second",
         connections,
+    ),
+    Scenario(
+        "failover",
+        "scenario",
+        "idle sockets on the storer, killed with kill -9, reconnecting to the other node",
+        failover("failover", storer_dies=True),
+    ),
+    Scenario(
+        "failover-user-node",
+        "scenario",
+        "failover of a node that does not store: the storer stays",
+        failover("failover-user-node", storer_dies=False),
     ),
 ]
 

@@ -8,10 +8,12 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .proc import HOST, Process, accepting, free_port, wait_until
+from . import wire
+from .proc import HOST, BenchError, Process, accepting, free_port, wait_until
 from .resp import Redis
 
 if TYPE_CHECKING:
@@ -20,6 +22,16 @@ if TYPE_CHECKING:
 #: How long a process gets to start, and to stop after SIGTERM.
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
+#: What a node logs once it is subscribed (redmessenger/subscriber.py).
+READY = b"Subscribed to "
+
+
+@dataclass(frozen=True)
+class Node:
+    """A RedMessenger process of the stage and the port it listens on."""
+
+    process: Process
+    port: int
 
 
 class Stage:
@@ -36,9 +48,12 @@ class Stage:
         self.work = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=bench.work))
         self.redis_port = 0
         self.redis: Redis | None = None
+        #: Every RedMessenger started, stopped or not (their logs are checked).
+        self.nodes: list[Node] = []
         self.rm: Process | None = None
         self.rm_port = 0
-        self.profiler: Process | None = None
+        #: py-spy, with the file its summary goes to, per measured process.
+        self.profilers: list[tuple[Process, Path]] = []
 
     def __enter__(self) -> Stage:
         return self
@@ -80,11 +95,12 @@ class Stage:
         self.processes.append(process)
         return process
 
-    def stop(self, process: Process) -> int | None:
+    def stop(self, process: Process, sig: int = signal.SIGTERM) -> int | None:
+        """Stop one process now (``SIGKILL`` kills a node as a crash would)."""
         if process not in self.processes:
             return process.popen.returncode
         self.processes.remove(process)
-        return process.stop(STOP_TIMEOUT)
+        return process.stop(STOP_TIMEOUT, sig=sig)
 
     # -- the processes --------------------------------------------------------
 
@@ -115,14 +131,18 @@ class Stage:
         self.redis.command("PING")
         return self.redis
 
-    def start_rm(self, *extra: str) -> Process:
-        self.rm_port = free_port()
+    def start_node(self, name: str, *extra: str) -> Node:
+        """One more RedMessenger on the stage's Redis, on a port of its own,
+        once it is ready: listening, subscribed, and storing for the
+        partitions it took (so nothing published after this is missed).
+        Every node gets the measured CPUs: the load keeps off them."""
+        port = free_port()
         argv = [
             str(self.bench.twistd),
             "-n",
             "redmessenger",
             "--port",
-            f"tcp:{self.rm_port}:interface={HOST}",
+            f"tcp:{port}:interface={HOST}",
             "--redis",
             f"redis://{HOST}:{self.redis_port}",
             "--auth",
@@ -130,22 +150,54 @@ class Stage:
             *self.bench.rm_args,
             *extra,
         ]
-        self.rm = self._spawn("redmessenger", argv, subject=True)
+        # A folder of its own: twistd keeps its twistd.pid in it.
+        cwd = self.work / name
+        cwd.mkdir()
+        node = Node(self._spawn(name, argv, subject=True, cwd=cwd), port)
+        self.nodes.append(node)
+        alive = node.process.alive
+        wait_until(lambda: accepting(port), f"{name} to listen", START_TIMEOUT, alive)
+        # Logged once the subscriber is subscribed and the partitions the
+        # node found vacant are its own.
         wait_until(
-            lambda: accepting(self.rm_port), "RedMessenger to listen", START_TIMEOUT, self.rm.alive
+            lambda: READY in node.process.log(), f"{name} to subscribe", START_TIMEOUT, alive
         )
-        wait_until(
-            lambda: self.redis.command("PUBSUB", "NUMPAT") >= 2,
-            "RedMessenger to PSUBSCRIBE",
-            START_TIMEOUT,
-            self.rm.alive,
-        )
+        return node
+
+    def start_nodes(self, count: int) -> list[Node]:
+        """``count`` nodes (``node-a``, ``node-b``...) on the stage's Redis,
+        started one after the other, so that the first, alone then, holds
+        every storer partition: checked, since which node stores is what
+        the cluster scenarios compare."""
+        nodes = [self.start_node(f"node-{chr(ord('a') + i)}") for i in range(count)]
+        storers = self.storers()
+        if set(storers.values()) != {nodes[0].process.name}:
+            raise BenchError(f"{nodes[0].process.name} should store for every partition, "
+                             f"but the storers are {storers}")
+        return nodes
+
+    def start_rm(self, *extra: str) -> Process:
+        """The one RedMessenger of a single-node scenario."""
+        node = self.start_node("redmessenger", *extra)
+        self.rm, self.rm_port = node.process, node.port
         return self.rm
 
     def stop_rm(self) -> None:
         """Stop RedMessenger now (it gives back to Redis what it holds)."""
         if self.rm is not None:
             self.stop(self.rm)
+
+    def storers(self) -> dict[int, str | None]:
+        """Which node (by name) stores for each partition's offline users,
+        from Redis: the holder's lease names its pid."""
+        pids = {node.process.pid: node.process.name for node in self.nodes}
+        count = int(self.redis.command("GET", wire.partitions_key()) or 1)
+        found = {}
+        for k in range(count):
+            owner = self.redis.command("GET", wire.storer_key(k))
+            lease = owner and self.redis.command("GET", wire.lease_key(owner.decode()))
+            found[k] = pids.get(int(lease.split()[-1])) if lease else None
+        return found
 
     def start_worker(self, module: str, *, subject: bool = False) -> Process:
         return self._spawn(
@@ -172,17 +224,25 @@ class Stage:
 
     # -- profiling ----------------------------------------------------------
 
-    def begin(self, subject: Process) -> dict:
-        """Start measuring ``subject``: its profiler (with --profile), then
-        the first snapshot."""
-        self.profile_start(subject)
+    def begin(self, *subjects: Process) -> dict:
+        """Start measuring the ``subjects``: their profilers (with
+        --profile), then the first snapshot."""
+        for process in subjects:
+            self.profile_start(process, several=len(subjects) > 1)
         return self.snapshot()
 
-    def profile_start(self, process: Process) -> None:
+    def _profile_path(self, process: Process, several: bool) -> Path:
+        """profile-<scenario>.txt, or profile-<scenario>.<node>.txt when a
+        scenario measures several nodes."""
+        return self.bench.out / (
+            f"profile-{self.name}.{process.name}.txt" if several else f"profile-{self.name}.txt"
+        )
+
+    def profile_start(self, process: Process, several: bool = False) -> None:
         if not self.bench.profile:
             return
-        path = self.bench.out / f"profile-{self.name}.txt"
-        self.profiler = Process(
+        path = self._profile_path(process, several)
+        profiler = Process(
             "py-spy",
             [
                 self.bench.pyspy,
@@ -200,15 +260,15 @@ class Stage:
             ],
             log_path=self.bench.logs / f"{self.name}.py-spy.log",
         )
+        self.profilers.append((profiler, path))
         time.sleep(0.5)  # py-spy attaches
 
     def profile_stop(self) -> None:
-        if self.profiler is None:
-            return
-        profiler, self.profiler = self.profiler, None
-        profiler.stop(STOP_TIMEOUT, sig=signal.SIGINT)
-        raw = self.bench.out / f"profile-{self.name}.txt.raw"
-        if raw.exists():
-            from .report import summarize_profile
+        from .report import summarize_profile
 
-            (self.bench.out / f"profile-{self.name}.txt").write_text(summarize_profile(raw))
+        profilers, self.profilers = self.profilers, []
+        for profiler, path in profilers:
+            profiler.stop(STOP_TIMEOUT, sig=signal.SIGINT)
+            raw = Path(str(path) + ".raw")
+            if raw.exists():
+                path.write_text(summarize_profile(raw))

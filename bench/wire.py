@@ -41,6 +41,21 @@ def members_key(gid: str) -> str:
     return f"{PREFIX}:groups:{gid}:members"
 
 
+def partitions_key() -> str:
+    """How many storer partitions the cluster has (docs/scaling.rst)."""
+    return f"{PREFIX}:cluster:partitions"
+
+
+def storer_key(partition: int) -> str:
+    """The id of the node that stores for a partition's offline users."""
+    return f"{PREFIX}:cluster:storers:{partition}"
+
+
+def lease_key(node: str) -> str:
+    """A node's lease, whose value ends with the node's pid."""
+    return f"{PREFIX}:procs:{node}"
+
+
 def envelope(message_id: str, source: str, timestamp: int, data: bytes) -> bytes:
     """A stored message exactly as RedMessenger writes one (docs/protocol.rst)."""
     return json.dumps({"id": message_id, "source": source, "timestamp": timestamp,
@@ -68,6 +83,7 @@ def product_mismatches() -> list[str]:
     bench's templates (the raw baseline would then send other frames than
     RedMessenger does, and filled queues would not be its envelopes)."""
     from redmessenger.envelope import Envelope, MessageIds
+    from redmessenger.keys import Namespace
 
     boot, counter, timestamp = b"0123456789abcdef", 0x2A, 1795707550496
     source = user_channel("bench-u-0").encode()
@@ -81,6 +97,11 @@ def product_mismatches() -> list[str]:
     if envelope.stored() != stored:
         found.append("RedMessenger's stored envelope differs from bench.wire.ENVELOPE: "
                      "update ENVELOPE so that drain fills queues with real envelopes")
+    ns = Namespace(PREFIX)
+    if (ns.partitions, ns.storer(0), ns.process("n")) != (
+            partitions_key(), storer_key(0), lease_key("n")):
+        found.append("RedMessenger's cluster keys differ from bench.wire's: update them, "
+                     "or the cluster scenarios cannot tell which node stores")
     back = Envelope.from_stored(stored, source.decode(), MessageIds(), 0)
     if back.id != envelope.id or back.payload != data:
         found.append("RedMessenger does not read bench.wire.ENVELOPE as an envelope")

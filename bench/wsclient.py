@@ -14,10 +14,24 @@ larger than the one before on the same socket is an order error.
 Commands (JSON lines on stdin) and their answers (on stdout)::
 
     {"cmd": "open", "port": P, "uids": [...], "ack": false, "concurrency": 50,
-     "latency": false, "timeout": 60}            -> {"event": "opened", ...}
+     "latency": false, "timeout": 60, "withhold": false}
+                                                 -> {"event": "opened", ...}
     {"cmd": "wait", "total": N, "timeout": 60, "settle": 0.2}
                                                  -> {"event": "waited", ...}
+    {"cmd": "failover", "port": P, "jitter": 1.0}
+                                                 -> {"event": "armed", ...}
+    {"cmd": "reconnected", "timeout": 60}        -> {"event": "reconnected", ...}
+    {"cmd": "rejoin", "uids": [...], "timeout": 30}
+                                                 -> {"event": "rejoined", ...}
     {"cmd": "close"}                             -> {"event": "closed"}
+
+``port`` may be a list: the users are spread over the ports, round-robin
+(nodes of one cluster). ``withhold`` keeps ack-mode sockets from acking,
+so what they got stays in flight. After ``failover``, a socket the server
+drops connects again to ``port`` after a random delay of up to ``jitter``
+seconds, says hello as before (and acks from then on), and counts for its
+user; ``reconnected`` waits until every socket is welcomed again. ``rejoin``
+closes users' sockets and connects them again there: their next connect.
 
 End of stdin closes everything and exits.
 """
@@ -29,6 +43,7 @@ import base64
 import hashlib
 import json
 import os
+import random
 import resource
 import socket
 import sys
@@ -42,6 +57,10 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MESSAGE = b'{"type":"message"'
 PAYLOAD = b'"payload":"'
 TAG = b'"tag":'
+#: How long a reconnecting socket waits for its welcome before it tries
+#: again: past a dead node's lease (3 s) and a tick (1 s), so that a welcome
+#: held back until the storer is taken over still comes in time.
+WELCOME_TIMEOUT = 8.0
 
 
 def client_frame(data: bytes, opcode: int = 0x1) -> bytes:
@@ -63,10 +82,14 @@ def client_frame(data: bytes, opcode: int = 0x1) -> bytes:
 class Connection(asyncio.Protocol):
     """One WebSocket: handshake, hello, welcome, then message frames."""
 
-    def __init__(self, client: Client, uid: str, ack: bool) -> None:
+    def __init__(self, client: Client, uid: str, ack: bool, port: int,
+                 acking: bool = True) -> None:
         self.client = client
         self.uid = uid
         self.ack = ack
+        #: Whether it acks what it gets (an ack-mode socket may withhold).
+        self.acking = ack and acking
+        self.port = port
         self.transport = None
         self.upgraded = False
         self.key = base64.b64encode(os.urandom(16))
@@ -79,6 +102,8 @@ class Connection(asyncio.Protocol):
         self.seqsum = 0
         self.t_hello = 0.0
         self.close_code: int | None = None
+        #: Closed by the client itself, to connect again (``rejoin``).
+        self.leaving = False
 
     # -- asyncio ------------------------------------------------------------
 
@@ -87,15 +112,15 @@ class Connection(asyncio.Protocol):
         transport.write(b"GET / HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
                         b"Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
                         b"Sec-WebSocket-Version: 13\r\n\r\n"
-                        % (HOST.encode(), self.client.port, self.key))
+                        % (HOST.encode(), self.port, self.key))
 
     def connection_lost(self, exc) -> None:
         self.client.open_connections.discard(self)
         if not self.welcomed.done():
             self.welcomed.set_exception(ConnectionError(
                 f"{self.uid}: connection lost before the welcome ({exc})"))
-        elif not self.client.closing:
-            self.client.lost += 1
+        elif not self.client.closing and not self.leaving:
+            self.client.dropped(self)
 
     def data_received(self, data: bytes) -> None:
         if self.buffer:
@@ -172,7 +197,7 @@ class Connection(asyncio.Protocol):
                 seqsum += seq
                 if latencies is not None:
                     latencies.append(now_ns - int(data[j + 1:data.find(b":", j + 1, end)]))
-                if self.ack:
+                if self.acking:
                     t = data.rfind(TAG, start, end)
                     tag = int(data[t + 6:end - 1])
             else:
@@ -227,7 +252,6 @@ class Connection(asyncio.Protocol):
 
 class Client:
     def __init__(self) -> None:
-        self.port = 0
         self.connections: list[Connection] = []
         self.open_connections: set[Connection] = set()
         self.latencies: array | None = None
@@ -243,6 +267,18 @@ class Client:
         self.target = 0
         self.t_target = 0.0
         self.reached: asyncio.Future | None = None
+        #: After ``failover``: where dropped sockets go, how many must come
+        #: back, and how it goes.
+        self.failover_port = 0
+        self.jitter = 0.0
+        self.to_reconnect = 0
+        self.rewelcomed = 0
+        #: Failed reconnect attempts (each tried again), and a few of why.
+        self.retries = 0
+        self.reconnect_errors: list[str] = []
+        self.t_first_drop = 0.0
+        self.all_back: asyncio.Future | None = None
+        self.reconnecting: set[asyncio.Task] = set()
 
     # -- events from connections --------------------------------------------
 
@@ -250,6 +286,54 @@ class Client:
         self.t_last_welcome = time.monotonic()
         if not connection.welcomed.done():
             connection.welcomed.set_result(None)
+
+    def dropped(self, connection: Connection) -> None:
+        """The server dropped a welcomed socket: lost, or after ``failover``
+        connected again elsewhere after a random delay."""
+        if not self.failover_port:
+            self.lost += 1
+            return
+        self.t_first_drop = self.t_first_drop or time.monotonic()
+        task = asyncio.get_running_loop().create_task(
+            self._reconnect(connection, random.uniform(0, self.jitter)))
+        self.reconnecting.add(task)
+        task.add_done_callback(self.reconnecting.discard)
+
+    async def _connect(self, uid: str, ack: bool, port: int, acking: bool = True) -> Connection:
+        """A socket of the user, once welcomed (OSError or ConnectionError if not)."""
+        _, connection = await asyncio.get_running_loop().create_connection(
+            lambda: Connection(self, uid, ack, port, acking), HOST, port)
+        self.connections.append(connection)
+        self.open_connections.add(connection)
+        try:
+            await connection.welcomed
+        except asyncio.CancelledError:  # given up on: it must not linger
+            connection.leaving = True
+            connection.transport.abort()
+            raise
+        return connection
+
+    async def _reconnect(self, old: Connection, delay: float) -> None:
+        """Connect again after ``delay``; an attempt that fails, or is not
+        welcomed within ``WELCOME_TIMEOUT``, is tried again after another
+        random delay, as a client library would, until the client closes."""
+        while True:
+            await asyncio.sleep(delay)
+            if self.closing:
+                return
+            try:
+                await asyncio.wait_for(self._connect(old.uid, old.ack, self.failover_port),
+                                       WELCOME_TIMEOUT)
+                break
+            except (OSError, ConnectionError, asyncio.TimeoutError) as e:
+                self.retries += 1
+                if len(self.reconnect_errors) < 10:
+                    self.reconnect_errors.append(f"{old.uid}: {e}")
+                delay = random.uniform(0, self.jitter)
+        self.rewelcomed += 1
+        if (self.all_back is not None and not self.all_back.done()
+                and self.rewelcomed >= self.to_reconnect):
+            self.all_back.set_result(None)
 
     def received_some(self, count: int) -> None:
         now = time.monotonic()
@@ -264,32 +348,31 @@ class Client:
 
     # -- commands -------------------------------------------------------------
 
-    async def open(self, port: int, uids: list[str], ack: bool = False, concurrency: int = 50,
-                   latency: bool = False, timeout: float = 60.0) -> dict:
-        self.port = port
+    async def open(self, port: int | list[int], uids: list[str], ack: bool = False,
+                   concurrency: int = 50, latency: bool = False, timeout: float = 60.0,
+                   withhold: bool = False) -> dict:
+        ports = port if isinstance(port, list) else [port]
         if latency:
             self.latencies = array("q")
-        loop = asyncio.get_running_loop()
         gate = asyncio.Semaphore(concurrency)
         failures: list[str] = []
+        #: This call's sockets (the client may hold others already).
+        opened: list[Connection] = []
 
-        async def one(uid: str) -> None:
+        async def one(uid: str, port: int) -> None:
             async with gate:
                 try:
-                    _, connection = await loop.create_connection(
-                        lambda: Connection(self, uid, ack), HOST, port)
-                    self.connections.append(connection)
-                    self.open_connections.add(connection)
-                    await connection.welcomed
+                    opened.append(await self._connect(uid, ack, port, not withhold))
                 except (OSError, ConnectionError) as e:
                     failures.append(f"{uid}: {e}")
 
         t_first = time.monotonic()
         try:
-            await asyncio.wait_for(asyncio.gather(*(one(uid) for uid in uids)), timeout)
+            await asyncio.wait_for(asyncio.gather(
+                *(one(uid, ports[i % len(ports)]) for i, uid in enumerate(uids))), timeout)
         except asyncio.TimeoutError:
             failures.append(f"timed out after {timeout:g} s opening connections")
-        welcomed = [c for c in self.connections if c.welcome is not None]
+        welcomed = opened
         return {"event": "opened", "welcomed": len(welcomed), "failed": len(failures),
                 "errors": failures[:10], "t_first": t_first,
                 "t_last": self.t_last_welcome, "t_first_hello": min(
@@ -298,9 +381,10 @@ class Client:
 
     async def wait(self, total: int, timeout: float, settle: float = 0.0,
                    latency_file: str | None = None) -> dict:
-        self.target = total
+        # A later wait (for more) has a target and a time of its own.
+        self.target, self.t_target = total, 0.0
         if self.received >= total:
-            self.t_target = self.t_target or self.t_last_message
+            self.t_target = self.t_last_message
         else:
             self.reached = asyncio.get_running_loop().create_future()
             try:
@@ -318,9 +402,53 @@ class Client:
                 "t_last_message": self.t_last_message, "order_errors": self.order_errors,
                 "other_frames": self.other_frames, "lost": self.lost,
                 "errors": self.errors[:10],
-                "per_user": {c.uid: [c.count, c.seqsum] for c in self.connections},
+                "per_user": self.per_user(),
                 "latencies": len(self.latencies) if self.latencies is not None else None,
                 "cpu": usage.ru_utime + usage.ru_stime}
+
+    def per_user(self) -> dict[str, list[int]]:
+        """Each user's count and sum of sequence numbers, over its sockets."""
+        found: dict[str, list[int]] = {}
+        for c in self.connections:
+            counted = found.setdefault(c.uid, [0, 0])
+            counted[0] += c.count
+            counted[1] += c.seqsum
+        return found
+
+    async def failover(self, port: int, jitter: float) -> dict:
+        """From now on, a socket the server drops connects again to ``port``."""
+        self.failover_port, self.jitter = port, jitter
+        self.to_reconnect = len(self.open_connections)
+        return {"event": "armed", "sockets": self.to_reconnect}
+
+    async def reconnected(self, timeout: float) -> dict:
+        """Once every socket dropped since ``failover`` is welcomed again,
+        or at the deadline."""
+        if self.rewelcomed < self.to_reconnect:
+            self.all_back = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self.all_back, timeout)
+            except asyncio.TimeoutError:
+                pass
+        return {"event": "reconnected", "sockets": self.to_reconnect,
+                "reconnected": self.rewelcomed, "retries": self.retries,
+                "errors": self.reconnect_errors, "t_first_drop": self.t_first_drop,
+                "t_last_welcome": self.t_last_welcome}
+
+    async def rejoin(self, uids: list[str], timeout: float) -> dict:
+        """These users' next connect: their sockets close, and they connect
+        again (to the ``failover`` port) and say hello."""
+        wanted = set(uids)
+        for connection in [c for c in self.open_connections if c.uid in wanted]:
+            connection.leaving = True
+            connection.transport.close()
+        ack = {c.uid: c.ack for c in self.connections}
+        try:
+            await asyncio.wait_for(asyncio.gather(
+                *(self._connect(uid, ack[uid], self.failover_port) for uid in uids)), timeout)
+        except (OSError, ConnectionError, asyncio.TimeoutError) as e:
+            return {"event": "rejoined", "ok": False, "error": repr(e)}
+        return {"event": "rejoined", "ok": True}
 
     async def close(self) -> dict:
         self.closing = True
