@@ -152,6 +152,11 @@ class Namespace:
         (``<owner>:<n>``) scored by join order."""
         return f"{self.prefix}:presence:{uid}"
 
+    def leaving(self, uid: str) -> str:
+        """The user's sockets that left, while their nodes may still store
+        what they heard for it before (lua/leave.lua, lua/gone.lua)."""
+        return f"{self.prefix}:leaving:{uid}"
+
     @property
     def presence_affixes(self) -> tuple[str, str]:
         """What comes before and after a uid in its presence key."""

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 
 from . import lua
 from .keys import Namespace
-from .presence import ClusterView, partition_of
+from .presence import LEAVING_TIMEOUT, ClusterView, partition_of
 from .redisconnection import RedisConnection, RedisUnavailable, Script, txredisapi
 from .store import RedisStore
 from .subscriber import Subscriber
@@ -48,6 +48,7 @@ HANDOVER_TIMEOUT = 3.0
 
 JOIN = Script(lua.source("join", "live"))
 LEAVE = Script(lua.source("leave"))
+GONE = Script(lua.source("gone"))
 ACQUIRE = Script(lua.source("acquire", "live"))
 OFFER = Script(lua.source("offer"))
 RESIGN = Script(lua.source("resign"))
@@ -56,7 +57,7 @@ REAP = Script(lua.source("reap"))
 #: refuses (out of memory), or the lease would expire meanwhile.
 RENEW = Script(lua.source("renew"))
 
-SCRIPTS = (JOIN, LEAVE, ACQUIRE, OFFER, RESIGN, REAP)
+SCRIPTS = (JOIN, LEAVE, GONE, ACQUIRE, OFFER, RESIGN, REAP)
 
 
 class JoinFailed(Exception):
@@ -66,11 +67,13 @@ class JoinFailed(Exception):
 class Membership:
     """The ``Presence`` the dispatcher joins and leaves sockets through."""
 
-    def __init__(self, redis: RedisConnection, store: RedisStore, subscriber: Subscriber,
+    def __init__(self, redis: RedisConnection, lease_redis: RedisConnection,
+                 store: RedisStore, subscriber: Subscriber,
                  view: ClusterView, namespace: Namespace, whereabouts: str, reactor, *,
                  max_sockets: int, partitions: int = 1,
                  lost: Callable[[], object] = lambda: None) -> None:
         self._redis = redis
+        self._lease_redis = lease_redis
         self._store = store
         self._subscriber = subscriber
         self.view = view
@@ -100,15 +103,20 @@ class Membership:
         self._held_sockets: dict[str, str] = {}
         self._renewing = LoopingCall(self._renew)
         self._renewing.clock = reactor
-        self._ticking = LoopingCall(self._tick)
+        self._ticking = LoopingCall(self._tick_once)
         self._ticking.clock = reactor
+        #: The tick under way, waited for by a stop (its commands must be
+        #: answered before Redis is let go).
+        self._tick_in_flight: defer.Deferred | None = None
         self.stopping = False
         self.is_lost = False
         view.left = self._left
         view.acquired = self._acquired
         view.taken_from_us = self._taken_from_us
         view.fence = self._fence
-        store.fenced = self._lose
+        store.fenced = self.lease_checked
+        self._checking: defer.Deferred | None = None
+        self._waiting_checks: list[defer.Deferred] = []
         subscriber.prepare = self._prepare
         #: Called with a partition whose handover is over (the giver said
         #: so, or was waited for long enough): the router's.
@@ -173,6 +181,8 @@ class Membership:
         self.stopping = True
         if self._ticking.running:
             self._ticking.stop()
+        if self._tick_in_flight is not None and not self._tick_in_flight.called:
+            await self._tick_in_flight
         others = self.view.held and await self._live_nodes() > 1
         if others:
             offers = [self._offered.get(k) or await self._offer(k)
@@ -203,13 +213,15 @@ class Membership:
     def join(self, uid: str, socket: str) -> defer.Deferred:
         """Record the socket's presence; fires once the user's drain may
         begin on this node."""
+        self._reactor.callLater(LEAVING_TIMEOUT, self.view.give_up, socket)
         if self.view.holds(uid) and partition_of(uid, self.view.partitions) not in \
                 self._offered:
             # Its stores and takes go on one connection, in the order this
-            # node decided them: nothing to wait for.
+            # node decided them: only other nodes' leaving sockets matter.
             self._held_sockets[socket] = uid
+            ready = self.view.joining(uid, socket, local=True)
             self._send_join(uid, socket).addErrback(self._join_failed, uid, socket)
-            return defer.succeed(None)
+            return ready
         ready = self.view.joining(uid, socket)
         self._following[socket] = uid
         self._subscribing.add(socket)
@@ -228,10 +240,12 @@ class Membership:
 
     def _send_join(self, uid: str, socket: str) -> defer.Deferred:
         ns = self._ns
-        return self._redis.eval(JOIN, [ns.presence(uid), ns.present, ns.node_users(self.owner),
-                                 ns.joins, self._lease_key],
-                          [socket, uid, ns.presence_channel(uid), self._max_sockets,
-                           ns.process_prefix])
+        d = self._redis.eval(JOIN, [ns.presence(uid), ns.present, ns.node_users(self.owner),
+                                    ns.joins, self._lease_key, ns.leaving(uid)],
+                             [socket, uid, ns.presence_channel(uid), self._max_sockets,
+                              ns.process_prefix])
+        return d.addCallback(lambda reply: self.view.recorded(
+            socket, [bytes(s).decode() for s in reply[1]]))
 
     def _join_failed(self, failure, uid: str, socket: str) -> None:
         log.error("Could not record socket {socket} of {uid}: {why}", socket=socket, uid=uid,
@@ -246,8 +260,11 @@ class Membership:
             self._cancelled.add(socket)
             return
         ns = self._ns
-        d = self._redis.eval(LEAVE, [ns.presence(uid), ns.present],
-                       [socket, uid, ns.presence_channel(uid)])
+        # After what the node stores for the user now: whoever hears the
+        # leave and drains the user finds it there.
+        d = self._store.eval_after_stores(LEAVE, [ns.presence(uid), ns.present,
+                                                  ns.leaving(uid)],
+                                          [socket, uid, ns.presence_channel(uid)])
         d.addCallback(self._left_or_gone, uid, socket)
         d.addErrback(lambda f: log.error("Could not record that socket {socket} of {uid} "
                                          "left: {why}", socket=socket, uid=uid,
@@ -259,8 +276,15 @@ class Membership:
             self._unfollow(socket)
 
     def _left(self, uid: str, socket: str) -> None:
-        """The stream says one of this node's sockets left."""
+        """The stream says one of this node's sockets left: what this node
+        heard for the user before that is decided, and once it is stored,
+        a node joining the user may drain it (lua/gone.lua)."""
         self._unfollow(socket)
+        ns = self._ns
+        self._store.eval_after_stores(GONE, [ns.leaving(uid)],
+                                      [socket, ns.presence_channel(uid)]).addErrback(
+            lambda f: log.warn("Could not say that socket {socket} of {uid} is gone: {why}",
+                               socket=socket, uid=uid, why=f.getErrorMessage()[:300]))
 
     def _unfollow(self, socket: str) -> None:
         uid = self._following.pop(socket, None)
@@ -413,6 +437,10 @@ class Membership:
     def _offer_key(self, partition: int) -> str:
         return self._ns.storer(partition) + ":offered"
 
+    def _tick_once(self) -> defer.Deferred:
+        d = self._tick_in_flight = defer.ensureDeferred(self._tick())
+        return d
+
     async def _tick(self) -> None:
         """Take partitions whose holder died (or is stopping), and reap
         dead nodes' sockets (the holder of partition 0 does)."""
@@ -442,13 +470,17 @@ class Membership:
     # -- the lease ----------------------------------------------------------
 
     def _renew(self) -> defer.Deferred:
+        """Fires with whether the lease is this node's (``None``: Redis could
+        not say)."""
         held = sorted(self.view.held)
         try:
             about = json.dumps({**self.describe(), "partitions": held})
         except Exception:  # the lease matters more than what it says
             log.failure("Could not describe this node")
             about = json.dumps({"partitions": held})
-        d = self._redis.execute_now(
+        # On a connection of its own: not behind the commands of a storm of
+        # connects, nor behind writes Redis refuses for now.
+        d = self._lease_redis.execute_now(
             b"EVAL", RENEW.source, 3, self._lease_key, self._ns.nodes,
             self._ns.node_info(self.owner), self.owner, int(LEASE_TTL * 1000),
             self._whereabouts.encode(), about.encode(), *(self._ns.storer(k) for k in held))
@@ -458,17 +490,36 @@ class Membership:
                                         why=f.getErrorMessage()[:300]))
         return d
 
-    def _renewed(self, kept: int) -> None:
+    def _renewed(self, kept: int) -> bool:
         if not kept:
             log.critical("This node's lease expired and what it held was taken over "
                          "(Redis was away, or the node stalled, for over {ttl} s)",
                          ttl=LEASE_TTL)
             self._lose()
+        return bool(kept)
+
+    def lease_checked(self) -> defer.Deferred:
+        """Redis refused a write because this node's lease had expired (the
+        node stalled: a storm of connects, say): renew it now, which takes
+        it back if nothing was taken meanwhile. Fires with whether the node
+        may go on (its refused writes may be sent again)."""
+        if self._checking is None:
+            self._checking = self._renew()
+            self._checking.addBoth(self._checked)
+        d: defer.Deferred = defer.Deferred()
+        self._waiting_checks.append(d)
+        return d
+
+    def _checked(self, kept) -> None:
+        self._checking = None
+        waiting, self._waiting_checks = self._waiting_checks, []
+        for d in waiting:
+            d.callback(kept is not False and not self.is_lost)
 
     def _fenced(self, failure) -> None:
         if failure.check(txredisapi().ResponseError) and \
                 str(failure.value).startswith("FENCED"):
-            self._lose()
+            self.lease_checked()
 
     def _lose(self) -> None:
         if not self.is_lost:

@@ -29,6 +29,12 @@ from twisted.logger import Logger
 
 log = Logger()
 
+#: How long a node waits for another that held a user's socket to say it
+#: stored what it heard for the user before the socket left (``G``): a dead
+#: node never will, and its lease (3 s) and a cluster tick (1 s) are over
+#: by then.
+LEAVING_TIMEOUT = 5.0
+
 
 def partition_of(uid: str, partitions: int) -> int:
     """A user's storer partition: the last byte of its id, modulo the
@@ -42,14 +48,28 @@ def owner_of(socket: str) -> str:
 
 
 class _Joining:
-    __slots__ = ("uid", "partition", "heard", "ready")
+    """A socket of this node whose user's drain may not begin yet."""
 
-    def __init__(self, uid: str, partition: int) -> None:
+    __slots__ = ("uid", "partition", "heard", "fenced", "leaving", "gone", "ready")
+
+    def __init__(self, uid: str, partition: int, local: bool) -> None:
         self.uid = uid
         self.partition = partition
         #: The join was heard: the node delivers to the user from there.
-        self.heard = False
+        #: (A socket of a partition stored here needs not be: see ``joining``.)
+        self.heard = local
+        #: The storer's stores from before the join are in Redis.
+        self.fenced = local
+        #: Sockets of the user on other nodes that had just left (known once
+        #: the join is recorded), and those of them whose node has since
+        #: stored what it heard for the user before (``G``).
+        self.leaving: set[str] | None = None
+        self.gone: set[str] = set()
         self.ready: defer.Deferred = defer.Deferred()
+
+    def settled(self) -> bool:
+        return self.heard and self.fenced and self.leaving is not None and \
+            self.leaving <= self.gone
 
 
 class ClusterView:
@@ -83,6 +103,15 @@ class ClusterView:
         #: Called with a user something was stored for, to be drained now
         #: (``durable_publish()``, the inbox), if it may have a socket here.
         self.woken: Callable[[str], None] = lambda uid: None
+        #: Users of partitions held here whose last socket, on another
+        #: node, left: this node stores for them once that node says it has
+        #: stored what it heard before (``G``).
+        self._awaiting_gone: dict[str, set[str]] = {}
+        #: Called with ``(uid, socket)`` when this node's stores for the
+        #: user begin to wait for the socket's node; ``unparking(uid)`` when
+        #: they no longer do (the router's).
+        self.parking: Callable[[str, str], None] = lambda uid, socket: None
+        self.unparking: Callable[[str], None] = lambda uid: None
         #: Called with a partition this node now decides for.
         self.acquired: Callable[[int], None] = lambda partition: None
         #: Called with a partition another node says it took from this one:
@@ -108,16 +137,39 @@ class ClusterView:
 
     # -- a socket of this node --------------------------------------------
 
-    def joining(self, uid: str, socket: str) -> defer.Deferred:
+    def joining(self, uid: str, socket: str, local: bool = False) -> defer.Deferred:
         """Fires once the user's drain may begin on this node: its join
-        heard, and the stores decided before it in Redis."""
-        state = self._joining[socket] = _Joining(uid, partition_of(uid, self.partitions))
+        heard, the stores decided before it in Redis (the storer's, and
+        those of nodes whose sockets of the user had just left). ``local``:
+        this node stores for the user, on the connection it takes on, in
+        the order it decided: only other nodes' leaving sockets matter."""
+        state = self._joining[socket] = _Joining(uid, partition_of(uid, self.partitions), local)
         return state.ready
+
+    def recorded(self, socket: str, leaving: list[str]) -> None:
+        """The join is in Redis: the sockets of the user that had just left
+        (this node's own need no waiting: it decides in order)."""
+        state = self._joining.get(socket)
+        if state is not None:
+            state.leaving = {s for s in leaving if owner_of(s) != self.owner}
+            self._may_settle(socket)
 
     def abandon(self, socket: str) -> None:
         """The socket is gone, maybe before its join completed: whoever
         waits for it goes on (and finds it gone)."""
         self._complete(socket)
+
+    def give_up(self, socket: str) -> None:
+        """Waiting for the socket's join has lasted long enough (a node it
+        waits for died meanwhile): its drain begins all the same."""
+        state = self._joining.get(socket)
+        if state is not None:
+            log.warn("Socket {socket} of {uid} waited too long for its join to complete "
+                     "(heard {heard}, fenced {fenced}, others' leaving sockets not done: "
+                     "{leaving}); draining it", socket=socket, uid=state.uid,
+                     heard=state.heard, fenced=state.fenced,
+                     leaving=sorted((state.leaving or set()) - state.gone))
+            self._complete(socket)
 
     def fail(self, socket: str, reason: Exception) -> None:
         """The socket's join could not be recorded."""
@@ -135,6 +187,11 @@ class ClusterView:
         if state is not None:
             state.ready.callback(None)
 
+    def _may_settle(self, socket: str) -> None:
+        state = self._joining.get(socket)
+        if state is not None and state.settled():
+            self._complete(socket)
+
     def _needs_fence(self, state: _Joining) -> bool:
         storer = self.storers.get(state.partition)
         return state.partition not in self.held and storer is not None
@@ -151,7 +208,18 @@ class ClusterView:
         elif kind == b"L":
             self._left(uid, rest.decode())
         elif kind == b"F":
-            self._complete(rest.decode())
+            socket = rest.decode()
+            state = self._joining.get(socket)
+            if state is not None:
+                state.fenced = True
+                self._may_settle(socket)
+        elif kind == b"G":
+            socket = rest.decode()
+            self.gone(uid, socket)
+            for waiting, state in list(self._joining.items()):
+                if state.uid == uid:
+                    state.gone.add(socket)
+                    self._may_settle(waiting)
         elif kind == b"W":
             if uid in self.mine or self.holds(uid):
                 self.woken(uid)
@@ -181,8 +249,8 @@ class ClusterView:
             state = self._joining.get(socket)
             if state is not None:
                 state.heard = True
-                if not self._needs_fence(state):
-                    self._complete(socket)
+                state.fenced = state.fenced or not self._needs_fence(state)
+                self._may_settle(socket)
         elif self.holds(uid):
             self.fence(uid, socket)
         self._may_outbid(uid, was)
@@ -198,7 +266,24 @@ class ClusterView:
         del others[socket]
         if not others:
             del self.others[uid]
+            if self.holds(uid) and uid not in self.mine:
+                # Absent from here on, so this node stores for the user;
+                # but the socket's node may still store what it heard
+                # before: this node's stores wait until it is done (G).
+                self._awaiting_gone.setdefault(uid, set()).add(socket)
+                self.parking(uid, socket)
         self._may_outbid(uid, was)
+
+    def gone(self, uid: str, socket: str) -> None:
+        """The socket's node has stored what it heard for the user before
+        the socket left (``G``), or it was waited for long enough."""
+        awaiting = self._awaiting_gone.get(uid)
+        if awaiting is None or socket not in awaiting:
+            return
+        awaiting.discard(socket)
+        if not awaiting:
+            del self._awaiting_gone[uid]
+            self.unparking(uid)
 
     def _drop_mine(self, uid: str, socket: str) -> None:
         mine = self.mine.get(uid)
@@ -279,4 +364,5 @@ class ClusterView:
         left nothing to wait for."""
         for socket, state in list(self._joining.items()):
             if state.partition == partition and state.heard:
-                self._complete(socket)
+                state.fenced = True
+                self._may_settle(socket)

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from .delivery import Dispatcher
 from .envelope import Envelope
 from .keys import Namespace
-from .presence import ClusterView
+from .presence import LEAVING_TIMEOUT, ClusterView
 
 log = Logger()
 
@@ -52,7 +52,10 @@ class Router:
 
     def __init__(self, dispatcher: Dispatcher, groups: Groups, namespace: Namespace, *,
                  view: ClusterView | None = None, trace: bool = False,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 call_later: Callable[..., object] | None = None) -> None:
+        """``call_later(seconds, f, *args)``: how long to wait for a node that
+        may never say it is done (it died)."""
         self._dispatcher = dispatcher
         #: Alone, a node stores for every user (partition 0 of 1).
         if view is None:
@@ -62,6 +65,15 @@ class Router:
         #: Partitions taken from a stopping node, waiting for its last
         #: stores: partition -> the pending entry that holds the stream.
         self._handovers: dict[int, _Pending] = {}
+        #: What waits, per user, for another node's last stores (see
+        #: ``ClusterView.parked``): envelopes to decide, and sockets to
+        #: fence, in the order heard.
+        self._parked: dict[str, list[Envelope | str]] = {}
+        self._call_later = call_later
+        self._fence_now = view.fence
+        view.fence = self._fence_in_order
+        view.parking = self._parking
+        view.unparking = self._unparking
         self._groups = groups
         self._ns = namespace
         self._trace = trace
@@ -122,6 +134,10 @@ class Router:
         ours = [uid for uid in uids
                 if (view.holds(uid) or uid in view.mine)
                 and not (uid in view.others and not self._dispatcher.has_sockets(uid))]
+        if self._parked:
+            for uid in [uid for uid in ours if uid in self._parked]:
+                self._parked[uid].append(envelope)
+                ours.remove(uid)
         if len(ours) < len(uids):
             self._stats.elsewhere += len(uids) - len(ours)
         if ours:
@@ -158,6 +174,26 @@ class Router:
         if handed:
             gate = self._handovers[partition] = _Pending(None, None, lambda: None)
             self._waiting.appendleft(gate)
+
+    def _parking(self, uid: str, socket: str) -> None:
+        self._parked.setdefault(uid, [])
+        if self._call_later is not None:
+            self._call_later(LEAVING_TIMEOUT, self._view.gone, uid, socket)
+
+    def _unparking(self, uid: str) -> None:
+        """In the order heard: a parked fence goes out after the stores of
+        the messages parked before it."""
+        for item in self._parked.pop(uid, ()):
+            if isinstance(item, str):
+                self._fence_now(uid, item)
+            else:
+                self._decide((uid,), item)
+
+    def _fence_in_order(self, uid: str, socket: str) -> None:
+        if uid in self._parked:
+            self._parked[uid].append(socket)
+        else:
+            self._fence_now(uid, socket)
 
     def handed_over(self, partition: int) -> None:
         """The node that handed the partition over is done (or gone)."""

@@ -92,7 +92,10 @@ class RedMessengerService(MultiService):
         view = ClusterView(self.owner, settings.partitions)
         self.subscriber = Subscriber(address, namespace, reactor, channels=(
             namespace.cluster_channel.encode(), namespace.node_channel(self.owner).encode()))
-        self.membership = Membership(self.redis, self.store, self.subscriber, view, namespace,
+        #: The node's lease is renewed on a connection of its own (membership).
+        self.lease_redis = RedisConnection(address, reactor, role="lease")
+        self.membership = Membership(self.redis, self.lease_redis, self.store,
+                                     self.subscriber, view, namespace,
                                      self.whereabouts, reactor,
                                      max_sockets=settings.max_sockets_per_user,
                                      partitions=settings.partitions, lost=self._lost)
@@ -104,7 +107,7 @@ class RedMessengerService(MultiService):
         view.outbid = self.dispatcher.outbid
         view.evicted = self.dispatcher.evict
         self.router = Router(self.dispatcher, self.store, namespace, view=view,
-                             trace=settings.verbose)
+                             trace=settings.verbose, call_later=reactor.callLater)
         self.membership.handed_over = self.router.handed_over
         self.subscriber.on_message = self.router.received_message
         self.redis.pressure_observers.append(self.subscriber.pause)
@@ -120,7 +123,8 @@ class RedMessengerService(MultiService):
             redis_connected=lambda: self.redis.connected, recovered=self.whenRecovered,
             redis_overloaded=lambda: self.redis.overloaded)
         for name, child in (("embedded-redis", self.embedded), ("redis", self.redis),
-                            ("subscriber", self.subscriber), ("inbox", self.inbox)):
+                            ("lease", self.lease_redis), ("subscriber", self.subscriber),
+                            ("inbox", self.inbox)):
             if child is not None:
                 child.setName(name)
                 self.addService(child)
@@ -186,6 +190,7 @@ class RedMessengerService(MultiService):
 
     def _connect_and_listen(self, _):
         self.redis.startService()
+        self.lease_redis.startService()
         joined = defer.ensureDeferred(self._join())
         joined.addCallbacks(self._recover, self._could_not_join)
         endpoint = self.endpoint or serverFromString(self.reactor,
@@ -330,6 +335,8 @@ class RedMessengerService(MultiService):
             yield defer.DeferredList(closing).addTimeout(CLOSE_TIMEOUT + 1, self.reactor,
                                                          lambda *a: None)
             yield self.redis.stopService()
+        if self.lease_redis.running:
+            yield self.lease_redis.stopService()
         if self.embedded is not None and self.embedded.running:
             yield self.embedded.stopService()
 

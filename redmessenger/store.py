@@ -105,8 +105,8 @@ class RedisStore:
         self._timer = None
         self._claims = itertools.count(1)
         #: Called when Redis refuses a store because this node's lease is
-        #: gone: it counts as dead, and must start over.
-        self.fenced: Callable[[], object] = lambda: None
+        #: gone; fires with whether the node may go on (its lease renewed).
+        self.fenced: Callable[[], defer.Deferred] = lambda: defer.succeed(False)
         #: Claims to trim this turn: claim key -> how many it keeps.
         self._trims: dict[str, int] = {}
 
@@ -178,15 +178,21 @@ class RedisStore:
         have decided for these messages, and they are not kept twice."""
         why = failure.getErrorMessage()
         if why.startswith("FENCED"):
-            log.critical("Redis refused {count} stores: this node's lease expired, so "
-                         "another node decides for their users now", count=len(queues))
-            self._stats.fenced += sum(len(keys) for keys, _ in queues)
-            self.fenced()
-            return None
+            return self.fenced().addCallback(self._after_fence_check, queues)
         if len(queues) > 1:
             return defer.gatherResults([self._send([q]) for q in queues], consumeErrors=True)
         return self._refused([(key, envelope, why) for keys, envelope in queues
                               for key in keys])
+
+    def _after_fence_check(self, ours: bool, queues: list[tuple[list[str], Envelope]]):
+        """The lease is this node's again (it had only stalled): send them
+        again. Else another node decides for these users now."""
+        if ours:
+            return self._send(queues)
+        log.critical("Redis refused {count} stores: this node's lease expired, so "
+                     "another node decides for their users now", count=len(queues))
+        self._stats.fenced += sum(len(keys) for keys, _ in queues)
+        return None
 
     def _refused(self, refused: list[tuple[str, Envelope, str]]) -> defer.Deferred:
         """Stores or requeues Redis refused for good: to the dead letters,

@@ -31,6 +31,7 @@ def join(sock: str, seq: int, evicted: str = "-", *after: tuple[str, int]) -> by
 def test_a_join_elsewhere_waits_for_the_storers_fence() -> None:
     v, _ = view()
     ready = v.joining("u", "me:1")
+    v.recorded("me:1", [])
     assert not v.delivers("u")
     v.heard_presence("u", join("me:1", 5, "-", ("me:1", 5)))
     assert v.delivers("u") and not ready.called  # delivers, drains later
@@ -38,10 +39,23 @@ def test_a_join_elsewhere_waits_for_the_storers_fence() -> None:
     assert ready.called
 
 
+def test_a_join_waits_for_the_nodes_of_sockets_that_just_left() -> None:
+    """What another node heard for the user before its socket left may not
+    be stored yet: the drain waits until that node says it is (``G``)."""
+    v, _ = view(held=True, storer="me")
+    ready = v.joining("u", "me:2", local=True)
+    v.heard_presence("u", b"G x:1")  # before the join's reply: remembered
+    v.recorded("me:2", ["x:1", "x:2", "me:1"])  # its own need no waiting
+    assert not ready.called
+    v.heard_presence("u", b"G x:2")
+    assert ready.called
+
+
 def test_a_join_is_ready_when_heard_if_this_node_stores_or_nobody_does() -> None:
     for held, storer in ((True, "me"), (False, None)):
         v, _ = view(held=held, storer=storer)
         ready = v.joining("u", "me:1")
+        v.recorded("me:1", [])
         v.heard_presence("u", join("me:1", 1, "-", ("me:1", 1)))
         assert ready.called
 
@@ -49,6 +63,7 @@ def test_a_join_is_ready_when_heard_if_this_node_stores_or_nobody_does() -> None
 def test_a_new_storer_releases_joins_it_has_in_its_snapshot() -> None:
     v, _ = view()
     ready = v.joining("u", "me:1")
+    v.recorded("me:1", [])
     v.heard_presence("u", join("me:1", 1, "-", ("me:1", 1)))
     v.heard_cluster(b"E 0 third")
     assert ready.called
