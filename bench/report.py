@@ -187,6 +187,16 @@ def cluster_targets(results: dict, add: Callable[..., None]) -> None:
         add("cluster-live", "both nodes' CPU per message / one node's (live-100)",
             f"{found['subject_us_per_item']:.1f} vs {us:.1f} µs/msg", ratio, "<= 1.25x",
             ratio <= 1.25, f"{ratio:.2f}x")
+    storer = _good(results, "cluster-storer")
+    if found and storer and us:
+        # docs/scaling.rst's capacity model: a message costs a delivery on
+        # its user's node, and a skip on its storer when that is the other
+        # node (half of them, with two nodes and the users split evenly).
+        predicted = us + storer["subject_us_per_item"] / 2
+        off = found["subject_us_per_item"] / predicted - 1
+        add("cluster-live", "the capacity model (docs/scaling.rst) against this run",
+            f"{found['subject_us_per_item']:.1f} µs/msg vs {predicted:.1f} predicted", off,
+            "within 25 %", abs(off) <= 0.25, f"{off * 100:+.0f} %")
     found = _good(results, "cluster-foreign")
     if found and us:
         ratio = found["subject_us_per_item"] / us

@@ -136,6 +136,14 @@ class Namespace:
         """The set of a user's claims, so those of a dead process are found."""
         return f"{self.prefix}:users:{uid}:claims"
 
+    @property
+    def claims_affixes(self) -> tuple[str, str]:
+        return _affixes(self.claims("*"))
+
+    @property
+    def claim_head_affixes(self) -> tuple[str, str]:
+        return _affixes(self.claim_head("*"))
+
     def process(self, owner: str) -> str:
         """A process' heartbeat: while it exists, the process' claims are
         its own business."""

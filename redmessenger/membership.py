@@ -52,7 +52,7 @@ GONE = Script(lua.source("gone"))
 ACQUIRE = Script(lua.source("acquire", "live"))
 OFFER = Script(lua.source("offer"))
 RESIGN = Script(lua.source("resign"))
-REAP = Script(lua.source("reap"))
+REAP = Script(lua.source("reap", "recover"))
 #: Sent with EVAL on a "now" command: it must not wait behind writes Redis
 #: refuses (out of memory), or the lease would expire meanwhile.
 RENEW = Script(lua.source("renew"))
@@ -464,8 +464,10 @@ class Membership:
 
     def _reap(self, node: str) -> defer.Deferred:
         ns = self._ns
-        return self._redis.eval(REAP, [ns.node_users(node), ns.present, ns.process(node), ns.nodes],
-                          [node, *ns.presence_affixes, *ns.presence_channel_affixes])
+        return self._redis.eval(
+            REAP, [ns.node_users(node), ns.present, ns.process(node), ns.nodes],
+            [node, *ns.presence_affixes, *ns.presence_channel_affixes, *ns.queue_affixes,
+             *ns.claims_affixes, *ns.claim_head_affixes, ns.process_prefix])
 
     # -- the lease ----------------------------------------------------------
 

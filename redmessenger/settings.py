@@ -19,6 +19,10 @@ class AuthMode(str, enum.Enum):
     JWT = "jwt"
 
 
+#: Connections the kernel keeps waiting for their accept on a plain port.
+LISTEN_BACKLOG = 1024
+
+
 @dataclass(frozen=True)
 class RedisAddress:
     """Where a Redis server is: TCP host and port, or a Unix socket path."""
@@ -160,5 +164,7 @@ class Settings:
 
     @property
     def listen_description(self) -> str:
-        """``--port 8080`` is short for ``tcp:8080``."""
-        return f"tcp:{self.port}" if self.port.isdigit() else self.port
+        """``--port 8080`` is short for ``tcp:8080``, with a listen backlog
+        for a storm of reconnects (a node's sockets coming back after
+        another node died), not Twisted's 50."""
+        return f"tcp:{self.port}:backlog={LISTEN_BACKLOG}" if self.port.isdigit() else self.port

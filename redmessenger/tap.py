@@ -249,7 +249,7 @@ def _check_embedded(port: int) -> None:
             f"{port} to use that Redis, or --embedded-port to pick another port")
 
 
-_TCP = re.compile(r"tcp:(?:port=)?(\d+)(?::interface=([^:]+))?$")
+_TCP = re.compile(r"tcp:(?:port=)?(\d+)(?::interface=([^:]+))?(?::backlog=\d+)?$")
 
 
 def _check_listen(description: str) -> None:

@@ -371,3 +371,22 @@ def test_a_node_cut_off_by_silence_is_taken_over_and_fenced_when_it_comes_back(
         assert len(stored) == len(set(stored)), "a message stored twice"
         assert stored[:50] == [str(i) for i in range(50)]
         assert stored[-40:] == [str(i) for i in range(60, 100)]
+
+
+def test_what_a_killed_node_held_reaches_its_users_already_back_on_another(
+        tmp_path, redis) -> None:
+    """An ack-mode user reconnects to another node at once, before the dead
+    node's lease has expired: what the dead node held unacknowledged comes
+    to it there once the node is reaped, without another connect."""
+    with Cluster(tmp_path, redis) as cluster:
+        storer, doomed = cluster.start(2)
+        with doomed.user("u", ack=True) as u:
+            for i in range(20):
+                cluster.publish("rm.users.u", str(i))
+            assert payloads(receive(u, 20)) == [str(i) for i in range(20)]  # never acked
+            doomed.kill()
+        with storer.user("u", ack=True) as u:
+            for i in range(20, 25):
+                cluster.publish("rm.users.u", str(i))
+            got = payloads(receive(u, 25))
+            assert sorted(got, key=int) == [str(i) for i in range(25)]

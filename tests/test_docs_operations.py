@@ -541,7 +541,7 @@ def test_operations_redis_acl_user_is_enough(tmp_path: Path, private_redis) -> N
         twistd.wait_subscribed(private_redis.client())
         assert http_get(f"http://{HOST}:{port}/health")[0] == 200
         clients = private_redis.command("CLIENT", "LIST", decode=True)
-        assert clients.count("user=messenger") == 2, clients
+        assert clients.count("user=messenger") == 3, clients  # commands, lease, subscriber
         with ws(f"ws://{HOST}:{port}/") as client:
             hello(client, {"id": "user1", "key": "s3cret"})
             private_redis.command("PUBLISH", "rm.users.user1", "as messenger")
