@@ -109,6 +109,8 @@ class Membership:
         #: answered before Redis is let go).
         self._tick_in_flight: defer.Deferred | None = None
         self.stopping = False
+        #: Whether ``start`` has begun: a stop then leaves the cluster.
+        self.started = False
         self.is_lost = False
         view.left = self._left
         view.acquired = self._acquired
@@ -138,6 +140,7 @@ class Membership:
         partitions the cluster has, and add the patterns of those this node
         will try to take, so that they are subscribed with the rest."""
         redis = self._redis
+        self.started = True
         await redis.execute(b"SET", self._lease_key, self._whereabouts.encode(), b"PX",
                             int(LEASE_TTL * 1000))
         await redis.execute(b"SADD", self._ns.nodes, self.owner)
@@ -148,6 +151,8 @@ class Membership:
                      "--partitions {wanted} is ignored", count=count,
                      wanted=self._wanted_partitions)
         self.view.partitions = count
+        if self.stopping:
+            return
         self._renewing.start(LEASE_EVERY, now=True)  # and it says what it is at once
         self._first = await self._vacant(count)
         for k in self._first:
@@ -183,6 +188,10 @@ class Membership:
             self._ticking.stop()
         if self._tick_in_flight is not None and not self._tick_in_flight.called:
             await self._tick_in_flight
+        if not self._redis.connected:
+            if self._renewing.running:
+                self._renewing.stop()
+            return  # Redis is away: the lease expires by itself
         others = self.view.held and await self._live_nodes() > 1
         if others:
             offers = [self._offered.get(k) or await self._offer(k)

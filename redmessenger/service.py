@@ -322,11 +322,12 @@ class RedMessengerService(MultiService):
             except defer.TimeoutError:
                 log.critical("Redis did not take every pending write within {timeout} s",
                              timeout=self.settings.shutdown_timeout)
-            try:  # hand the storer partitions over, and leave the cluster
-                yield defer.ensureDeferred(self.membership.stop()).addTimeout(
-                    self.settings.shutdown_timeout, self.reactor)
-            except (RedisUnavailable, defer.TimeoutError):
-                pass
+            if self.membership.started:  # hand the storer partitions over, and leave
+                try:
+                    yield defer.ensureDeferred(self.membership.stop()).addTimeout(
+                        self.settings.shutdown_timeout, self.reactor)
+                except (RedisUnavailable, defer.TimeoutError):
+                    pass
             if self.subscriber.running:
                 yield self.subscriber.stopService()
             closing = [c.is_closed for c in self.factory.connections]

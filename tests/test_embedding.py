@@ -146,7 +146,7 @@ def test_example_tac_defaults(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=FAIL_TIMEOUT)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"count": 1, "port": "tcp:8080",
+    assert json.loads(result.stdout) == {"count": 1, "port": "tcp:8080:backlog=1024",
                                          "redis": "redis://127.0.0.1:6379/0",
                                          "auth": "required"}
 

@@ -163,7 +163,7 @@ def test_options_make_settings(redis):
     options.parseOptions(["--port", "9000", "--redis", redis.url, "--auth", "optional",
                           "--queue-max", "5", "--prefix", "app", "-v"])
     settings = options.settings
-    assert settings.listen_description == "tcp:9000"
+    assert settings.listen_description == "tcp:9000:backlog=1024"
     assert settings.redis == redis.address and settings.auth is AuthMode.OPTIONAL
     assert settings.queue_max == 5 and settings.prefix == "app" and settings.verbose
     assert settings.data_dir == Path("redmessenger-data")
