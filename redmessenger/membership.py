@@ -128,11 +128,6 @@ class Membership:
         #: Called whenever the partitions this node holds change.
         self.partitions_changed: list[Callable[[], object]] = []
 
-    @property
-    def leased(self) -> bool:
-        """Whether this node renews its lease (it is in the cluster)."""
-        return self._renewing.running
-
     # -- starting and stopping ---------------------------------------------
 
     async def start(self) -> None:
@@ -221,8 +216,13 @@ class Membership:
 
     def join(self, uid: str, socket: str) -> defer.Deferred:
         """Record the socket's presence; fires once the user's drain may
-        begin on this node."""
-        self._reactor.callLater(LEAVING_TIMEOUT, self.view.give_up, socket)
+        begin on this node (or once waiting has lasted long enough: a node
+        it waits for may have died)."""
+        ready = self._join(uid, socket)
+        timer = self._reactor.callLater(LEAVING_TIMEOUT, self.view.give_up, socket)
+        return ready.addBoth(_cancelling, timer)
+
+    def _join(self, uid: str, socket: str) -> defer.Deferred:
         if self.view.holds(uid) and partition_of(uid, self.view.partitions) not in \
                 self._offered:
             # Its stores and takes go on one connection, in the order this
@@ -536,3 +536,11 @@ class Membership:
         if not self.is_lost:
             self.is_lost = True
             self._lost()
+
+
+def _cancelling(result, timer):
+    """Pass ``result`` on, cancelling ``timer``: one per connect, not left
+    pending for seconds after the join completed."""
+    if timer.active():
+        timer.cancel()
+    return result

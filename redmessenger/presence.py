@@ -127,14 +127,6 @@ class ClusterView:
     def holds(self, uid: str) -> bool:
         return uid.encode()[-1] % self.partitions in self.held
 
-    def delivers(self, uid: str) -> bool:
-        """Whether this node delivers to ``uid`` at this point (joined)."""
-        return uid in self.mine
-
-    def elsewhere(self, uid: str) -> bool:
-        """Whether ``uid`` has a socket on another node at this point."""
-        return uid in self.others
-
     # -- a socket of this node --------------------------------------------
 
     def joining(self, uid: str, socket: str, local: bool = False) -> defer.Deferred:

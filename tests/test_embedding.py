@@ -116,7 +116,6 @@ async def test_service_that_cannot_listen_fails_and_lets_go_of_redis(private_red
                 await tw(service.whenListening())
             assert not service.subscriber.running
             assert not service.redis.running
-            assert not service.membership.leased
             assert not private_redis.command("KEYS", "rm:procs:*")  # its lease let go
             await eventually(lambda: numpat(private_redis.client()) == 0, what="no subscriber")
             clients = private_redis.command("CLIENT", "LIST", decode=True).splitlines()

@@ -32,9 +32,9 @@ def test_a_join_elsewhere_waits_for_the_storers_fence() -> None:
     v, _ = view()
     ready = v.joining("u", "me:1")
     v.recorded("me:1", [])
-    assert not v.delivers("u")
+    assert "u" not in v.mine
     v.heard_presence("u", join("me:1", 5, "-", ("me:1", 5)))
-    assert v.delivers("u") and not ready.called  # delivers, drains later
+    assert ("u" in v.mine) and not ready.called  # delivers, drains later
     v.heard_presence("u", b"F me:1")
     assert ready.called
 
@@ -73,13 +73,13 @@ def test_other_nodes_sockets_are_tracked_and_the_newest_bubbles() -> None:
     v, calls = view()
     v.joining("u", "me:1")
     v.heard_presence("u", join("me:1", 3, "-", ("x:1", 2), ("me:1", 3)))
-    assert v.elsewhere("u") and calls == []  # ours is the newest
+    assert ("u" in v.others) and calls == []  # ours is the newest
     v.heard_presence("u", join("x:2", 4, "-", ("x:1", 2), ("me:1", 3), ("x:2", 4)))
     assert calls == [("outbid", "u", True)]
     v.heard_presence("u", b"L x:2")
     assert calls[-1] == ("outbid", "u", False)
     v.heard_presence("u", b"L x:1")
-    assert not v.elsewhere("u")
+    assert "u" not in v.others
 
 
 def test_a_socket_pushed_out_by_a_join_elsewhere_is_evicted_here() -> None:
@@ -88,16 +88,16 @@ def test_a_socket_pushed_out_by_a_join_elsewhere_is_evicted_here() -> None:
     v.heard_presence("u", join("me:1", 1, "-", ("me:1", 1)))
     v.heard_presence("u", join("x:1", 2, "me:1", ("x:1", 2)))
     assert ("evicted", "me:1") in calls and ("left", "u", "me:1") in calls
-    assert not v.delivers("u")
+    assert "u" not in v.mine
 
 
 def test_a_storer_fences_each_join_from_another_node_and_follows_its_users() -> None:
     v, calls = view(held=True, storer="me")
     v.heard_presence("u", join("x:1", 1, "-", ("x:1", 1)))
     assert calls == [("fence", "u", "x:1")]
-    assert v.elsewhere("u")
+    assert ("u" in v.others)
     v.heard_presence("u", b"L x:1")
-    assert not v.elsewhere("u")
+    assert "u" not in v.others
 
 
 def test_a_taken_partition_starts_from_its_snapshot() -> None:
