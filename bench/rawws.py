@@ -23,6 +23,8 @@ import time
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet import reactor
 
+from redmessenger.compat import defer_autobahn_debug_formatting
+
 from .control import Commands, serve
 from .wire import FRAME, emit, payload, user_channel
 
@@ -45,13 +47,16 @@ class Sender(WebSocketServerProtocol):
 
 class Control(Commands):
     def __init__(self) -> None:
+        # The floor, not a known cost: without this, pretty-printing debug
+        # lines nobody logs is half of a bare Autobahn connect.
+        defer_autobahn_debug_formatting()
         self.factory = WebSocketServerFactory()
         self.factory.protocol = Sender
         self.factory.users = {}
         self.boot = os.urandom(8).hex().encode()
 
     def do_listen(self, port: int) -> None:
-        reactor.listenTCP(port, self.factory, interface="127.0.0.1", backlog=50)
+        reactor.listenTCP(port, self.factory, interface="127.0.0.1", backlog=1024)
         emit({"event": "listening"})
 
     def do_send(self, uids: list[str], n: int, payload_size: int, chunk: int = 500) -> None:

@@ -162,6 +162,14 @@ def evaluate(results: dict) -> list[dict]:
             "<= 20 KiB", per <= 20 * KiB)
         add("connections", "connects+hellos per second", f"{found['rate']:,.0f} /s",
             found["rate"], ">= 2,000", found["rate"] >= 2000)
+        us = found["subject_us_per_item"]
+        add("connections", "CPU per connect+hello", f"{us:.0f} µs", us, "<= 300 µs", us <= 300)
+        raw = _good(results, "raw-connect")
+        if raw:
+            ratio = us / raw["subject_us_per_item"]
+            add("connections", "CPU per connect+hello / bare Autobahn's (raw-connect)",
+                f"{us:.0f} vs {raw['subject_us_per_item']:.0f} µs", ratio, "(no target)",
+                None, f"{ratio:.2f}x")
     rate, plain = _rate(results, "live-1-ack"), _rate(results, "live-1")
     if rate and plain:
         add("live-1-ack", "ack-mode time / plain time (live-1)",

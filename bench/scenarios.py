@@ -222,6 +222,44 @@ def raw_send(users: int) -> Callable[[Bench], dict]:
     return run
 
 
+def raw_connect(bench: Bench) -> dict:
+    """The floor under ``connections``: the same connects and hellos to a
+    bare Autobahn server, which welcomes each with no Redis behind it."""
+    n = bench.sizes.connections
+    uids = uids_of("c", n)
+    with Stage(bench, "raw-connect") as stage:
+        server = stage.start_worker("rawws", subject=True)
+        port = free_port()
+        server.call({"cmd": "listen", "port": port}, "listening", START_TIMEOUT)
+        client = stage.start_worker("wsclient")
+        snap0 = stage.begin(server)
+        limit = deadline(n, least_rate=100)
+        opened = client.call(
+            {"cmd": "open", "port": port, "uids": uids,
+             "concurrency": bench.sizes.concurrency, "timeout": limit},
+            "opened",
+            limit + 5,
+        )
+        snap1 = stage.snapshot()
+        stage.profile_stop()
+        checks: list[str] = []
+        if opened["failed"]:
+            checks.append(f"{opened['failed']} connections failed: {opened['errors'][:3]}")
+        client.call({"cmd": "close"}, "closed", 30)
+        return result(
+            "raw-connect",
+            sent=n,
+            received=opened["welcomed"],
+            checks=checks,
+            seconds=opened["t_last"] - opened["t_first"],
+            count=opened["welcomed"],
+            unit="conn/s",
+            snap0=snap0,
+            snap1=snap1,
+            subject="rawws",
+        )
+
+
 @dataclass(frozen=True)
 class Layout:
     """The nodes of a live scenario: how many (the first one started stores
@@ -860,6 +898,12 @@ SCENARIOS = [
         raw_send(100),
     ),
     Scenario(
+        "raw-connect",
+        "baseline",
+        "bare Autobahn server welcoming connects+hellos, no Redis",
+        raw_connect,
+    ),
+    Scenario(
         "live-1",
         "scenario",
         "1 online user, direct messages published as fast as possible",
@@ -933,6 +977,7 @@ SCENARIOS = [
         "scenario",
         "idle identified WebSocket connections: memory and connects+hellos per second",
         connections,
+        ("raw-connect",),
     ),
     Scenario(
         "failover",

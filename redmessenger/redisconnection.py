@@ -203,7 +203,7 @@ class _Command:
         self.retry = retry
         self.script = script
         self.sent_on = None
-        self.size = sum(len(a) for a in args if isinstance(a, bytes | str))
+        self.size = sum(len(a) for a in args if isinstance(a, (bytes, str)))
 
 
 class RedisConnection(Service):
