@@ -109,6 +109,10 @@ class Router:
         self._stats.received += 1
         if self._trace:
             log.debug("New message from channel {channel}", channel=name)
+        if kind == "users" and not self._waiting and not self._ours(ident):
+            # Most of what a storer hears: no envelope to make for it.
+            self._stats.elsewhere += 1
+            return
         now = self._clock()
         envelope = Envelope(self._dispatcher.ids(), name, int(now * 1000), payload,
                             received=now)
@@ -125,15 +129,17 @@ class Router:
             d.addCallback(self._resolved, pending)
             d.addErrback(self._unresolved, pending, ident)
 
+    def _ours(self, uid: str) -> bool:
+        view = self._view
+        return ((view.holds(uid) or uid in view.mine)
+                and not (uid in view.others and not self._dispatcher.has_sockets(uid)))
+
     def _decide(self, uids, envelope: Envelope) -> None:
         """Deliver to (or store for) the recipients that are this node's at
         this point: those with a socket here, and, in a partition stored
         here, those with no socket anywhere. One whose sockets are all on
         other nodes is theirs."""
-        view = self._view
-        ours = [uid for uid in uids
-                if (view.holds(uid) or uid in view.mine)
-                and not (uid in view.others and not self._dispatcher.has_sockets(uid))]
+        ours = [uid for uid in uids if self._ours(uid)]
         if self._parked:
             for uid in [uid for uid in ours if uid in self._parked]:
                 self._parked[uid].append(envelope)
