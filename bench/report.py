@@ -232,6 +232,11 @@ def cluster_targets(results: dict, add: Callable[..., None]) -> None:
                 found["storer_after"], "<= 5 s", found["storer_after"] <= 5)
         add(name, f"kill -9 to all {found['sent']:,} sockets welcomed again",
             f"{found['seconds']:.2f} s", found["seconds"], "(no target)", None)
+        # The node left takes the storm: its lease (3 s, renewed every
+        # second) must not come near expiring. Past 2 s, the node warns.
+        add(name, "longest gap between the lease renewals of the node left",
+            f"{found['lease_gap']:.2f} s", found["lease_gap"], "<= 2 s",
+            found["lease_gap"] <= 2)
 
 
 # --------------------------------------------------------------------------

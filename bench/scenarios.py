@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import time
+import urllib.request
 from array import array
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -23,7 +25,7 @@ from .checks import (
     result,
     spread,
 )
-from .proc import BenchError, free_port, wait_until
+from .proc import HOST, BenchError, free_port, wait_until
 from .resp import Redis
 from .stage import START_TIMEOUT, Stage
 
@@ -742,6 +744,17 @@ def connections(bench: Bench) -> dict:
         return found
 
 
+def longest_renewal_gap(port: int) -> float:
+    """The node's longest time between two renewals of its lease: how close
+    a storm brought it to counting as dead."""
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.search(r"^redmessenger_lease_renewal_gap_max_seconds (\S+)$", text, re.MULTILINE)
+    if found is None:
+        raise BenchError("no redmessenger_lease_renewal_gap_max_seconds in /metrics")
+    return float(found.group(1))
+
+
 def failover(name: str, storer_dies: bool) -> Callable[[Bench], dict]:
     """Idle sockets on one node, some in ack mode with messages in flight;
     it is killed (``kill -9``): the storer, or the other node, and the
@@ -816,6 +829,7 @@ def _failover(bench: Bench, name: str, storer_dies: bool) -> dict:
         back = client.call({"cmd": "reconnected", "timeout": limit}, "reconnected", limit + 5)
         snap1 = stage.snapshot()
         stage.profile_stop()
+        lease_gap = longest_renewal_gap(b.port)
         # Each in-flight message must come again, once: the dead node's
         # claims come back once its lease has expired, at the user's next
         # take. Given the lease and a tick (or until all are back), and 2 s
@@ -875,6 +889,7 @@ def _failover(bench: Bench, name: str, storer_dies: bool) -> dict:
             lost=max(0, in_flight - again),
             storer_dies=storer_dies,
             storer_after=t_storer - t_kill if storer_dies else None,
+            lease_gap=lease_gap,
         )
 
 

@@ -146,6 +146,60 @@ def _timings_str(timings: autobahn_protocol.Timings) -> str:
     return pformat({key: timings[key] for key in timings})
 
 
+# -- Twisted ------------------------------------------------------------------
+
+
+def cap_accepts_per_turn(port, most: int) -> None:
+    """Twisted's TCP port accepts up to ``numberAccepts`` connections per
+    turn of the reactor, and adds 20 each time it accepted that many: in a
+    reconnect storm it grows into the thousands, and the next turn then
+    takes all their handshakes at once, for a second or more in which no
+    timer runs, the lease's renewal included (a node taking a dead node's
+    clients came near to counting as dead itself). Keep it at ``most``: the
+    rest wait in the listen backlog for the next turn. A port without it
+    (not TCP) is left alone."""
+    if not hasattr(port, "numberAccepts"):
+        return
+    accept = port.doRead
+
+    def doRead():
+        port.numberAccepts = min(port.numberAccepts, most)
+        return accept()
+
+    port.doRead = doRead
+
+
+def cap_events_per_turn(reactor, most: int) -> None:
+    """Twisted's epoll reactor asks ``epoll_wait`` for as many events as it
+    has sockets and handles them all in one turn, before any timer: 10,000
+    sockets closed at once made one turn of 2.4 s. Ask for ``most`` at a
+    time (the sockets still ready come in the next turns: epoll is level
+    triggered, and it hands out ready sockets in turn). Another reactor is
+    left alone."""
+    poller = getattr(reactor, "_poller", None)
+    if poller is None or not hasattr(poller, "poll") or isinstance(poller, _CappedPoller):
+        return
+    reactor._poller = _CappedPoller(poller, most)
+
+
+class _CappedPoller:
+    """An ``epoll`` object whose ``poll`` returns at most ``most`` events."""
+
+    __slots__ = ("_poller", "_most")
+
+    def __init__(self, poller, most: int) -> None:
+        self._poller = poller
+        self._most = most
+
+    def poll(self, timeout: float = -1, maxevents: int = -1) -> list:
+        if maxevents < 1 or maxevents > self._most:
+            maxevents = self._most
+        return self._poller.poll(timeout, maxevents)
+
+    def __getattr__(self, name: str):
+        return getattr(self._poller, name)
+
+
 # -- txredisapi ---------------------------------------------------------------
 
 

@@ -119,6 +119,10 @@ class Membership:
         store.fenced = self.lease_checked
         self._checking: defer.Deferred | None = None
         self._waiting_checks: list[defer.Deferred] = []
+        self._renewed_at: float | None = None
+        #: The longest time between two renewals of the lease, in seconds:
+        #: how close this node came to counting as dead (``LEASE_TTL``).
+        self.longest_renewal_gap = 0.0
         subscriber.prepare = self._prepare
         #: Called with a partition whose handover is over (the giver said
         #: so, or was waited for long enough): the router's.
@@ -514,7 +518,17 @@ class Membership:
                          "(Redis was away, or the node stalled, for over {ttl} s)",
                          ttl=LEASE_TTL)
             self._lose()
-        return bool(kept)
+            return False
+        now = self._reactor.seconds()
+        if self._renewed_at is not None:
+            gap = now - self._renewed_at
+            self.longest_renewal_gap = max(self.longest_renewal_gap, gap)
+            if gap > LEASE_TTL - LEASE_EVERY:  # one more such delay, and it is dead
+                log.warn("This node's lease was renewed {gap:.1f} s after the last renewal "
+                         "(it counts as dead after {ttl} s): the event loop or Redis was "
+                         "slow", gap=gap, ttl=LEASE_TTL)
+        self._renewed_at = now
+        return True
 
     def lease_checked(self) -> defer.Deferred:
         """Redis refused a write because this node's lease had expired (the

@@ -79,6 +79,9 @@ class _Collector:
                      len(view.held))
         yield _gauge("storer_partitions", "Storer partitions of the cluster (set by its "
                      "first node)", view.partitions)
+        yield _gauge("lease_renewal_gap_max_seconds", "The longest time between two "
+                     "renewals of this node's lease; at 3 s the others count it as dead",
+                     service.membership.longest_renewal_gap)
         cumulative, buckets = 0, []
         for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), stats.latency_counts,
                                 strict=True):

@@ -14,9 +14,9 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
+from . import compat
 from ._version import __version__
 from .auth import Authenticator
-from .compat import defer_autobahn_debug_formatting
 from .delivery import Dispatcher
 from .embedded import EmbeddedRedis, EmbeddedRedisError
 from .frames import Close
@@ -27,7 +27,7 @@ from .membership import Membership
 from .presence import ClusterView
 from .redisconnection import RedisConnection, RedisUnavailable
 from .routing import Router
-from .settings import AuthMode, RedisAddress, Settings
+from .settings import ACCEPTS_PER_TURN, AuthMode, RedisAddress, Settings
 from .stats import Stats
 from .store import SCRIPTS, RedisStore
 from .subscriber import Subscriber
@@ -171,7 +171,7 @@ class RedMessengerService(MultiService):
 
     def startService(self) -> None:
         Service.startService(self)
-        defer_autobahn_debug_formatting()
+        compat.defer_autobahn_debug_formatting()
         _running_here.add(self.owner)
         if self.settings.auth is AuthMode.OFF:
             log.warn("--auth off: any client may claim any user id. Development only!")
@@ -270,6 +270,7 @@ class RedMessengerService(MultiService):
 
     def _listening(self, port):
         self.port = port
+        compat.cap_accepts_per_turn(port, ACCEPTS_PER_TURN)
         #: Where it listens, as ``redmessenger status`` shows it.
         self.listening = _where(port.getHost())
         log.info("RedMessenger {version} listening on {where} for WebSocket clients; "

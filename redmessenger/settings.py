@@ -21,6 +21,9 @@ class AuthMode(str, enum.Enum):
 
 #: Connections the kernel keeps waiting for their accept on a plain port.
 LISTEN_BACKLOG = 1024
+#: Connections accepted per turn of the reactor at most (compat.cap_accepts_per_turn):
+#: a storm of connects then waits in the backlog, not in one long turn.
+ACCEPTS_PER_TURN = 64
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import time
 from contextlib import ExitStack
 
-from redmessenger.membership import LEASE_TTL, TICK_EVERY
+from redmessenger.membership import LEASE_EVERY, LEASE_TTL, TICK_EVERY
 
 from cluster import Cluster, Node
 from commandline import cli, ok
@@ -106,6 +108,32 @@ def test_status_lists_each_live_node_with_its_sockets_users_and_partitions(
                 assert counts(doc) == {ids[1]: (2, 1), ids[2]: (0, 0)}
                 assert sorted(k for n in doc["nodes"].values() for k in n["partitions"]) == [
                     0, 1, 2]
+
+
+def test_a_node_says_how_close_a_stall_brought_it_to_losing_its_lease(
+        tmp_path, redis) -> None:
+    """A node stalled (SIGSTOP) for most of its lease warns once it runs
+    again, and its metrics show the longest gap between renewals. Alone, it
+    keeps (or takes back) its lease: nothing was taken from it."""
+    stall = LEASE_TTL - LEASE_EVERY + 0.2
+    with Cluster(tmp_path, redis) as cluster:
+        [node] = cluster.start(1)
+        gap = re.compile(r"^redmessenger_lease_renewal_gap_max_seconds (\S+)$", re.MULTILINE)
+
+        def longest() -> float:
+            return float(gap.search(metrics(node)).group(1))
+
+        wait_for(lambda: longest() > 0, "a second renewal")
+        assert longest() < stall
+        node.twistd.process.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(stall)  # the stall itself, not a wait for an event
+        finally:
+            node.twistd.process.send_signal(signal.SIGCONT)
+        wait_for(lambda: longest() >= stall, "the renewal after the stall", START_TIMEOUT,
+                 node.twistd.alive)
+        assert "This node's lease was renewed" in node.log()
+        node.twistd.alive()
 
 
 def test_status_exits_1_once_the_last_node_is_gone(tmp_path, redis) -> None:

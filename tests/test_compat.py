@@ -30,7 +30,8 @@ from redmessenger.compat import ServerProtocol
 
 #: Every private attribute of another library that compat.py names, each
 #: checked below (compat.py's own are not in it).
-CHECKED_PRIVATES = {"_perMessageCompress", "_max_message_size_exceeded", "_build_command"}
+CHECKED_PRIVATES = {"_perMessageCompress", "_max_message_size_exceeded", "_build_command",
+                    "_poller"}
 
 #: The internals only compat.py may name.
 INTERNALS = (
@@ -47,6 +48,8 @@ INTERNALS = (
     "hlval",
     "tryConvertData",
     "_build_command",
+    "numberAccepts",
+    "_poller",
 )
 
 
@@ -265,6 +268,93 @@ def test_twisted_high_water_mark() -> None:
     )
 
 
+def test_a_port_accepts_no_more_than_the_cap_per_turn() -> None:
+    """On a real listening socket with 10 connects waiting: the first turn
+    accepts 3 however many Twisted would, and so does the next."""
+    import socket
+
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    what = "cap_accepts_per_turn (a storm of connects spread over turns)"
+    assert "self.numberAccepts" in inspect.getsource(tcp.Port.doRead), gone(
+        "twisted", "tcp.Port.doRead reading self.numberAccepts", what
+    )
+    accepted = []
+
+    class Counted(Protocol):
+        def connectionMade(self) -> None:
+            accepted.append(self)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Counted), interface="127.0.0.1")
+    relied_on("twisted", port, "numberAccepts", what)
+    clients = []
+    try:
+        port.stopReading()  # the test turns it by hand
+        port.numberAccepts = 1000  # as grown by a storm
+        compat.cap_accepts_per_turn(port, 3)
+        for _ in range(10):
+            clients.append(socket.create_connection(("127.0.0.1", port.getHost().port)))
+        port.doRead()
+        assert len(accepted) == 3
+        port.doRead()
+        assert len(accepted) == 6
+    finally:
+        for connection in accepted:
+            connection.transport.abortConnection()
+        for client in clients:
+            client.close()
+        port.stopListening()
+
+
+def test_a_reactor_turn_handles_no_more_ready_sockets_than_the_cap() -> None:
+    """A real epoll reactor (not the running one) with 5 ready sockets:
+    capped at 2, its turns handle 2, 2 and 1, each socket once."""
+    import socket
+
+    from twisted.internet import epollreactor
+    from twisted.internet.abstract import FileDescriptor
+
+    what = "cap_events_per_turn (ready sockets spread over turns)"
+    reactor = epollreactor.EPollReactor()
+    relied_on("twisted", reactor, "_poller", what)
+    assert "self._poller.poll(" in inspect.getsource(epollreactor.EPollReactor.doPoll), gone(
+        "twisted", "EPollReactor.doPoll calling self._poller.poll()", what
+    )
+    turns: list[list[int]] = []
+
+    class Ready(FileDescriptor):
+        def __init__(self, sock: socket.socket) -> None:
+            super().__init__(reactor)
+            self.sock = sock
+
+        def fileno(self) -> int:
+            return self.sock.fileno()
+
+        def doRead(self) -> None:
+            self.sock.recv(1)  # read: not ready again
+            turns[-1].append(self.fileno())
+
+    pairs = [socket.socketpair() for _ in range(5)]
+    try:
+        compat.cap_events_per_turn(reactor, 2)
+        compat.cap_events_per_turn(reactor, 2)  # once is enough
+        readers = [Ready(mine) for mine, _ in pairs]
+        for reader, (_, theirs) in zip(readers, pairs, strict=True):
+            reader.startReading()
+            theirs.send(b"x")
+        for _ in range(4):
+            turns.append([])
+            reactor.doIteration(0)
+        assert [len(turn) for turn in turns] == [2, 2, 1, 0]
+        assert sorted(fd for turn in turns for fd in turn) == sorted(r.fileno() for r in readers)
+    finally:
+        for mine, theirs in pairs:
+            mine.close()
+            theirs.close()
+        reactor._poller.close()
+
+
 # -- txredisapi ---------------------------------------------------------------
 
 
@@ -320,7 +410,7 @@ def test_bytes_protocol_keeps_why_its_connection_was_lost() -> None:
 def test_every_private_name_in_compat_is_checked() -> None:
     source = Path(compat.__file__).read_text()
     named = set(re.findall(r"\.(_[A-Za-z]\w*)", source))
-    own = set(compat._Lazy.__slots__)
+    own = set(compat._Lazy.__slots__) | set(compat._CappedPoller.__slots__)
     assert named - own <= CHECKED_PRIVATES, named - own - CHECKED_PRIVATES
 
 
