@@ -13,6 +13,8 @@ from contextlib import ExitStack
 
 from websockets.exceptions import ConnectionClosed
 
+from redmessenger.presence import LEAVING_TIMEOUT
+
 from cluster import Cluster, payloads, receive
 from deployed import START_TIMEOUT, TwistdProcess, client, hello, recv_json, wait_for
 from network import HOST, pick_free_port
@@ -371,6 +373,22 @@ def test_a_node_cut_off_by_silence_is_taken_over_and_fenced_when_it_comes_back(
         assert len(stored) == len(set(stored)), "a message stored twice"
         assert stored[:50] == [str(i) for i in range(50)]
         assert stored[-40:] == [str(i) for i in range(60, 100)]
+
+
+def test_a_user_whose_sockets_died_with_their_node_is_stored_for_once_reaped(
+        tmp_path, redis) -> None:
+    """The reaper says a dead node's sockets left and are gone at once (the
+    node's stores are fenced): the storer stores for their users from then
+    on, without waiting for the node (LEAVING_TIMEOUT) as for a live one."""
+    with Cluster(tmp_path, redis) as cluster:
+        storer, doomed = cluster.start(2)
+        with doomed.user("u"):
+            doomed.kill()
+        wait_for(lambda: "is gone (its lease expired): 1 of its sockets left" in storer.log(),
+                 "the dead node to be reaped", START_TIMEOUT, storer.twistd.alive)
+        cluster.publish("rm.users.u", "after")
+        wait_for(lambda: cluster.queue("u") == ["after"], "the message to be stored",
+                 LEAVING_TIMEOUT - 1)
 
 
 def test_what_a_killed_node_held_reaches_its_users_already_back_on_another(

@@ -15,6 +15,9 @@ for _, uid in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     if string.sub(socket, 1, #head) == head then
       redis.call('ZREM', presence, socket)
       redis.call('PUBLISH', channel, 'L ' .. socket)
+      -- and gone (gone.lua): its node's stores are fenced now, so nothing
+      -- it heard for the user can land after this point.
+      redis.call('PUBLISH', channel, 'G ' .. socket)
       left = left + 1
     end
   end
