@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The smoke run takes seconds; this only bounds a hang.
 TIMEOUT = 180
 #: The issue's scenarios, its ack-mode variants, the cluster's, and the baselines.
-SCENARIOS = ["raw-recv", "raw-send-1", "raw-send-100", "live-1", "live-100", "cluster-live",
+SCENARIOS = ["raw-recv", "raw-send-1", "raw-send-100", "raw-connect", "live-1", "live-100",
+             "cluster-live",
              "cluster-foreign", "cluster-storer", "live-1-ack", "group", "store", "drain",
              "drain-ack", "drain-1m", "latency", "connections", "failover",
              "failover-user-node"]
