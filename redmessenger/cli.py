@@ -669,8 +669,9 @@ def with_embedded_password(address: RedisAddress, data_dir: Path) -> RedisAddres
     """The address, with the embedded Redis's password if it is that Redis:
     plain TCP to this host, no password given, and the port ``data_dir``'s
     server last listened on (so another local Redis is never sent it)."""
-    if (address.path is not None or address.tls or address.password is not None
-            or address.username is not None or address.host not in _LOCAL_HOSTS):
+    if (address.path is not None or address.tls or address.sentinels
+            or address.password is not None or address.username is not None
+            or address.host not in _LOCAL_HOSTS):
         return address
     password = datadir.embedded_password(data_dir, address.port)
     return address if password is None else dataclasses.replace(address, password=password)

@@ -25,7 +25,7 @@ import json
 import math
 from collections.abc import Callable
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -43,6 +43,8 @@ log = Logger()
 LEASE_TTL = 3.0
 LEASE_EVERY = 1.0
 TICK_EVERY = 0.5
+#: How many times a takeover refused for a lapsed lease renews and tries again.
+ACQUIRE_ATTEMPTS = 5
 #: How long a stopping node waits for another to take its partitions.
 HANDOVER_TIMEOUT = 3.0
 
@@ -58,6 +60,10 @@ REAP = Script(lua.source("reap", "recover"))
 RENEW = Script(lua.source("renew"))
 
 SCRIPTS = (JOIN, LEAVE, GONE, ACQUIRE, OFFER, RESIGN, REAP)
+
+
+class FencedOut(Exception):
+    """This node's lease is gone and something was taken from it."""
 
 
 class JoinFailed(Exception):
@@ -366,10 +372,7 @@ class Membership:
             patterns = self._ns.partition_patterns(k, count)
             await self._subscriber.psubscribe(patterns)
             heard = self._taking[k] = defer.Deferred()
-            taken = await self._redis.eval(ACQUIRE, [
-                self._ns.storer(k), self._lease_key, self._ns.present, self._offer_key(k)], [
-                self.owner, k, count, self._ns.process_prefix, *self._ns.presence_affixes,
-                self._ns.node_channel(self.owner), self._ns.cluster_channel])
+            taken = await self._acquire(k, count)
             if not taken:
                 del self._taking[k]
                 if k in self.view.held:
@@ -381,6 +384,25 @@ class Membership:
             await heard
             log.info("Storing for the offline users of partition {k} (of {count}){how}",
                      k=k, count=count, how=" handed over by its holder" if taken == 2 else "")
+
+    async def _acquire(self, k: int, count: int) -> int:
+        """ACQUIRE, after renewing a lease that lapsed while Redis was away
+        (the connection that carries the lease may come back last)."""
+        attempt = 0
+        while True:
+            try:
+                return await self._redis.eval(ACQUIRE, [
+                    self._ns.storer(k), self._lease_key, self._ns.present, self._offer_key(k)],
+                    [self.owner, k, count, self._ns.process_prefix, *self._ns.presence_affixes,
+                     self._ns.node_channel(self.owner), self._ns.cluster_channel])
+            except txredisapi().ResponseError as e:
+                attempt += 1
+                if not str(e).startswith("FENCED") or attempt == ACQUIRE_ATTEMPTS:
+                    raise
+            await self._lease_redis.whenConnected()
+            if not await self.lease_checked():
+                raise FencedOut(f"partition {k}: this node's lease is gone")
+            await task.deferLater(self._reactor, LEASE_EVERY * attempt / ACQUIRE_ATTEMPTS)
 
     def _acquired(self, partition: int) -> None:
         d = self._taking.pop(partition, None)

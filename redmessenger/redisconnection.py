@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .compat import bytes_protocol, txredisapi
+from .sentinel import MasterEndpoint, SwitchWatch, check_master, switch_watch
 from .settings import RedisAddress
 
 
@@ -109,13 +110,22 @@ def connect_service(reactor, address: RedisAddress, factory: ProtocolFactory,
                          address=str(address), why=lost_reason(proto))
 
         def ping(protocol):
-            protocol.execute_command(b"PING").addCallbacks(
-                ready, not_ready, callbackArgs=(protocol,), errbackArgs=(protocol,))
+            d = protocol.execute_command(b"PING")
+            if address.sentinels:
+                d.addCallback(lambda _: check_master(protocol)).addCallback(master, protocol)
+            d.addCallbacks(ready, not_ready, callbackArgs=(protocol,), errbackArgs=(protocol,))
+
+        def master(not_one: str | None, protocol) -> None:
+            if not_one is not None:
+                raise NotTheMaster(not_one)
 
         def not_ready(failure, protocol):
             # Redis answered, but cannot serve yet (-LOADING while it reads
             # its files back after a restart): hang up and try again later,
             # rather than wait on a connection nothing will make ready.
+            if failure.check(NotTheMaster):
+                peer = protocol.transport.getPeer()
+                reaching.distrust(peer.host, peer.port)
             if not failure.check(txredisapi().ConnectionError):
                 proto.lost_reason = failure
                 protocol.transport.loseConnection()
@@ -123,15 +133,45 @@ def connect_service(reactor, address: RedisAddress, factory: ProtocolFactory,
         def ready(_, protocol):
             proto.answered = True
             refused[0] = 0
+            service.current = protocol
             on_ready(protocol)  # the protocol itself, not ClientService's proxy of it
 
         proto.answered = False
         proto.whenConnected().addCallback(ping)
         proto.whenDisconnected().addCallback(lost)
 
-    return ClientService(endpoint(reactor, address), factory, prepareConnection=prepare,
-                         clock=reactor,
-                         retryPolicy=lambda attempt: RETRY_POLICY(max(attempt, refused[0])))
+    kind = _FollowingMaster if address.sentinels else ClientService
+    reaching = endpoint(reactor, address)
+    service = kind(reaching, factory, prepareConnection=prepare,
+                   clock=reactor,
+                   retryPolicy=lambda attempt: RETRY_POLICY(max(attempt, refused[0])))
+    if address.sentinels:
+        service.watch = switch_watch(reactor, address)
+    return service
+
+
+class NotTheMaster(Exception):
+    """A Sentinel named a server that is not (or no longer) the master."""
+
+
+class _FollowingMaster(ClientService):
+    """A connection to the master the Sentinels name, dropped (to be made
+    again, where they say) when they announce that it moved."""
+
+    current = None
+    watch: SwitchWatch
+
+    def startService(self) -> None:
+        super().startService()
+        self.watch.follow(self._moved)
+
+    def stopService(self) -> defer.Deferred:
+        stopped = super().stopService()
+        return defer.DeferredList([stopped, self.watch.unfollow(self._moved)])
+
+    def _moved(self) -> None:
+        if self.current is not None and self.current.transport is not None:
+            self.current.transport.loseConnection()
 
 
 def name_connection(proto, role: str) -> None:
@@ -155,6 +195,8 @@ def lost_reason(proto) -> str:
 def endpoint(reactor, address: RedisAddress, timeout: float | None = None):
     """How to reach ``address``: TCP or a Unix socket, in TLS for
     ``rediss://``; ``timeout``: seconds a connection attempt may take."""
+    if address.sentinels:
+        return MasterEndpoint(reactor, address, timeout)
     description = address.client_endpoint()
     if timeout is not None:
         description += f":timeout={timeout:g}"
@@ -373,6 +415,10 @@ class RedisConnection(Service):
             # else: stays pending; _ready sends it again on the next connection
             return
         why = str(failure.value)
+        if self.address.sentinels and why.startswith("READONLY") and \
+                proto.transport is not None:
+            # A master demoted under us: the Sentinels know the new one.
+            proto.transport.loseConnection()
         if command.retry and failure.check(txredisapi().ResponseError):
             if command.script is not None and why.startswith("NOSCRIPT"):
                 log.warn("Redis forgot a script (SCRIPT FLUSH?); sending its source instead")

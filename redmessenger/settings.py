@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -39,6 +39,11 @@ class RedisAddress:
     #: rediss://: TLS, checked against ``ca_file`` (else the system's roots).
     tls: bool = False
     ca_file: str | None = None
+    #: redis+sentinel://: the Sentinels to ask where the master named
+    #: ``master_name`` is (``host`` and ``port`` are then where it was last).
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master_name: str | None = None
+    sentinel_password: str | None = None
 
     @classmethod
     def from_url(cls, url: str) -> RedisAddress:
@@ -55,9 +60,12 @@ class RedisAddress:
             db = parse_qs(parts.query).get("db", ["0"])[0]
             return cls(path=parts.path, db=_db_number(url, db),
                        password=password, username=username)
+        if parts.scheme in ("redis+sentinel", "rediss+sentinel"):
+            return cls._sentinel(url, parts, password, username)
         if parts.scheme not in ("redis", "rediss"):
             raise ValueError(
-                f"{url!r}: expected redis[s]://[:password@]host[:port][/db] "
+                f"{url!r}: expected redis[s]://[:password@]host[:port][/db], "
+                "redis[s]+sentinel://[:password@]host:port[,host:port...]/master[/db] "
                 "or unix:///path/to/socket[?db=N]")
         try:
             port = parts.port or 6379
@@ -68,6 +76,32 @@ class RedisAddress:
                    password=password, username=username, tls=parts.scheme == "rediss",
                    ca_file=parse_qs(parts.query).get("ca", [None])[0])
 
+    @classmethod
+    def _sentinel(cls, url: str, parts, password: str | None,
+                  username: str | None) -> RedisAddress:
+        """``redis[s]+sentinel://[[user]:password@]host:port[,host:port...]
+        /<master name>[/db][?ca=PEM&sentinel_password=...]``."""
+        sentinels = []
+        for where in parts.netloc.rpartition("@")[2].split(","):
+            host, _, port = where.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{url!r}: each Sentinel is host:port, not {where!r}")
+            sentinels.append((host.strip("[]"), int(port)))
+        name, _, db = parts.path.lstrip("/").partition("/")
+        if not name:
+            raise ValueError(f"{url!r}: a Sentinel URL names its master: .../<master name>")
+        query = parse_qs(parts.query)
+        return cls(host=sentinels[0][0], port=sentinels[0][1], db=_db_number(url, db or "0"),
+                   password=password, username=username,
+                   tls=parts.scheme == "rediss+sentinel", ca_file=query.get("ca", [None])[0],
+                   sentinels=tuple(sentinels), master_name=unquote(name),
+                   sentinel_password=query.get("sentinel_password", [None])[0])
+
+    def at(self, host: str, port: int) -> RedisAddress:
+        """The master a Sentinel says is at ``host:port``, as a plain address."""
+        return replace(self, host=host, port=port, sentinels=(), master_name=None,
+                       sentinel_password=None)
+
     def client_endpoint(self) -> str:
         """A Twisted client endpoint description for this address."""
         if self.path is not None:
@@ -76,6 +110,9 @@ class RedisAddress:
 
     def __str__(self) -> str:
         scheme = "rediss" if self.tls else "redis"
+        if self.sentinels:
+            where = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+            return f"{scheme}+sentinel://{where}/{self.master_name}/{self.db}"
         where = f"unix://{self.path}" if self.path else f"{scheme}://{self.host}:{self.port}"
         return f"{where}/{self.db}"
 
@@ -83,11 +120,12 @@ class RedisAddress:
 #: ``scheme://user:`` and everything up to the last ``@``: a password, even
 #: one that breaks the URL (an unescaped ``#``, ``/`` or ``@`` in it).
 _PASSWORD = re.compile(r"(://[^:/@?#]*:).*@", re.S)
+_SENTINEL_PASSWORD = re.compile(r"([?&]sentinel_password=)[^&#]*")
 
 
 def _redacted(url: str) -> str:
-    """The URL with its password hidden, fit for an error message or a log."""
-    return _PASSWORD.sub(r"\1***@", url)
+    """The URL with its passwords hidden, fit for an error message or a log."""
+    return _SENTINEL_PASSWORD.sub(r"\1***", _PASSWORD.sub(r"\1***@", url))
 
 
 def _db_number(url: str, text: str) -> int:

@@ -201,6 +201,10 @@ SAMPLES: dict[str, tuple[str, str]] = {
         "twistd -n --pidfile= redmessenger --redis 'redis://messenger:",
     ),
     "ops-redis-inspect": ("docs/operations.rst", "$ redis-cli CONFIG GET maxmemory-policy"),
+    "ops-sentinel-twistd": (
+        "docs/operations.rst",
+        "twistd -n --pidfile= redmessenger --redis 'redis+sentinel://",
+    ),
 }
 
 

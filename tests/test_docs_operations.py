@@ -26,11 +26,14 @@ from pathlib import Path
 
 import pytest
 import websockets
+from sentinels import MASTER, Sentinels
 
 from certificates import certificate_chain
 from deployed import (
     REPO,
+    START_TIMEOUT,
     STOPPED,
+    SUBSCRIBED,
     TWISTD,
     TwistdProcess,
     closed,
@@ -549,6 +552,30 @@ def test_operations_redis_acl_user_is_enough(tmp_path: Path, private_redis) -> N
         private_redis.command("PUBLISH", "rm.users.user2", "stored as messenger")
         wait_for(lambda: private_redis.command("LLEN", "rm:users:user2:messages"), "stored")
         stop_cleanly(twistd)
+
+
+@claims("ops-sentinel-twistd")
+def test_operations_sentinel_command_follows_a_failover(tmp_path: Path) -> None:
+    """The sample, with three Sentinels and passwords as it has them: a
+    message live, the master killed, a message live again."""
+    with Sentinels(tmp_path, password="data-pass", sentinel_password="sentinel-pass") as setup:
+        hosts = {f"10.0.0.{i + 1}:26379": f"{HOST}:{port}" for i, port in enumerate(setup.ports)}
+        port = pick_free_port()
+        args = twistd_args(sample("ops-sentinel-twistd"), {**hosts, "mymaster": MASTER}, port)
+        with twistd_run(args, tmp_path, "sentinel", port) as twistd:
+            twistd.wait_subscribed()
+            master = setup.data(setup.master.port)
+            master.command("SET", "rm:users:user1:key", "s3cret")
+            with ws(f"ws://{HOST}:{port}/") as client:
+                hello(client, {"id": "user1", "key": "s3cret"})
+                master.command("PUBLISH", "rm.users.user1", "before")
+                assert recv_json(client)["payload"] == "before"
+                promoted = setup.data(setup.kill_master())
+                wait_for(lambda: twistd.log().count(SUBSCRIBED) == 2, "a new subscription",
+                         START_TIMEOUT, twistd.alive)
+                promoted.command("PUBLISH", "rm.users.user1", "after")
+                assert recv_json(client)["payload"] == "after"
+            stop_cleanly(twistd)
 
 
 @claims("ops-redis-inspect")

@@ -128,12 +128,20 @@ def test_namespace():
     ("redis://:s3cret@10.0.0.1:6380/2", RedisAddress("10.0.0.1", 6380, db=2, password="s3cret")),
     ("redis://user:pw@h/0", RedisAddress("h", password="pw", username="user")),
     ("unix:///run/redis.sock?db=3", RedisAddress(path="/run/redis.sock", db=3)),
+    ("redis+sentinel://:pw@s1:26379,s2:26380/main/2?sentinel_password=sp",
+     RedisAddress("s1", 26379, db=2, password="pw", sentinels=(("s1", 26379), ("s2", 26380)),
+                  master_name="main", sentinel_password="sp")),
+    ("rediss+sentinel://[::1]:26379/main?ca=/ca.pem",
+     RedisAddress("::1", 26379, tls=True, ca_file="/ca.pem", sentinels=(("::1", 26379),),
+                  master_name="main")),
 ])
 def test_redis_urls(url, address):
     assert RedisAddress.from_url(url) == address
 
 
-@pytest.mark.parametrize("url", ["http://x", "redis://h:port", "redis://h/db", "unix://"])
+@pytest.mark.parametrize("url", ["http://x", "redis://h:port", "redis://h/db", "unix://",
+                                 "redis+sentinel://s1/main", "redis+sentinel://s1:1,s2/main",
+                                 "redis+sentinel://s1:1/", "redis+sentinel://s1:1/main/db"])
 def test_bad_redis_urls(url):
     with pytest.raises(ValueError):
         RedisAddress.from_url(url)
@@ -142,7 +150,8 @@ def test_bad_redis_urls(url):
 @pytest.mark.parametrize("url", [
     "http://:s3cret@x", "redis://:s3cret@h:port", "redis://user:s3cret@h/db",
     "unix://:s3cret@", "unix://:s3cret@/run/redis.sock?db=x",
-    "redis://:s3#cret@h:port", "redis://:s3/cr@et@h:port"])
+    "redis://:s3#cret@h:port", "redis://:s3/cr@et@h:port",
+    "redis+sentinel://:s3cret@s1/main"])
 def test_bad_redis_urls_hide_their_password(url, redis):
     """Before: the error quoted the URL as it was, password and all."""
     with pytest.raises(ValueError) as bad:
@@ -151,6 +160,19 @@ def test_bad_redis_urls_hide_their_password(url, redis):
     with pytest.raises(usage.UsageError) as refused:
         Options().parseOptions(["--redis", url])
     assert "s3" not in str(refused.value), refused.value
+
+
+def test_a_bad_sentinel_url_hides_the_sentinels_password():
+    with pytest.raises(ValueError) as bad:
+        RedisAddress.from_url("redis+sentinel://s1/main?sentinel_password=s3cret&ca=x")
+    assert "s3cret" not in str(bad.value) and "sentinel_password=***&ca=x" in str(bad.value)
+
+
+def test_a_sentinel_address_says_where_its_sentinels_are_and_its_master_is_plain():
+    address = RedisAddress.from_url("redis+sentinel://s1:1,s2:2/main/3")
+    assert str(address) == "redis+sentinel://s1:1,s2:2/main/3"
+    master = address.at("10.0.0.5", 6380)
+    assert master == RedisAddress("10.0.0.5", 6380, db=3)
 
 
 def test_endpoint_descriptions():
