@@ -165,7 +165,7 @@ def evaluate(results: dict) -> list[dict]:
         us = found["subject_us_per_item"]
         add("connections", "CPU per connect+hello", f"{us:.0f} µs", us, "<= 300 µs", us <= 300)
         raw = _good(results, "raw-connect")
-        if raw:
+        if raw and raw["subject_us_per_item"]:
             ratio = us / raw["subject_us_per_item"]
             add("connections", "CPU per connect+hello / bare Autobahn's (raw-connect)",
                 f"{us:.0f} vs {raw['subject_us_per_item']:.0f} µs", ratio, "(no target)",
@@ -212,7 +212,7 @@ def cluster_targets(results: dict, add: Callable[..., None]) -> None:
             f"{found['subject_us_per_item']:.2f} vs {us:.1f} µs/msg", ratio, "<= 10 %",
             ratio <= 0.10, f"{ratio * 100:.1f} %")
     found = _good(results, "cluster-storer")
-    if found and us:
+    if found and us and found["subject_us_per_item"]:  # 0: too little CPU to measure
         ratio = us / found["subject_us_per_item"]
         add("cluster-storer", "storer's capacity / one node's delivery capacity",
             f"{1e6 / found['subject_us_per_item']:,.0f} vs {1e6 / us:,.0f} msg/s per CPU",

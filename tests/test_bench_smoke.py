@@ -76,3 +76,20 @@ def test_the_median_run_of_runs_that_did_not_all_finish() -> None:
     runs[1].update(ok=True, rate=5.0)
     chosen = representative(runs)
     assert chosen["rate"] == 5.0 and chosen["ok"] is False
+
+
+def test_a_cost_too_small_to_measure_is_no_target() -> None:
+    """A smoke run's storer or bare server may use no measurable CPU: its
+    ratio is left out, not divided by zero (a smoke run once failed so)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.report import evaluate
+
+    results = {
+        "live-100": {"subject_us_per_item": 20.0, "rate": 1.0},
+        "cluster-storer": {"subject_us_per_item": 0.0, "rate": 1.0},
+        "connections": {"subject_us_per_item": 700.0, "rate": 1.0, "rss_per_connection": 1.0},
+        "raw-connect": {"subject_us_per_item": 0.0, "rate": 1.0},
+    }
+    shown = {target["target"] for target in evaluate(results)}
+    assert "CPU per connect+hello" in shown
+    assert not any("storer's capacity" in what or "bare Autobahn" in what for what in shown)
