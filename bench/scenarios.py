@@ -121,6 +121,12 @@ class Scenario:
     needs: tuple[str, ...] = ()
 
 
+def all_welcomed(opened: dict, count: int) -> None:
+    """The clients' ``open`` reply says that all ``count`` were welcomed."""
+    if opened["welcomed"] != count:
+        raise BenchError(f"only {opened['welcomed']} of {count} connected: {opened['errors']}")
+
+
 def uids_of(kind: str, count: int) -> list[str]:
     return [f"bench-{kind}-{index}" for index in range(count)]
 
@@ -189,10 +195,7 @@ def raw_send(users: int) -> Callable[[Bench], dict]:
                 "opened",
                 START_TIMEOUT + 5,
             )
-            if opened["welcomed"] != users:
-                raise BenchError(
-                    f"only {opened['welcomed']} of {users} connected: {opened['errors']}"
-                )
+            all_welcomed(opened, users)
             snap0 = stage.snapshot()
             server.send(
                 {"cmd": "send", "uids": uids, "n": n, "payload_size": bench.sizes.payload_size}
@@ -303,10 +306,7 @@ def live(users: int, ack: bool = False, name: str = "", layout: Layout = ONE_NOD
                 "opened",
                 START_TIMEOUT + 5,
             )
-            if opened["welcomed"] != users_now:
-                raise BenchError(
-                    f"only {opened['welcomed']} of {users_now} connected: {opened['errors']}"
-                )
+            all_welcomed(opened, users_now)
             publisher = stage.start_publisher(
                 {
                     "port": stage.redis_port,
@@ -391,10 +391,7 @@ def group(bench: Bench) -> dict:
             "opened",
             START_TIMEOUT + 5,
         )
-        if opened["welcomed"] != len(online):
-            raise BenchError(
-                f"only {opened['welcomed']} of {len(online)} connected: {opened['errors']}"
-            )
+        all_welcomed(opened, len(online))
         deliveries, stores = n * len(online), n * len(offline)
         limit = deadline(deliveries + stores)
         publisher = stage.start_publisher(
@@ -625,8 +622,7 @@ def latency(bench: Bench) -> dict:
             "opened",
             START_TIMEOUT + 5,
         )
-        if opened["welcomed"] != users:
-            raise BenchError(f"only {opened['welcomed']} of {users} connected: {opened['errors']}")
+        all_welcomed(opened, users)
         limit = sizes.latency_seconds + deadline(n)
         publisher = stage.start_publisher(
             {
@@ -790,10 +786,7 @@ def _failover(bench: Bench, name: str, storer_dies: bool) -> dict:
                 "opened",
                 limit + 5,
             )
-            if opened["welcomed"] != len(uids):
-                raise BenchError(
-                    f"only {opened['welcomed']} of {len(uids)} connected: {opened['errors']}"
-                )
+            all_welcomed(opened, len(uids))
         # Messages the ack-mode sockets got and did not acknowledge: node-a
         # holds them in its claims when it dies.
         publisher = stage.start_publisher(

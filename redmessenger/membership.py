@@ -399,7 +399,6 @@ class Membership:
                 attempt += 1
                 if not str(e).startswith("FENCED") or attempt == ACQUIRE_ATTEMPTS:
                     raise
-            await self._lease_redis.whenConnected()
             if not await self.lease_checked():
                 raise FencedOut(f"partition {k}: this node's lease is gone")
             await task.deferLater(self._reactor, LEASE_EVERY * attempt / ACQUIRE_ATTEMPTS)
@@ -557,18 +556,30 @@ class Membership:
         node stalled: a storm of connects, say): renew it now, which takes
         it back if nothing was taken meanwhile. Fires with whether the node
         may go on (its refused writes may be sent again)."""
-        if self._checking is None:
-            self._checking = self._renew()
-            self._checking.addBoth(self._checked)
         d: defer.Deferred = defer.Deferred()
         self._waiting_checks.append(d)
+        if self._checking is None:  # (one that is over at once fires d now)
+            self._checking = defer.ensureDeferred(self._check())
+            self._checking.addBoth(self._checked)
         return d
+
+    async def _check(self) -> bool:
+        """Renew the lease once its connection is up; while Redis cannot say
+        whether it is ours, ask again a moment later (not at once: what was
+        refused would be sent again, and refused, in a tight loop)."""
+        while not self.is_lost:
+            await self._lease_redis.whenConnected()
+            kept = await self._renew()
+            if kept is not None:
+                return kept
+            await task.deferLater(self._reactor, LEASE_EVERY)
+        return False
 
     def _checked(self, kept) -> None:
         self._checking = None
         waiting, self._waiting_checks = self._waiting_checks, []
         for d in waiting:
-            d.callback(kept is not False and not self.is_lost)
+            d.callback(kept is True and not self.is_lost)
 
     def _fenced(self, failure) -> None:
         if failure.check(txredisapi().ResponseError) and \

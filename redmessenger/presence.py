@@ -31,8 +31,8 @@ log = Logger()
 
 #: How long a node waits for another that held a user's socket to say it
 #: stored what it heard for the user before the socket left (``G``): a dead
-#: node never will, and its lease (3 s) and a cluster tick (1 s) are over
-#: by then.
+#: node never will (its reaper says it for it), and its lease (3 s) and a
+#: cluster tick (0.5 s) are over by then.
 LEAVING_TIMEOUT = 5.0
 
 
@@ -91,6 +91,9 @@ class ClusterView:
         #: per user, with their join order.
         self.mine: dict[str, dict[str, int]] = {}
         self._joining: dict[str, _Joining] = {}
+        #: The same sockets, per user: a user's leave events reach only its
+        #: own (a failover's reaping says thousands while thousands join).
+        self._joining_of: dict[str, set[str]] = {}
         #: Called when a user's newest socket, cluster-wide, moves to or
         #: from another node: ``outbid(uid, True)`` while it is elsewhere.
         self.outbid: Callable[[str, bool], None] = lambda uid, elsewhere: None
@@ -136,6 +139,7 @@ class ClusterView:
         this node stores for the user, on the connection it takes on, in
         the order it decided: only other nodes' leaving sockets matter."""
         state = self._joining[socket] = _Joining(uid, partition_of(uid, self.partitions), local)
+        self._joining_of.setdefault(uid, set()).add(socket)
         return state.ready
 
     def recorded(self, socket: str, leaving: list[str]) -> None:
@@ -165,7 +169,7 @@ class ClusterView:
 
     def fail(self, socket: str, reason: Exception) -> None:
         """The socket's join could not be recorded."""
-        state = self._joining.pop(socket, None)
+        state = self._stop_joining(socket)
         if state is not None:
             state.ready.errback(reason)
 
@@ -175,9 +179,18 @@ class ClusterView:
         return [(state.uid, socket) for socket, state in self._joining.items()]
 
     def _complete(self, socket: str) -> None:
-        state = self._joining.pop(socket, None)
+        state = self._stop_joining(socket)
         if state is not None:
             state.ready.callback(None)
+
+    def _stop_joining(self, socket: str) -> _Joining | None:
+        state = self._joining.pop(socket, None)
+        if state is not None:
+            sockets = self._joining_of[state.uid]
+            sockets.discard(socket)
+            if not sockets:
+                del self._joining_of[state.uid]
+        return state
 
     def _may_settle(self, socket: str) -> None:
         state = self._joining.get(socket)
@@ -208,10 +221,9 @@ class ClusterView:
         elif kind == b"G":
             socket = rest.decode()
             self.gone(uid, socket)
-            for waiting, state in list(self._joining.items()):
-                if state.uid == uid:
-                    state.gone.add(socket)
-                    self._may_settle(waiting)
+            for waiting in list(self._joining_of.get(uid, ())):
+                self._joining[waiting].gone.add(socket)
+                self._may_settle(waiting)
         elif kind == b"W":
             if uid in self.mine or self.holds(uid):
                 self.woken(uid)

@@ -66,7 +66,7 @@ class Router:
         #: stores: partition -> the pending entry that holds the stream.
         self._handovers: dict[int, _Pending] = {}
         #: What waits, per user, for another node's last stores (see
-        #: ``ClusterView.parked``): envelopes to decide, and sockets to
+        #: ``ClusterView.parking``): envelopes to decide, and sockets to
         #: fence, in the order heard.
         self._parked: dict[str, list[Envelope | str]] = {}
         self._call_later = call_later

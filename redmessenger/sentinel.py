@@ -168,11 +168,15 @@ class SwitchWatch:
             def messageReceived(self, pattern, channel, message) -> None:
                 watch._heard(bytes(message).decode(errors="replace"))
 
+        def listen(proto) -> None:
+            proto.subscribe([b"+switch-master"]).addErrback(
+                lambda f: log.warn("A Sentinel refused to say when the master moves: {why}",
+                                   why=f.getErrorMessage()[:200]))
+
         for host, port in self._address.sentinels:
             sentinel = sentinel_at(self._address, host, port)
             service = connect_service(self._reactor, sentinel,
-                                      ProtocolFactory(sentinel, protocol=Listener),
-                                      lambda proto: proto.subscribe([b"+switch-master"]))
+                                      ProtocolFactory(sentinel, protocol=Listener), listen)
             service.startService()
             self._services.append(service)
 

@@ -305,7 +305,6 @@ def tune_collector() -> None:
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, older, oldest)
 
 
-
 def tune_reactor() -> None:
     """One turn of twistd's reactor handles at most ``EVENTS_PER_TURN``
     ready sockets, so that timers (the lease's renewal) run between turns

@@ -44,11 +44,16 @@ def test_a_join_waits_for_the_nodes_of_sockets_that_just_left() -> None:
     be stored yet: the drain waits until that node says it is (``G``)."""
     v, _ = view(held=True, storer="me")
     ready = v.joining("u", "me:2", local=True)
+    other = v.joining("w", "me:3", local=True)
+    v.recorded("me:3", ["x:2"])
     v.heard_presence("u", b"G x:1")  # before the join's reply: remembered
     v.recorded("me:2", ["x:1", "x:2", "me:1"])  # its own need no waiting
     assert not ready.called
     v.heard_presence("u", b"G x:2")
     assert ready.called
+    assert not other.called  # another user's socket of that name is not this one's
+    v.heard_presence("w", b"G x:2")
+    assert other.called
 
 
 def test_a_join_is_ready_when_heard_if_this_node_stores_or_nobody_does() -> None:
