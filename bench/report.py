@@ -148,6 +148,7 @@ def evaluate(results: dict) -> list[dict]:
     if rate:
         add("store", "stores per second", f"{rate:,.0f} stores/s", rate, ">= 100,000",
             rate >= 100_000)
+    replicas_targets(results, add)
     found = _good(results, "latency")
     if found:
         add("latency", f"p99 at {found['requested_rate']:,} msg/s", f"{found['p99_ms']:.2f} ms",
@@ -182,6 +183,29 @@ def evaluate(results: dict) -> list[dict]:
             f"{plain / rate:.2f}x")
     cluster_targets(results, add)
     return targets
+
+
+def replicas_targets(results: dict, add: Callable[..., None]) -> None:
+    """What waiting for a replica (``--redis-replicas-ack 1``) costs, against
+    the same scenario without, in this run: CPU per item and latency."""
+    for name, base in (("store-replica", "store"), ("live-1-ack-replica", "live-1-ack")):
+        found, plain = _good(results, name), _good(results, base)
+        if not (found and plain and found["rate"] and plain["rate"]):
+            continue
+        add(name, f"time / {base}'s (rate)", f"{found['rate']:,.0f} vs {plain['rate']:,.0f} "
+            f"{found['unit']}", plain["rate"] / found["rate"], "(no target)", None,
+            f"{plain['rate'] / found['rate']:.2f}x")
+        us, us_plain = found["subject_us_per_item"], plain["subject_us_per_item"]
+        if us and us_plain:
+            add(name, f"CPU per item / {base}'s", f"{us:.1f} vs {us_plain:.1f} µs",
+                us / us_plain, "(no target)", None, f"{us / us_plain:.2f}x")
+    found, plain = _good(results, "latency-ack-replica"), _good(results, "latency-ack")
+    if found and plain:
+        for label in ("50", "99"):
+            mine, base = found[f"p{label}_ms"], plain[f"p{label}_ms"]
+            add("latency-ack-replica", f"p{label} / latency-ack's",
+                f"{mine:.2f} vs {base:.2f} ms", mine / base if base else None,
+                "(no target)", None, f"{mine / base:.2f}x" if base else "")
 
 
 def cluster_targets(results: dict, add: Callable[..., None]) -> None:

@@ -279,8 +279,16 @@ class Layout:
 ONE_NODE = Layout()
 
 
-def live(users: int, ack: bool = False, name: str = "", layout: Layout = ONE_NODE
-         ) -> Callable[[Bench], dict]:
+def replicated(stage: Stage, replicas: int) -> tuple[str, ...]:
+    """With ``replicas``: that many replicas of the stage's Redis, and
+    RedMessenger's options to wait for them (``--redis-replicas-ack``)."""
+    for _ in range(replicas):
+        stage.start_replica()
+    return ("--redis-replicas-ack", str(replicas)) if replicas else ()
+
+
+def live(users: int, ack: bool = False, name: str = "", layout: Layout = ONE_NODE,
+         replicas: int = 0) -> Callable[[Bench], dict]:
     def run(bench: Bench) -> dict:
         n = bench.sizes.live
         users_now = bench.sizes.live_users if users != 1 else 1
@@ -289,7 +297,7 @@ def live(users: int, ack: bool = False, name: str = "", layout: Layout = ONE_NOD
         with Stage(bench, title) as stage:
             redis = stage.start_redis()
             if layout.nodes == 1:
-                stage.start_rm()
+                stage.start_rm(*replicated(stage, replicas))
                 nodes = stage.nodes
             else:
                 nodes = stage.start_nodes(layout.nodes)
@@ -464,14 +472,18 @@ def group(bench: Bench) -> dict:
         return found
 
 
-def store(bench: Bench) -> dict:
+def store(name: str, replicas: int = 0) -> Callable[[Bench], dict]:
+    return lambda bench: _store(bench, name, replicas)
+
+
+def _store(bench: Bench, name: str, replicas: int) -> dict:
     n, users = bench.sizes.store, bench.sizes.store_users
     uids = uids_of("s", users)
     expected = spread(n, users)
     last_uid = uids[(n - 1) % users]
-    with Stage(bench, "store") as stage:
+    with Stage(bench, name) as stage:
         redis = stage.start_redis()
-        rm = stage.start_rm()
+        rm = stage.start_rm(*replicated(stage, replicas))
         publisher = stage.start_publisher(
             {
                 "port": stage.redis_port,
@@ -509,7 +521,7 @@ def store(bench: Bench) -> dict:
             )
         check_rm_log(checks, stage)
         return result(
-            "store",
+            name,
             sent=n,
             received=sum(len(v) for v in stored.values()),
             checks=checks,
@@ -602,14 +614,20 @@ def drain(name: str, big: bool = False, ack: bool = False) -> Callable[[Bench], 
     return run
 
 
-def latency(bench: Bench) -> dict:
+def latency(name: str, ack: bool = False, replicas: int = 0, load: float = 1.0
+            ) -> Callable[[Bench], dict]:
+    """``load``: the share of the ``latency`` scenario's rate to send."""
+    return lambda bench: _latency(bench, name, ack, replicas, load)
+
+
+def _latency(bench: Bench, name: str, ack: bool, replicas: int, load: float) -> dict:
     sizes = bench.sizes
-    rate, users = sizes.latency_rate, sizes.latency_users
+    rate, users = int(sizes.latency_rate * load), sizes.latency_users
     n = int(rate * sizes.latency_seconds)
     uids = uids_of("l", users)
-    with Stage(bench, "latency") as stage:
+    with Stage(bench, name) as stage:
         stage.start_redis()
-        rm = stage.start_rm()
+        rm = stage.start_rm(*replicated(stage, replicas))
         client = stage.start_worker("wsclient")
         opened = client.call(
             {
@@ -617,6 +635,7 @@ def latency(bench: Bench) -> dict:
                 "port": stage.rm_port,
                 "uids": uids,
                 "latency": True,
+                "ack": ack,
                 "concurrency": sizes.concurrency,
             },
             "opened",
@@ -637,7 +656,7 @@ def latency(bench: Bench) -> dict:
         snap0 = stage.begin(rm)
         publisher.send({"cmd": "go"})
         published = publisher.receive("published", limit + 5)
-        samples_path = bench.out / f"latency-samples{bench.suffix}.bin"
+        samples_path = bench.out / f"{name}-samples{bench.suffix}.bin"
         waited = client.call(
             {
                 "cmd": "wait",
@@ -662,7 +681,7 @@ def latency(bench: Bench) -> dict:
         check_rm_log(checks, stage)
         seconds = waited["t_target"] - published["t_start"]
         return result(
-            "latency",
+            name,
             sent=n,
             received=received,
             checks=checks,
@@ -954,12 +973,27 @@ SCENARIOS = [
         ("live-1",),
     ),
     Scenario(
+        "live-1-ack-replica",
+        "scenario",
+        "live-1-ack with --redis-replicas-ack 1: claims and acks wait for a replica",
+        live(1, ack=True, name="live-1-ack-replica", replicas=1),
+        ("live-1-ack",),
+    ),
+    Scenario(
         "group",
         "scenario",
         "one group of 1,000 members, half online: live deliveries and stores",
         group,
     ),
-    Scenario("store", "scenario", "messages for 100 offline users, stored in Redis", store),
+    Scenario("store", "scenario", "messages for 100 offline users, stored in Redis",
+             store("store")),
+    Scenario(
+        "store-replica",
+        "scenario",
+        "store with --redis-replicas-ack 1: each store waits for a replica",
+        store("store-replica", replicas=1),
+        ("store",),
+    ),
     Scenario(
         "drain",
         "scenario",
@@ -978,7 +1012,20 @@ SCENARIOS = [
         ("drain",),
     ),
     Scenario(
-        "latency", "scenario", "a steady rate to 100 online users: PUBLISH to receipt", latency
+        "latency", "scenario", "a steady rate to 100 online users: PUBLISH to receipt",
+        latency("latency"),
+    ),
+    Scenario(
+        "latency-ack", "scenario",
+        "latency in ack mode (each message held in Redis first), at a tenth of the rate",
+        latency("latency-ack", ack=True, load=0.1),
+    ),
+    Scenario(
+        "latency-ack-replica",
+        "scenario",
+        "latency-ack with --redis-replicas-ack 1: each hold waits for a replica",
+        latency("latency-ack-replica", ack=True, replicas=1, load=0.1),
+        ("latency-ack",),
     ),
     Scenario(
         "connections",

@@ -131,6 +131,31 @@ class Stage:
         self.redis.command("PING")
         return self.redis
 
+    def start_replica(self) -> Redis:
+        """A replica of the stage's Redis, once in sync with it: what
+        ``--redis-replicas-ack 1`` waits for."""
+        from redmessenger.redisserver import find_redis_server, server_arguments
+
+        # Not the 5 s a master waits by default for more replicas before a
+        # diskless full sync.
+        self.redis.command("CONFIG", "SET", "repl-diskless-sync-delay", "0")
+        port = free_port()
+        where = self.work / "replica"
+        where.mkdir(exist_ok=True)
+        process = self._spawn("replica", [
+            find_redis_server(), *server_arguments(port, where, appendonly=False),
+            "--replicaof", HOST, str(self.redis_port)])
+        wait_until(lambda: accepting(port), "the replica to listen", START_TIMEOUT,
+                   process.alive)
+        replica = Redis(port)
+        wait_until(
+            lambda: b"master_link_status:up" in replica.command("INFO", "replication"),
+            "the replica to sync",
+            START_TIMEOUT,
+            process.alive,
+        )
+        return replica
+
     def start_node(self, name: str, *extra: str) -> Node:
         """One more RedMessenger on the stage's Redis, on a port of its own,
         once it is ready: listening, subscribed, and storing for the

@@ -32,7 +32,13 @@ from twisted.logger import Logger
 from . import lua
 from .keys import Namespace
 from .presence import LEAVING_TIMEOUT, ClusterView, partition_of
-from .redisconnection import RedisConnection, RedisUnavailable, Script, txredisapi
+from .redisconnection import (
+    RETRY_MAX_DELAY,
+    RedisConnection,
+    RedisUnavailable,
+    Script,
+    txredisapi,
+)
 from .store import RedisStore
 from .subscriber import Subscriber
 
@@ -47,6 +53,11 @@ TICK_EVERY = 0.5
 ACQUIRE_ATTEMPTS = 5
 #: How long a stopping node waits for another to take its partitions.
 HANDOVER_TIMEOUT = 3.0
+#: Once this node is back on Redis after losing it, how long it counts no
+#: other node as dead: Redis was likely away for all of them (a restart, a
+#: failover), and their leases lapsed with it. Each is back within its
+#: reconnect backoff, and renews within a lease's time.
+RECONNECT_GRACE = RETRY_MAX_DELAY + LEASE_TTL
 
 JOIN = Script(lua.source("join", "live"))
 LEAVE = Script(lua.source("leave"))
@@ -54,7 +65,7 @@ GONE = Script(lua.source("gone"))
 ACQUIRE = Script(lua.source("acquire", "live"))
 OFFER = Script(lua.source("offer"))
 RESIGN = Script(lua.source("resign"))
-REAP = Script(lua.source("reap", "recover"))
+REAP = Script(lua.source("reap", "recover"), durable=True)  # puts claims back
 #: Sent with EVAL on a "now" command: it must not wait behind writes Redis
 #: refuses (out of memory), or the lease would expire meanwhile.
 RENEW = Script(lua.source("renew"))
@@ -126,6 +137,11 @@ class Membership:
         self._checking: defer.Deferred | None = None
         self._waiting_checks: list[defer.Deferred] = []
         self._renewed_at: float | None = None
+        #: Renewals Redis refused in a row.
+        self._refusals = 0
+        self._reconnects_seen = 0
+        #: Until when no other node counts as dead (``RECONNECT_GRACE``).
+        self._grace_until: float | None = None
         #: The longest time between two renewals of the lease, in seconds:
         #: how close this node came to counting as dead (``LEASE_TTL``).
         self.longest_renewal_gap = 0.0
@@ -485,23 +501,46 @@ class Membership:
     async def _tick(self) -> None:
         """Take partitions whose holder died (or is stopping), and reap
         dead nodes' sockets (the holder of partition 0 does)."""
-        if self.stopping or self.is_lost:
+        if self.stopping or self.is_lost or self._in_grace():
             return
+        # Reads wait for Redis: each decision checks the grace again after
+        # them, for Redis may have been away (and every lease lapsed) since.
         try:
-            await self._take(await self._vacant(self.view.partitions))
+            vacant = await self._vacant(self.view.partitions)
+            if self._in_grace():
+                return
+            await self._take(vacant)
             await self._even_out()
             if 0 in self.view.held:
                 for node in await self._look(b"SMEMBERS", self._ns.nodes):
                     node = bytes(node).decode()
                     if node != self.owner and not await self._look(
-                            b"EXISTS", self._ns.process(node)):
+                            b"EXISTS", self._ns.process(node)) and not self._in_grace():
                         left = await self._reap(node)
                         log.warn("Node {node} is gone (its lease expired): {count} of its "
                                  "sockets left", node=node, count=left)
-        except RedisUnavailable:
-            pass
+        except (RedisUnavailable, FencedOut):
+            pass  # Redis is away; or this node lost its place, and stops (_lose)
         except Exception:
             log.failure("The cluster tick failed; trying again in {s} s", s=TICK_EVERY)
+
+    def _in_grace(self) -> bool:
+        """Whether this node came back on Redis too recently to count others
+        as dead (``RECONNECT_GRACE``)."""
+        now = self._reactor.seconds()
+        reconnects = self._redis.reconnects + self._lease_redis.reconnects
+        if reconnects != self._reconnects_seen:
+            self._reconnects_seen = reconnects
+            self._grace_until = now + RECONNECT_GRACE
+            log.info("Back on Redis: for {seconds:g} s no other node counts as dead (their "
+                     "leases lapsed too while Redis was away)", seconds=RECONNECT_GRACE)
+        if self._grace_until is None:
+            return False
+        if now < self._grace_until:
+            return True
+        self._grace_until = None
+        log.info("Counting nodes whose leases lapsed as dead again")
+        return False
 
     def _reap(self, node: str) -> defer.Deferred:
         ns = self._ns
@@ -529,11 +568,22 @@ class Membership:
             self._whereabouts.encode(), about.encode(), *(self._ns.storer(k) for k in held))
         d.addCallback(self._renewed)
         d.addErrback(lambda f: f.trap(RedisUnavailable))
-        d.addErrback(lambda f: log.warn("Could not renew the node's lease: {why}",
-                                        why=f.getErrorMessage()[:300]))
+        d.addErrback(self._not_renewed)
         return d
 
+    def _not_renewed(self, failure) -> None:
+        """Redis refused the renewal (``NOREPLICAS`` from a master that lost
+        its replicas, say): said once, until a renewal passes again."""
+        self._refusals += 1
+        if self._refusals == 1:
+            log.warn("Could not renew the node's lease: {why}; trying again every "
+                     "{every:g} s", why=failure.getErrorMessage()[:300], every=LEASE_EVERY)
+
     def _renewed(self, kept: int) -> bool:
+        if self._refusals:
+            log.info("Renewed the node's lease again after {count} refusals",
+                     count=self._refusals)
+            self._refusals = 0
         if not kept:
             log.critical("This node's lease expired and what it held was taken over "
                          "(Redis was away, or the node stalled, for over {ttl} s)",

@@ -71,6 +71,14 @@ class _Collector:
                      int(service.redis.writable))
         yield _gauge("redis_overloaded", "1 while --max-pending-bytes is exceeded: hellos get "
                      "1013 and the subscriber is paused", int(service.redis.overloaded))
+        yield _gauge("redis_replicas_late", "1 once fewer replicas than "
+                     "--redis-replicas-ack have had our writes for 1 s (they are waited "
+                     "for again, not given up)", int(service.redis.replicas_late))
+        yield _gauge("redis_unreplicated_commands", "Stores, claims and acks Redis took "
+                     "that wait for --redis-replicas-ack replicas", service.redis.unreplicated)
+        yield CounterMetricFamily("redmessenger_redis_replica_wait_timeouts",
+                                  "WAIT calls that timed out short of --redis-replicas-ack "
+                                  "replicas", value=service.redis.replica_timeouts)
         yield _gauge("inbox_reading", "0 while error replies keep the inbox reader from "
                      "reading", int(service.inbox is None or service.inbox.reading))
         view = service.membership.view

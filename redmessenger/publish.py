@@ -15,6 +15,10 @@ _args)``, so it works from the application's own (synchronous) code::
 
 With an asyncio client (``redis.asyncio``), whose ``eval`` is a coroutine,
 it returns an awaitable: ``await durable_publish(redis.asyncio.Redis(), ...)``.
+
+:func:`redis_client` makes a redis-py client from a URL as RedMessenger's
+``--redis`` takes it, Sentinel ones included, so that the application finds
+the master where RedMessenger does.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from . import lua
 from .envelope import Envelope, MessageIds
 from .frames import MAX_ID_LENGTH, valid_id
 from .keys import Namespace
+from .settings import RedisAddress
 
 #: Store for the recipients and wake those online, atomically:
 #: redmessenger/lua/durable_publish.lua says how.
@@ -68,6 +73,29 @@ def durable_publish(redis, payload: bytes | str, *, user: str | None = None,
     if inspect.isawaitable(reply):
         return _published_later(reply, envelope.id)
     return _published(reply, envelope.id)
+
+
+def redis_client(url: str) -> Any:
+    """A redis-py client (redis-py is the application's, not a dependency of
+    RedMessenger) for ``url`` as ``--redis`` takes it: ``redis[s]://`` and
+    ``unix://``, or ``redis[s]+sentinel://``, whose client asks the Sentinels
+    for the master and asks again after a failover."""
+    import redis
+
+    address = RedisAddress.from_url(url)
+    common: dict[str, Any] = {"username": address.username, "password": address.password,
+                              "db": address.db}
+    if address.tls:
+        common.update(ssl=True, ssl_ca_certs=address.ca_file)
+    if not address.sentinels:
+        if address.path is not None:
+            return redis.Redis(unix_socket_path=address.path, **common)
+        return redis.Redis(host=address.host, port=address.port, **common)
+    sentinel_auth: dict[str, Any] = {"password": address.sentinel_password}
+    if address.tls:
+        sentinel_auth.update(ssl=True, ssl_ca_certs=address.ca_file)
+    sentinels = redis.Sentinel(list(address.sentinels), sentinel_kwargs=sentinel_auth)
+    return sentinels.master_for(address.master_name, **common)
 
 
 def _published(reply: Any, message_id: str) -> Published:

@@ -10,6 +10,11 @@ Redis may also answer "not now" (``OOM`` when ``maxmemory`` is reached,
 ``LOADING``, ``READONLY``...). Such a command is held, not failed: nothing
 new is sent while it is tried again with backoff, and once it passes, it
 and everything after it go out in their order.
+
+With ``replicas`` (``--redis-replicas-ack``), a durable write counts as done
+only once ``WAIT`` says that many replicas have it: until then it stays
+pending, so a connection lost meanwhile (the master died before its replicas
+had it) sends it again, to whichever master the Sentinels name.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ log = Logger()
 
 #: Reconnect quickly at first, then every few seconds at most; a little
 #: jitter so that many processes do not all come back at once.
-RETRY_POLICY = backoffPolicy(initialDelay=0.05, maxDelay=3.0, factor=2.0,
+RETRY_MAX_DELAY = 3.0
+RETRY_POLICY = backoffPolicy(initialDelay=0.05, maxDelay=RETRY_MAX_DELAY, factor=2.0,
                              jitter=lambda: random.uniform(0, 0.1))
 
 
@@ -104,6 +110,7 @@ def connect_service(reactor, address: RedisAddress, factory: ProtocolFactory,
 
     def prepare(proto) -> None:
         def lost(_):
+            service.current = None  # (one connection at a time)
             if not proto.answered:
                 refused[0] += 1
                 log.warn("Could not set up a connection to Redis at {address}: {why}",
@@ -160,18 +167,31 @@ class _FollowingMaster(ClientService):
 
     current = None
     watch: SwitchWatch
+    _stopped = False
 
     def startService(self) -> None:
         super().startService()
         self.watch.follow(self._moved)
 
     def stopService(self) -> defer.Deferred:
+        self._stopped = True
         stopped = super().stopService()
         return defer.DeferredList([stopped, self.watch.unfollow(self._moved)])
 
     def _moved(self) -> None:
-        if self.current is not None and self.current.transport is not None:
-            self.current.transport.loseConnection()
+        """Connected: drop it, to be made again where the Sentinels say now.
+        Not connected (the old master died first, and the attempts since
+        failed): try now, not after the backoff those attempts built up."""
+        if self.current is not None:
+            if self.current.transport is not None:
+                self.current.transport.loseConnection()
+        elif self.running:
+            log.info("Connecting to the new master now")
+            ClientService.stopService(self).addCallback(self._start_again)
+
+    def _start_again(self, _) -> None:
+        if not self._stopped:
+            ClientService.startService(self)
 
 
 def name_connection(proto, role: str) -> None:
@@ -223,11 +243,14 @@ def _tls_options(address: RedisAddress):
 
 
 class Script:
-    """A Lua script, sent by its SHA1 once Redis knows it."""
+    """A Lua script, sent by its SHA1 once Redis knows it. ``durable``: it
+    writes what must survive a failover (a store, a claim, an ack), so with
+    ``--redis-replicas-ack`` it is done once the replicas have it."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, *, durable: bool = False) -> None:
         self.source = source.encode()
         self.sha = hashlib.sha1(self.source).hexdigest().encode()
+        self.durable = durable
 
 
 #: A held command is tried again after this long at first, then twice as
@@ -235,16 +258,32 @@ class Script:
 HOLD_FIRST_DELAY = 0.05
 HOLD_MAX_DELAY = 3.0
 
+#: How long one ``WAIT`` for replicas may take (ms); one that times out
+#: short of them is sent again, for as long as it takes. Short, for a WAIT
+#: holds up every command sent after it on its connection.
+REPLICA_WAIT_MS = 100
+#: The replicas count as late once WAITs have come back short for this
+#: long (seconds).
+REPLICAS_LATE_AFTER = 1.0
+
 
 class _Command:
-    __slots__ = ("args", "result", "retry", "script", "sent_on", "size")
+    __slots__ = ("args", "durable", "replied", "result", "retry", "script", "sent_on", "seq",
+                 "size")
 
-    def __init__(self, args: tuple, retry: bool, script: Script | None = None) -> None:
+    def __init__(self, args: tuple, retry: bool, script: Script | None = None,
+                 durable: bool = False) -> None:
         self.args = args
         self.result: defer.Deferred = defer.Deferred()
         self.retry = retry
         self.script = script
+        #: Done once the replicas have it (``--redis-replicas-ack``).
+        self.durable = durable
+        #: Its reply, kept while the replicas do not have it yet.
+        self.replied: tuple | None = None
         self.sent_on = None
+        #: The order it was written in, so a ``WAIT`` knows what it covers.
+        self.seq = 0
         self.size = sum(len(a) for a in args if isinstance(a, (bytes, str)))
 
 
@@ -252,7 +291,8 @@ class RedisConnection(Service):
     """One ordered command connection that loses no command."""
 
     def __init__(self, address: RedisAddress, reactor, scripts: Sequence[Script] = (), *,
-                 role: str = "commands", max_pending_bytes: int = 0) -> None:
+                 role: str = "commands", max_pending_bytes: int = 0,
+                 replicas: int = 0) -> None:
         self.address = address
         self._reactor = reactor
         self._scripts = list(scripts)
@@ -281,6 +321,18 @@ class RedisConnection(Service):
         #: Called with ``True`` when the connection becomes overloaded and
         #: with ``False`` when it no longer is.
         self.pressure_observers: list[Callable[[bool], object]] = []
+        #: Durable writes are done once this many replicas have them.
+        self.replicas = replicas
+        self._written = 0
+        self._wait_timer = None
+        #: True while ``WAIT`` has said for ``REPLICAS_LATE_AFTER`` that
+        #: fewer replicas than wanted have our writes (they are kept, and
+        #: waited for again).
+        self.replicas_late = False
+        #: When WAITs began to come back short, or ``None``.
+        self._short_since: float | None = None
+        #: ``WAIT`` calls that timed out short of ``replicas``.
+        self.replica_timeouts = 0
 
     @property
     def connected(self) -> bool:
@@ -289,6 +341,11 @@ class RedisConnection(Service):
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def unreplicated(self) -> int:
+        """Durable writes Redis took that its replicas do not have yet."""
+        return sum(1 for command in self._pending if command.replied is not None)
 
     @property
     def writable(self) -> bool:
@@ -304,8 +361,9 @@ class RedisConnection(Service):
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
-        if self._retry_timer is not None and self._retry_timer.active():
-            self._retry_timer.cancel()
+        for timer in (self._retry_timer, self._wait_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
         if self._pending:
             log.critical("Stopping with {count} Redis commands ({bytes} bytes) unanswered: "
                          "{names}", count=len(self._pending), bytes=self.pending_bytes,
@@ -333,13 +391,15 @@ class RedisConnection(Service):
 
     def eval(self, script: Script, keys: Sequence, args: Sequence = ()) -> defer.Deferred:
         return self._submit(_Command((b"EVALSHA", script.sha, len(keys), *keys, *args),
-                                     retry=True, script=script))
+                                     retry=True, script=script, durable=script.durable))
 
     def flushed(self) -> defer.Deferred:
-        """Fires once every command handed over before it has been answered."""
+        """Fires once every command handed over before it has been answered
+        (and its writes are on the replicas, with ``replicas``)."""
         if not self._pending:
             return defer.succeed(None)
-        return self.execute(b"PING").addCallback(lambda _: None)
+        return self._submit(_Command((b"PING",), retry=True, durable=True)).addCallback(
+            lambda _: None)
 
     # -- the ordered, retried pipeline -----------------------------------
 
@@ -355,12 +415,18 @@ class RedisConnection(Service):
 
     def _write(self, command: _Command) -> None:
         proto = command.sent_on = self._protocol
+        command.replied = None
+        self._written += 1
+        command.seq = self._written
         try:
             d = proto.execute_command(*command.args)
         except txredisapi().ConnectionError:
             return  # connectionLost is on its way and will resend it
         d.addCallbacks(self._answered, self._failed,
                        callbackArgs=(command, proto), errbackArgs=(command, proto))
+        if command.durable and self.replicas and self._wait_timer is None:
+            # One WAIT per reactor turn covers every write of the turn.
+            self._wait_timer = self._reactor.callLater(0, self._wait_for_replicas)
 
     def _forget(self, command: _Command) -> None:
         if self._pending and self._pending[0] is command:
@@ -400,10 +466,75 @@ class RedisConnection(Service):
             # writes nothing new, or memory was freed in between): it is
             # done; say so when the spell ends.
             self._overtook += 1
-        self._forget(command)
+        if command.durable and self.replicas:
+            # Done once a WAIT says the replicas have it (_replicated).
+            command.replied = (reply,)
+            if command is self._probe:
+                self._release()
+        else:
+            self._forget(command)
         if self.refusal is not None and not self._holding:
             self._release()  # held commands went again on a new connection, and passed
-        command.result.callback(reply)
+        if command.replied is None:
+            command.result.callback(reply)
+
+    # -- waiting for the replicas (--redis-replicas-ack) -------------------
+
+    def _wait_for_replicas(self) -> None:
+        self._wait_timer = None
+        proto = self._protocol
+        if proto is None:
+            return  # _ready sends the writes again, and then waits for them
+        covers = self._written
+        try:
+            d = proto.execute_command(b"WAIT", self.replicas, REPLICA_WAIT_MS)
+        except txredisapi().ConnectionError:
+            return  # connectionLost is on its way; _ready waits anew
+        d.addCallbacks(self._replicated, self._not_replicated,
+                       callbackArgs=(proto, covers), errbackArgs=(proto,))
+
+    def _replicated(self, count, proto, covers: int) -> None:
+        """What the replicas have is done, in order; short of them, wait
+        again: the writes are on the master, and are not given up."""
+        if proto is not self._protocol:
+            return
+        now = self._reactor.seconds()
+        if int(count) < self.replicas:
+            self.replica_timeouts += 1
+            if self._short_since is None:
+                self._short_since = now
+            if not self.replicas_late and now - self._short_since >= REPLICAS_LATE_AFTER:
+                self.replicas_late = True
+                log.warn("Only {count} of the {wanted} Redis replicas wanted took our writes "
+                         "for {seconds:g} s; {waiting} writes wait for them, not given up",
+                         count=int(count), wanted=self.replicas, seconds=REPLICAS_LATE_AFTER,
+                         waiting=self.unreplicated)
+            self._wait_again(0)
+            return
+        if self.replicas_late:
+            self.replicas_late = False
+            log.info("The Redis replicas caught up after {seconds:.1f} s",
+                     seconds=now - self._short_since)
+        self._short_since = None
+        done = [c for c in self._pending
+                if c.replied is not None and c.sent_on is proto and c.seq <= covers]
+        for command in done:
+            self._forget(command)
+        for command in done:
+            command.result.callback(command.replied[0])
+
+    def _not_replicated(self, failure: Failure, proto) -> None:
+        """WAIT refused (a master demoted to a replica answers so): the writes
+        stay, to be waited for again, or sent again on a new connection."""
+        if failure.check(txredisapi().ConnectionError) or proto is not self._protocol:
+            return
+        log.warn("Redis refused WAIT ({why}); asking again in {delay} s",
+                 why=failure.getErrorMessage(), delay=HOLD_MAX_DELAY)
+        self._wait_again(HOLD_MAX_DELAY)
+
+    def _wait_again(self, delay: float) -> None:
+        if self._wait_timer is None:
+            self._wait_timer = self._reactor.callLater(delay, self._wait_for_replicas)
 
     def _failed(self, failure: Failure, command: _Command, proto) -> None:
         if command.sent_on is not proto:
@@ -504,6 +635,9 @@ class RedisConnection(Service):
                  address=str(self.address), count=len(self._pending))
         name_connection(proto, self._role)
         self._stop_holding()
+        if self._wait_timer is not None and self._wait_timer.active():
+            self._wait_timer.cancel()  # the writes sent again below wait anew
+        self._wait_timer = None
         for script in self._scripts:
             proto.execute_command(b"SCRIPT", b"LOAD", script.source).addErrback(
                 _unless_lost, "Could not load a Lua script: {why}")

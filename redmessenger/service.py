@@ -79,7 +79,8 @@ class RedMessengerService(MultiService):
             self.embedded = None
             address = settings.redis
         self.redis = RedisConnection(address, reactor, (*SCRIPTS, *CLUSTER_SCRIPTS),
-                                     max_pending_bytes=settings.max_pending_bytes)
+                                     max_pending_bytes=settings.max_pending_bytes,
+                                     replicas=settings.redis_replicas_ack)
         stats = Stats()
         #: This process, in Redis: its lease, its claims, its inbox reads,
         #: its sockets' ids.

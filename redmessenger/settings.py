@@ -158,6 +158,9 @@ class Settings:
     #: Bytes of unanswered Redis commands past which hellos are refused
     #: (1013) and the subscriber stops reading; 0 is no bound.
     max_pending_bytes: int = 256 * 1024 * 1024
+    #: Replicas that must have a store, claim or ack (``WAIT``) before it
+    #: counts as done; 0: the master's word is enough.
+    redis_replicas_ack: int = 0
     #: Keep only the newest N dead letters (``<prefix>:dead``); 0 keeps all.
     dead_max: int = 100_000
     hello_timeout: float = 10.0

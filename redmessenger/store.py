@@ -23,16 +23,18 @@ from .redisconnection import RedisConnection, Script
 from .stats import Stats
 
 # The scripts, in redmessenger/lua/: each says what its KEYS and ARGV are.
-STORE = Script(lua.source("store", "push"))
-REQUEUE = Script(lua.source("requeue"))
-TAKE = Script(lua.source("take", "recover"))
-HOLD = Script(lua.source("hold"))
-TRIM = Script(lua.source("trim"))
+# The durable ones keep messages (stored, claimed, put back, acknowledged):
+# with --redis-replicas-ack they are done once the replicas have them.
+STORE = Script(lua.source("store", "push"), durable=True)
+REQUEUE = Script(lua.source("requeue"), durable=True)
+TAKE = Script(lua.source("take", "recover"), durable=True)
+HOLD = Script(lua.source("hold"), durable=True)
+TRIM = Script(lua.source("trim"), durable=True)
 RELEASE = Script(lua.source("release"))
-RECOVER = Script(lua.source("recover", "recover"))
-DEAD = Script(lua.source("dead"))
+RECOVER = Script(lua.source("recover", "recover"), durable=True)
+DEAD = Script(lua.source("dead"), durable=True)
 MEMBERS = Script(lua.source("members", "members"))
-INBOX = Script(lua.source("inbox", "members", "push", "deliver"))
+INBOX = Script(lua.source("inbox", "members", "push", "deliver"), durable=True)
 
 SCRIPTS = (STORE, REQUEUE, TAKE, HOLD, TRIM, RELEASE, RECOVER, MEMBERS, DEAD, INBOX)
 

@@ -103,6 +103,10 @@ class Options(usage.Options):
         ["max-pending-bytes", None, str(_DEFAULTS.max_pending_bytes),
          "Bytes of Redis commands not yet answered (while Redis is slow, away or out of "
          "memory); past it hellos get 1013 and the subscriber pauses (0: no bound)."],
+        ["redis-replicas-ack", None, str(_DEFAULTS.redis_replicas_ack),
+         "Replicas that must have a store, claim or ack (Redis WAIT) before it counts as "
+         "done, so that a failover loses none; short of them it is waited for again, "
+         "never dropped (0: the master's word is enough)."],
         ["dead-max", None, str(_DEFAULTS.dead_max),
          "Keep only the newest N messages Redis refused for good in <prefix>:dead "
          "(0: all)."],
@@ -165,6 +169,7 @@ class Options(usage.Options):
             queue_ttl=_number(self, "queue-ttl", int, 0),
             queue_max=_number(self, "queue-max", int, 0),
             max_pending_bytes=_number(self, "max-pending-bytes", int, 0),
+            redis_replicas_ack=_number(self, "redis-replicas-ack", int, 0),
             dead_max=_number(self, "dead-max", int, 0),
             hello_timeout=_number(self, "hello-timeout", float, 0.001),
             handshake_timeout=_number(self, "handshake-timeout", float, 0.001),

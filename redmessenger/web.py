@@ -50,6 +50,9 @@ class Health(Resource):
         }
         if service.worker is not None:  # which of twistd --workers' processes answers
             report["worker"] = service.worker
+        if redis.replicas:  # --redis-replicas-ack: late replicas slow stores, lose none
+            report["redis"]["replicas"] = {"wanted": redis.replicas, "late": redis.replicas_late,
+                                           "waiting": redis.unreplicated}
         if inbox is not None:
             report["inbox"] = {"reading": inbox.reading, "error": inbox.failing}
         return json.dumps(report).encode()

@@ -37,7 +37,7 @@ from resp import RespClient
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("soak", "the soak test (tests/test_soak.py), larger by hand")
     group.addoption("--soak-clients", type=int, default=1000, help="concurrent clients")
-    group.addoption("--soak-seconds", type=float, default=30.0,
+    group.addoption("--soak-seconds", type=float, default=20.0,
                     help="how long clients churn and messages flow")
     group.addoption("--soak-rate", type=float, default=150.0, help="messages sent per second")
     group.addoption("--soak-seed", type=int, default=1, help="random seed")
@@ -145,6 +145,7 @@ def messenger(request: pytest.FixtureRequest,
         yield start
     finally:
         for service in reversed(started):
+            service.drop_clients()
             run(service.stop())
 
 

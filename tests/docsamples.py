@@ -203,8 +203,10 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "ops-redis-inspect": ("docs/operations.rst", "$ redis-cli CONFIG GET maxmemory-policy"),
     "ops-sentinel-twistd": (
         "docs/operations.rst",
-        "twistd -n --pidfile= redmessenger --redis 'redis+sentinel://",
+        "twistd -n --pidfile= redmessenger --redis-replicas-ack 1 --redis 'redis+sentinel://",
     ),
+    "ops-sentinel-redis-conf": ("docs/operations.rst", "# redis.conf"),
+    "ops-sentinel-conf": ("docs/operations.rst", "# sentinel.conf"),
 }
 
 

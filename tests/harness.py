@@ -88,13 +88,23 @@ class RunningService:
         port = service.port.getHost().port
         scheme = "wss" if service.settings.port.startswith("ssl:") else "ws"
         self.url = f"{scheme}://127.0.0.1:{port}/"
+        self.clients: list[Client] = []
 
     @property
     def dispatcher(self):
         return self.service.dispatcher
 
     async def connect(self, **kwargs) -> Client:
-        return await Client.connect(self.url, **kwargs)
+        client = await Client.connect(self.url, **kwargs)
+        self.clients.append(client)
+        return client
+
+    def drop_clients(self) -> None:
+        """Cut every client's connection: after a test, a client that
+        stopped reading would hold the service's stop for its close
+        timeout."""
+        for client in self.clients:
+            client.abort()
 
     async def user(self, uid: str, key: str | None = None, ack: bool = False,
                    **connect) -> Client:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from network import HOST, pick_free_port
@@ -22,8 +23,16 @@ class Sentinels:
     ready once the Sentinels know each other and the replica."""
 
     def __init__(self, tmp_path: Path, sentinels: int = 3, password: str | None = None,
-                 sentinel_password: str | None = None) -> None:
+                 sentinel_password: str | None = None, *,
+                 data_config: dict[str, str] | None = None,
+                 sentinel_config: Callable[[int, int], str] | None = None) -> None:
+        """``data_config``: directives for the master and the replica (set
+        with CONFIG SET once they run); ``sentinel_config``: a Sentinel's
+        configuration file for its port and the master's, in place of this
+        class's own."""
         self.tmp_path = tmp_path
+        self.data_config = data_config or {}
+        self.sentinel_config = sentinel_config
         #: The master's and replica's password, and the Sentinels' own.
         self.password = password
         self.sentinel_password = sentinel_password
@@ -46,6 +55,8 @@ class Sentinels:
         for server in (self.master, self.replica):
             server.extra_args = ["--repl-diskless-sync-delay", "0"]
             server.start()  # without a password: the fixture's readiness check has none
+            for directive, value in self.data_config.items():
+                server.command("CONFIG", "SET", directive, value)
             if self.password:
                 server.command("CONFIG", "SET", "masterauth", self.password)
         self.replica.command("REPLICAOF", HOST, self.master.port)
@@ -66,18 +77,34 @@ class Sentinels:
             raise
         return self
 
+    def bring_back(self, server: RedisServerProcess) -> None:
+        """Start ``server`` again (the old master, after ``kill_master``: the
+        Sentinels make it the new master's replica), configured as at first
+        (what CONFIG SET set is gone with the process)."""
+        server.start()
+        for directive, value in self.data_config.items():
+            server.command("CONFIG", "SET", directive, value)
+        if self.password:
+            server.command("CONFIG", "SET", "masterauth", self.password)
+            server.command("CONFIG", "SET", "requirepass", self.password)
+
     def start_sentinel(self, master_port: int) -> int:
         """One more Sentinel watching a master at ``master_port``: its port."""
         port = pick_free_port()
         conf = self.tmp_path / f"sentinel-{port}.conf"
-        conf.write_text(
-            f"port {port}\nbind {HOST}\ndaemonize no\ndir {self.tmp_path}\n"
-            f"sentinel monitor {MASTER} {HOST} {master_port} 2\n"
-            f"sentinel down-after-milliseconds {MASTER} {DOWN_AFTER_MS}\n"
-            f"sentinel failover-timeout {MASTER} 10000\n"
-            f"sentinel parallel-syncs {MASTER} 1\n"
-            + (f"sentinel auth-pass {MASTER} {self.password}\n" if self.password else "")
-            + (f"requirepass {self.sentinel_password}\n" if self.sentinel_password else ""))
+        if self.sentinel_config is not None:
+            conf.write_text(self.sentinel_config(port, master_port)
+                            + f"\nbind {HOST}\ndaemonize no\ndir {self.tmp_path}\n")
+        else:
+            conf.write_text(
+                f"port {port}\nbind {HOST}\ndaemonize no\ndir {self.tmp_path}\n"
+                f"sentinel monitor {MASTER} {HOST} {master_port} 2\n"
+                f"sentinel down-after-milliseconds {MASTER} {DOWN_AFTER_MS}\n"
+                f"sentinel failover-timeout {MASTER} 10000\n"
+                f"sentinel parallel-syncs {MASTER} 1\n"
+                + (f"sentinel auth-pass {MASTER} {self.password}\n" if self.password else "")
+                + (f"requirepass {self.sentinel_password}\n" if self.sentinel_password
+                   else ""))
         client = self._client(port, timeout=1.0)
         spawned = spawned_redis([self.master.executable, str(conf), "--sentinel"],
                                 lambda: client.command("PING"))
@@ -126,10 +153,14 @@ class Sentinels:
     def kill_master(self) -> int:
         """SIGKILL the master; once the Sentinels have promoted the replica,
         its port."""
-        old = self.master.port
         self.master.stop(kill=True)
+        return self.wait_promoted()
+
+    def wait_promoted(self) -> int:
+        """Until the Sentinels name another master than ``self.master``: its
+        port."""
         deadline = time.monotonic() + 6 * START_TIMEOUT
-        while self.where_master() == old:
+        while self.where_master() == self.master.port:
             assert time.monotonic() < deadline, "the Sentinels did not fail over"
             time.sleep(0.1)
         return self.where_master()
@@ -143,6 +174,22 @@ class Sentinels:
         self._processes.clear()
         self.replica.stop()
         self.master.stop()
+
+
+class TheMaster:
+    """Whichever server the Sentinels name as master, with a fixture
+    server's ``url``, ``client()`` and ``command()``: what a test that
+    lives through a failover publishes to and checks."""
+
+    def __init__(self, setup: Sentinels) -> None:
+        self.setup = setup
+        self.url = setup.url()
+
+    def client(self) -> RespClient:
+        return self.setup.data(self.setup.where_master())
+
+    def command(self, *args, decode: bool = False):
+        return self.client().command(*args, decode=decode)
 
 
 def _fields(flat: list) -> dict:

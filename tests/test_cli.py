@@ -368,7 +368,7 @@ async def test_status_of_a_real_redmessenger(messenger, private_redis):
     assert (doc["partitions"], doc["unheld"], doc["connections"], doc["users_online"]) == (
         1, [], 1, 1)
 
-    other = await start_service(private_redis)
+    other = await start_service(private_redis, shutdown_timeout=0.5)  # its stop: Redis is gone
     try:
         private_redis.stop()
         await eventually(lambda: not (other.service.redis.connected

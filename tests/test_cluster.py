@@ -375,6 +375,39 @@ def test_a_node_cut_off_by_silence_is_taken_over_and_fenced_when_it_comes_back(
         assert stored[-40:] == [str(i) for i in range(60, 100)]
 
 
+def test_nodes_cut_off_together_by_a_long_redis_outage_do_not_count_each_other_dead(
+        tmp_path, private_redis) -> None:
+    """Redis away for longer than a lease (a restart, a failover): every
+    node's lease lapses with it. The nodes come back at different moments
+    (each has its own reconnect backoff); the first one back does not count
+    the others as dead, but waits RECONNECT_GRACE for them to renew. Both
+    serve on, and a message for an offline user is stored once."""
+    from redmessenger.membership import LEASE_TTL
+
+    with Cluster(tmp_path, private_redis) as cluster:
+        first, second = cluster.start(2)
+        private_redis.stop()
+        time.sleep(LEASE_TTL + 1)  # the outage itself, not a wait for an event
+        private_redis.start()
+        for node in (first, second):
+            wait_for(lambda node=node: "Counting nodes whose leases lapsed as dead again"
+                     in node.log(), f"{node.name}'s grace to end", 4 * START_TIMEOUT,
+                     node.twistd.alive)
+        for node in (first, second):
+            node.twistd.alive()
+            assert "is gone (its lease expired)" not in node.log()
+        owners = {bytes(o).decode() for o in private_redis.command("SMEMBERS", "rm:cluster:nodes")}
+        assert len(owners) == 2
+        assert all(private_redis.command("EXISTS", f"rm:procs:{o}") for o in owners)
+        with second.user("u") as ws:
+            cluster.publish("rm.users.u", "live")
+            assert recv_json(ws)["payload"] == "live"
+        cluster.publish("rm.users.offline", "stored")
+        wait_for(lambda: cluster.queue("offline") == ["stored"], "the store")
+        for node in (first, second):
+            node.stop()
+
+
 def test_a_user_whose_sockets_died_with_their_node_is_stored_for_once_reaped(
         tmp_path, redis) -> None:
     """The reaper says a dead node's sockets left and are gone at once (the

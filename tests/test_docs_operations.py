@@ -554,18 +554,46 @@ def test_operations_redis_acl_user_is_enough(tmp_path: Path, private_redis) -> N
         stop_cleanly(twistd)
 
 
-@claims("ops-sentinel-twistd")
-def test_operations_sentinel_command_follows_a_failover(tmp_path: Path) -> None:
-    """The sample, with three Sentinels and passwords as it has them: a
-    message live, the master killed, a message live again."""
-    with Sentinels(tmp_path, password="data-pass", sentinel_password="sentinel-pass") as setup:
+def directives(conf: str) -> dict[str, str]:
+    """A Redis configuration file's directives (one of each here)."""
+    pairs = [line.split(None, 1) for line in conf.splitlines()
+             if line.strip() and not line.startswith("#")]
+    return {name: value for name, value in pairs}
+
+
+@claims("ops-sentinel-twistd", "ops-sentinel-redis-conf", "ops-sentinel-conf")
+def test_operations_sentinel_setup_through_a_failover(tmp_path: Path) -> None:
+    """The documented redis.conf (on the master and the replica) and
+    sentinel.conf (three Sentinels), as they are but for hosts and ports,
+    and the command: a message live; the master killed; live again, while a
+    store, on the new master, waits for a replica (--redis-replicas-ack 1)
+    until the old master is back as one, and is then drained."""
+    data = directives(sample("ops-sentinel-redis-conf"))
+    assert data.pop("port") == "6379"
+    password = data.pop("requirepass")
+    assert data.pop("masterauth") == password
+    sentinel_conf = sample("ops-sentinel-conf")
+
+    def sentinel_config(port: int, master_port: int) -> str:
+        return substitute(sentinel_conf, {"port 26379": f"port {port}",
+                                          "10.0.0.1 6379": f"{HOST} {master_port}",
+                                          "mymaster": MASTER})
+
+    def replicas() -> dict:
+        return json.loads(http_get(f"http://{HOST}:{port}/health")[2])["redis"]["replicas"]
+
+    with Sentinels(tmp_path, password=password,
+                   sentinel_password=directives(sentinel_conf)["requirepass"],
+                   data_config=data, sentinel_config=sentinel_config) as setup:
         hosts = {f"10.0.0.{i + 1}:26379": f"{HOST}:{port}" for i, port in enumerate(setup.ports)}
         port = pick_free_port()
         args = twistd_args(sample("ops-sentinel-twistd"), {**hosts, "mymaster": MASTER}, port)
         with twistd_run(args, tmp_path, "sentinel", port) as twistd:
             twistd.wait_subscribed()
             master = setup.data(setup.master.port)
-            master.command("SET", "rm:users:user1:key", "s3cret")
+            for uid in ("user1", "user2"):
+                master.command("SET", f"rm:users:{uid}:key", "s3cret")
+            setup.wait_replicated()
             with ws(f"ws://{HOST}:{port}/") as client:
                 hello(client, {"id": "user1", "key": "s3cret"})
                 master.command("PUBLISH", "rm.users.user1", "before")
@@ -575,6 +603,16 @@ def test_operations_sentinel_command_follows_a_failover(tmp_path: Path) -> None:
                          START_TIMEOUT, twistd.alive)
                 promoted.command("PUBLISH", "rm.users.user1", "after")
                 assert recv_json(client)["payload"] == "after"
+            promoted.command("PUBLISH", "rm.users.user2", "stored")
+            wait_for(lambda: promoted.command("LLEN", "rm:users:user2:messages") == 1,
+                     "the store on the new master")
+            wait_for(lambda: replicas()["late"], "the node to wait for a replica")
+            setup.bring_back(setup.master)  # made the new master's replica by the Sentinels
+            wait_for(lambda: not replicas()["late"], "a replica again", 4 * START_TIMEOUT,
+                     twistd.alive)
+            with ws(f"ws://{HOST}:{port}/") as client:
+                assert hello(client, {"id": "user2", "key": "s3cret"})["queued"] == 1
+                assert recv_json(client)["payload"] == "stored"
             stop_cleanly(twistd)
 
 

@@ -64,7 +64,8 @@ async def test_a_wrong_password_is_logged_and_health_fails(private_redis):
 
     service = RedMessengerService(Settings(
         port="tcp:0:interface=127.0.0.1",
-        redis=RedisAddress(host="127.0.0.1", port=private_redis.port, password="wrong")))
+        redis=RedisAddress(host="127.0.0.1", port=private_redis.port, password="wrong"),
+        shutdown_timeout=0.5))  # a stop waits that long for the Redis it never reached
     service.startService()
     try:
         await eventually(lambda: len([x for x in lines if "refused us" in x]) >= 4,

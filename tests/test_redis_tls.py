@@ -39,7 +39,9 @@ async def test_a_redis_certificate_that_is_not_trusted_is_refused(tls_redis):
 
     globalLogPublisher.addObserver(observe)
     untrusted = RedisAddress(host="127.0.0.1", port=tls_redis.port, tls=True)  # system roots
-    service = RedMessengerService(Settings(port="tcp:0:interface=127.0.0.1", redis=untrusted))
+    # A stop waits shutdown_timeout for the Redis it never reached.
+    service = RedMessengerService(Settings(port="tcp:0:interface=127.0.0.1", redis=untrusted,
+                                           shutdown_timeout=0.5))
     service.startService()
     try:
         await eventually(lambda: [x for x in lines if "certificate verify failed" in x])

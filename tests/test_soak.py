@@ -7,6 +7,13 @@ and with three nodes on one Redis, each client session going to a node
 picked at random; the node killed then is the one that stored for everyone
 and read the inbox.
 
+The three nodes' Redis is a master with a replica behind three Sentinels
+(tests/sentinels.py), and its fault is a failover (the master killed with
+SIGKILL, then started again, to become the new master's replica) in place
+of the restart. The nodes run with ``--redis-replicas-ack 1`` and the
+publisher waits for the replica (``WAIT``) too, as an application that
+must not lose an entry to a failover would.
+
 Bounded for CI; larger by hand, for instance::
 
     .venv/bin/python -m pytest tests/test_soak.py -s --soak-clients 3000 --soak-seconds 600
@@ -52,6 +59,7 @@ from pathlib import Path
 
 import pytest
 import websockets
+from sentinels import Sentinels, TheMaster
 
 from deployed import START_TIMEOUT, TwistdProcess, wait_for
 from harness import aiotest, loop
@@ -130,7 +138,7 @@ def number_of(frame: dict) -> int:
 
 
 def publish(redis, plan: Plan, members: dict[str, tuple[str, ...]], ledger: Ledger,
-            stop: threading.Event) -> None:
+            stop: threading.Event, replicas: int) -> None:
     rng = random.Random(plan.seed)
     users = [f"user{i}" for i in range(plan.clients)]
     number, tick = 0, 0.05
@@ -145,24 +153,27 @@ def publish(redis, plan: Plan, members: dict[str, tuple[str, ...]], ledger: Ledg
                 uid = rng.choice(users)
                 batch.append((number, f"users.{uid}", (uid,)))
         sent_at = time.monotonic()
-        _xadd_until_taken(redis, batch)
+        _xadd_until_taken(redis, batch, replicas)
         for n, _, recipients in batch:
             ledger.sent[n] = (sent_at, recipients)
         stop.wait(tick)
 
 
-def _xadd_until_taken(redis, batch) -> None:
+def _xadd_until_taken(redis, batch, replicas: int) -> None:
+    """With ``replicas``, taken means that many replicas have it too."""
     commands = [("XADD", INBOX, f"0-{n}", "to", to, "payload", str(n)) for n, to, _ in batch]
+    if replicas:
+        commands.append(("WAIT", replicas, 1000))
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         try:
             replies = redis.client().pipeline(commands)
         except OSError:
-            replies = None  # Redis is restarting
+            replies = None  # Redis is restarting, or failing over
         if replies is not None:
             errors = [r for r in replies if isinstance(r, RedisReplyError)
                       and "equal or smaller" not in str(r)]  # taken by an earlier try
-            if not errors:
+            if not errors and (not replicas or replies[-1] >= replicas):
                 return
             if not all(str(e).startswith(("LOADING", "OOM")) for e in errors):
                 raise errors[0]
@@ -307,9 +318,10 @@ class Messenger:
     """The RedMessenger nodes under test, each a twistd on a port of its own
     that can be killed and started again on it."""
 
-    def __init__(self, tmp_path: Path, redis, nodes: int) -> None:
+    def __init__(self, tmp_path: Path, redis, nodes: int, *options: str) -> None:
         self.tmp_path = tmp_path
         self.redis = redis
+        self.options = options
         self.ports = [pick_free_port() for _ in range(nodes)]
         #: The process now running on each port.
         self.current: list[TwistdProcess | None] = [None] * nodes
@@ -327,7 +339,8 @@ class Messenger:
             port = self.ports[index]
             twistd = TwistdProcess(
                 ["-n", "--pidfile=", "redmessenger", "--port", f"tcp:{port}:interface={HOST}",
-                 "--redis", self.redis.url, "--auth", "off", "--inbox", "--ack-window", "64"],
+                 "--redis", self.redis.url, "--auth", "off", "--inbox", "--ack-window", "64",
+                 *self.options],
                 self.tmp_path, self.tmp_path / f"twistd-{index}-{len(self.runs)}.log")
             self.runs.append(twistd)
             self.current[index] = twistd
@@ -376,11 +389,21 @@ async def in_thread(function, *args):
     return await loop().run_in_executor(None, function, *args)
 
 
-@pytest.mark.parametrize("nodes", [1, 3], ids=["one-node", "three-nodes"])
+@pytest.mark.parametrize("nodes", [1, 3], ids=["one-node", "three-nodes-sentinel"])
 @aiotest(timeout=0)
-async def test_soak(tmp_path: Path, private_redis, plan: Plan, nodes: int) -> None:
-    """With three nodes, the clients' sessions go to random nodes, and the
-    node killed is the one that stored for everyone and read the inbox."""
+async def test_soak(tmp_path: Path, request, plan: Plan, nodes: int) -> None:
+    """With three nodes, the clients' sessions go to random nodes, the node
+    killed is the one that stored for everyone and read the inbox, and
+    Redis fails over to its replica in place of a restart."""
+    if nodes == 1:
+        await run_soak(tmp_path, plan, request.getfixturevalue("private_redis"), nodes)
+    else:
+        with Sentinels(tmp_path) as setup:
+            await run_soak(tmp_path, plan, TheMaster(setup), nodes, setup)
+
+
+async def run_soak(tmp_path: Path, plan: Plan, redis, nodes: int,
+                   sentinels: Sentinels | None = None) -> None:
     rng = random.Random(plan.seed)
     users = {f"user{i}": i % ACK_EVERY == 0 for i in range(plan.clients)}
     members = {}
@@ -388,13 +411,15 @@ async def test_soak(tmp_path: Path, private_redis, plan: Plan, nodes: int) -> No
         gid = f"g{g}"
         members[gid] = tuple(rng.sample(sorted(users), min(GROUP_SIZE, len(users))))
         # Lists and sets both work as member lists.
-        private_redis.command("RPUSH" if g % 2 else "SADD", f"rm:groups:{gid}:members",
+        redis.command("RPUSH" if g % 2 else "SADD", f"rm:groups:{gid}:members",
                               *members[gid])
-    messenger = Messenger(tmp_path, private_redis, nodes)
+    replicas = 1 if sentinels is not None else 0
+    messenger = Messenger(tmp_path, redis, nodes,
+                          *(("--redis-replicas-ack", str(replicas)) if replicas else ()))
     try:
         await in_thread(messenger.start)
         report = await asyncio.wait_for(
-            soak(plan, private_redis, messenger, users, members),
+            soak(plan, redis, messenger, users, members, sentinels),
             plan.seconds + 2 * SETTLE_TIMEOUT)
     finally:
         await in_thread(messenger.stop)
@@ -402,12 +427,13 @@ async def test_soak(tmp_path: Path, private_redis, plan: Plan, nodes: int) -> No
 
 
 async def soak(plan: Plan, redis, messenger: Messenger, users: dict[str, bool],
-               members: dict[str, tuple[str, ...]]) -> str:
+               members: dict[str, tuple[str, ...]], sentinels: Sentinels | None) -> str:
     ledger = Ledger()
     swarm = Swarm(messenger.urls, plan)
     stop_publishing = threading.Event()
     publisher = asyncio.ensure_future(
-        in_thread(publish, redis, plan, members, ledger, stop_publishing))
+        in_thread(publish, redis, plan, members, ledger, stop_publishing,
+                  0 if sentinels is None else 1))
     clients = [asyncio.ensure_future(swarm.user(uid, ack)) for uid, ack in users.items()]
     started = time.monotonic()
     faults: list[tuple[float, float]] = []
@@ -422,6 +448,14 @@ async def soak(plan: Plan, redis, messenger: Messenger, users: dict[str, bool],
         redis.stop()
         redis.start()
         wait_for(messenger.all_healthy, "RedMessenger to be back on Redis", START_TIMEOUT,
+                 messenger.alive)
+
+    def fail_over() -> None:
+        """kill -9 of the master; once the replica is promoted, the old
+        master starts again, and the Sentinels make it the new replica."""
+        sentinels.kill_master()
+        sentinels.bring_back(sentinels.master)
+        wait_for(messenger.all_healthy, "RedMessenger to be on the new master", START_TIMEOUT,
                  messenger.alive)
 
     def kill_and_restart() -> None:
@@ -442,7 +476,7 @@ async def soak(plan: Plan, redis, messenger: Messenger, users: dict[str, bool],
         wait_for(messenger.all_healthy, "RedMessenger to write again", START_TIMEOUT,
                  messenger.alive)
 
-    await fault_at(0.3, restart_redis)
+    await fault_at(0.3, restart_redis if sentinels is None else fail_over)
     await fault_at(0.45, out_of_memory_for_a_while)
     await fault_at(0.6, kill_and_restart)
     await asyncio.sleep(max(0.0, started + plan.seconds - time.monotonic()))
@@ -493,7 +527,8 @@ async def soak(plan: Plan, redis, messenger: Messenger, users: dict[str, bool],
     assert redis.command("KEYS", "rm:users:*:taking:*") == [], "claims left"
     assert redis.command("KEYS", "rm:users:*:claims") == [], "claim sets left"
     assert redis.command("XPENDING", INBOX, "redmessenger")[0] == 0, "inbox entries pending"
-    return judge(plan, users, ledger, swarm, messenger, faults, fault_copies)
+    return judge(plan, users, ledger, swarm, messenger, faults, fault_copies,
+                 "Redis restart" if sentinels is None else "Sentinel failover")
 
 
 def inbox_done(redis, last: int) -> bool:
@@ -507,7 +542,7 @@ def near_a_fault(when: float, faults: list[tuple[float, float]], margin: float =
 
 
 def judge(plan: Plan, users: dict[str, bool], ledger: Ledger, swarm: Swarm,
-          messenger: Messenger, faults, fault_copies) -> str:
+          messenger: Messenger, faults, fault_copies, redis_fault: str) -> str:
     """Check every message of every user; the counts, as a report."""
     expected = ledger.expected()
     by_user: dict[str, list[Connection]] = defaultdict(list)
@@ -556,7 +591,7 @@ def judge(plan: Plan, users: dict[str, bool], ledger: Ledger, swarm: Swarm,
         f"  lost at an abrupt end (plain, by design): "
         f"{counts['lost at an abrupt end (plain, by design)']}",
         f"  lost: {len([p for p in problems if 'never got' in p])}",
-        f"  faults: Redis restart, Redis out of memory and kill -9, taking "
+        f"  faults: {redis_fault}, Redis out of memory and kill -9, taking "
         f"{[round(e - b, 2) for b, e in faults]} s",
     ])
     assert not problems and not counts["unexpected"], \

@@ -244,6 +244,7 @@ OPTIONS = {
     "inbox-claim-after": "30",
     "partitions": "1",
     "max-pending-bytes": "268435456",
+    "redis-replicas-ack": "0",
     "dead-max": "100000",
 }
 
