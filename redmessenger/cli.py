@@ -38,6 +38,7 @@ from .envelope import Envelope
 from .keys import Namespace
 from .publish import DURABLE_PUBLISH, check_id, durable_publish_arguments
 from .settings import RedisAddress
+from .tls import tls_error, trust_root
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DEFAULT_DATA_DIR = "redmessenger-data"
@@ -443,10 +444,17 @@ async def cmd_status(redis: Redis, ns: Namespace, args: argparse.Namespace,
 
 async def cmd_health(reactor: Any, args: argparse.Namespace, out: TextIO) -> int:
     from twisted.internet.error import ConnectError
-    from twisted.web.client import Agent, readBody
+    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, readBody
 
     url = args.url
-    agent = Agent(reactor, connectTimeout=args.timeout)
+    try:
+        trust = trust_root(args.ca)
+    except OSError as e:
+        raise CommandFailed(f"--ca {args.ca}: {e.strerror}") from None
+    except ValueError as e:
+        raise CommandFailed(f"--ca: {e}") from None
+    agent = Agent(reactor, connectTimeout=args.timeout,
+                  contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust))
     try:
         response = await agent.request(b"GET", url.encode("ascii")).addTimeout(
             args.timeout, reactor)
@@ -456,7 +464,7 @@ async def cmd_health(reactor: Any, args: argparse.Namespace, out: TextIO) -> int
     except (ConnectError, OSError) as e:
         raise CommandFailed(f"cannot reach RedMessenger at {url}: {_why(e)}") from None
     except Exception as e:  # ResponseFailed and friends: the HTTP exchange broke
-        raise CommandFailed(f"{url}: {_why(e)}") from None
+        raise CommandFailed(f"{url}: {_exchange_failed(e, args.ca)}") from None
     healthy = response.code == 200
     if args.json:
         out.write(body.decode("utf-8", "replace").rstrip("\n") + "\n")
@@ -658,7 +666,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "from that one RedMessenger instead and print it: exit status 0 if it "
                     "answered 200 (healthy), 1 otherwise.")
     status.add_argument("--url", type=health_url, metavar="URL",
-                        help="ask this RedMessenger, http://host:port, over HTTP")
+                        help="ask this RedMessenger, http://host:port (or https://), over "
+                             "HTTP")
+    status.add_argument("--ca", metavar="FILE",
+                        help="with an https:// --url: trust the CA certificates in this PEM "
+                             "file (else the system's)")
     status.add_argument("--json", action="store_true",
                         help="one JSON document (with --url, the report as it came)")
     status.set_defaults(run=cmd_status)
@@ -763,6 +775,18 @@ def _ranges(numbers: list[int]) -> str:
 
 def _why(error: BaseException) -> str:
     return str(error).strip() or type(error).__name__
+
+
+def _exchange_failed(error: BaseException, ca: str | None) -> str:
+    """Why an HTTP exchange broke, in one line: Twisted's ResponseFailed
+    and its kin hold a list of Failures, the first of which says it."""
+    reasons = getattr(error, "reasons", None) or []
+    cause = reasons[0].value if reasons and hasattr(reasons[0], "value") else error
+    tls = tls_error(cause)
+    if tls is None:
+        return _why(cause)
+    hint = "" if ca else " (a private CA? give its certificate with --ca FILE)"
+    return f"TLS: {tls}{hint}"
 
 
 def _show_payload(payload: bytes) -> str:

@@ -23,6 +23,7 @@ from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.protocol import PreparedMessage
 from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 
 # -- Autobahn -----------------------------------------------------------------
@@ -80,6 +81,24 @@ class ServerProtocol(WebSocketServerProtocol):
             msg_size, max_msg_size, self.message_too_big(msg_size, max_msg_size, reason)
         )
 
+    #: Set by ``onConnect`` when it has logged why it raises
+    #: ``ConnectionDeny``.
+    denial_logged = False
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders=None) -> None:
+        """A denial ``onConnect`` logged is not logged twice more: Autobahn
+        logs one as it fails the handshake and one as it drops the
+        connection, through the protocol's ``log``, for which a silent
+        logger of the instance's own stands in meanwhile."""
+        if not self.denial_logged:
+            super().failHandshake(reason, code, responseHeaders)
+            return
+        self.log = _SILENT
+        try:
+            super().failHandshake(reason, code, responseHeaders)
+        finally:
+            del self.log
+
     def follow_backpressure(self, producer: IPushProducer, high_water: int) -> None:
         """Register ``producer`` for the socket, paused past ``high_water``
         unsent bytes. The socket was HTTP's until the upgrade, and Twisted
@@ -94,6 +113,9 @@ class ServerProtocol(WebSocketServerProtocol):
             self.transport.unregisterProducer()
             socket.bufferSize = high_water
             self.transport.registerProducer(producer, True)
+
+
+_SILENT = Logger(observer=lambda event: None)
 
 
 class _Lazy:

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from .compat import bytes_protocol, txredisapi
 from .sentinel import MasterEndpoint, SwitchWatch, check_master, switch_watch
 from .settings import RedisAddress
+from .tls import trust_root
 
 
 class RedisUnavailable(Exception):
@@ -225,21 +226,9 @@ def endpoint(reactor, address: RedisAddress, timeout: float | None = None):
 
 
 def _tls_options(address: RedisAddress):
-    from twisted.internet.ssl import (
-        Certificate,
-        optionsForClientTLS,
-        platformTrust,
-        trustRootFromCertificates,
-    )
+    from twisted.internet.ssl import optionsForClientTLS
 
-    if address.ca_file:
-        with open(address.ca_file, "rb") as pem:
-            blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
-                                pem.read(), re.S)  # a bundle may hold several
-        trust = trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
-    else:
-        trust = platformTrust()
-    return optionsForClientTLS(address.host, trustRoot=trust)
+    return optionsForClientTLS(address.host, trustRoot=trust_root(address.ca_file))
 
 
 class Script:

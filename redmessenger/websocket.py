@@ -172,6 +172,7 @@ class RedMessengerProtocol(ServerProtocol):
             log.warn("Refusing {peer}: origin {origin} is not allowed", peer=self.peer,
                      origin=origin)
             self.factory.dispatcher.stats.closed_by_code[403] += 1
+            self.denial_logged = True
             raise ConnectionDeny(403, f"origin {origin} is not allowed")
 
     def onOpen(self) -> None:

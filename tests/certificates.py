@@ -49,6 +49,18 @@ def make_certificate(
     return key_path, cert_path
 
 
+def usage(ca: bool):
+    """The key usage of a CA's certificate or a server's: Python 3.13
+    checks certificates strictly (``VERIFY_X509_STRICT``), and wants it,
+    and the key identifiers, as a public CA issues them."""
+    from cryptography import x509
+
+    return x509.KeyUsage(digital_signature=not ca, content_commitment=False,
+                         key_encipherment=False, data_encipherment=False, key_agreement=False,
+                         key_cert_sign=ca, crl_sign=ca, encipher_only=False,
+                         decipher_only=False)
+
+
 def certificate_chain(directory: Path) -> dict[str, Path]:
     """A root CA, an intermediate CA it signed, and a certificate for
     127.0.0.1 the intermediate signed, as PEM files: ``root``, ``chain``
@@ -59,7 +71,7 @@ def certificate_chain(directory: Path) -> dict[str, Path]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     now = datetime.datetime.now(datetime.timezone.utc)
 
@@ -73,12 +85,18 @@ def certificate_chain(directory: Path) -> dict[str, Path]:
             .not_valid_before(now - datetime.timedelta(minutes=1))
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(usage(ca), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                issuer_key.public_key()), critical=False)
         )
         if not ca:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]),
                 critical=False,
-            )
+            ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                            critical=False)
         return builder.sign(issuer_key, hashes.SHA256())
 
     keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(3)]

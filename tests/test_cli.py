@@ -256,7 +256,8 @@ class HealthServer:
     """A stand-in for RedMessenger's /health (its contract, not its code):
     answers what the test sets and remembers the paths it was asked for."""
 
-    def __init__(self) -> None:
+    def __init__(self, scheme: str = "http") -> None:
+        self.scheme = scheme
         self.code = 200
         self.body = b"{}"
         self.paths: list[bytes] = []
@@ -268,16 +269,28 @@ class HealthServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port.getHost().port}"
+        return f"{self.scheme}://127.0.0.1:{self.port.getHost().port}"
 
 
 @pytest.fixture
 def health_server() -> Iterator[HealthServer]:
+    yield from serve_health(HealthServer())
+
+
+@pytest.fixture
+def tls_health_server(certificate) -> Iterator[HealthServer]:
+    """The same over TLS, with the ``certificate`` fixture's (its own CA)."""
+    from twisted.internet.ssl import PrivateCertificate
+
+    key, cert = certificate
+    options = PrivateCertificate.loadPEM(key.read_bytes() + cert.read_bytes()).options()
+    yield from serve_health(HealthServer("https"), options)
+
+
+def serve_health(server: HealthServer, tls=None) -> Iterator[HealthServer]:
     from twisted.internet import reactor
     from twisted.web.resource import Resource
     from twisted.web.server import Site
-
-    server = HealthServer()
 
     class Health(Resource):
         isLeaf = True
@@ -293,7 +306,8 @@ def health_server() -> Iterator[HealthServer]:
 
     site = Site(Health())
     site.noisy = False
-    server.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    server.port = reactor.listenTCP(0, site, interface="127.0.0.1") if tls is None else \
+        reactor.listenSSL(0, site, tls, interface="127.0.0.1")
     try:
         yield server
     finally:
@@ -321,6 +335,30 @@ async def test_status_prints_a_healthy_report_and_exits_0(redis, health_server):
     ]
     result = await cli_async(redis.url, "status", "--url", health_server.url, "--json")
     assert result.returncode == 0 and json.loads(result.stdout) == HEALTHY
+
+
+@aiotest
+async def test_status_of_an_https_url_with_a_private_ca(redis, tls_health_server, certificate,
+                                                        tmp_path):
+    """Without ``--ca``, a certificate the system does not trust is one
+    clear line (no Failure's repr); with it, the report."""
+    tls_health_server.answer(200, HEALTHY)
+    result = await cli_async(redis.url, "status", "--url", tls_health_server.url)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"redmessenger: {tls_health_server.url}/health: TLS: certificate verify failed (a "
+        "private CA? give its certificate with --ca FILE)"], result.stderr
+    out = ok(await cli_async(redis.url, "status", "--url", tls_health_server.url,
+                             "--ca", str(certificate[1])))
+    assert out.splitlines()[:2] == [f"{tls_health_server.url}/health: HTTP 200 OK",
+                                    "status:       ok"]
+    missing, key = tmp_path / "missing.pem", certificate[0]
+    for ca, said in ((missing, f"--ca {missing}: No such file or directory"),
+                     (key, f"--ca: no PEM certificate in {key}")):
+        result = await cli_async(redis.url, "status", "--url", tls_health_server.url,
+                                 "--ca", str(ca))
+        assert result.returncode == 1
+        assert result.stderr.strip() == f"redmessenger: {said}", result.stderr
 
 
 @aiotest

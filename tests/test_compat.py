@@ -137,6 +137,20 @@ def test_autobahn_still_calls_the_hook_compat_overrides() -> None:
     )
 
 
+def test_autobahn_logs_a_denial_through_the_protocols_log() -> None:
+    """``failHandshake`` (and the ``dropConnection`` it calls) log through
+    ``self.log``, which ServerProtocol silences for a denial already
+    logged (tests/test_http.py counts the lines of a real one)."""
+    server = autobahn_protocol.WebSocketServerProtocol
+    assert parameters(server.failHandshake) == ["self", "reason", "code", "responseHeaders"], \
+        gone("autobahn", "WebSocketServerProtocol.failHandshake(reason, code, responseHeaders)",
+             "one log line per refused origin")
+    for method in (server.failHandshake, autobahn_protocol.WebSocketProtocol.dropConnection):
+        assert "self.log." in inspect.getsource(method), gone(
+            "autobahn", f"{method.__qualname__} logging through self.log",
+            "one log line per refused origin")
+
+
 def test_autobahn_connection_state() -> None:
     protocol = connected()
     what = "send_text's bypass of sendMessage()"

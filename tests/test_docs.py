@@ -75,7 +75,7 @@ after it, a paragraph.
 
 @pytest.mark.parametrize("name", ["README.rst", "docs/protocol.rst", "docs/operations.rst",
                                   "docs/guarantees.rst", "docs/scaling.rst",
-                                  "bench/README.rst"])
+                                  "bench/README.rst", "NEWS.rst"])
 def test_the_docs_are_valid_restructuredtext(name: str) -> None:
     import io
 

@@ -94,7 +94,9 @@ async def test_the_client_script_and_the_demo_page_are_served(messenger):
 
 
 @aiotest
-async def test_only_allowed_origins_may_open_a_websocket(messenger):
+async def test_only_allowed_origins_may_open_a_websocket(messenger, logged):
+    """A page from another origin gets 403, and the refusal is one line of
+    the log (Autobahn's own two lines about it are not written)."""
     rm = await messenger(allowed_origins=("https://app.example.com", "http://*.example.org"))
     for origin in ("https://app.example.com", "http://dev.example.org"):
         client = await rm.connect(origin=origin)
@@ -107,6 +109,10 @@ async def test_only_allowed_origins_may_open_a_websocket(messenger):
             assert refused.response.status_code == 403
         else:
             raise AssertionError(f"{origin} was let in")
+    about = [line for line in logged if "evil.example.net" in line]
+    assert len(about) == 1 and "is not allowed" in about[0], about
+    assert not [line for line in logged if "opening handshake" in line
+                or "dropping connection" in line], logged
 
 
 UPGRADE = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
