@@ -98,9 +98,11 @@ class Presence(Protocol):
         """Record the socket; fires once this process delivers to the user
         and may drain its queue (or fails: the socket cannot be served)."""
 
-    def leave(self, uid: str, socket: str) -> None:
+    def leave(self, uid: str, socket: str, returned: defer.Deferred | None = None) -> None:
         """The socket is gone, and what it held is on its way back to Redis:
-        said after it, on the same connection."""
+        said after it, on the same connection. ``returned``: what it held
+        goes back once this fires (a drain under way gives it back when it
+        ends); whoever joins the user meanwhile waits for that."""
 
 
 class _Alone:
@@ -115,7 +117,7 @@ class _Alone:
     def join(self, uid: str, socket: str) -> defer.Deferred:
         return defer.succeed(None)
 
-    def leave(self, uid: str, socket: str) -> None:
+    def leave(self, uid: str, socket: str, returned: defer.Deferred | None = None) -> None:
         pass
 
 
@@ -129,16 +131,16 @@ class _Session:
         --------  -----  --------  ---------------------------------------------
         live      1+     no        overflowed, refused
         draining  1+     yes       waiting, returned, unsent, window, overflowed,
-                                   refused, leaving; remaining is None until the
+                                   refused, drained; remaining is None until the
                                    first take answers, and sockets that joined
                                    before it are not welcomed (``started``)
                                    until then
-        left      0      yes       returned, unsent, overflowed, leaving
+        left      0      yes       returned, unsent, overflowed, drained
         gone      0      no        (no session: it is deleted)
 
     So, whatever the state:
 
-    - ``waiting``, ``returned``, ``unsent``, ``window`` and ``leaving`` are
+    - ``waiting``, ``returned``, ``unsent``, ``window`` and ``drained`` are
       empty (None) outside a drain, and ``remaining`` is known;
     - ``waiting`` is empty while ``overflowed`` (newer messages follow the
       older ones into Redis) and while no socket is here;
@@ -179,7 +181,7 @@ class _Session:
         "refused",
         "window",
         "outbid",
-        "leaving",
+        "drained",
     )
 
     def __init__(self, uid: str) -> None:
@@ -208,8 +210,9 @@ class _Session:
         self.remaining: int | None = None
         #: The user's newest socket is on another node: none here bubbles.
         self.outbid = False
-        #: Sockets gone during a drain, whose leave is said when it ends.
-        self.leaving: list[str] = []
+        #: Fires when the drain under way has ended and what the sockets
+        #: gone meanwhile held is on its way back (``Presence.leave``).
+        self.drained: defer.Deferred | None = None
 
 
 class Dispatcher:
@@ -370,9 +373,14 @@ class Dispatcher:
                 del self._sessions[session.uid]
         # Said after what the socket held went back to Redis: a node that
         # hears it leave and drains the user next finds all of it there.
-        # During a drain, what it held goes back when the drain ends.
+        # During a drain, what it held goes back when the drain ends: its
+        # leave is said now all the same (the user may be back on another
+        # node at once, which must not count it as open), and the node
+        # joined meanwhile waits for the drain's end.
         if session.draining:
-            session.leaving.append(seat.id)
+            if session.drained is None:
+                session.drained = defer.Deferred()
+            self._presence.leave(socket.uid, seat.id, session.drained)
         else:
             self._presence.leave(socket.uid, seat.id)
         self._window_may_open(session)  # a paused drain finds out it is alone
@@ -698,11 +706,11 @@ class Dispatcher:
         if orphans or unsent:
             sent = self._hand_over(session, orphans + unsent)
             self.stats.redelivered += min(sent, len(orphans))
-        # What the sockets gone meanwhile held is back in Redis (or with the
-        # others): their leave may be said now.
-        leaving, session.leaving = session.leaving, []
-        for socket_id in leaving:
-            self._presence.leave(session.uid, socket_id)
+        # What the sockets gone meanwhile held is on its way back to Redis
+        # (or with the others): whoever waits for them may drain after it.
+        drained, session.drained = session.drained, None
+        if drained is not None:
+            drained.callback(None)
         waiting = session.waiting
         durable = self._durable(session)
         if (

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from twisted.internet import defer, task
 from twisted.internet.task import LoopingCall
@@ -31,7 +31,7 @@ from twisted.logger import Logger
 
 from . import lua
 from .keys import Namespace
-from .presence import LEAVING_TIMEOUT, ClusterView, partition_of
+from .presence import LEAVING_MAX, LEAVING_TIMEOUT, ClusterView, partition_of
 from .redisconnection import (
     RETRY_MAX_DELAY,
     RedisConnection,
@@ -103,6 +103,11 @@ class Membership:
         self._lost = lost
         self._lease_key = namespace.process(self.owner)
         self._ids = itertools.count(1)
+        #: Sockets that left during a drain: fires once what they held is
+        #: on its way back to Redis, and their gone (``G``) may be said.
+        self._returning: dict[str, defer.Deferred] = {}
+        #: Sockets whose leave was sent and not yet heard: socket -> uid.
+        self._unheard: dict[str, str] = {}
         #: Sockets whose user's channels this node follows: socket -> uid.
         self._following: dict[str, str] = {}
         #: Sockets whose join waits for their channels to be subscribed.
@@ -242,11 +247,27 @@ class Membership:
 
     def join(self, uid: str, socket: str) -> defer.Deferred:
         """Record the socket's presence; fires once the user's drain may
-        begin on this node (or once waiting has lasted long enough: a node
-        it waits for may have died)."""
+        begin on this node (or once no node it waits for lives)."""
         ready = self._join(uid, socket)
-        timer = self._reactor.callLater(LEAVING_TIMEOUT, self.view.give_up, socket)
-        return ready.addBoth(_cancelling, timer)
+        patience = self.wait_on(uid, lambda: self.view.awaited(socket),
+                                lambda: self.view.give_up(socket))
+        return ready.addBoth(_cancelling, patience)
+
+    def wait_on(self, uid: str, waits: Callable[[], set[tuple[str, str | None]] | None],
+                give_up: Callable[[], None]) -> _Patience:
+        """Call ``give_up`` once nothing that ``waits()`` still names
+        (``(node, the user's leaving socket or None)``; ``None``: nothing)
+        holds up: checked every ``LEAVING_TIMEOUT``."""
+        return _Patience(self._reactor, lambda node, socket: self._holds_up(uid, node, socket),
+                         waits, give_up)
+
+    async def _holds_up(self, uid: str, node: str, socket: str | None) -> bool:
+        """Whether the node lives, and the user's socket there, if any, is
+        still among the leaving (its ``G`` may have been missed)."""
+        if not await self._look(b"EXISTS", self._ns.process(node)):
+            return False
+        return socket is None or bool(await self._look(b"SISMEMBER", self._ns.leaving(uid),
+                                                       socket))
 
     def _join(self, uid: str, socket: str) -> defer.Deferred:
         if self.view.holds(uid) and partition_of(uid, self.view.partitions) not in \
@@ -288,8 +309,11 @@ class Membership:
         self._fenced(failure)
         self.view.fail(socket, JoinFailed(failure.getErrorMessage()[:300]))
 
-    def leave(self, uid: str, socket: str) -> None:
+    def leave(self, uid: str, socket: str, returned: defer.Deferred | None = None) -> None:
         self.view.abandon(socket)
+        if returned is not None:
+            self._returning[socket] = returned
+        self._unheard[socket] = uid
         self._held_sockets.pop(socket, None)
         if socket in self._subscribing:
             self._cancelled.add(socket)
@@ -307,14 +331,25 @@ class Membership:
 
     def _left_or_gone(self, left: int, uid: str, socket: str) -> None:
         if not left:  # pushed out, or reaped: no event will say it
+            self._returning.pop(socket, None)
+            self._unheard.pop(socket, None)
             self.view.forget(uid, socket)
             self._unfollow(socket)
 
     def _left(self, uid: str, socket: str) -> None:
         """The stream says one of this node's sockets left: what this node
-        heard for the user before that is decided, and once it is stored,
-        a node joining the user may drain it (lua/gone.lua)."""
+        heard for the user before that is decided, and once it is stored
+        (and what the socket held is back), a node joining the user may
+        drain it (lua/gone.lua)."""
         self._unfollow(socket)
+        self._unheard.pop(socket, None)
+        returning = self._returning.pop(socket, None)
+        if returning is None:
+            self._gone(uid, socket)
+        else:
+            returning.addCallback(lambda _: self._gone(uid, socket))
+
+    def _gone(self, uid: str, socket: str) -> None:
         ns = self._ns
         self._store.eval_after_stores(GONE, [ns.leaving(uid)],
                                       [socket, ns.presence_channel(uid)]).addErrback(
@@ -337,6 +372,12 @@ class Membership:
         held partitions are taken again, with their presence as it is now."""
         for uid, socket in self.view.waiting():
             self._send_join(uid, socket).addErrback(self._join_failed, uid, socket)
+        # Leaves whose event was lost are gone all the same (what was heard
+        # before them is decided): a node joining their users waits for it.
+        for socket, uid in list(self._unheard.items()):
+            self.view.forget(uid, socket)  # says it left, if it counted here
+            if socket in self._unheard:
+                self._left(uid, socket)
 
     # -- the storer's part --------------------------------------------------
 
@@ -642,9 +683,59 @@ class Membership:
             self._lost()
 
 
-def _cancelling(result, timer):
-    """Pass ``result`` on, cancelling ``timer``: one per connect, not left
-    pending for seconds after the join completed."""
-    if timer.active():
-        timer.cancel()
+class _Patience:
+    """Waits for nodes to say they are done. A dead node never will, and is
+    given up on; a live one will, however late Redis takes its writes, and
+    giving up on it would let what it gives back land after newer messages.
+    So the wait ends once none of the nodes' leases lives (or once it has
+    lasted as long as a socket stays among the leaving)."""
+
+    def __init__(self, reactor, holds_up: Callable[[str, str | None], Awaitable[bool]],
+                 waits: Callable[[], set[tuple[str, str | None]] | None],
+                 give_up: Callable[[], None]) -> None:
+        self._reactor = reactor
+        self._holds_up = holds_up
+        self._waits = waits
+        self._give_up = give_up
+        self._told = False
+        self._until = reactor.seconds() + LEAVING_MAX
+        self._timer = reactor.callLater(LEAVING_TIMEOUT, self._check)
+
+    def cancel(self) -> None:
+        """Not left pending for seconds after the wait ended: one per connect."""
+        if self._timer.active():
+            self._timer.cancel()
+
+    def _check(self) -> None:
+        defer.ensureDeferred(self._decide())
+
+    async def _decide(self) -> None:
+        waits = self._waits()
+        if waits is None:
+            return
+        try:
+            live = sorted({node for node, socket in waits
+                           if await self._holds_up(node, socket)})
+        except (RedisUnavailable, txredisapi().ResponseError) as e:
+            live = [f"(unknown: {e})"[:200]]  # Redis cannot say: ask again later
+        if self._waits() is None:
+            return
+        if not live:
+            self._give_up()
+            return
+        if self._reactor.seconds() >= self._until:
+            log.warn("Node(s) {nodes} did not say they were done within {max:g} s; "
+                     "waiting no more", nodes=live, max=LEAVING_MAX)
+            self._give_up()
+            return
+        if not self._told:
+            self._told = True
+            log.info("Still waiting for node(s) {nodes}, alive, to say they are done: "
+                     "Redis takes their writes late", nodes=live)
+        self._timer = self._reactor.callLater(LEAVING_TIMEOUT, self._check)
+
+
+def _cancelling(result, patience: _Patience):
+    """Pass ``result`` on, cancelling ``patience``."""
+    patience.cancel()
     return result

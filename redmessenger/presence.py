@@ -29,11 +29,15 @@ from twisted.logger import Logger
 
 log = Logger()
 
-#: How long a node waits for another that held a user's socket to say it
-#: stored what it heard for the user before the socket left (``G``): a dead
-#: node never will (its reaper says it for it), and its lease (3 s) and a
-#: cluster tick (0.5 s) are over by then.
+#: How often a node that waits for others to say they are done (a joining
+#: socket's, or the stores of a user whose socket left another node: ``G``)
+#: checks whether they still live. A dead node never says it; a live one
+#: does, however late Redis takes its writes (replicas late, out of memory),
+#: and is waited for as long as its lease (3 s) lives.
 LEAVING_TIMEOUT = 5.0
+#: How long a socket stays among its user's leaving sockets at most
+#: (lua/leave.lua): past that nobody waits for its ``G`` any more.
+LEAVING_MAX = 60.0
 
 
 def partition_of(uid: str, partitions: int) -> int:
@@ -155,15 +159,34 @@ class ClusterView:
         waits for it goes on (and finds it gone)."""
         self._complete(socket)
 
+    def awaited(self, socket: str) -> set[tuple[str, str | None]] | None:
+        """What the socket's join still waits for (``None``: nothing), as
+        ``(node, leaving socket or None)``: its own node until the join is
+        recorded, the storer until it fenced, the user's leaving sockets
+        until each is gone."""
+        state = self._joining.get(socket)
+        if state is None:
+            return None
+        waits: set[tuple[str, str | None]] = {
+            (owner_of(s), s) for s in (state.leaving or set()) - state.gone}
+        if state.leaving is None:
+            waits.add((self.owner, None))
+        storer = self.storers.get(state.partition)
+        if not state.fenced and storer is not None:
+            waits.add((storer, None))
+        return waits
+
     def give_up(self, socket: str) -> None:
-        """Waiting for the socket's join has lasted long enough (a node it
-        waits for died meanwhile): its drain begins all the same."""
+        """None of the nodes the socket's join waited for lives any more
+        (or it waited for its own join to be heard): its drain begins all
+        the same. A dead node's claims come back with the drain's first
+        take, and its stores are refused."""
         state = self._joining.get(socket)
         if state is not None:
-            log.warn("Socket {socket} of {uid} waited too long for its join to complete "
+            log.warn("Socket {socket} of {uid} stops waiting for its join to complete "
                      "(heard {heard}, fenced {fenced}, others' leaving sockets not done: "
-                     "{leaving}); draining it", socket=socket, uid=state.uid,
-                     heard=state.heard, fenced=state.fenced,
+                     "{leaving}; no node it waits for lives); draining it", socket=socket,
+                     uid=state.uid, heard=state.heard, fenced=state.fenced,
                      leaving=sorted((state.leaving or set()) - state.gone))
             self._complete(socket)
 
@@ -224,6 +247,10 @@ class ClusterView:
             for waiting in list(self._joining_of.get(uid, ())):
                 self._joining[waiting].gone.add(socket)
                 self._may_settle(waiting)
+            if uid in self.mine and owner_of(socket) != self.owner:
+                # What it held is back at the head of the user's queue: the
+                # user's sockets here get it now, not at their next connect.
+                self.woken(uid)
         elif kind == b"W":
             if uid in self.mine or self.holds(uid):
                 self.woken(uid)
@@ -280,7 +307,7 @@ class ClusterView:
 
     def gone(self, uid: str, socket: str) -> None:
         """The socket's node has stored what it heard for the user before
-        the socket left (``G``), or it was waited for long enough."""
+        the socket left (``G``), or it died."""
         awaiting = self._awaiting_gone.get(uid)
         if awaiting is None or socket not in awaiting:
             return
@@ -362,6 +389,11 @@ class ClusterView:
         for uid in [u for u in self.others if u not in self.mine and
                     partition_of(u, self.partitions) == partition]:
             del self.others[uid]
+
+    def parked_on(self, uid: str, socket: str) -> bool:
+        """Whether this node's stores for the user still wait for the
+        socket's node (see ``_left``)."""
+        return socket in self._awaiting_gone.get(uid, ())
 
     def _storer_changed(self, partition: int) -> None:
         """A new storer's snapshot had every join heard before it; one gone

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from .delivery import Dispatcher
 from .envelope import Envelope
 from .keys import Namespace
-from .presence import LEAVING_TIMEOUT, ClusterView
+from .presence import ClusterView, owner_of
 
 log = Logger()
 
@@ -53,9 +53,10 @@ class Router:
     def __init__(self, dispatcher: Dispatcher, groups: Groups, namespace: Namespace, *,
                  view: ClusterView | None = None, trace: bool = False,
                  clock: Callable[[], float] = time.time,
-                 call_later: Callable[..., object] | None = None) -> None:
-        """``call_later(seconds, f, *args)``: how long to wait for a node that
-        may never say it is done (it died)."""
+                 wait_on: Callable[[str, Callable[[], set[tuple[str, str | None]] | None],
+                                    Callable[[], None]], object] | None = None) -> None:
+        """``wait_on(nodes, give_up)``: how to wait for a node that may never
+        say it is done, for it died (``Membership.wait_on``)."""
         self._dispatcher = dispatcher
         #: Alone, a node stores for every user (partition 0 of 1).
         if view is None:
@@ -69,7 +70,7 @@ class Router:
         #: ``ClusterView.parking``): envelopes to decide, and sockets to
         #: fence, in the order heard.
         self._parked: dict[str, list[Envelope | str]] = {}
-        self._call_later = call_later
+        self._wait_on = wait_on
         self._fence_now = view.fence
         view.fence = self._fence_in_order
         view.parking = self._parking
@@ -183,8 +184,11 @@ class Router:
 
     def _parking(self, uid: str, socket: str) -> None:
         self._parked.setdefault(uid, [])
-        if self._call_later is not None:
-            self._call_later(LEAVING_TIMEOUT, self._view.gone, uid, socket)
+        if self._wait_on is not None:
+            view = self._view
+            self._wait_on(uid, lambda: {(owner_of(socket), socket)}
+                          if view.parked_on(uid, socket) else None,
+                          lambda: view.gone(uid, socket))
 
     def _unparking(self, uid: str) -> None:
         """In the order heard: a parked fence goes out after the stores of

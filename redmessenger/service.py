@@ -108,7 +108,7 @@ class RedMessengerService(MultiService):
         view.outbid = self.dispatcher.outbid
         view.evicted = self.dispatcher.evict
         self.router = Router(self.dispatcher, self.store, namespace, view=view,
-                             trace=settings.verbose, call_later=reactor.callLater)
+                             trace=settings.verbose, wait_on=self.membership.wait_on)
         self.membership.handed_over = self.router.handed_over
         self.subscriber.on_message = self.router.received_message
         self.redis.pressure_observers.append(self.subscriber.pause)

@@ -5,6 +5,7 @@ different nodes, and counts what goes in and what comes out."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import threading
@@ -406,6 +407,46 @@ def test_nodes_cut_off_together_by_a_long_redis_outage_do_not_count_each_other_d
         wait_for(lambda: cluster.queue("offline") == ["stored"], "the store")
         for node in (first, second):
             node.stop()
+
+
+def test_a_user_moving_off_a_node_whose_writes_redis_holds_waits_for_them_in_order(
+        tmp_path, private_redis, redis_factory) -> None:
+    """A user's socket leaves a live node while that node's take of the
+    user's queue is held (here its replica stops answering ``WAIT`` under
+    ``--redis-replicas-ack``), and the user comes back on another node. The
+    first node gives back what it took once its take is done; the other
+    waits for that however long past LEAVING_TIMEOUT, for the first
+    node's lease lives: newer messages then come after the older ones."""
+    private_redis.command("CONFIG", "SET", "repl-diskless-sync-delay", "0")
+    replica = redis_factory(tmp_path / "replica")
+    replica.command("REPLICAOF", HOST, private_redis.port)
+    wait_for(lambda: "master_link_status:up" in replica.command(
+        "INFO", "replication", decode=True), "the replica to sync")
+    with Cluster(tmp_path, private_redis) as cluster:
+        held, other = cluster.start(1, "--redis-replicas-ack", "1")[0], cluster.start(1)[0]
+        for i in range(10):
+            cluster.publish("rm.users.u", str(i))
+        wait_for(lambda: len(cluster.queue("u")) == 10, "the stores")
+        os.kill(replica.pid, signal.SIGSTOP)
+        try:
+            with client(held.port) as ws:
+                ws.send(json.dumps({"type": "hello", "id": "u", "ack": True}))
+                wait_for(lambda: cluster.queue("u") == [], "the held node's take")
+            # Back once its leave is recorded (rather than as a second socket
+            # open at once, whose messages may interleave: docs/guarantees.rst).
+            wait_for(lambda: private_redis.command("SMEMBERS", "rm:leaving:u"), "the leave")
+            with client(other.port) as ws:
+                ws.send(json.dumps({"type": "hello", "id": "u", "ack": True}))
+                for i in range(10, 15):
+                    cluster.publish("rm.users.u", str(i))
+                wait_for(lambda: "Still waiting for node(s)" in other.log(),
+                         "the joining node to wait on", LEAVING_TIMEOUT + START_TIMEOUT)
+                os.kill(replica.pid, signal.SIGCONT)
+                assert recv_json(ws)["type"] == "welcome"
+                assert payloads(receive(ws, 15)) == [str(i) for i in range(15)]
+        finally:
+            os.kill(replica.pid, signal.SIGCONT)
+        assert "stops waiting for its join" not in other.log()
 
 
 def test_a_user_whose_sockets_died_with_their_node_is_stored_for_once_reaped(

@@ -56,6 +56,35 @@ def test_a_join_waits_for_the_nodes_of_sockets_that_just_left() -> None:
     assert other.called
 
 
+def test_a_join_says_which_nodes_it_still_waits_for() -> None:
+    """Membership checks their leases: it gives up only on dead ones."""
+    v, _ = view()
+    v.joining("u", "me:1")
+    assert v.awaited("me:1") == {("me", None), ("other", None)}  # its reply, the fence
+    v.recorded("me:1", ["x:1", "y:1"])
+    v.heard_presence("u", join("me:1", 5, "-", ("me:1", 5)))
+    assert v.awaited("me:1") == {("other", None), ("x", "x:1"), ("y", "y:1")}
+    v.heard_presence("u", b"F me:1")
+    v.heard_presence("u", b"G x:1")
+    assert v.awaited("me:1") == {("y", "y:1")}
+    v.give_up("me:1")
+    assert v.awaited("me:1") is None
+
+
+def test_a_socket_gone_elsewhere_wakes_the_users_sockets_here() -> None:
+    """What it held is back in the queue: drained here now."""
+    v, _ = view(held=True, storer="me")
+    woken: list[str] = []
+    v.woken = woken.append
+    v.joining("u", "me:1", local=True)
+    v.recorded("me:1", [])
+    v.heard_presence("u", join("me:1", 5, "-", ("x:1", 4), ("me:1", 5)))
+    v.heard_presence("u", b"L x:1")
+    v.heard_presence("u", b"G x:1")
+    v.heard_presence("w", b"G x:2")  # no socket of w here
+    assert woken == ["u"]
+
+
 def test_a_join_is_ready_when_heard_if_this_node_stores_or_nobody_does() -> None:
     for held, storer in ((True, "me"), (False, None)):
         v, _ = view(held=held, storer=storer)

@@ -384,12 +384,6 @@ class Messenger:
         for twistd in self.runs:
             twistd.__exit__()
 
-    def gave_up_waiting(self) -> set[str]:
-        """Users one of whose joins waited too long for another node's
-        leaving socket and drained all the same, as every node logged it."""
-        return {match for twistd in self.runs for match in re.findall(
-            r"Socket \S+ of (\S+) waited too long for its join", twistd.log())}
-
 
 async def in_thread(function, *args):
     return await loop().run_in_executor(None, function, *args)
@@ -556,7 +550,6 @@ def judge(plan: Plan, users: dict[str, bool], ledger: Ledger, swarm: Swarm,
         by_user[connection.uid].append(connection)
     counts = Counter()
     problems = []
-    gave_up = messenger.gave_up_waiting()
     for uid, ack in users.items():
         seen: set[int] = set()
         for connection in by_user[uid]:
@@ -567,12 +560,7 @@ def judge(plan: Plan, users: dict[str, bool], ledger: Ledger, swarm: Swarm,
                     continue
                 seen.add(number)
                 counts["drained" if queued else "delivered live"] += 1
-                if number < newest and uid in gave_up:
-                    # docs/guarantees.rst: a join that gave up waiting for
-                    # another node's leave may drain what that node then
-                    # gives back after newer messages.
-                    counts["out of order after a join gave up waiting"] += 1
-                elif number < newest:
+                if number < newest:
                     problems.append(f"{uid}: message {number} came after {newest} on one "
                                     "connection")
                 newest = number
@@ -603,9 +591,6 @@ def judge(plan: Plan, users: dict[str, bool], ledger: Ledger, swarm: Swarm,
         f"  lost at an abrupt end (plain, by design): "
         f"{counts['lost at an abrupt end (plain, by design)']}",
         f"  lost: {len([p for p in problems if 'never got' in p])}",
-        f"  out of order after a join gave up waiting (documented): "
-        f"{counts['out of order after a join gave up waiting']} messages, "
-        f"{len(gave_up)} users' joins gave up",
         f"  faults: {redis_fault}, Redis out of memory and kill -9, taking "
         f"{[round(e - b, 2) for b, e in faults]} s",
     ])
