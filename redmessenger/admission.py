@@ -74,9 +74,12 @@ class _Doorway(ProtocolWrapper):
     #: The first request's head, until it is whole.
     _head = b""
 
-    def __init__(self, factory: Admission) -> None:
+    def __init__(self, factory: Admission, upgrading: bool = False) -> None:
         # What it wraps is known once the first request's head is in.
         super().__init__(factory, None)
+        #: Handed over by another site's twisted.web (``Mounted``), from
+        #: its upgrade request on: a WebSocket.
+        self._upgrading = upgrading
 
     def logPrefix(self) -> str:
         # Twisted asks every new connection (ProtocolWrapper's answer
@@ -115,6 +118,9 @@ class _Doorway(ProtocolWrapper):
         self._answered = False
         if self.wrappedProtocol is not None:
             self.wrappedProtocol.dataReceived(data)
+            return
+        if self._upgrading:
+            self.to_websocket(data)
             return
         head = self._head + data
         if b"\n\r\n" not in head and b"\n\n" not in head and len(head) <= _MAX_HEAD:
@@ -218,6 +224,20 @@ class Admission(ServerFactory):
         for doorway in list(self.waiting):
             doorway.abandon()
         self.site.doStop()
+
+
+class Mounted:
+    """The WebSocket of a twisted.web site that RedMessenger is mounted in
+    (``RedMessengerService.resource()``). Autobahn's ``WebSocketResource``
+    takes the connection over from the site's HTTP with what this builds: a
+    doorway that counts it against the limits and gives it the handshake
+    deadline, as on RedMessenger's own port, then hands it to a WebSocket."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    def buildProtocol(self, addr) -> _Doorway:
+        return _Doorway(self._admission, upgrading=True)
 
 
 def upgrade(request):

@@ -1,6 +1,6 @@
 """The ``redmessenger`` command: publish, look at queues, manage groups and
 keys in the Redis a RedMessenger uses, list the running ones (the nodes
-that share it), and ask one how it is.
+that share it), ask one how it is, and listen as a user (``listen.py``).
 
 ``send`` never loses a message: if nobody (so no RedMessenger) is subscribed
 to the channel, it stores the message in the recipients' queues itself, in
@@ -543,6 +543,21 @@ def health_url(text: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
 
+def websocket_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ws://host:port/ or wss://")
+    return text
+
+
+async def cmd_listen(reactor: Any, args: argparse.Namespace, out: TextIO) -> int:
+    from .listen import listen
+
+    if args.key_file is not None and not os.access(args.key_file, os.R_OK):
+        raise CommandFailed(f"--key-file {args.key_file}: cannot read it")
+    return await listen(reactor, args, out.buffer, sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="redmessenger",
@@ -673,7 +688,27 @@ def build_parser() -> argparse.ArgumentParser:
                              "file (else the system's)")
     status.add_argument("--json", action="store_true",
                         help="one JSON document (with --url, the report as it came)")
-    status.set_defaults(run=cmd_status)
+    status.set_defaults(run=cmd_status, here=cmd_health)
+
+    listening = commands.add_parser(
+        "listen", help="print a user's messages as they come",
+        description="Connect to RedMessenger as the user and print each message as it "
+                    "comes, one JSON object a line, on stdout; how the connection goes on "
+                    "stderr. Reconnects with backoff. Ends on Ctrl-C or a closed stdout "
+                    "(status 0), or when refused for good, a wrong key say (status 1).")
+    listening.add_argument("--url", required=True, type=websocket_url, metavar="URL",
+                           help="RedMessenger's WebSocket, ws://host:port/ (or wss://)")
+    listening.add_argument("--id", required=True, type=user_id, help="the user id")
+    keys = listening.add_mutually_exclusive_group()
+    keys.add_argument("--key", help="the user's key (seen by ps: prefer --key-file)")
+    keys.add_argument("--key-file", metavar="FILE", help="read the user's key from FILE")
+    listening.add_argument("--ack", action="store_true",
+                           help="ack mode: acknowledge each message once its line is written "
+                                "and flushed; what could not be written comes again at the "
+                                "next connect")
+    listening.add_argument("--raw", action="store_true",
+                           help="print each payload alone, with a newline")
+    listening.set_defaults(here=cmd_listen)
     return parser
 
 
@@ -695,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         address = None
-        if getattr(args, "url", None) is None:  # status --url asks over HTTP only
+        if getattr(args, "url", None) is None:  # status --url and listen need no Redis
             if not args.prefix:
                 parser.error("--prefix must not be empty")
             try:
@@ -724,7 +759,7 @@ async def _run(reactor: Any, args: argparse.Namespace, address: RedisAddress | N
     out = sys.stdout
     try:
         if address is None:
-            return await cmd_health(reactor, args, out)
+            return await args.here(reactor, args, out)
         redis = await connect_redis(reactor, address, args.timeout)
         command: Callable[..., Awaitable[int]] = args.run
         try:

@@ -29,9 +29,8 @@ _COUNTERS = (
 
 
 class _Collector:
-    def __init__(self, service, admission) -> None:
+    def __init__(self, service) -> None:
         self._service = service
-        self._admission = admission
 
     def collect(self):
         service = self._service
@@ -41,7 +40,7 @@ class _Collector:
                      len(service.factory.connections))
         yield _gauge("connections_handshaking",
                      "Connections accepted that are not WebSockets (yet)",
-                     self._admission.handshaking)
+                     service.handshaking)
         yield _gauge("users_online", "Users with at least one identified socket",
                      service.dispatcher.users)
         for name, attribute, doc in _COUNTERS:
@@ -116,10 +115,10 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"redmessenger_{name}", doc, value=value)
 
 
-def metrics_resource(service, admission):
+def metrics_resource(service):
     # prometheus_client.twisted imports the global reactor: only once serving.
     from prometheus_client.twisted import MetricsResource
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(service, admission))
+    registry.register(_Collector(service))
     return MetricsResource(registry=registry)

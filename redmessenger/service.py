@@ -13,8 +13,9 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from . import compat
+from . import compat, web
 from ._version import __version__
 from .auth import Authenticator
 from .delivery import Dispatcher
@@ -31,7 +32,6 @@ from .settings import ACCEPTS_PER_TURN, AuthMode, RedisAddress, Settings
 from .stats import Stats
 from .store import SCRIPTS, RedisStore
 from .subscriber import Subscriber
-from .web import make_site
 from .websocket import CLOSE_TIMEOUT, RedMessengerFactory
 
 log = Logger()
@@ -133,6 +133,12 @@ class RedMessengerService(MultiService):
         self.recovery: defer.Deferred | None = None
         self._recovery_waiters: list[defer.Deferred] = []
         self.port = None
+        #: The listener of ``--internal-port``, if any.
+        self.internal_port = None
+        #: What admits connections: one per listener, and one for
+        #: ``resource()``'s WebSockets.
+        self.admissions: list = []
+        self._resource = None
         self.listening: str | None = None
         self._starting: defer.Deferred | None = None
         self._start_outcome = None
@@ -149,12 +155,31 @@ class RedMessengerService(MultiService):
                 "worker": self.worker, "connections": len(self.factory.connections),
                 "users_online": self.dispatcher.users}
 
+    @property
+    def handshaking(self) -> int:
+        """Connections accepted that are not WebSockets (yet)."""
+        return sum(admission.handshaking for admission in self.admissions)
+
+    def resource(self):
+        """RedMessenger's HTTP side, for an application that serves its own
+        twisted.web site: ``putChild`` it anywhere. The WebSocket is at its
+        root, ``/client.js`` beneath it, and (unless ``--internal-port``
+        serves them) the demo page, ``/health`` and ``/metrics``. Its
+        WebSockets count against the same limits as on a port. With
+        ``Settings(port=None)`` the service listens on nothing of its own;
+        it still owns its Redis connections and stops as gracefully."""
+        if self._resource is None:
+            self._resource = web.mounted(self, internal=self.settings.internal_port is None)
+        return self._resource
+
     def whenListening(self) -> defer.Deferred:
-        """Fires with the listening port once clients can connect, or fails
-        with the reason the service could not start."""
-        if self._start_outcome is not None:
-            return defer.succeed(self._start_outcome) if self.port is not None \
-                else defer.fail(self._start_outcome)
+        """Fires with the listening port (``None`` with no port of its own)
+        once clients can connect, or fails with the reason the service
+        could not start."""
+        outcome = self._start_outcome
+        if outcome is not None:
+            return defer.fail(outcome) if isinstance(outcome, Failure) \
+                else defer.succeed(self.port)
         d = defer.Deferred()
         self._start_waiters.append(d)
         return d
@@ -162,13 +187,13 @@ class RedMessengerService(MultiService):
     def _start_settled(self, outcome) -> None:
         """Hand the outcome to whoever waits in ``whenListening``; a failure
         was logged by ``_could_not_start`` and ends here."""
-        self._start_outcome = outcome
+        self._start_outcome = outcome if isinstance(outcome, Failure) else True
         waiters, self._start_waiters = self._start_waiters, []
         for d in waiters:
-            if self.port is not None:
-                d.callback(outcome)
-            else:
+            if isinstance(outcome, Failure):
                 d.errback(outcome)
+            else:
+                d.callback(self.port)
 
     def startService(self) -> None:
         Service.startService(self)
@@ -194,9 +219,19 @@ class RedMessengerService(MultiService):
         self.lease_redis.startService()
         joined = defer.ensureDeferred(self._join())
         joined.addCallbacks(self._recover, self._could_not_join)
-        endpoint = self.endpoint or serverFromString(self.reactor,
-                                                     self.settings.listen_description)
-        return endpoint.listen(make_site(self)).addCallback(self._listening)
+        settings = self.settings
+        listening = []
+        if settings.internal_port is not None:
+            endpoint = serverFromString(self.reactor, settings.internal_listen_description)
+            listening.append(endpoint.listen(web.admission(self, internal=True)).addCallback(
+                self._listening_internally))
+        if self.endpoint is not None or settings.port is not None:
+            endpoint = self.endpoint or serverFromString(self.reactor,
+                                                         settings.listen_description)
+            listening.append(endpoint.listen(web.admission(
+                self, internal=settings.internal_port is None)).addCallback(self._listening))
+        return defer.gatherResults(listening, consumeErrors=True).addErrback(
+            lambda failure: failure.value.subFailure)
 
     async def _join(self) -> None:
         """Forget the processes of this host that died (their leases, so that
@@ -279,6 +314,11 @@ class RedMessengerService(MultiService):
                  redis=str(self.redis.address))
         return port
 
+    def _listening_internally(self, port):
+        self.internal_port = port
+        log.info("Demo page, /health and /metrics on {where}", where=str(port.getHost()))
+        return port
+
     def _could_not_start(self, failure):
         """Log why, then let go of everything started so far (a service
         that does not listen must not stay subscribed, storing copies of
@@ -287,6 +327,10 @@ class RedMessengerService(MultiService):
         if failure.check(defer.CancelledError):
             return failure  # stopService is stopping it
         log.critical("RedMessenger could not start: {why}", why=failure.getErrorMessage())
+        for port in (self.port, self.internal_port):  # the other listener may have started
+            if port is not None:
+                port.stopListening()
+        self.port = self.internal_port = None
         undoing = self._letting_go.run(self._let_go)
         undoing.addErrback(lambda f: log.failure("Could not stop what started", f))
 
@@ -304,8 +348,9 @@ class RedMessengerService(MultiService):
         Service.stopService(self)
         if self._starting is not None and not self._starting.called:
             self._starting.cancel()
-        if self.port is not None:
-            yield self.port.stopListening()
+        for port in (self.port, self.internal_port):
+            if port is not None:
+                yield port.stopListening()
         yield self._letting_go.run(self._let_go)
         _running_here.discard(self.owner)
         log.info("RedMessenger stopped")

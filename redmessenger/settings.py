@@ -143,8 +143,13 @@ def _escape(text: str) -> str:
 class Settings:
     """Every setting of a RedMessenger; the defaults are the documented ones."""
 
-    #: Where WebSocket clients connect: a port number or an endpoint description.
-    port: str = "tcp:8080"
+    #: Where WebSocket clients connect: a port number or an endpoint
+    #: description; ``None``: nowhere of its own (``RedMessengerService.resource()``
+    #: is mounted in the application's twisted.web site instead).
+    port: str | None = "tcp:8080"
+    #: Where the demo page, ``/health`` and ``/metrics`` are served, away
+    #: from ``port``; ``None``: on ``port`` (or in ``resource()``), with the rest.
+    internal_port: str | None = None
     #: An existing Redis; ``None`` starts the embedded one.
     redis: RedisAddress | None = None
     embedded_port: int = 6379
@@ -207,8 +212,18 @@ class Settings:
     partitions: int = 1
 
     @property
-    def listen_description(self) -> str:
+    def listen_description(self) -> str | None:
         """``--port 8080`` is short for ``tcp:8080``, with a listen backlog
         for a storm of reconnects (a node's sockets coming back after
         another node died), not Twisted's 50."""
-        return f"tcp:{self.port}:backlog={LISTEN_BACKLOG}" if self.port.isdigit() else self.port
+        return _description(self.port)
+
+    @property
+    def internal_listen_description(self) -> str | None:
+        return _description(self.internal_port)
+
+
+def _description(port: str | None) -> str | None:
+    if port is None or not port.isdigit():
+        return port
+    return f"tcp:{port}:backlog={LISTEN_BACKLOG}"

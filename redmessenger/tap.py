@@ -51,6 +51,11 @@ class Options(usage.Options):
         ["port", "p", "8080",
          "Where WebSocket clients connect: a port number or an endpoint description "
          "(tcp:8080:interface=127.0.0.1, ssl:8443:privateKey=key.pem, unix:/path)."],
+        ["internal-port", None, None,
+         "Where the demo page, /health and /metrics are served instead of --port, "
+         "which then has only the WebSocket and /client.js: a port number or an endpoint "
+         "description (tcp:9090:interface=127.0.0.1 keeps them off the network). "
+         "Default: on --port."],
         ["redis", "r", None,
          "An existing Redis: redis://[:password@]host[:port][/db] or "
          "unix:///path/to/socket[?db=N]. Default: start an embedded redis-server."],
@@ -163,7 +168,7 @@ class Options(usage.Options):
             except ValueError as e:
                 raise usage.UsageError(f"--redis: {e}") from None
         self.settings = Settings(
-            port=self["port"], redis=redis,
+            port=self["port"], internal_port=self["internal-port"] or None, redis=redis,
             embedded_port=_number(self, "embedded-port", int, 1, 65535),
             data_dir=Path(self["data-dir"]), prefix=self["prefix"], auth=auth,
             queue_ttl=_number(self, "queue-ttl", int, 0),
@@ -204,10 +209,16 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--workers needs a tcp or ssl --port, whose socket the workers share, "
                 f"not {self.settings.listen_description!r}")
+        if self.workers > 1 and self.settings.internal_port is not None:
+            raise usage.UsageError(
+                "--internal-port is not shared by --workers: run each worker as a "
+                "twistd of its own to give each an internal port")
         if redis is None:
             _check_embedded(self.settings.embedded_port)
         if worker_number() is None:  # a worker's port is its supervisor's
             _check_listen(self.settings.listen_description)
+        if self.settings.internal_port is not None:
+            _check_listen(self.settings.internal_listen_description, "internal-port")
 
     def environment(self) -> dict[str, str]:
         """Every option given, as the variable that would give it: how a
@@ -262,12 +273,12 @@ def _check_embedded(port: int) -> None:
 _TCP = re.compile(r"tcp:(?:port=)?(\d+)(?::interface=([^:]+))?(?::backlog=\d+)?$")
 
 
-def _check_listen(description: str) -> None:
+def _check_listen(description: str, option: str = "port") -> None:
     """A plain TCP port that is taken is worth saying before start; other
     endpoint kinds are left to fail when they listen."""
     match = _TCP.match(description)
     if match and int(match.group(1)) and _taken(match.group(2) or "", int(match.group(1))):
-        raise usage.UsageError(f"--port {description}: the port is taken; pick another one")
+        raise usage.UsageError(f"--{option} {description}: the port is taken; pick another one")
 
 
 def _taken(host: str, port: int) -> bool:

@@ -1,19 +1,27 @@
-"""HTTP beside the WebSocket, on the same port: ``/`` shows a small demo
-page (a WebSocket upgrade of ``/`` is Autobahn's, see admission.py),
-``/health`` says whether this process can deliver, ``/metrics`` speaks
-Prometheus, and ``/client.js`` serves the browser client."""
+"""HTTP beside the WebSocket: ``/`` shows a small demo page (a WebSocket
+upgrade of ``/`` is Autobahn's, see admission.py), ``/health`` says whether
+this process can deliver, ``/metrics`` speaks Prometheus, and ``/client.js``
+serves the browser client.
+
+The same tree listens on RedMessenger's own port, or is mounted in an
+application's twisted.web site (``RedMessengerService.resource()``). With
+``--internal-port``, the demo page, ``/health`` and ``/metrics`` leave the
+public tree for a listener of their own."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from importlib import resources
 
+from autobahn.twisted.resource import WebSocketResource
 from twisted.web import pages
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from twisted.web.util import redirectTo
 
 from ._version import __version__
-from .admission import Admission, upgrade
+from .admission import Admission, Mounted, upgrade
 
 
 class Health(Resource):
@@ -23,10 +31,9 @@ class Health(Resource):
 
     isLeaf = True
 
-    def __init__(self, service, admission: Admission) -> None:
+    def __init__(self, service) -> None:
         super().__init__()
         self._service = service
-        self._admission = admission
 
     def render_GET(self, request) -> bytes:
         service = self._service
@@ -44,7 +51,7 @@ class Health(Resource):
             "redis": {"connected": connected, "subscribed": subscribed,
                       "writable": redis.writable, "refusal": redis.refusal},
             "connections": len(service.factory.connections),
-            "handshaking": self._admission.handshaking,
+            "handshaking": service.handshaking,
             "users_online": service.dispatcher.users,
             "version": __version__,
         }
@@ -59,19 +66,26 @@ class Health(Resource):
 
 
 class Root(Resource):
-    """``/``: the demo page; a WebSocket upgrade that reaches twisted.web
+    """The WebSocket, and the demo page (if this tree has it) for a plain
+    ``GET``. On RedMessenger's own port, an upgrade that reaches twisted.web
     (after other requests on its connection) still goes to RedMessenger."""
 
-    def __init__(self, page: Resource) -> None:
+    def __init__(self, page: Resource | None, websocket: Callable) -> None:
         super().__init__()
         self._page = page
+        self._websocket = websocket
 
     def getChild(self, path: bytes, request):
         return self if path == b"" else pages.notFound()
 
     def render(self, request):
         if (request.getHeader(b"upgrade") or b"").lower() == b"websocket":
-            return upgrade(request)
+            return self._websocket(request)
+        if self._page is None:
+            return pages.notFound().render(request)
+        if not request.path.endswith(b"/"):
+            # Mounted at /rm: the page's relative links need /rm/.
+            return redirectTo(request.path + b"/", request)
         return self._page.render(request)
 
 
@@ -90,18 +104,45 @@ class Static(Resource):
         return self._data
 
 
-def make_site(service) -> Admission:
-    """What listens: the site and the WebSockets, behind the limits and the
-    handshake deadline."""
+def tree(service, websocket: Callable, *, internal: bool) -> Resource:
+    """The WebSocket at the root, and ``/client.js`` beneath it; the demo
+    page, ``/health`` and ``/metrics`` too if ``internal``."""
     from .metrics import metrics_resource
 
-    root = Root(Static("index.html", "text/html; charset=utf-8"))
+    root = Root(Static("index.html", "text/html; charset=utf-8") if internal else None,
+                websocket)
     root.putChild(b"client.js", Static("redmessenger.js", "text/javascript; charset=utf-8"))
-    site = Site(root)
+    if internal:
+        root.putChild(b"health", Health(service))
+        root.putChild(b"metrics", metrics_resource(service))
+    return root
+
+
+def admission(service, *, internal: bool) -> Admission:
+    """What listens on a port of RedMessenger's own: the site and the
+    WebSockets, behind the limits and the handshake deadline."""
+    site = Site(tree(service, upgrade, internal=internal))
     site.noisy = False
-    admission = Admission(site, service.factory, service.factory.limits,
-                          service.dispatcher.stats, service.settings.handshake_timeout,
-                          service.reactor)
-    root.putChild(b"health", Health(service, admission))
-    root.putChild(b"metrics", metrics_resource(service, admission))
-    return admission
+    return _admission(service, site)
+
+
+def mounted(service, *, internal: bool) -> Resource:
+    """The tree to mount in another twisted.web site: its WebSockets come
+    through the same limits and handshake deadline."""
+    websocket = WebSocketResource(Mounted(_admission(service, None)))
+
+    def upgrade_while_running(request):
+        if not service.running:  # its Redis connections are its own: none then
+            request.setResponseCode(503)
+            request.setHeader(b"retry-after", b"1")
+            return b"RedMessenger is not running\n"
+        return websocket.render(request)
+
+    return tree(service, upgrade_while_running, internal=internal)
+
+
+def _admission(service, site: Site | None) -> Admission:
+    found = Admission(site, service.factory, service.factory.limits, service.dispatcher.stats,
+                      service.settings.handshake_timeout, service.reactor)
+    service.admissions.append(found)
+    return found

@@ -167,9 +167,12 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "readme-publish": ("README.rst", "$ .venv/bin/redis-cli PUBLISH rm.users.user1"),
     "readme-websocket": ("README.rst", "$ .venv/bin/pip install -q websockets"),
     "readme-embedding": ("README.rst", "import os\n"),
+    "readme-mounted": ("README.rst", "root = Resource()\n"),
+    "readme-klein": ("README.rst", "@app.route(\"/rm/\", branch=True)"),
     "readme-web-page": ("README.rst", '<script type="module">'),
     "readme-python": ("README.rst", "from twisted.internet import task\n"),
     "readme-cli": ("README.rst", "$ .venv/bin/redmessenger token set"),
+    "readme-listen": ("README.rst", "$ .venv/bin/redmessenger listen"),
     "readme-durable-publish": ("README.rst", "import redis\n"),
     # The log samples, by who logs their first line (whatever its namespace's tail).
     "readme-log": ("README.rst", "[redmessenger.subscriber"),

@@ -31,7 +31,7 @@ from harness import aiotest, eventually, start_service
     ["--help"], ["send", "--help"], ["queue", "--help"], ["group", "--help"],
     ["group", "add", "--help"], ["group", "remove", "--help"], ["group", "list", "--help"],
     ["token", "--help"], ["token", "set", "--help"], ["token", "show", "--help"],
-    ["status", "--help"],
+    ["status", "--help"], ["listen", "--help"],
     ["dead", "--help"], ["dead", "list", "--help"], ["dead", "retry", "--help"],
     ["dead", "drop", "--help"],
 ])
@@ -55,6 +55,10 @@ def test_every_command_has_help(argv, capsys):
     (["--redis", "redis://host:port", "queue", "user1"], "the port is not a number"),
     (["--prefix", "", "queue", "user1"], "--prefix must not be empty"),
     (["status", "--url", "ftp://host"], "expected http://host:port"),
+    (["listen", "--url", "http://host/", "--id", "u"], "expected ws://host:port/"),
+    (["listen", "--url", "ws://host/"], "required: --id"),
+    (["listen", "--url", "ws://host/", "--id", "u", "--key", "k", "--key-file", "f"],
+     "not allowed with"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_usage_errors_exit_2_and_say_why(argv, says, capsys):

@@ -16,7 +16,17 @@ import websockets
 from redmessenger import __version__
 from redmessenger.admission import asks_for_websocket
 
-from harness import RECV_TIMEOUT, aiotest, eventually, get, http_url, metric, start_service
+from harness import (
+    RECV_TIMEOUT,
+    Client,
+    aiotest,
+    eventually,
+    get,
+    http_url,
+    metric,
+    start_service,
+)
+from network import HOST
 
 
 @aiotest
@@ -91,6 +101,26 @@ async def test_the_client_script_and_the_demo_page_are_served(messenger):
     status, headers, body = await get(http_url(rm, "/"))
     assert status == 200 and headers["content-type"].startswith("text/html")
     assert (await get(http_url(rm, "/nothing-here")))[0] == 404
+
+
+@aiotest
+async def test_an_internal_port_takes_the_demo_page_health_and_metrics_off_the_public_one(
+        messenger):
+    """``--internal-port``: the public port keeps the WebSocket and
+    /client.js; the internal one has everything (the demo page connects to
+    its own origin, so WebSockets too)."""
+    rm = await messenger(internal_port="tcp:0:interface=127.0.0.1")
+    internal = f"http://{HOST}:{rm.service.internal_port.getHost().port}"
+    for path in ("/", "/health", "/metrics"):
+        assert (await get(http_url(rm, path)))[0] == 404, path
+        assert (await get(internal + path))[0] == 200, path
+    for base in (http_url(rm, "/"), internal + "/"):
+        assert (await get(base + "client.js"))[0] == 200
+        client = await Client.connect(base.replace("http://", "ws://", 1))
+        assert (await client.hello("user1"))["type"] == "welcome"
+        await client.close()
+    _, _, body = await get(internal + "/health")
+    assert json.loads(body)["status"] == "ok"
 
 
 @aiotest

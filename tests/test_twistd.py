@@ -12,6 +12,8 @@ import re
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -212,6 +214,7 @@ def test_existing_redis_is_used_and_no_redis_server_is_started(tmp_path: Path, r
 #: Every option and the default its help shows (None: no default shown).
 OPTIONS = {
     "port": "8080",
+    "internal-port": None,
     "redis": None,
     "embedded-port": "6379",
     "data-dir": "redmessenger-data",
@@ -346,7 +349,9 @@ def test_taken_embedded_port_is_refused_at_once(tmp_path: Path) -> None:
     (["--auth", "maybe"], ["--auth must be required, optional, jwt or off"]),
     (["--queue-max", "-1"], ["--queue-max must be at least 0"]),
     (["--drain-chunk", "lots"], ["--drain-chunk must be a number"]),
-], ids=["redis-scheme", "redis-port", "redis-db", "auth", "queue-max", "drain-chunk"])
+    (["--workers", "2", "--internal-port", "9090"], ["--internal-port", "--workers"]),
+], ids=["redis-scheme", "redis-port", "redis-db", "auth", "queue-max", "drain-chunk",
+        "internal-port-workers"])
 def test_bad_options_are_refused_at_once(tmp_path: Path, args: list[str],
                                          needles: list[str]) -> None:
     port = pick_free_port()
@@ -423,3 +428,29 @@ def test_options_from_the_environment_and_json_logs(tmp_path: Path, redis) -> No
     assert assigned and assigned[0]["uid"] == "user1" and assigned[0]["level"] == "info"
     assert assigned[0]["namespace"] == "redmessenger.delivery"
     assert all({"time", "level", "namespace", "message"} <= set(r) for r in records)
+
+
+def test_an_internal_port_serves_health_and_metrics_off_the_public_port(
+        tmp_path: Path, redis) -> None:
+    public, internal = free_ports(2)
+    args = ["-n", "--pidfile=", "redmessenger", "--port", f"tcp:{public}:interface={HOST}",
+            "--internal-port", f"tcp:{internal}:interface={HOST}", "--redis", redis.url,
+            "--auth", "off"]
+    with TwistdProcess(args, tmp_path, tmp_path / "twistd.log") as twistd:
+        twistd.wait_accepting(public)
+        twistd.wait_accepting(internal)
+
+        def status(port: int, path: str) -> int:
+            try:
+                with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=10) as answer:
+                    return answer.status
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        wait_for(lambda: status(internal, "/health") == 200, "/health to say ok",
+                 START_TIMEOUT, twistd.alive)
+        assert [status(public, path) for path in ("/", "/health", "/metrics", "/client.js")] \
+            == [404, 404, 404, 200]
+        assert status(internal, "/metrics") == 200
+        twistd.stop()
+        twistd.assert_stopped_cleanly()

@@ -69,15 +69,18 @@ const OUTCOMES = new WeakMap();
 export const HEARTBEATS_MISSED = 2.5;
 
 /**
- * The WebSocket URL of the RedMessenger that served the current page:
- * `ws://host/` for an `http:` page, `wss://host/` for an `https:` one.
- * `undefined` where there is no `location` (outside a browser).
+ * The WebSocket URL of the RedMessenger that served this script: where
+ * `client.js` came from, `http:` made `ws:` and `https:` made `wss:`
+ * (`/rm/client.js` gives `ws://host/rm/`, for a RedMessenger mounted at
+ * `/rm` in an application's site). `undefined` where the script did not
+ * come over HTTP (bundled, or outside a browser).
  * @returns {string | undefined}
  */
 export function defaultUrl() {
-  const here = globalThis.location;
-  if (!here || !/^https?:$/.test(here.protocol)) return undefined;
-  return `${here.protocol === "https:" ? "wss:" : "ws:"}//${here.host}/`;
+  const here = new URL(".", import.meta.url);
+  if (!/^https?:$/.test(here.protocol)) return undefined;
+  here.protocol = here.protocol === "https:" ? "wss:" : "ws:";
+  return here.href;
 }
 
 /**
@@ -200,7 +203,7 @@ export class RedMessengerClient extends EventTarget {
       maxDelay = 30000, stableAfter = 30000, idleTimeout = null, ackDelay = 50, dedupSize = 10000,
     } = options ?? {};
     url = url ?? defaultUrl();
-    if (!url) throw new TypeError("RedMessengerClient needs a url outside a page RedMessenger served");
+    if (!url) throw new TypeError("RedMessengerClient needs a url where client.js was not served by RedMessenger");
     if (typeof id !== "string" || !id) throw new TypeError("RedMessengerClient needs an id");
     /** @type {string} */ this.url = String(url);
     /** @type {string} */ this.id = id;

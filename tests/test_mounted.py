@@ -1,0 +1,88 @@
+"""RedMessenger mounted in an application's own twisted.web site
+(``Settings(port=None)`` and ``RedMessengerService.resource()``): the limits
+and origins of a port of its own hold there too. (README.rst's examples run
+under a real twistd in tests/test_docs_readme.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import websockets
+from twisted.internet import endpoints
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from redmessenger import AuthMode, RedMessengerService, Settings
+
+from harness import Client, aiotest, get, metric, run, tw
+from network import HOST
+
+
+@pytest.fixture
+def mounted(redis):
+    """``await mount(**settings)``: a service with no port of its own,
+    mounted at /rm of a twisted.web site on a free port: the service and
+    the site's URL. Both are stopped after the test."""
+    started = []
+
+    async def mount(**overrides) -> tuple[RedMessengerService, str]:
+        from twisted.internet import reactor
+
+        service = RedMessengerService(Settings(port=None, redis=redis.address,
+                                               auth=AuthMode.OFF, **overrides))
+        service.startService()
+        started.append(service)
+        assert await tw(service.whenListening()) is None  # no port of its own
+        root = Resource()
+        root.putChild(b"rm", service.resource())
+        port = await tw(endpoints.TCP4ServerEndpoint(reactor, 0, interface=HOST).listen(
+            Site(root)))
+        started.append(port)
+        return service, f"{HOST}:{port.getHost().port}"
+
+    yield mount
+
+    async def stop() -> None:
+        for started_one in reversed(started):
+            if isinstance(started_one, RedMessengerService):
+                if started_one.running:
+                    await tw(started_one.stopService())
+            else:
+                await tw(started_one.stopListening())
+
+    run(stop())
+
+
+@aiotest
+async def test_a_mounted_websocket_is_held_to_the_limits_and_origins(mounted) -> None:
+    """--allowed-origins and --max-connections-per-address, as on a port of
+    its own: 403 for another origin, 503 past the limit, and the WebSocket
+    of a user is a socket like any other (/rm/metrics counts it)."""
+    service, where = await mounted(max_connections_per_address=1,
+                                   allowed_origins=("https://app.example.com",))
+    url = f"ws://{where}/rm/"
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await Client.connect(url, origin="https://elsewhere.example.com")
+    assert refused.value.response.status_code == 403
+    client = await Client.connect(url, origin="https://app.example.com")
+    assert (await client.hello("user1"))["type"] == "welcome"
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await Client.connect(url, origin="https://app.example.com")
+    assert refused.value.response.status_code == 503
+    status, _, body = await get(f"http://{where}/rm/metrics")
+    assert metric(body.decode(), "redmessenger_connections") == 1
+    assert metric(body.decode(), "redmessenger_connections_refused_total") == 1
+    service.redis.execute(b"PUBLISH", b"rm.users.user1", b"hi")
+    assert [m["payload"] for m in await client.messages(1)] == ["hi"]
+    await client.close()
+
+
+@aiotest
+async def test_a_mounted_websocket_is_refused_while_the_service_is_stopped(mounted) -> None:
+    """The site outlives the service: an upgrade then is told to come back
+    (503), not taken by a service whose Redis connections are gone."""
+    service, where = await mounted()
+    await tw(service.stopService())
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await Client.connect(f"ws://{where}/rm/")
+    assert refused.value.response.status_code == 503
+    assert refused.value.response.headers["Retry-After"] == "1"
