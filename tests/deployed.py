@@ -136,14 +136,16 @@ class TwistdProcess:
     when the ``with`` block ends."""
 
     def __init__(
-        self, args: list[str], cwd: Path, log_path: Path, env: dict[str, str] | None = None
+        self, args: list[str], cwd: Path, log_path: Path, env: dict[str, str] | None = None,
+        twistd: str | None = None,
     ) -> None:
+        """``twistd``: another venv's (default: this one's)."""
         self.args = args
         self.log_path = log_path
         self._terminated = False
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [str(TWISTD), *args],
+                [twistd or str(TWISTD), *args],
                 cwd=cwd,
                 env=env or deployed_env(),
                 stdin=subprocess.DEVNULL,

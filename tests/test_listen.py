@@ -20,9 +20,18 @@ from harness import aiotest, eventually
 
 async def start_listening(rm, *args: str) -> asyncio.subprocess.Process:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("REDMESSENGER_")}
+    environment["PYTHONFAULTHANDLER"] = "1"
     return await asyncio.create_subprocess_exec(
         *CLI, "listen", "--url", rm.url, *args, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=environment, cwd=tempfile.gettempdir())
+        stderr=asyncio.subprocess.PIPE, env=environment, cwd=tempfile.gettempdir(),
+        preexec_fn=as_from_a_terminal)
+
+
+def as_from_a_terminal() -> None:
+    """Ctrl-C as a terminal delivers it: a suite run in the background (as
+    CI may be) hands its children SIGINT ignored, which Python, and then
+    Twisted, leave ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 async def said(listener: asyncio.subprocess.Process, text: str) -> list[str]:
@@ -36,7 +45,14 @@ async def said(listener: asyncio.subprocess.Process, text: str) -> list[str]:
 
 
 async def ended(listener: asyncio.subprocess.Process) -> tuple[int, str]:
-    rest = await asyncio.wait_for(listener.stderr.read(), CLI_TIMEOUT)
+    """Its status and the rest of its stderr, once it has ended by itself;
+    if it has not within CLI_TIMEOUT, where it was (faulthandler's dump)."""
+    try:
+        rest = await asyncio.wait_for(listener.stderr.read(), CLI_TIMEOUT)
+    except TimeoutError:
+        listener.send_signal(signal.SIGABRT)
+        dump = await asyncio.wait_for(listener.stderr.read(), CLI_TIMEOUT)
+        raise AssertionError(f"listen did not end:\n{dump.decode()}") from None
     return await asyncio.wait_for(listener.wait(), CLI_TIMEOUT), rest.decode()
 
 
