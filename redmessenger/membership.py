@@ -311,13 +311,13 @@ class Membership:
 
     def leave(self, uid: str, socket: str, returned: defer.Deferred | None = None) -> None:
         self.view.abandon(socket)
-        if returned is not None:
-            self._returning[socket] = returned
-        self._unheard[socket] = uid
         self._held_sockets.pop(socket, None)
         if socket in self._subscribing:
             self._cancelled.add(socket)
-            return
+            return  # no join was sent, so no leave is
+        if returned is not None:
+            self._returning[socket] = returned
+        self._unheard[socket] = uid
         ns = self._ns
         # After what the node stores for the user now: whoever hears the
         # leave and drains the user finds it there.
@@ -325,9 +325,15 @@ class Membership:
                                                   ns.leaving(uid)],
                                           [socket, uid, ns.presence_channel(uid)])
         d.addCallback(self._left_or_gone, uid, socket)
-        d.addErrback(lambda f: log.error("Could not record that socket {socket} of {uid} "
-                                         "left: {why}", socket=socket, uid=uid,
-                                         why=f.getErrorMessage()[:300]))
+        d.addErrback(self._leave_failed, uid, socket)
+
+    def _leave_failed(self, failure, uid: str, socket: str) -> None:
+        # No event will come for it; a node joining the user finds the
+        # socket still present (or reaped with this node).
+        self._returning.pop(socket, None)
+        self._unheard.pop(socket, None)
+        log.error("Could not record that socket {socket} of {uid} left: {why}",
+                  socket=socket, uid=uid, why=failure.getErrorMessage()[:300])
 
     def _left_or_gone(self, left: int, uid: str, socket: str) -> None:
         if not left:  # pushed out, or reaped: no event will say it

@@ -77,3 +77,24 @@ async def test_stores_go_on_after_the_script_cache_is_flushed(messenger, logged)
     await eventually(lambda: len(rm.queue("u")) == 2)
     assert [e["payload"] for e in rm.queue("u")] == ["before", "after"]
     assert [x for x in logged if "forgot a script" in x]
+
+
+@aiotest
+async def test_a_leave_redis_refuses_is_logged_once_and_loses_nothing(messenger, logged, redis):
+    """The user's leaving sockets became something else than a set (another
+    program wrote the key) while the user was connected: its leave is
+    refused, logged once, and the user's later messages are still stored
+    for it; other users are not affected."""
+    rm = await messenger()
+    client = await rm.user("user1")
+    redis.command("SET", "rm:leaving:user1", "not a set")
+    await client.close()
+    await eventually(lambda: any("Could not record that socket" in line for line in logged),
+                     what="the refused leave to be logged")
+    rm.publish("rm.users.user1", "after")
+    await eventually(lambda: [m["payload"] for m in rm.queue("user1")] == ["after"],
+                     what="the message to be stored")
+    other = await rm.user("user2")
+    rm.publish("rm.users.user2", "live")
+    assert [m["payload"] for m in await other.messages(1)] == ["live"]
+    assert len([line for line in logged if "Could not record that socket" in line]) == 1
