@@ -713,7 +713,8 @@ class _Patience:
             self._timer.cancel()
 
     def _check(self) -> None:
-        defer.ensureDeferred(self._decide())
+        defer.ensureDeferred(self._decide()).addErrback(
+            lambda f: log.failure("Could not decide whether to wait on", f))
 
     async def _decide(self) -> None:
         waits = self._waits()
@@ -722,8 +723,8 @@ class _Patience:
         try:
             live = sorted({node for node, socket in waits
                            if await self._holds_up(node, socket)})
-        except (RedisUnavailable, txredisapi().ResponseError) as e:
-            live = [f"(unknown: {e})"[:200]]  # Redis cannot say: ask again later
+        except (RedisUnavailable, txredisapi().ResponseError):
+            live = sorted({node for node, _ in waits})  # Redis cannot say: as if alive
         if self._waits() is None:
             return
         if not live:

@@ -178,14 +178,15 @@ class ClusterView:
 
     def give_up(self, socket: str) -> None:
         """None of the nodes the socket's join waited for lives any more
-        (or it waited for its own join to be heard): its drain begins all
-        the same. A dead node's claims come back with the drain's first
-        take, and its stores are refused."""
+        (or it waited for its own join to be heard, or as long as a socket
+        stays among the leaving): its drain begins all the same. A dead
+        node's claims come back with the drain's first take, and its stores
+        are refused."""
         state = self._joining.get(socket)
         if state is not None:
             log.warn("Socket {socket} of {uid} stops waiting for its join to complete "
                      "(heard {heard}, fenced {fenced}, others' leaving sockets not done: "
-                     "{leaving}; no node it waits for lives); draining it", socket=socket,
+                     "{leaving}); draining it", socket=socket,
                      uid=state.uid, heard=state.heard, fenced=state.fenced,
                      leaving=sorted((state.leaving or set()) - state.gone))
             self._complete(socket)

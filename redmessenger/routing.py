@@ -55,8 +55,8 @@ class Router:
                  clock: Callable[[], float] = time.time,
                  wait_on: Callable[[str, Callable[[], set[tuple[str, str | None]] | None],
                                     Callable[[], None]], object] | None = None) -> None:
-        """``wait_on(nodes, give_up)``: how to wait for a node that may never
-        say it is done, for it died (``Membership.wait_on``)."""
+        """``wait_on(uid, waits, give_up)``: how to wait for a node that may
+        never say it is done, for it died (``Membership.wait_on``)."""
         self._dispatcher = dispatcher
         #: Alone, a node stores for every user (partition 0 of 1).
         if view is None:

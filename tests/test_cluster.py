@@ -449,6 +449,27 @@ def test_a_user_moving_off_a_node_whose_writes_redis_holds_waits_for_them_in_ord
         assert "stops waiting for its join" not in other.log()
 
 
+def test_what_a_socket_held_reaches_the_user_s_socket_on_another_node_when_it_closes(
+        tmp_path, redis) -> None:
+    """Ack mode, a user on two nodes: the first socket drained the stored
+    messages and acknowledged none, so the second (joined after) found the
+    queue empty. When the first closes, what it held goes back to the queue
+    and its node's gone (``G``) wakes the other node: the second socket gets
+    it now, each once, in order, not at its next connect."""
+    with Cluster(tmp_path, redis) as cluster:
+        first, second = cluster.start(2)
+        for i in range(10):
+            cluster.publish("rm.users.u", str(i))
+        wait_for(lambda: len(cluster.queue("u")) == 10, "the stores")
+        with ExitStack() as both:
+            held = both.enter_context(first.user("u", ack=True))
+            assert payloads(receive(held, 10)) == [str(i) for i in range(10)]
+            later = both.enter_context(second.user("u", ack=True))
+            assert later.welcome["queued"] == 0
+            held.close()
+            assert payloads(receive(later, 10)) == [str(i) for i in range(10)]
+
+
 def test_a_user_whose_sockets_died_with_their_node_is_stored_for_once_reaped(
         tmp_path, redis) -> None:
     """The reaper says a dead node's sockets left and are gone at once (the
