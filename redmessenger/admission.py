@@ -147,6 +147,11 @@ class _Doorway(ProtocolWrapper):
         if websocket.state == websocket.STATE_OPEN:
             self._end_handshake()
 
+    def streaming(self) -> None:
+        """It carries an event stream (events.py): a client's connection
+        now, as a WebSocket is, with no handshake deadline."""
+        self._end_handshake()
+
     def abandon(self) -> None:
         """Closed if it is not a WebSocket yet: nothing listens any more."""
         if self._deadline is not None:
@@ -238,6 +243,25 @@ class Mounted:
 
     def buildProtocol(self, addr) -> _Doorway:
         return _Doorway(self._admission, upgrading=True)
+
+
+def stream_admitted(request, limits: Limits, stats: Stats) -> str | None:
+    """An event stream's connection. On RedMessenger's own port its doorway
+    has counted it since its accept, and its handshake deadline ends now.
+    In another application's site it is counted from now until the stream
+    ends. ``None``, or the limit that refuses it (logged)."""
+    doorway = request.channel.transport
+    if isinstance(doorway, _Doorway):
+        doorway.streaming()
+        return None
+    address = address_of(request.getClientAddress())
+    refusal = limits.admit(address)
+    if refusal is None:
+        request.notifyFinish().addBoth(lambda _: limits.release(address))
+    else:
+        stats.connections_refused += 1
+        log.warn("Refusing {peer}: {reason}", peer=address, reason=refusal)
+    return refusal
 
 
 def upgrade(request):

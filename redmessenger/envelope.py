@@ -59,6 +59,8 @@ _CANONICAL = re.compile(
 
 
 _quote = json.encoder.encode_basestring
+#: Where a ``message`` frame's id begins: after ``{"type":"message","id":``.
+_FRAME_ID = len(b'{"type":"message","id":')
 
 
 def _unescape(text: str) -> str:
@@ -116,6 +118,24 @@ class Envelope:
             self._stored = (f'{{"id":{_quote(self.id)},"source":{_quote(self.source)},'
                             f'"timestamp":{self.timestamp:d},{payload}}}').encode()
         return self._stored
+
+    @staticmethod
+    def stored_start(id: str) -> bytes:
+        """How ``stored()`` begins for a message of this id: what went back
+        to a queue is found by it."""
+        return f'{{"id":{_quote(id)},'.encode()
+
+    @staticmethod
+    def id_in_frame(frame: bytes) -> str:
+        """The id of a ``message`` frame, which ``frame()`` puts first. The
+        id's JSON string ends at the first ``","source":`` (a quote within
+        it is escaped), so the payload is not read."""
+        return json.loads(frame[_FRAME_ID:frame.index(b'","source":', _FRAME_ID) + 1])
+
+    @staticmethod
+    def tag_in_frame(frame: bytes) -> int:
+        """The tag of an ack-mode socket's ``message`` frame: its last field."""
+        return int(frame[frame.rindex(b":") + 1:-1])
 
     def frame(self, bubble: bool, tag: int | None = None) -> bytes:
         """The ``message`` frame for one socket. Frames without a tag are the

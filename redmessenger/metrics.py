@@ -36,8 +36,10 @@ class _Collector:
         service = self._service
         stats = service.dispatcher.stats
         yield _node_info(service)
-        yield _gauge("connections", "Open WebSocket connections",
+        yield _gauge("connections", "Open client connections: WebSockets and event streams",
                      len(service.factory.connections))
+        yield _gauge("event_streams", "Open Server-Sent Events streams (/events)",
+                     len(service.streams))
         yield _gauge("connections_handshaking",
                      "Connections accepted that are not WebSockets (yet)",
                      service.handshaking)

@@ -20,6 +20,7 @@ from ._version import __version__
 from .auth import Authenticator
 from .delivery import Dispatcher
 from .embedded import EmbeddedRedis, EmbeddedRedisError
+from .events import Streams
 from .frames import Close
 from .inbox import Inbox
 from .keys import Namespace
@@ -123,6 +124,8 @@ class RedMessengerService(MultiService):
             settings, reactor, server=f"RedMessenger/{__version__}",
             redis_connected=lambda: self.redis.connected, recovered=self.whenRecovered,
             redis_overloaded=lambda: self.redis.overloaded)
+        #: Server-Sent Events streams (``/events``), sockets like WebSockets.
+        self.streams = Streams(self.factory, self.store, settings.ack_window)
         for name, child in (("embedded-redis", self.embedded), ("redis", self.redis),
                             ("lease", self.lease_redis), ("subscriber", self.subscriber),
                             ("inbox", self.inbox)):

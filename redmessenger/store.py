@@ -35,8 +35,9 @@ RECOVER = Script(lua.source("recover", "recover"), durable=True)
 DEAD = Script(lua.source("dead"), durable=True)
 MEMBERS = Script(lua.source("members", "members"))
 INBOX = Script(lua.source("inbox", "members", "push", "deliver"), durable=True)
+ACK_THROUGH = Script(lua.source("ack_through", "recover"), durable=True)
 
-SCRIPTS = (STORE, REQUEUE, TAKE, HOLD, TRIM, RELEASE, RECOVER, MEMBERS, DEAD, INBOX)
+SCRIPTS = (STORE, REQUEUE, TAKE, HOLD, TRIM, RELEASE, RECOVER, MEMBERS, DEAD, INBOX, ACK_THROUGH)
 
 
 def store_arguments(lease: str, messages: Sequence[tuple[Sequence[str], bytes]], ttl: int,
@@ -290,6 +291,16 @@ class RedisStore:
         """Numbered in the order they are made, which is the order their
         messages were sent in: recovery puts dead claims back by number."""
         return self._ns.claim(uid, f"{self._owner}:{next(self._claims)}")
+
+    def ack_through(self, uid: str, message_id: str, within: int) -> defer.Deferred:
+        """The client has every message through ``message_id``: drop them
+        from the head of the queue, looking at its first ``within``
+        entries, where what went back unacknowledged is. Fires with how
+        many were dropped."""
+        self._flush()
+        return self._redis.eval(ACK_THROUGH, [self._ns.queue(uid), self._ns.claims(uid)],
+                                [min(within, MAX_TAKE), Envelope.stored_start(message_id),
+                                 self._ns.process_prefix, self._ns.claim_head(uid)])
 
     def release(self, taken: Taken) -> defer.Deferred:
         self._trims.pop(taken.claim, None)  # it goes whole

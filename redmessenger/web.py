@@ -1,7 +1,8 @@
 """HTTP beside the WebSocket: ``/`` shows a small demo page (a WebSocket
 upgrade of ``/`` is Autobahn's, see admission.py), ``/health`` says whether
-this process can deliver, ``/metrics`` speaks Prometheus, and ``/client.js``
-serves the browser client.
+this process can deliver, ``/metrics`` speaks Prometheus, ``/client.js``
+serves the browser client, and ``/events`` streams Server-Sent Events
+(events.py).
 
 The same tree listens on RedMessenger's own port, or is mounted in an
 application's twisted.web site (``RedMessengerService.resource()``). With
@@ -22,6 +23,7 @@ from twisted.web.util import redirectTo
 
 from ._version import __version__
 from .admission import Admission, Mounted, upgrade
+from .events import Events
 
 
 class Health(Resource):
@@ -105,13 +107,14 @@ class Static(Resource):
 
 
 def tree(service, websocket: Callable, *, internal: bool) -> Resource:
-    """The WebSocket at the root, and ``/client.js`` beneath it; the demo
+    """The WebSocket at the root, ``/client.js`` and ``/events`` beneath it; the demo
     page, ``/health`` and ``/metrics`` too if ``internal``."""
     from .metrics import metrics_resource
 
     root = Root(Static("index.html", "text/html; charset=utf-8") if internal else None,
                 websocket)
     root.putChild(b"client.js", Static("redmessenger.js", "text/javascript; charset=utf-8"))
+    root.putChild(b"events", Events(service.streams))
     if internal:
         root.putChild(b"health", Health(service))
         root.putChild(b"metrics", metrics_resource(service))

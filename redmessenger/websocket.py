@@ -23,6 +23,7 @@ from .delivery import Dispatcher
 from .frames import Close, Hello, ProtocolError
 from .keys import Namespace
 from .limits import Limits, address_of
+from .pacing import Paced
 from .redisconnection import RedisUnavailable
 from .settings import Settings
 
@@ -42,7 +43,7 @@ CLOSE_TIMEOUT = 5.0
 HIGH_WATER = 1024 * 1024
 
 
-class RedMessengerProtocol(ServerProtocol):
+class RedMessengerProtocol(Paced, ServerProtocol):
     factory: RedMessengerFactory
 
     uid: str | None = None
@@ -51,13 +52,6 @@ class RedMessengerProtocol(ServerProtocol):
     _hello_timer = None
     #: The remote address, for the hello rate.
     _address: str | None = None
-    #: Below the high-water mark: the dispatcher may write to it.
-    writable = True
-    #: Bytes handed to it (or kept in Redis for it) while it was not
-    #: writable; past --max-socket-buffer it is too slow.
-    _behind = 0
-    #: Too far behind: nothing more is written, and it is being closed.
-    _too_slow = False
     _next_ping = None
     _pong_due = None
     #: Welcomed, and its hello asked for heartbeat frames.
@@ -90,48 +84,6 @@ class RedMessengerProtocol(ServerProtocol):
         if self.uid is not None:
             self.factory.dispatcher.detach(self)
         self.dropConnection(abort=True)
-
-    def paused(self) -> None:
-        """The transport holds more than its high-water mark: write no more
-        until it has written that out (``resumed``)."""
-        self.writable = False
-
-    def resumed(self) -> None:
-        self.writable = True
-        self._behind = 0
-        if self.uid is not None:
-            self.factory.dispatcher.writable(self)
-
-    def missed(self, size: int) -> None:
-        self._fall_behind(size)
-
-    def _fall_behind(self, size: int) -> bool:
-        """Count ``size`` more bytes that wait for this client: false (and
-        it is closed with 4010) if more than --max-socket-buffer already
-        did. So it may always take one more message, whatever its size."""
-        if self._behind >= self.factory.max_socket_buffer:
-            self.too_slow()
-            return False
-        self._behind += size
-        return True
-
-    def too_slow(self) -> None:
-        """The client does not read fast enough. What it holds unacked goes
-        to the user's other sockets or back to Redis, later messages too,
-        and it is closed (4010) so that it reconnects and drains."""
-        if self._too_slow:
-            return
-        self._too_slow = True
-        # Called in the middle of a delivery: step out of it first.
-        self.factory.reactor.callLater(0, self._leave_too_slow)
-
-    def _leave_too_slow(self) -> None:
-        log.warn("{peer} ({uid}) has more than {limit} bytes unsent: too slow",
-                 peer=self.peer, uid=self.uid, limit=self.factory.max_socket_buffer)
-        if self.uid is not None:
-            self.factory.dispatcher.detach(self)
-        self.close(Close.TOO_SLOW, "too_slow",
-                   "the connection does not keep up; reconnect to get the rest")
 
     # -- Socket, as the dispatcher sees it ----------------------------------
 
@@ -246,31 +198,8 @@ class RedMessengerProtocol(ServerProtocol):
         if self._hello_timer is not None and self._hello_timer.active():
             self._hello_timer.cancel()
         self._hello_timer = None
-        if self.factory.dispatcher.stopping:
-            self._refuse(ProtocolError(Close.GOING_AWAY, "shutting_down",
-                                       "the server is shutting down"))
-            return
-        if not self.factory.redis_connected():
-            # Even with nothing to check, the welcome needs the stored queue.
-            log.warn("Cannot take the hello of {peer} ({uid}): Redis is away",
-                     peer=self.peer, uid=hello.id)
-            self._refuse(ProtocolError(Close.TRY_AGAIN_LATER, "redis_unavailable",
-                                       "Redis is unavailable; try again later"))
-            return
-        if self.factory.redis_overloaded():  # --max-pending-bytes; see RedisConnection
-            self._refuse(ProtocolError(Close.TRY_AGAIN_LATER, "redis_busy",
-                                       "Redis is behind; try again later"))
-            return
-        if not self.factory.limits.hello_allowed(self._address):
-            self._refuse(ProtocolError(Close.RATE_LIMITED, "hello_rate",
-                                       "too many hellos from this address; slow down"))
-            return
-        # Right after a start, what dead processes held must be back in
-        # the queues before this user's first take.
-        d = self.factory.recovered()
-        d.addCallback(lambda _: self.factory.authenticator.check(hello))
-        d.addCallback(self._authenticated)
-        d.addErrback(self._not_authenticated)
+        d = self.factory.admit(hello, self._address, self.peer)
+        d.addCallbacks(self._authenticated, self._not_authenticated)
 
     def _authenticated(self, _) -> None:
         if self.state != self.STATE_OPEN:
@@ -279,18 +208,8 @@ class RedMessengerProtocol(ServerProtocol):
         self.factory.dispatcher.attach(self)
 
     def _not_authenticated(self, failure) -> None:
-        if failure.check(RedisUnavailable):
-            log.warn("Cannot check the hello of {peer} ({uid}): {why}", peer=self.peer,
-                     uid=self._hello.id, why=failure.getErrorMessage())
-            self._refuse(ProtocolError(Close.TRY_AGAIN_LATER, "redis_unavailable",
-                                       "Redis is unavailable; try again later"))
-        elif failure.check(ProtocolError):
-            self._refuse(failure.value)
-        else:
-            log.failure("Checking the hello of {peer} ({uid}) failed", failure,
-                        peer=self.peer, uid=self._hello.id)
-            self._refuse(ProtocolError(Close.TRY_AGAIN_LATER, "server_error",
-                                       "could not check the key; try again later"))
+        failure.trap(ProtocolError)
+        self._refuse(failure.value)
 
     def _refuse(self, refusal: ProtocolError) -> None:
         log.warn("Refusing {peer} ({uid}): {error}: {reason}", peer=self.peer,
@@ -342,7 +261,8 @@ class RedMessengerFactory(WebSocketServerFactory):
         self.limits = Limits(settings.max_connections, settings.max_connections_per_address,
                              settings.hello_rate, reactor.seconds)
         self.reactor = reactor
-        self.connections: set[RedMessengerProtocol] = set()
+        #: Every client connection: WebSockets, and event streams (events.py).
+        self.connections: set = set()
         # failByDrop=False: even Autobahn's own refusals (1009) close with a
         # closing handshake, so the client learns the code. A client gets
         # CLOSE_TIMEOUT seconds to answer a close before its TCP connection
@@ -358,9 +278,52 @@ class RedMessengerFactory(WebSocketServerFactory):
         self.ping_interval = settings.ping_interval
         self.ping_timeout = settings.ping_timeout
 
+    def admit(self, hello: Hello, address: str | None, peer: str) -> defer.Deferred:
+        """Fires once ``hello`` may have its id here (a WebSocket's, or an
+        event stream's request); fails with the ``ProtocolError`` that says
+        why not. Each refusal that is not the client's doing is logged."""
+        if self.dispatcher.stopping:
+            return defer.fail(ProtocolError(Close.GOING_AWAY, "shutting_down",
+                                            "the server is shutting down"))
+        if not self.redis_connected():
+            # Even with nothing to check, the welcome needs the stored queue.
+            log.warn("Cannot take the hello of {peer} ({uid}): Redis is away",
+                     peer=peer, uid=hello.id)
+            return defer.fail(_redis_unavailable())
+        if self.redis_overloaded():  # --max-pending-bytes; see RedisConnection
+            return defer.fail(ProtocolError(Close.TRY_AGAIN_LATER, "redis_busy",
+                                            "Redis is behind; try again later"))
+        if not self.limits.hello_allowed(address):
+            return defer.fail(ProtocolError(Close.RATE_LIMITED, "hello_rate",
+                                            "too many hellos from this address; slow down"))
+        # Right after a start, what dead processes held must be back in
+        # the queues before this user's first take.
+        d = self.recovered()
+        d.addCallback(lambda _: self.authenticator.check(hello))
+        d.addErrback(self._not_checked, hello, peer)
+        return d
+
+    @staticmethod
+    def _not_checked(failure, hello: Hello, peer: str):
+        if failure.check(ProtocolError):
+            return failure
+        if failure.check(RedisUnavailable):
+            log.warn("Cannot check the hello of {peer} ({uid}): {why}", peer=peer,
+                     uid=hello.id, why=failure.getErrorMessage())
+            raise _redis_unavailable()
+        log.failure("Checking the hello of {peer} ({uid}) failed", failure, peer=peer,
+                    uid=hello.id)
+        raise ProtocolError(Close.TRY_AGAIN_LATER, "server_error",
+                            "could not check the key; try again later")
+
     def origin_allowed(self, origin: str) -> bool:
         return any(fnmatch.fnmatchcase(origin, pattern) for pattern in self.allowed_origins)
 
     def close_all(self, code: int, error: str, reason: str) -> None:
         for connection in list(self.connections):
             connection.close(code, error, reason)
+
+
+def _redis_unavailable() -> ProtocolError:
+    return ProtocolError(Close.TRY_AGAIN_LATER, "redis_unavailable",
+                         "Redis is unavailable; try again later")
