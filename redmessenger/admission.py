@@ -21,6 +21,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.http import HTTPChannel
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import directlyProvides, providedBy
 
 from .limits import Limits, address_of
 from .stats import Stats
@@ -89,6 +90,9 @@ class _Doorway(ProtocolWrapper):
     def makeConnection(self, transport) -> None:
         address = address_of(transport.getPeer())
         refusal = self.factory.limits.admit(address)
+        # What the transport is (a push producer, above all): so twisted.web
+        # follows its back-pressure, as ProtocolWrapper.makeConnection does.
+        directlyProvides(self, providedBy(transport))
         Protocol.makeConnection(self, transport)
         if refusal is not None:
             self._refuse(transport, refusal)

@@ -70,6 +70,8 @@ class EventStream(Paced):
         self._unacked: OrderedDict[str, int] = OrderedDict()
         self._ended = False
         self._next_ping = None
+        #: While it is paused: when it counts as too slow.
+        self._stalled = None
         #: Fires once the stream has ended (the service's stop waits).
         self.is_closed: defer.Deferred = defer.Deferred()
 
@@ -93,11 +95,32 @@ class EventStream(Paced):
                                                              self._ping)
 
     def _ping(self) -> None:
-        """A comment every --ping-interval: proxies see traffic, and a peer
-        that has gone shows as bytes that do not leave (``too_slow``)."""
-        if self.writable or self._fall_behind(len(b": ping\n\n")):
+        """A comment every --ping-interval, so that proxies see traffic."""
+        if self.writable:
             self._request.write(b": ping\n\n")
         self._next_ping = self.factory.reactor.callLater(self.factory.ping_interval, self._ping)
+
+    def paused(self) -> None:
+        """No pong shows that an event stream's client reads: bytes that do
+        not leave for --ping-timeout show that it does not (or has gone),
+        and it is closed as too slow, as a WebSocket whose pong is late is
+        dropped. A drain to it would wait for it meanwhile."""
+        super().paused()
+        if self.factory.ping_interval and self._stalled is None:
+            self._stalled = self.factory.reactor.callLater(self.factory.ping_timeout,
+                                                           self._stalled_too_long)
+
+    def resumed(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+        super().resumed()
+
+    def _stalled_too_long(self) -> None:
+        self._stalled = None
+        log.warn("{peer} ({uid}) took none of its stream for {timeout:g} s", peer=self.peer,
+                 uid=self.uid, timeout=self.factory.ping_timeout)
+        self.too_slow()
 
     # -- Socket, as the dispatcher sees it ----------------------------------
 
@@ -192,8 +215,9 @@ class EventStream(Paced):
 
     def _stop(self) -> None:
         self._ended = True
-        if self._next_ping is not None and self._next_ping.active():
-            self._next_ping.cancel()
+        for call in (self._next_ping, self._stalled):
+            if call is not None and call.active():
+                call.cancel()
         self.factory.dispatcher.detach(self)
         self._streams.discard(self)
         self.is_closed.callback(None)
@@ -462,4 +486,6 @@ def _answer(request, status: int, code: str, reason: str | None = None, **fields
         request.setHeader(b"retry-after", _RETRY_AFTER[status])
     doc = {"type": "error", "code": code, "reason": reason} if status >= 400 \
         else {"type": code, **fields}
-    return json.dumps(doc).encode()
+    body = json.dumps(doc).encode()
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body

@@ -12,11 +12,13 @@ public tree for a listener of their own."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from importlib import resources
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web import pages
+from twisted.web.http import combinedLogFormatter
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.util import redirectTo
@@ -106,6 +108,27 @@ class Static(Resource):
         return self._data
 
 
+#: A key in a query string (``/events?id=u&key=...``: an EventSource cannot
+#: send headers) is not the access log's to keep.
+_KEY = re.compile(rb"([?&]key=)[^&]*")
+
+
+def access_line(timestamp: str, request) -> str:
+    """twisted.web's combined log format, with any key hidden."""
+    return combinedLogFormatter(timestamp, _Hidden(request))
+
+
+class _Hidden:
+    """A request as the access log sees it: its URI without the key."""
+
+    def __init__(self, request) -> None:
+        self._request = request
+        self.uri = _KEY.sub(rb"\1-", request.uri)
+
+    def __getattr__(self, name: str):
+        return getattr(self._request, name)
+
+
 def tree(service, websocket: Callable, *, internal: bool) -> Resource:
     """The WebSocket at the root, ``/client.js`` and ``/events`` beneath it; the demo
     page, ``/health`` and ``/metrics`` too if ``internal``."""
@@ -124,7 +147,7 @@ def tree(service, websocket: Callable, *, internal: bool) -> Resource:
 def admission(service, *, internal: bool) -> Admission:
     """What listens on a port of RedMessenger's own: the site and the
     WebSockets, behind the limits and the handshake deadline."""
-    site = Site(tree(service, upgrade, internal=internal))
+    site = Site(tree(service, upgrade, internal=internal), logFormatter=access_line)
     site.noisy = False
     return _admission(service, site)
 
