@@ -187,6 +187,8 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "protocol-message": ("docs/protocol.rst", '{"type": "message"'),
     "protocol-error": ("docs/protocol.rst", '{"type": "error"'),
     "protocol-envelope": ("docs/protocol.rst", '{"id": "5f0c3e1a9b2d4c77-2a", "source"'),
+    "protocol-events-request": ("docs/protocol.rst", "GET /events?id=user1 HTTP/1.1"),
+    "protocol-events-stream": ("docs/protocol.rst", "retry: 1000"),
     "ops-health": ("docs/operations.rst", "$ curl -si http://127.0.0.1:8080/health"),
     "ops-health-503": ("docs/operations.rst", "$ curl -s http://127.0.0.1:8080/health"),
     "ops-metrics": ("docs/operations.rst", "$ curl -s http://127.0.0.1:8080/metrics"),

@@ -43,13 +43,18 @@ class EventStreamClient:
     async def open(cls, port: int, path: str, headers: dict[str, str] | None = None, *,
                    version: str = "HTTP/1.1", method: str = "GET", body: bytes = b"",
                    host: str = HOST) -> EventStreamClient:
-        reader, writer = await asyncio.open_connection(host, port)
         lines = [f"{method} {path} {version}", f"Host: {host}:{port}",
                  "Accept: text/event-stream"]
         lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
         if body:
             lines.append(f"Content-Length: {len(body)}")
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        return await cls.send(port, ("\r\n".join(lines) + "\r\n\r\n").encode() + body, host)
+
+    @classmethod
+    async def send(cls, port: int, request: bytes, host: str = HOST) -> EventStreamClient:
+        """Send ``request`` as it is, and read the answer's head."""
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(request)
         client = cls(reader, writer)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RECV_TIMEOUT)
         status_line, *header_lines = head.decode("latin-1").split("\r\n")[:-2]

@@ -109,3 +109,44 @@ async def test_protocol_heartbeats_are_what_the_server_sends(messenger):
     assert list(welcome.items()) == list(shown.items())
     assert await client.recv() == json.loads(sample("protocol-heartbeat"))
     await client.close()
+
+
+@claims("protocol-events-request", "protocol-events-stream")
+@aiotest
+async def test_protocol_event_stream_is_what_the_server_sends(messenger, redis):
+    """The request shown, as it is (with the id of a real first message as
+    its Last-Event-ID), gets the stream shown: that first message is
+    acknowledged, the second comes, then a ping."""
+    from redmessenger.settings import AuthMode
+    from sse import EventStreamClient
+
+    rm = await messenger(auth=AuthMode.REQUIRED, ping_interval=0.5)
+    redis.command("SET", "rm:users:user1:key", "s3cret")
+    rm.publish("rm.users.user1", "first")
+    rm.publish("rm.users.user1", "Hello, world!")
+    await eventually(lambda: len(rm.queue("user1")) == 2)
+    first = rm.queue("user1")[0]["id"]
+    request = sample("protocol-events-request").replace("5f0c3e1a9b2d4c77-2a", first)
+    host = "Host: 127.0.0.1\n"
+    raw = request.replace("\n", "\n" + host, 1).replace("\n", "\r\n") + "\r\n\r\n"
+    client = await EventStreamClient.send(rm.service.port.getHost().port, raw.encode())
+    rm.clients.append(client)
+    assert client.status == 200
+    shown = sample("protocol-events-stream").split("\n\n")
+    assert shown[0] == "retry: 1000" and shown[-1] == ": ping"
+    welcome, message = await client.events(2)
+    await client.pings(1)
+    assert client.retry == 1000 and client.comments == ["ping"]
+    for block, real in zip(shown[1:3], (welcome, message), strict=True):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        assert fields["event"] == real.type
+        if real.type == "welcome":
+            assert json.loads(fields["data"]) == real.json()
+        else:
+            same_shape(json.loads(fields["data"]), real.json())
+            assert real.id == real.json()["id"] and fields["id"] == json.loads(fields["data"])["id"]
+    assert message.json()["payload"] == "Hello, world!"
+    client.abort()
+    await eventually(lambda: len(rm.queue("user1")) == 1)
+    assert rm.queue("user1")[0]["payload"] == "Hello, world!"
+
