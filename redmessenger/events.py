@@ -454,9 +454,10 @@ def _hello(request, uid) -> Hello:
 
 
 def _last_event_id(request) -> str | None:
-    """What the client had last (``Last-Event-ID``): an id we can read, or
-    ``None`` (everything unacknowledged comes again)."""
-    raw = request.getHeader(b"last-event-id")
+    """What the client had last (``Last-Event-ID``, or ``?lastEventId=``
+    from a new ``EventSource``, which cannot set the header): an id we can
+    read, or ``None`` (everything unacknowledged comes again)."""
+    raw = request.getHeader(b"last-event-id") or request.args.get(b"lastEventId", [b""])[0]
     if not raw:
         return None
     try:

@@ -170,6 +170,7 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "readme-mounted": ("README.rst", "root = Resource()\n"),
     "readme-klein": ("README.rst", "@app.route(\"/rm/\", branch=True)"),
     "readme-web-page": ("README.rst", '<script type="module">'),
+    "readme-event-source": ("README.rst", '<script>\n  let last = "";'),
     "readme-python": ("README.rst", "from twisted.internet import task\n"),
     "readme-cli": ("README.rst", "$ .venv/bin/redmessenger token set"),
     "readme-listen": ("README.rst", "$ .venv/bin/redmessenger listen"),

@@ -339,6 +339,70 @@ async def test_readme_web_page_snippet_in_a_real_browser(messenger, tabs, redis)
     assert tab.problems == []
 
 
+@claims("readme-event-source")
+@aiotest
+async def test_readme_event_source_resumes_through_a_restart_and_a_crash(
+        tmp_path: Path, redis, tabs) -> None:
+    """The EventSource snippet on a page of a real twistd, in headless
+    Chromium: stored and live messages, then a graceful restart and a kill
+    -9, each followed by a new twistd on the same port, and the page gets
+    every message once, in order: what the stop gave back and what the
+    crash left claimed were acknowledged by the browser's Last-Event-ID."""
+    redis.command("SET", "rm:users:user1:key", "s3cret")
+    port = pick_free_port()
+    args = ["-n", "--pidfile=", "redmessenger", "--port", f"tcp:{port}:interface={HOST}",
+            "--redis", redis.url]
+    published: list[str] = []
+
+    def publish(payload: str) -> None:
+        published.append(f"rm.users.user1 {payload}")
+        redis.command("PUBLISH", "rm.users.user1", payload)
+
+    def streams(base: str = f"http://{HOST}:{port}") -> float:
+        for line in http_get(f"{base}/metrics")[2].decode().splitlines():
+            if line.startswith("redmessenger_event_streams "):
+                return float(line.split()[1])
+        raise AssertionError("no redmessenger_event_streams in /metrics")
+
+    with twistd_run(args, tmp_path, "first", port) as first:
+        first.wait_subscribed()
+        publish("stored 1")
+        publish("stored 2")
+        wait_for(lambda: redis.command("LLEN", "rm:users:user1:messages") == 2, "stored")
+        tab = await tabs()
+        assert (await tab.page.goto(f"http://{HOST}:{port}/", wait_until="load")).ok
+        await tab.page.set_content(WEB_PAGE.format(snippet=sample("readme-event-source")))
+        await page_log(tab, published)
+        publish("live 1")
+        await page_log(tab, published)
+        stop_cleanly(first)
+    # Nothing was acknowledged: all three are back, for the resume to drop.
+    assert redis.command("LLEN", "rm:users:user1:messages") == 3
+    with twistd_run(args, tmp_path, "second", port) as second:
+        second.wait_subscribed()
+        await eventually(lambda: streams() == 1, what="the page's EventSource to come back")
+        assert redis.command("LLEN", "rm:users:user1:messages") == 0
+        publish("after the restart")
+        await page_log(tab, published)
+        second.process.kill()  # SIGKILL: the message stays in the claim it was sent from
+        second.process.wait()
+    assert redis.command("LLEN", "rm:users:user1:messages") == 0
+    with twistd_run(args, tmp_path, "third", port) as third:
+        third.wait_subscribed()
+        await eventually(lambda: streams() == 1, what="the page's EventSource to come back")
+        publish("after the crash")
+        await page_log(tab, published)
+        assert "Put back 1 messages" in third.log()
+        assert redis.command("LLEN", "rm:users:user1:messages") == 0
+        assert tab.problems == []
+        await tab.page.close()
+        await eventually(lambda: streams() == 0, what="the page's stream to end")
+        stop_cleanly(third)
+    # Never acknowledged (nothing came after it): kept for the next visit.
+    assert [json.loads(raw)["payload"] for raw in
+            redis.command("LRANGE", "rm:users:user1:messages", 0, -1)] == ["after the crash"]
+
+
 @aiotest
 async def test_readme_claims_about_a_page_from_another_origin(messenger, tabs, redis):
     """README.rst: such a page cannot import /client.js (no CORS headers);
