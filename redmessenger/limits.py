@@ -27,6 +27,11 @@ class Limits:
         #: address -> (tokens, when they were counted)
         self._buckets: dict[str, tuple[float, float]] = {}
 
+    @property
+    def connections(self) -> int:
+        """Connections counted in now."""
+        return self._total
+
     def admit(self, address: str) -> str | None:
         """Count a new connection in, or say why it may not stay."""
         if self.max_connections and self._total >= self.max_connections:

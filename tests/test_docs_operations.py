@@ -13,6 +13,7 @@ failure.
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import json
 import re
 import shlex
@@ -311,6 +312,26 @@ def test_operations_nginx_site_proxies_websockets_and_http(
             redis.command("PUBLISH", "rm.users.user1", "through nginx")
             frame = recv_json(client)
             assert frame["payload"] == "through nginx" and frame["queued"] is False
+        # An event stream through nginx, its events passed on as they come.
+        redis.command("PUBLISH", "rm.users.user1", "stored for the stream")
+        wait_for(lambda: redis.command("LLEN", "rm:users:user1:messages"), "a stored message")
+        connection = http.client.HTTPSConnection(HOST, proxy, context=trust, timeout=10)
+        connection.request("GET", "/events?id=user1",
+                           headers={"Authorization": "Bearer s3cret",
+                                    "Accept": "text/event-stream"})
+        response = connection.getresponse()
+        assert response.status == 200
+        assert response.getheader("Content-Type") == "text/event-stream; charset=utf-8"
+
+        def data() -> dict:
+            while not (line := response.readline()).startswith(b"data:"):
+                assert line, "the stream ended"
+            return json.loads(line[5:])
+
+        assert data()["queued"] == 1 and data()["payload"] == "stored for the stream"
+        redis.command("PUBLISH", "rm.users.user1", "live through nginx")
+        assert data()["payload"] == "live through nginx"
+        connection.close()
         status, headers, body = http_get(f"https://{HOST}:{proxy}/health", trust)
         assert status == 200 and json.loads(body)["status"] == "ok"
         status, headers, body = http_get(f"https://{HOST}:{proxy}/client.js", trust)

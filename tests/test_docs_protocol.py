@@ -118,6 +118,7 @@ async def test_protocol_event_stream_is_what_the_server_sends(messenger, redis):
     its Last-Event-ID), gets the stream shown: that first message is
     acknowledged, the second comes, then a ping."""
     from redmessenger.settings import AuthMode
+
     from sse import EventStreamClient
 
     rm = await messenger(auth=AuthMode.REQUIRED, ping_interval=0.5)

@@ -5,6 +5,8 @@ under a real twistd in tests/test_docs_readme.py.)"""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import websockets
 from twisted.internet import endpoints
@@ -13,7 +15,7 @@ from twisted.web.server import Site
 
 from redmessenger import AuthMode, RedMessengerService, Settings
 
-from harness import Client, aiotest, get, metric, run, tw
+from harness import Client, aiotest, eventually, get, metric, run, tw
 from network import HOST
 
 
@@ -86,3 +88,30 @@ async def test_a_mounted_websocket_is_refused_while_the_service_is_stopped(mount
         await Client.connect(f"ws://{where}/rm/")
     assert refused.value.response.status_code == 503
     assert refused.value.response.headers["Retry-After"] == "1"
+
+
+@aiotest
+async def test_a_mounted_event_stream_is_held_to_the_limits_and_delivers(mounted) -> None:
+    """/rm/events in the application's site: the stream counts against
+    --max-connections-per-address from its request until it ends (the
+    site's own connections are not RedMessenger's to count otherwise), and
+    its twisted.web idle timeout does not end it."""
+    from sse import EventStreamClient
+
+    service, where = await mounted(max_connections_per_address=1)
+    port = int(where.rsplit(":", 1)[1])
+    stream = await EventStreamClient.open(port, "/rm/events?id=user1")
+    assert stream.status == 200 and (await stream.event()).type == "welcome"
+    refused = await EventStreamClient.open(port, "/rm/events?id=user2")
+    assert refused.status == 503
+    assert json.loads(await refused.body())["code"] == "too_many_connections"
+    with pytest.raises(websockets.InvalidStatus) as ws_refused:
+        await Client.connect(f"ws://{where}/rm/")
+    assert ws_refused.value.response.status_code == 503
+    service.redis.execute(b"PUBLISH", b"rm.users.user1", b"to the stream")
+    assert (await stream.event()).json()["payload"] == "to the stream"
+    stream.abort()
+    await eventually(lambda: service.factory.limits.connections == 0, what="the stream's place back")
+    again = await EventStreamClient.open(port, "/rm/events?id=user1")
+    assert again.status == 200 and (await again.event()).json()["queued"] == 1
+    again.abort()
