@@ -1,5 +1,7 @@
 """The soak test: about a thousand clients connect, vanish and come back at
-random while direct and group messages flow in through the inbox; Redis is
+random (one in ten reading Server-Sent Events, as a browser's EventSource
+does, the rest WebSockets) while direct and group messages flow in through
+the inbox; Redis is
 restarted once, then refuses every write for 2 s (out of memory), and the
 RedMessenger process is killed (``kill -9``) and started again once. Then
 every user connects a last time and drains. It runs with one RedMessenger,
@@ -65,10 +67,14 @@ from deployed import START_TIMEOUT, TwistdProcess, wait_for
 from harness import aiotest, loop
 from network import HOST, pick_free_port
 from resp import RedisReplyError
+from sse import EventStreamClient
 
 INBOX = "rm:inbox"
 #: Clients in ack mode: every other user.
 ACK_EVERY = 2
+#: Of those, one in five reads Server-Sent Events (always in ack mode) as a
+#: browser's EventSource does: each session resumes with Last-Event-ID.
+EVENTS_EVERY = 10
 #: How long a session and a pause between sessions last, on average (s).
 MEAN_SESSION = 4.0
 MEAN_PAUSE = 1.0
@@ -93,7 +99,8 @@ class Plan:
 
 @dataclass
 class Connection:
-    """One WebSocket session of one user, as its client saw it."""
+    """One session of one user (a WebSocket, or an event stream), as its
+    client saw it."""
 
     uid: str
     ack: bool
@@ -190,12 +197,15 @@ def _xadd_until_taken(redis, batch, replicas: int) -> None:
 class Swarm:
     """The clients, each session on a node picked at random."""
 
-    def __init__(self, urls: list[str], plan: Plan) -> None:
+    def __init__(self, urls: list[str], plan: Plan, streaming: set[str] = frozenset()) -> None:
         self.urls = urls
         self.rng = random.Random(plan.seed + 1)
         self.connections: list[Connection] = []
         self.stopping = asyncio.Event()
         self.refused = Counter()
+        #: Users who read event streams, and the last event id each got.
+        self.streaming = streaming
+        self.last_event_id: dict[str, str] = {}
 
     async def user(self, uid: str, ack: bool) -> None:
         """Sessions until told to stop, the last one closed cleanly."""
@@ -211,6 +221,8 @@ class Swarm:
         """One connection: hello, read (and ack) for ``seconds`` or until
         told to stop (``None``: until the welcome's stored messages are all
         in), then end it (cleanly, or with a reset)."""
+        if uid in self.streaming:
+            return await self.event_session(uid, seconds)
         try:
             ws = await websockets.connect(self.rng.choice(self.urls), max_size=None,
                                           max_queue=None,
@@ -290,6 +302,83 @@ class Swarm:
                     drained.set()
         except websockets.ConnectionClosed:
             pass
+
+
+    async def event_session(self, uid: str, seconds: float | None) -> Connection | None:
+        """A session as a browser's EventSource has one: it resumes from the
+        last event it got (Last-Event-ID), which acknowledges everything up
+        to it, and never acknowledges otherwise, but for the last session,
+        which ends with ``POST /events/ack`` so that nothing stays queued."""
+        port = int(self.rng.choice(self.urls).rsplit(":", 1)[1].rstrip("/"))
+        last = self.last_event_id.get(uid)
+        try:
+            client = await asyncio.wait_for(EventStreamClient.open(
+                port, f"/events?id={uid}", {"Last-Event-ID": last} if last else None), 10)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+            self.refused[type(e).__name__] += 1
+            return None
+        if client.status != 200:
+            self.refused[f"HTTP {client.status}"] += 1
+            client.abort()
+            return None
+        opened = time.monotonic()
+        try:
+            welcome = await client.event(30)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, AssertionError) as e:
+            welcome = None
+            self.refused[type(e).__name__] += 1
+        if welcome is None or welcome.type != "welcome":
+            client.abort()
+            self.connections.append(Connection(uid, True, opened, ended=time.monotonic(),
+                                               how="before its welcome", abrupt=True))
+            return None
+        connection = Connection(uid, True, time.monotonic())
+        self.connections.append(connection)
+        queued = welcome.json()["queued"]
+        drained = asyncio.Event()
+        if queued == 0:
+            drained.set()
+        reader = asyncio.ensure_future(self.read_events(client, connection, queued, drained))
+        waits = [reader, asyncio.ensure_future(
+            drained.wait() if seconds is None else self.stopping.wait())]
+        await asyncio.wait(waits, timeout=SETTLE_TIMEOUT if seconds is None else seconds,
+                           return_when=asyncio.FIRST_COMPLETED)
+        waits[1].cancel()
+        if reader.done():
+            connection.how = "server"
+        elif seconds is not None and not self.stopping.is_set() and self.rng.random() < 0.7:
+            connection.how, connection.abrupt = "abort", True
+            client.abort()
+        else:
+            connection.how = "close"
+            if seconds is None and connection.received:
+                await self.acknowledge(port, uid)
+            client.writer.close()
+        await reader
+        connection.ended = time.monotonic()
+        if seconds is None and connection.how == "server":
+            return None  # ended before it was acknowledged: the last drain goes again
+        return connection
+
+    async def read_events(self, client: EventStreamClient, connection: Connection,
+                          queued: int, drained: asyncio.Event) -> None:
+        try:
+            while (event := await client.event(3600)) is not None:
+                if event.type != "message":
+                    continue  # an error event: the stream ends next
+                connection.received.append((number_of(event.json()), event.json()["queued"]))
+                self.last_event_id[connection.uid] = event.id
+                if len(connection.received) >= queued:
+                    drained.set()
+        except (OSError, asyncio.IncompleteReadError, AssertionError):
+            pass
+
+    async def acknowledge(self, port: int, uid: str) -> None:
+        body = json.dumps({"id": uid, "last": self.last_event_id[uid]}).encode()
+        answer = await EventStreamClient.open(port, "/events/ack", method="POST", body=body)
+        assert answer.status == 200, (answer.status, await answer.body())
+        await answer.body()
+        answer.abort()
 
 
 def ended_abruptly(ws) -> bool:
@@ -429,7 +518,8 @@ async def run_soak(tmp_path: Path, plan: Plan, redis, nodes: int,
 async def soak(plan: Plan, redis, messenger: Messenger, users: dict[str, bool],
                members: dict[str, tuple[str, ...]], sentinels: Sentinels | None) -> str:
     ledger = Ledger()
-    swarm = Swarm(messenger.urls, plan)
+    swarm = Swarm(messenger.urls, plan,
+                  {uid for uid in users if int(uid[4:]) % EVENTS_EVERY == 0})
     stop_publishing = threading.Event()
     publisher = asyncio.ensure_future(
         in_thread(publish, redis, plan, members, ledger, stop_publishing,
@@ -577,7 +667,8 @@ def judge(plan: Plan, users: dict[str, bool], ledger: Ledger, swarm: Swarm,
     ends = Counter(f"{c.how}{' (abrupt)' if c.abrupt and c.how == 'server' else ''}"
                    for c in swarm.connections)
     report = "\n".join([
-        f"soak: {plan.clients} clients ({sum(users.values())} in ack mode) on "
+        f"soak: {plan.clients} clients ({sum(users.values())} in ack mode, "
+        f"{len(swarm.streaming)} of them reading event streams) on "
         f"{len(messenger.ports)} nodes, "
         f"{plan.seconds:g} s, {plan.rate:g} messages/s, seed {plan.seed}",
         f"  sent: {len(ledger.sent)} messages, {sum(map(len, expected.values()))} deliveries "
