@@ -176,6 +176,16 @@ def evaluate(results: dict) -> list[dict]:
         add("live-1-ack", "ack-mode time / plain time (live-1)",
             f"{rate:,.0f} vs {plain:,.0f} msg/s", plain / rate, "<= 2x", plain / rate <= 2,
             f"{plain / rate:.2f}x")
+    found, websocket = _good(results, "live-1-events"), _good(results, "live-1-ack")
+    if found and websocket and found["rate"] and websocket["rate"]:
+        ratio = websocket["rate"] / found["rate"]
+        add("live-1-events", "event stream time / WebSocket time (live-1-ack)",
+            f"{found['rate']:,.0f} vs {websocket['rate']:,.0f} msg/s", ratio, "(no target)",
+            None, f"{ratio:.2f}x")
+        us, us_ws = found["subject_us_per_item"], websocket["subject_us_per_item"]
+        if us and us_ws:
+            add("live-1-events", "CPU per message / live-1-ack's", f"{us:.1f} vs {us_ws:.1f} µs",
+                us / us_ws, "(no target)", None, f"{us / us_ws:.2f}x")
     rate, plain = _rate(results, "drain-ack"), _rate(results, "drain")
     if rate and plain:
         add("drain-ack", "ack-mode time / plain time (drain)",

@@ -288,7 +288,9 @@ def replicated(stage: Stage, replicas: int) -> tuple[str, ...]:
 
 
 def live(users: int, ack: bool = False, name: str = "", layout: Layout = ONE_NODE,
-         replicas: int = 0) -> Callable[[Bench], dict]:
+         replicas: int = 0, clients: str = "wsclient") -> Callable[[Bench], dict]:
+    """``clients``: the load client's module (``eventsclient``: event streams)."""
+
     def run(bench: Bench) -> dict:
         n = bench.sizes.live
         users_now = bench.sizes.live_users if users != 1 else 1
@@ -302,7 +304,7 @@ def live(users: int, ack: bool = False, name: str = "", layout: Layout = ONE_NOD
             else:
                 nodes = stage.start_nodes(layout.nodes)
             measured = [nodes[i].process for i in layout.measured]
-            client = stage.start_worker("wsclient")
+            client = stage.start_worker(clients)
             opened = client.call(
                 {
                     "cmd": "open",
@@ -971,6 +973,13 @@ SCENARIOS = [
         "live-1 in ack mode (one cumulative ack per read)",
         live(1, ack=True),
         ("live-1",),
+    ),
+    Scenario(
+        "live-1-events",
+        "scenario",
+        "live-1-ack over Server-Sent Events: one POST /events/ack per read",
+        live(1, ack=True, name="live-1-events", clients="eventsclient"),
+        ("live-1-ack",),
     ),
     Scenario(
         "live-1-ack-replica",

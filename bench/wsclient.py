@@ -251,7 +251,9 @@ class Connection(asyncio.Protocol):
 
 
 class Client:
-    def __init__(self) -> None:
+    def __init__(self, connection_type: type = Connection) -> None:
+        #: What each user's connection is (eventsclient: an event stream).
+        self.connection_type = connection_type
         self.connections: list[Connection] = []
         self.open_connections: set[Connection] = set()
         self.latencies: array | None = None
@@ -302,7 +304,7 @@ class Client:
     async def _connect(self, uid: str, ack: bool, port: int, acking: bool = True) -> Connection:
         """A socket of the user, once welcomed (OSError or ConnectionError if not)."""
         _, connection = await asyncio.get_running_loop().create_connection(
-            lambda: Connection(self, uid, ack, port, acking), HOST, port)
+            lambda: self.connection_type(self, uid, ack, port, acking), HOST, port)
         self.connections.append(connection)
         self.open_connections.add(connection)
         try:
@@ -460,11 +462,11 @@ class Client:
         return {"event": "closed", "left": len(self.open_connections)}
 
 
-async def main() -> None:
+async def main(connection_type: type = Connection, client_type: type | None = None) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=1 << 24)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    client = Client()
+    client = (client_type or Client)(connection_type)
     while True:
         line = await reader.readline()
         if not line:

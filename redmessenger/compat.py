@@ -106,13 +106,21 @@ class ServerProtocol(WebSocketServerProtocol):
         socket's ``bufferSize``. Under a TLS layer it is the socket's too:
         the layer passes the socket's pause on to its producer (and reads of
         ``bufferSize`` through to the socket, but not writes)."""
-        socket = self.transport
-        while isinstance(socket, ProtocolWrapper):
-            socket = socket.transport
-        if hasattr(socket, "bufferSize"):
-            self.transport.unregisterProducer()
-            socket.bufferSize = high_water
-            self.transport.registerProducer(producer, True)
+        self.transport.unregisterProducer()
+        set_high_water(self.transport, high_water)
+        self.transport.registerProducer(producer, True)
+
+
+def set_high_water(transport, high_water: int) -> None:
+    """Pause ``transport``'s producer past ``high_water`` unsent bytes (an
+    event stream's, which twisted.web registered). Twisted has no public
+    way to: it is the socket's ``bufferSize``, read at each write, also
+    through the wrappers above it (TLS, admission's doorway)."""
+    socket = transport
+    while isinstance(socket, ProtocolWrapper):
+        socket = socket.transport
+    if hasattr(socket, "bufferSize"):
+        socket.bufferSize = high_water
 
 
 _SILENT = Logger(observer=lambda event: None)

@@ -25,12 +25,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from . import frames
+from . import compat, frames
 from .admission import stream_admitted
 from .envelope import Envelope
 from .frames import Close, Hello, ProtocolError, valid_id
 from .limits import address_of
-from .pacing import Paced
+from .pacing import HIGH_WATER, Paced
 
 log = Logger()
 
@@ -43,6 +43,12 @@ _RETRY_AFTER = {429: b"5", 503: b"1"}
 #: Milliseconds an ``EventSource`` waits before it reconnects (``retry:``):
 #: after a restart, and after a full ack window ends a stream.
 RETRY_MS = 1000
+
+#: Seconds a stream may hold --ack-window unacknowledged messages with no
+#: ack coming before it ends, so that a plain ``EventSource`` (which never
+#: acknowledges but by reconnecting) goes on, and a client that posts its
+#: acks is not cut off while one is on its way.
+WINDOW_FULL_GRACE = 1.0
 
 #: The most an ack's request body may hold.
 MAX_ACK_BODY = 4096
@@ -72,6 +78,9 @@ class EventStream(Paced):
         self._next_ping = None
         #: While it is paused: when it counts as too slow.
         self._stalled = None
+        #: While its window is full: when it ends, unless acks come.
+        self._full = None
+        self._acked_at = 0.0
         #: Fires once the stream has ended (the service's stop waits).
         self.is_closed: defer.Deferred = defer.Deferred()
 
@@ -83,12 +92,13 @@ class EventStream(Paced):
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-accel-buffering", b"no")  # nginx: pass each event on now
         # One stream per connection: when it ends, so does the connection
-        # (twisted.web ends a response's connection when the request asked).
-        request.requestHeaders.setRawHeaders(b"connection", [b"close"])
+        # (``_end``), which has no handshake deadline any more.
+        request.setHeader(b"connection", b"close")
         # The stream's pings and back-pressure watch the connection now,
         # not twisted.web's idle timeout.
         request.channel.setTimeout(None)
         request.registerProducer(self, True)
+        compat.set_high_water(request.channel.transport, HIGH_WATER)
         request.write(b"retry: %d\n\n" % RETRY_MS)
         if self.factory.ping_interval:
             self._next_ping = self.factory.reactor.callLater(self.factory.ping_interval,
@@ -141,10 +151,10 @@ class EventStream(Paced):
                                 % (message_id.encode(), frame))
         else:
             self._request.write(b"event: message\ndata: %s\n\n" % frame)
-        if len(self._unacked) >= self._streams.window:
+        if len(self._unacked) >= self._streams.window and self._full is None:
             # Nothing more comes until an ack, and a plain EventSource
             # sends none: it acknowledges by reconnecting.
-            self.factory.reactor.callLater(0, self._window_full)
+            self._full = self.factory.reactor.callLater(WINDOW_FULL_GRACE, self._window_full)
         return True
 
     def close(self, code: int, error: str, reason: str) -> None:
@@ -164,6 +174,7 @@ class EventStream(Paced):
         tag = self._unacked.get(message_id)
         if tag is None:
             return None
+        self._acked_at = self.factory.reactor.seconds()
         settled = 0
         while self._unacked:
             first, first_tag = self._unacked.popitem(last=False)
@@ -174,8 +185,14 @@ class EventStream(Paced):
         return settled
 
     def _window_full(self) -> None:
-        if self._ended or len(self._unacked) < self._streams.window:
+        self._full = None
+        if len(self._unacked) < self._streams.window:
             return  # acknowledged meanwhile
+        waited = self.factory.reactor.seconds() - self._acked_at
+        if waited < WINDOW_FULL_GRACE:  # acks come: the next may open it
+            self._full = self.factory.reactor.callLater(WINDOW_FULL_GRACE - waited,
+                                                        self._window_full)
+            return
         if self.factory.trace:
             log.debug("{peer} ({uid}) has a full ack window: ending its stream, to be "
                       "acknowledged by its reconnect", peer=self.peer, uid=self.uid)
@@ -203,8 +220,10 @@ class EventStream(Paced):
     def _end(self) -> None:
         self._stop()
         request = self._request
+        channel = request.channel  # which finish() lets go of
         request.unregisterProducer()
         request.finish()
+        channel.loseConnection()
 
     def lost(self, reason) -> None:
         """The connection is gone (or the response is finished)."""
@@ -215,7 +234,7 @@ class EventStream(Paced):
 
     def _stop(self) -> None:
         self._ended = True
-        for call in (self._next_ping, self._stalled):
+        for call in (self._next_ping, self._stalled, self._full):
             if call is not None and call.active():
                 call.cancel()
         self.factory.dispatcher.detach(self)

@@ -23,7 +23,7 @@ from .delivery import Dispatcher
 from .frames import Close, Hello, ProtocolError
 from .keys import Namespace
 from .limits import Limits, address_of
-from .pacing import Paced
+from .pacing import HIGH_WATER, Paced
 from .redisconnection import RedisUnavailable
 from .settings import Settings
 
@@ -31,16 +31,6 @@ log = Logger()
 
 #: Seconds a client has to answer our close frame.
 CLOSE_TIMEOUT = 5.0
-
-#: Unsent bytes a connection holds before nothing more is written to it
-#: until it has written them out. Drains follow it, so a client that reads
-#: takes a backlog of any size; live messages meanwhile wait in Redis, in
-#: order. 1 MiB, the bound on a socket's unsent bytes before back-pressure:
-#: at 256 KiB, a client that reads as fast as it can but is handed a burst
-#: of live messages in one reactor turn sent most of them through Redis
-#: (bench live-1: 19-25 µs per message instead of 12-15). --max-socket-buffer
-#: is how far behind that a client may fall before it counts as too slow.
-HIGH_WATER = 1024 * 1024
 
 
 class RedMessengerProtocol(Paced, ServerProtocol):

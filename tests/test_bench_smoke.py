@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 180
 #: The issue's scenarios, its ack-mode variants, the cluster's, and the baselines.
 SCENARIOS = ["raw-recv", "raw-send-1", "raw-send-100", "raw-connect", "live-1", "live-100",
-             "cluster-live",
-             "cluster-foreign", "cluster-storer", "live-1-ack", "live-1-ack-replica", "group",
+             "cluster-live", "cluster-foreign", "cluster-storer", "live-1-ack", "live-1-events",
+             "live-1-ack-replica", "group",
              "store", "store-replica", "drain",
              "drain-ack", "drain-1m", "latency", "latency-ack", "latency-ack-replica",
              "connections", "failover",

@@ -269,7 +269,7 @@ def test_debug_formatting_is_deferred_by_an_explicit_call_only(
 
 
 def test_twisted_high_water_mark() -> None:
-    what = "follow_backpressure (the socket's high-water mark)"
+    what = "set_high_water (the socket's high-water mark)"
     assert isinstance(relied_on("twisted", abstract.FileDescriptor, "bufferSize", what), int)
     assert "self.bufferSize" in inspect.getsource(abstract.FileDescriptor), gone(
         "twisted", "FileDescriptor reading self.bufferSize", what

@@ -186,6 +186,8 @@ async def test_a_full_ack_window_ends_the_stream_and_each_reconnect_acknowledges
         assert (await client.event()).json()["queued"] == expected
         events = await client.ended()
         assert len(events) == 5
+        # And so does its connection: it has no handshake deadline any more.
+        assert await asyncio.wait_for(client.reader.read(), RECV_TIMEOUT) == b""
         received += events
         last = events[-1].id
     client = await stream(rm, "u", {"Last-Event-ID": last})
@@ -365,3 +367,26 @@ async def test_curl_reads_a_stream(messenger) -> None:
         curl.kill()
         await curl.wait()
     assert [m["payload"] for m in await stored(rm, "carol", 2)] == ["stored", "live"]
+
+
+@aiotest
+async def test_acks_posted_in_time_keep_a_full_window_stream_open(messenger) -> None:
+    """A client that posts its acks is not cut off at a full window: the
+    stream ends only after a second with the window full and no ack."""
+    rm = await messenger(ack_window=5)
+    client = await stream(rm, "u")
+    await client.event()
+    sent = [f"m{i}" for i in range(15)]
+    received = []
+    for batch in (sent[:5], sent[5:10], sent[10:]):
+        publish(rm, "u", batch)
+        received += await client.events(5)
+        ack = await EventStreamClient.open(
+            port_of(rm), "/events/ack", method="POST",
+            body=json.dumps({"id": "u", "last": received[-1].id}).encode())
+        assert json.loads(await ack.body()) == {"type": "acked", "settled": 5}
+    assert payloads(received) == sent
+    assert rm.service.streams.window == 5 and len(rm.service.streams) == 1
+    client.abort()
+    await eventually(lambda: rm.dispatcher.users == 0)
+    assert rm.queue("u") == []

@@ -111,7 +111,8 @@ async def test_a_mounted_event_stream_is_held_to_the_limits_and_delivers(mounted
     service.redis.execute(b"PUBLISH", b"rm.users.user1", b"to the stream")
     assert (await stream.event()).json()["payload"] == "to the stream"
     stream.abort()
-    await eventually(lambda: service.factory.limits.connections == 0, what="the stream's place back")
+    await eventually(lambda: service.factory.limits.connections == 0,
+                     what="the stream's place back")
     again = await EventStreamClient.open(port, "/rm/events?id=user1")
     assert again.status == 200 and (await again.event()).json()["queued"] == 1
     again.abort()
