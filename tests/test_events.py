@@ -390,3 +390,30 @@ async def test_acks_posted_in_time_keep_a_full_window_stream_open(messenger) -> 
     client.abort()
     await eventually(lambda: rm.dispatcher.users == 0)
     assert rm.queue("u") == []
+
+
+@aiotest
+async def test_a_stream_takes_a_jwt_as_a_hello_does(messenger) -> None:
+    import time
+
+    import jwt
+
+    secret = "a-secret-of-at-least-thirty-two-bytes!"
+    rm = await messenger(auth=AuthMode.JWT, jwt_secret=secret)
+
+    def token(sub: str, expires_in: float = 60) -> str:
+        return jwt.encode({"sub": sub, "exp": int(time.time() + expires_in)}, secret,
+                          algorithm="HS256")
+
+    for key, status in ((token("dave"), 200), (token("eve"), 401),
+                        (token("dave", expires_in=-60), 401)):
+        client = await stream(rm, "dave", {"Authorization": f"Bearer {key}"})
+        assert client.status == status
+        if status == 200:
+            assert (await client.event()).type == "welcome"
+        else:
+            assert json.loads(await client.body())["code"] == "unauthorized"
+        client.abort()
+    client = await EventStreamClient.open(port_of(rm), f"/events?id=dave&key={token('dave')}")
+    assert (await client.event()).type == "welcome"
+    client.abort()
