@@ -128,9 +128,7 @@ class EventStream(Paced):
 
     def _stalled_too_long(self) -> None:
         self._stalled = None
-        log.warn("{peer} ({uid}) took none of its stream for {timeout:g} s", peer=self.peer,
-                 uid=self.uid, timeout=self.factory.ping_timeout)
-        self.too_slow()
+        self.too_slow(f"took none of its stream for {self.factory.ping_timeout:g} s")
 
     # -- Socket, as the dispatcher sees it ----------------------------------
 

@@ -61,19 +61,20 @@ class Paced:
         self._behind += size
         return True
 
-    def too_slow(self) -> None:
-        """The client does not read fast enough. What it holds unacked goes
-        to the user's other sockets or back to Redis, later messages too,
-        and it is closed (4010) so that it reconnects and drains."""
+    def too_slow(self, why: str | None = None) -> None:
+        """The client does not read fast enough (``why``: how it shows, for
+        the log). What it holds unacked goes to the user's other sockets or
+        back to Redis, later messages too, and it is closed (4010) so that
+        it reconnects and drains."""
         if self._too_slow:
             return
         self._too_slow = True
+        why = why or f"more than {self.factory.max_socket_buffer} bytes unsent"
         # Called in the middle of a delivery: step out of it first.
-        self.factory.reactor.callLater(0, self._leave_too_slow)
+        self.factory.reactor.callLater(0, self._leave_too_slow, why)
 
-    def _leave_too_slow(self) -> None:
-        log.warn("{peer} ({uid}) has more than {limit} bytes unsent: too slow",
-                 peer=self.peer, uid=self.uid, limit=self.factory.max_socket_buffer)
+    def _leave_too_slow(self, why: str) -> None:
+        log.warn("{peer} ({uid}) is too slow: {why}", peer=self.peer, uid=self.uid, why=why)
         if self.uid is not None:
             self.factory.dispatcher.detach(self)
         self.close(Close.TOO_SLOW, "too_slow",

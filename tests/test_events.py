@@ -313,6 +313,7 @@ async def test_a_stream_too_slow_to_read_is_ended_and_loses_nothing(messenger, l
     assert payloads(received[:-1]) == sent[:len(received) - 1]
     queue = await stored(rm, "u", len(sent))
     assert [m["payload"] for m in queue] == sent
+    assert len([line for line in logged if "too slow" in line]) == 1
     assert len([line for line in logged if "took none of its stream" in line]) == 1
 
 
