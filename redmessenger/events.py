@@ -205,7 +205,7 @@ class EventStream(Paced):
         self.resumed()
 
     def stopProducing(self) -> None:
-        pass  # the connection is lost: ``_lost`` says so
+        pass  # the connection is lost: ``lost`` says so
 
     # -- the end -------------------------------------------------------------
 
