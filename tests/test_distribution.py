@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import configparser
 import glob
+import http.client
+import json
 import os
 import shutil
 import subprocess
@@ -149,5 +151,20 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_redmessenger(
             hello(ws, {"id": "user1"})
             redis.command("PUBLISH", "rm.users.user1", f"from Python {version}")
             assert recv_json(ws)["payload"] == f"from Python {version}"
+        # And an event stream.
+        connection = http.client.HTTPConnection(HOST, port, timeout=10)
+        connection.request("GET", "/events?id=user2")
+        events = connection.getresponse()
+        assert events.status == 200
+
+        def data() -> dict:
+            while not (line := events.readline()).startswith(b"data:"):
+                assert line, "the stream ended"
+            return json.loads(line[5:])
+
+        assert data()["type"] == "welcome"
+        redis.command("PUBLISH", "rm.users.user2", f"streamed by Python {version}")
+        assert data()["payload"] == f"streamed by Python {version}"
+        connection.close()
         process.stop()
         process.assert_stopped_cleanly()
