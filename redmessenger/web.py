@@ -89,7 +89,8 @@ class Root(Resource):
             return pages.notFound().render(request)
         if not request.path.endswith(b"/"):
             # Mounted at /rm: the page's relative links need /rm/.
-            return redirectTo(request.path + b"/", request)
+            _, mark, query = request.uri.partition(b"?")
+            return redirectTo(request.path + b"/" + mark + query, request)
         return self._page.render(request)
 
 

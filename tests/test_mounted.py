@@ -94,8 +94,7 @@ async def test_a_mounted_websocket_is_refused_while_the_service_is_stopped(mount
 async def test_a_mounted_event_stream_is_held_to_the_limits_and_delivers(mounted) -> None:
     """/rm/events in the application's site: the stream counts against
     --max-connections-per-address from its request until it ends (the
-    site's own connections are not RedMessenger's to count otherwise), and
-    its twisted.web idle timeout does not end it."""
+    site's own connections are not RedMessenger's to count otherwise)."""
     from sse import EventStreamClient
 
     service, where = await mounted(max_connections_per_address=1)
@@ -116,3 +115,17 @@ async def test_a_mounted_event_stream_is_held_to_the_limits_and_delivers(mounted
     again = await EventStreamClient.open(port, "/rm/events?id=user1")
     assert again.status == 200 and (await again.event()).json()["queued"] == 1
     again.abort()
+
+
+@aiotest
+async def test_the_mount_point_without_its_slash_redirects_with_the_query(mounted) -> None:
+    """/rm?x=1 is /rm/?x=1 (the demo page's relative links need the slash;
+    the query is the page's own)."""
+    from sse import EventStreamClient
+
+    _, where = await mounted()
+    answer = await EventStreamClient.open(int(where.rsplit(":", 1)[1]), "/rm?x=1&y=%2F")
+    assert answer.status in (301, 302, 307, 308)
+    assert answer.headers["location"].endswith("/rm/?x=1&y=%2F")
+    answer.abort()
+
