@@ -34,6 +34,12 @@ def mounted(redis):
         service.startService()
         started.append(service)
         assert await tw(service.whenListening()) is None  # no port of its own
+        # Listening on nothing, it is "listening" before Redis is there:
+        # until then it answers 503 (tests/test_events.py), which is not
+        # what these tests are about.
+        await tw(service.redis.whenConnected())
+        await tw(service.subscriber.whenSubscribed())
+        await tw(service.whenRecovered())
         root = Resource()
         root.putChild(b"rm", service.resource())
         port = await tw(endpoints.TCP4ServerEndpoint(reactor, 0, interface=HOST).listen(
