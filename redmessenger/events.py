@@ -130,6 +130,11 @@ class EventStream(Paced):
         self._stalled = None
         self.too_slow(f"took none of its stream for {self.factory.ping_timeout:g} s")
 
+    def join(self) -> None:
+        """Deliver to it from now on, unless it has ended meanwhile."""
+        if not self._ended:
+            self.factory.dispatcher.attach(self)
+
     # -- Socket, as the dispatcher sees it ----------------------------------
 
     def start(self, queued: int) -> None:
@@ -331,19 +336,26 @@ class Events(Resource):
         gone = []
         request.notifyFinish().addBoth(gone.append)
         d = factory.admit(hello, address_of(request.getClientAddress()), peer)
-        d.addCallback(lambda _: self._streams.resume(hello.id, last))
-        d.addCallback(self._open, request, hello, peer, gone)
-        d.addErrback(self._refused, factory, request, peer, hello, gone)
+        d.addCallbacks(self._open, self._refused,
+                       callbackArgs=(request, hello, peer, last, gone),
+                       errbackArgs=(factory, request, peer, hello, gone))
+        d.addErrback(lambda failure: log.failure(
+            "Opening the event stream of {peer} ({uid}) failed", failure, peer=peer,
+            uid=hello.id))
         return NOT_DONE_YET
 
-    def _open(self, _, request, hello: Hello, peer: str, gone: list) -> None:
+    def _open(self, _, request, hello: Hello, peer: str, last: str | None,
+              gone: list) -> defer.Deferred | None:
+        """The stream answers at once (a resume may wait for Redis's
+        replicas); what ``last`` acknowledges is settled before the stream
+        joins its user, so that what comes first is what came after it."""
         if gone:
-            return  # the client left while its key was checked
+            return None  # the client left while its key was checked
         stream = EventStream(self._streams, request, hello, peer)
         request.notifyFinish().addBoth(stream.lost)
         stream.begin()
         self._streams.add(stream)
-        self._streams.factory.dispatcher.attach(stream)
+        return self._streams.resume(hello.id, last).addCallback(lambda _: stream.join())
 
     @staticmethod
     def _refused(failure, factory, request, peer: str, hello: Hello, gone: list) -> None:

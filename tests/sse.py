@@ -56,7 +56,11 @@ class EventStreamClient:
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(request)
         client = cls(reader, writer)
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RECV_TIMEOUT)
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RECV_TIMEOUT)
+        except BaseException:  # given up on (a timeout, a cancel): not left open
+            writer.transport.abort()
+            raise
         status_line, *header_lines = head.decode("latin-1").split("\r\n")[:-2]
         client.status = int(status_line.split(" ")[1])
         for line in header_lines:
