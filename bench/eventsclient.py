@@ -29,30 +29,20 @@ EVENT_ID = b"\nid: "
 DATA = b"data: "
 
 
-class EventConnection(asyncio.Protocol):
-    """One stream: its request, the welcome, then message events."""
+class EventConnection(wsclient.Connection):
+    """One stream: its request, the welcome, then message events. What it
+    shares with a WebSocket's connection (counting, failing) is wsclient's."""
 
     def __init__(self, client: Client, uid: str, ack: bool, port: int,
                  acking: bool = True, resumed: EventConnection | None = None) -> None:
-        self.client = client
+        super().__init__(client, uid, True, port, acking)
         #: The stream this one resumes: from its last event, in its order.
         self.last_id = resumed.last_id if resumed is not None else None
-        self.uid = uid
-        self.ack = True
-        self.acking = acking
-        self.port = port
-        self.transport = None
+        self.last_seq = resumed.last_seq if resumed is not None else -1
         self.head_done = False
         self.raw = b""  # chunked bytes not decoded yet
         self.text = b""  # decoded body not parsed into events yet
-        self.welcome: dict | None = None
-        self.welcomed = asyncio.get_running_loop().create_future()
-        self.last_seq = resumed.last_seq if resumed is not None else -1
         self.ended = False
-        self.count = 0
-        self.seqsum = 0
-        self.t_hello = 0.0
-        self.leaving = False
         self.acks: Acks | None = None
 
     def connection_made(self, transport) -> None:
@@ -149,13 +139,6 @@ class EventConnection(asyncio.Protocol):
                     self.acks = Acks(self)
                 self.acks.ack(last_id)
             self.client.received_some(count)
-
-    def _fail(self, why: str) -> None:
-        if not self.welcomed.done():
-            self.welcomed.set_exception(ConnectionError(f"{self.uid}: {why}"))
-        else:
-            self.client.errors.append(f"{self.uid}: {why}")
-        self.transport.abort()
 
 
 class Acks(asyncio.Protocol):

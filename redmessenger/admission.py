@@ -250,13 +250,11 @@ class Mounted:
 
 
 def stream_admitted(request, limits: Limits, stats: Stats) -> str | None:
-    """An event stream's connection. On RedMessenger's own port its doorway
-    has counted it since its accept, and its handshake deadline ends now.
-    In another application's site it is counted from now until the stream
-    ends. ``None``, or the limit that refuses it (logged)."""
-    doorway = request.channel.transport
-    if isinstance(doorway, _Doorway):
-        doorway.streaming()
+    """An event stream's request. On RedMessenger's own port its doorway
+    has counted the connection since its accept. In another application's
+    site it is counted from now until the stream ends. ``None``, or the
+    limit that refuses it (logged)."""
+    if isinstance(request.channel.transport, _Doorway):
         return None
     address = address_of(request.getClientAddress())
     refusal = limits.admit(address)
@@ -266,6 +264,16 @@ def stream_admitted(request, limits: Limits, stats: Stats) -> str | None:
         stats.connections_refused += 1
         log.warn("Refusing {peer}: {reason}", peer=address, reason=refusal)
     return refusal
+
+
+def stream_began(request) -> None:
+    """The stream is answered (its key was good): on RedMessenger's own
+    port, its connection has no handshake deadline from now on. A refused
+    request keeps it, so a connection that only ever gets refusals is
+    closed at its deadline."""
+    doorway = request.channel.transport
+    if isinstance(doorway, _Doorway):
+        doorway.streaming()
 
 
 def upgrade(request):

@@ -26,7 +26,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from . import compat, frames
-from .admission import stream_admitted
+from .admission import stream_admitted, stream_began
 from .envelope import Envelope
 from .frames import Close, Hello, ProtocolError, valid_id
 from .limits import address_of
@@ -336,9 +336,9 @@ class Events(Resource):
         gone = []
         request.notifyFinish().addBoth(gone.append)
         d = factory.admit(hello, address_of(request.getClientAddress()), peer)
-        d.addCallbacks(self._open, self._refused,
+        d.addCallbacks(self._open, _refused_later,
                        callbackArgs=(request, hello, peer, last, gone),
-                       errbackArgs=(factory, request, peer, hello, gone))
+                       errbackArgs=(factory, request, peer, hello.id, gone))
         d.addErrback(lambda failure: log.failure(
             "Opening the event stream of {peer} ({uid}) failed", failure, peer=peer,
             uid=hello.id))
@@ -353,20 +353,11 @@ class Events(Resource):
             return None  # the client left while its key was checked
         stream = EventStream(self._streams, request, hello, peer)
         request.notifyFinish().addBoth(stream.lost)
+        stream_began(request)
         stream.begin()
         self._streams.add(stream)
         return self._streams.resume(hello.id, last).addCallback(lambda _: stream.join())
 
-    @staticmethod
-    def _refused(failure, factory, request, peer: str, hello: Hello, gone: list) -> None:
-        if failure.check(ProtocolError) is None:
-            log.failure("Opening an event stream for {peer} ({uid}) failed", failure,
-                        peer=peer, uid=hello.id)
-            failure = defer.Failure(ProtocolError(Close.TRY_AGAIN_LATER, "server_error",
-                                                  "the stream could not open; try again"))
-        if not gone:
-            request.write(_refuse(factory, request, peer, hello.id, failure.value))
-            request.finish()
 
 
 class EventAcks(Resource):
@@ -402,21 +393,25 @@ class EventAcks(Resource):
             hello = _hello(request, doc.get("id"))
         except ProtocolError as refusal:
             return _refuse(factory, request, peer, None, refusal)
+        gone = []
+        request.notifyFinish().addBoth(gone.append)
         d = factory.admit(hello, address_of(request.getClientAddress()), peer)
-        d.addCallback(lambda _: self._streams.ack(hello.id, last))
-        d.addCallbacks(self._acked, self._refused, callbackArgs=(request,),
-                       errbackArgs=(factory, request, peer, hello))
+        d.addCallbacks(self._ack, _refused_later, callbackArgs=(request, hello.id, last, gone),
+                       errbackArgs=(factory, request, peer, hello.id, gone))
         return NOT_DONE_YET
 
-    @staticmethod
-    def _acked(settled: int, request) -> None:
-        request.write(_answer(request, 200, "acked", settled=settled))
-        request.finish()
+    def _ack(self, _, request, uid: str, last: str, gone: list) -> None:
+        settled = self._streams.ack(uid, last)
+        if not gone:
+            request.write(_answer(request, 200, "acked", settled=settled))
+            request.finish()
 
-    @staticmethod
-    def _refused(failure, factory, request, peer: str, hello: Hello) -> None:
-        failure.trap(ProtocolError)
-        request.write(_refuse(factory, request, peer, hello.id, failure.value))
+
+def _refused_later(failure, factory, request, peer: str, uid: str, gone: list) -> None:
+    """What ``admit()`` refused, answered unless the client left meanwhile."""
+    failure.trap(ProtocolError)
+    if not gone:
+        request.write(_refuse(factory, request, peer, uid, failure.value))
         request.finish()
 
 

@@ -418,3 +418,88 @@ async def test_a_stream_takes_a_jwt_as_a_hello_does(messenger) -> None:
     client = await EventStreamClient.open(port_of(rm), f"/events?id=dave&key={token('dave')}")
     assert (await client.event()).type == "welcome"
     client.abort()
+
+
+@aiotest
+async def test_a_refused_stream_keeps_the_handshake_deadline_and_a_stream_loses_it(
+        messenger) -> None:
+    """On RedMessenger's own port a connection has --handshake-timeout to
+    become a WebSocket or a stream: one that only got a refusal is closed
+    then; a stream that began outlives it."""
+    rm = await messenger(auth=AuthMode.REQUIRED, handshake_timeout=1)
+    rm.redis.command("SET", "rm:users:alice:key", "s3cret")
+    good = await stream(rm, "alice", {"Authorization": "Bearer s3cret"})
+    assert (await good.event()).type == "welcome"
+    refused = await stream(rm, "alice", {"Authorization": "Bearer wrong"})
+    assert refused.status == 401 and json.loads(await refused.body())["code"] == "unauthorized"
+    try:  # the deadline aborts it
+        assert await asyncio.wait_for(refused.reader.read(), RECV_TIMEOUT) == b""
+    except ConnectionResetError:
+        pass
+    assert rm.service.handshaking == 0
+    rm.publish("rm.users.alice", "still here")
+    assert payloads(await good.events(1)) == ["still here"]
+
+
+@aiotest
+async def test_preflights_head_and_bad_acks_get_their_answers(messenger, logged) -> None:
+    rm = await messenger(allowed_origins=("https://app.example.com",))
+    port = port_of(rm)
+    for path in ("/events", "/events/ack"):
+        allowed = await EventStreamClient.open(port, path, {"Origin": "https://app.example.com"},
+                                               method="OPTIONS")
+        assert allowed.status == 204
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example.com"
+        assert "last-event-id" in allowed.headers["access-control-allow-headers"]
+        refused = await EventStreamClient.open(port, path, {"Origin": "https://evil.example"},
+                                               method="OPTIONS")
+        assert refused.status == 403
+        assert json.loads(await refused.body())["code"] == "forbidden_origin"
+    head = await EventStreamClient.open(port, "/events?id=u", method="HEAD")
+    assert head.status == 405 and rm.dispatcher.users == 0
+    for body, why in ((b"x" * 5000, "at most"), (b"{oops", "not JSON"), (b"[1]", "must be"),
+                      (b'{"id": "u"}', '"last"'), (b'{"id": "a b", "last": "x"}', '"id"')):
+        answer = await EventStreamClient.open(port, "/events/ack", method="POST", body=body)
+        assert answer.status == 400
+        error = json.loads(await answer.body())
+        assert error["code"] == "bad_request" and why in error["reason"], error
+    refusals = [line for line in logged if line.startswith("Refusing the event stream")]
+    assert len(refusals) == 2 + 5
+
+
+@aiotest
+async def test_an_id_a_line_break_would_split_is_sent_without_its_id_line(messenger) -> None:
+    """An envelope another program wrote may have any id: one with a line
+    break would end the event early, so the event goes without ``id:`` (the
+    browser resumes from the message before: a duplicate, not a loss)."""
+    rm = await messenger()
+    rm.redis.command("RPUSH", "rm:users:u:messages",
+                     '{"id":"two\\nlines","source":"rm.users.u","timestamp":1,"payload":"odd"}')
+    publish(rm, "u", ["plain"])
+    await stored(rm, "u", 2)
+    client = await stream(rm, "u")
+    await client.event()
+    odd, plain = await client.events(2)
+    assert odd.id is None and odd.json()["id"] == "two\nlines" and odd.json()["payload"] == "odd"
+    assert plain.id == plain.json()["id"]
+    client.abort()
+    assert [m["payload"] for m in await stored(rm, "u", 2)] == ["odd", "plain"]
+
+
+@aiotest
+async def test_a_resume_redis_refuses_is_logged_once_and_the_stream_goes_on(
+        messenger, logged) -> None:
+    """A queue key that another program made a string: the resume's script
+    gets WRONGTYPE. It is logged once, the stream still opens, and once the
+    key is a queue again the user's messages come."""
+    rm = await messenger()
+    rm.redis.command("SET", "rm:users:u:messages", "not a list")
+    client = await stream(rm, "u", {"Last-Event-ID": "some-id"})
+    assert client.status == 200 and (await client.event()).type == "welcome"
+    dropped = [line for line in logged if "Could not drop what u acknowledged" in line]
+    assert len(dropped) == 1 and "WRONGTYPE" in dropped[0], logged
+    rm.redis.command("DEL", "rm:users:u:messages")
+    publish(rm, "u", ["after"])
+    assert payloads(await client.events(1)) == ["after"]
+    client.abort()
+    assert [m["payload"] for m in await stored(rm, "u", 1)] == ["after"]
